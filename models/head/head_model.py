@@ -1,0 +1,312 @@
+"""The personalized head representation: Ṽ(i) = B(V(β, ψ_i, θ_i)) + Δg + Δf(i), skinned.
+
+- ``V``: SMPL-X blend shapes (300 shape, 100 expression) and pose correctives on the
+  head-and-torso sub-mesh of an SMPL-X-format model.
+- ``B``: barycentric upsampling (midpoint subdivision); each fine vertex is a point of a
+  coarse triangle, so its skinning weights and correctives are the interpolated ones.
+- ``Δg`` (per identity) and ``Δf(i)`` (per frame, face region only) are free per-vertex
+  offsets on the fine mesh.
+
+Design choice (the paper does not say): offsets are added in canonical space, after the blend
+shapes and pose correctives and before skinning, as in the authors' earlier code for canonical
+offsets. Offsets therefore rotate with the head and a zero-pose frame shows them unchanged.
+``Δf`` is meant to be zero-mean over a clip (:func:`center_dynamic_offsets`); forward does not
+impose it because it may see a single frame.
+
+All joints except the global orientation, neck, head, jaw and eyes stay at rest: the body
+below the bust is not modelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from smplx.lbs import batch_rigid_transform, batch_rodrigues, find_dynamic_lmk_idx_and_bcoords
+from torch import Tensor, nn
+
+from .regions import HEAD_TORSO_JOINTS, face_region, select_submesh
+from .smplx_file import (JOINT, NUM_EXPRESSION_COEFFS, NUM_JOINTS, NUM_SHAPE_COEFFS,
+                         SMPLXModelData, load_smplx_model)
+from .topology import uniform_laplacian, upsample
+
+POSED_JOINTS = ("neck", "head", "jaw", "left_eye", "right_eye")
+NECK_KIN_CHAIN = (15, 12, 9, 6, 3, 0)     # as smplx: head up to the pelvis
+
+
+@dataclass
+class HeadParams:
+    """Per-frame SMPL-X parameters of the head (T frames; ``betas`` is (1 or T, 300))."""
+
+    betas: Tensor
+    expression: Tensor
+    global_orient: Tensor
+    neck_pose: Tensor
+    head_pose: Tensor
+    jaw_pose: Tensor
+    leye_pose: Tensor
+    reye_pose: Tensor
+    transl: Tensor
+
+    @classmethod
+    def zeros(cls, num_frames: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> "HeadParams":
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
+        return cls(betas=z(1, NUM_SHAPE_COEFFS), expression=z(num_frames, NUM_EXPRESSION_COEFFS),
+                   **{f.name: z(num_frames, 3) for f in fields(cls)
+                      if f.name not in ("betas", "expression")})
+
+    @property
+    def num_frames(self) -> int:
+        return self.expression.shape[0]
+
+    def to_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def map(self, fn) -> "HeadParams":
+        return HeadParams(**{k: fn(v) for k, v in self.to_dict().items()})
+
+
+@dataclass
+class HeadOutput:
+    vertices: Tensor     # (T, N_s, 3) posed, world units (metres)
+    joints: Tensor       # (T, 55, 3) posed joints
+    landmarks: Tensor    # (T, 68, 3) iBUG-68 landmarks on the personalized surface
+
+
+def center_dynamic_offsets(dynamic_offsets: Tensor) -> Tensor:
+    """Remove the temporal mean of Δf (T, N_face, 3): the static field owns the mean."""
+    return dynamic_offsets - dynamic_offsets.mean(0, keepdim=True)
+
+
+class PersonalizedHead(nn.Module):
+    """Batched forward of the personalized head on the upsampled head-and-torso mesh.
+
+    Fine vertices are numbered so that those skinned rigidly to one joint (weight 1) form
+    contiguous ranges: their skinning is a single rigid transform, the rest blend. Internally
+    tensors are vertex-major (N, T, 3), which makes the sparse upsampling one matrix product.
+    """
+
+    def __init__(self, model: SMPLXModelData, subdivision_levels: int = 1,
+                 region_joints: tuple[int, ...] = HEAD_TORSO_JOINTS,
+                 region_threshold: float = 0.5) -> None:
+        super().__init__()
+        sub = select_submesh(model.weights, model.f, region_joints, region_threshold)
+        ids = sub.vertex_ids
+        up = upsample(sub.faces, len(ids), subdivision_levels)
+        weights = model.weights[ids]
+        active = np.nonzero(np.abs(weights).max(0) > 0)[0]
+        fine_w = up.interpolate(weights[:, active])
+        rigid = fine_w.max(1) >= 1.0 - 1e-6
+        group = np.where(rigid, fine_w.argmax(1), len(active))     # len(active): blended
+        up = up.reordered(np.argsort(group, kind="stable"))
+        fine_w, group = up.interpolate(weights[:, active]), np.sort(group, kind="stable")
+        bounds = np.searchsorted(group, np.arange(len(active) + 2))
+        # (start, end, local joint or -1 for blended) ranges of the fine vertices.
+        self.skin_ranges = [(int(bounds[g]), int(bounds[g + 1]), g if g < len(active) else -1)
+                            for g in range(len(active) + 1) if bounds[g + 1] > bounds[g]]
+        self.subdivision_levels = subdivision_levels
+        self.num_coarse = len(ids)
+        self.num_vertices = up.num_vertices
+        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))
+        buf = lambda name, value: self.register_buffer(name, value, persistent=False)
+
+        buf("v_template", f32(model.v_template[ids]))
+        dirs = model.shapedirs[ids]
+        buf("shapedirs", f32(dirs[:, :, :NUM_SHAPE_COEFFS].reshape(-1, NUM_SHAPE_COEFFS)))
+        # Expression and pose correctives only on the vertices they move (exact, saves time).
+        expr = dirs[:, :, NUM_SHAPE_COEFFS:NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS]
+        expr_rows = np.nonzero(np.abs(expr).max(axis=(1, 2)) > 0)[0]
+        buf("expr_vertex_ids", torch.as_tensor(expr_rows))
+        buf("exprdirs", f32(expr[expr_rows].reshape(-1, NUM_EXPRESSION_COEFFS)))
+        self.posed_joints = [JOINT[n] for n in POSED_JOINTS]
+        feat_cols = np.concatenate([np.arange((j - 1) * 9, j * 9) for j in self.posed_joints])
+        pdirs = model.posedirs[ids][:, :, feat_cols]
+        pose_rows = np.nonzero(np.abs(pdirs).max(axis=(1, 2)) > 0)[0]
+        buf("pose_vertex_ids", torch.as_tensor(pose_rows))
+        buf("posedirs", f32(pdirs[pose_rows].transpose(2, 0, 1).reshape(len(feat_cols), -1)))
+        # Joints are linear in (betas, expression): regress once, not per vertex.
+        j_reg = model.J_regressor
+        buf("joint_template", f32(j_reg @ model.v_template))
+        full_dirs = model.shapedirs[:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS]
+        buf("joint_dirs", f32(np.einsum("jv,vck->jck", j_reg, full_dirs).reshape(-1, full_dirs.shape[-1])))
+        parents = model.parents.copy()
+        parents[0] = -1                      # real files store the root as uint32 -1
+        buf("parents", torch.as_tensor(parents))
+        buf("skin_joints", torch.as_tensor(active))
+        blend_start = self.skin_ranges[-1][0] if self.skin_ranges[-1][2] < 0 else self.num_vertices
+        buf("blend_weights", f32(fine_w[blend_start:]))
+        # Upsampling as a sparse (N_s, V_sub) matrix with three entries a row.
+        rows = np.repeat(np.arange(up.num_vertices), 3)
+        up_coo = torch.sparse_coo_tensor(
+            torch.as_tensor(np.stack([rows, up.vertex_ids.ravel()])), f32(up.bary.ravel()),
+            (up.num_vertices, len(ids))).coalesce()
+        buf("up_matrix", up_coo.to_sparse_csr())
+        buf("faces", torch.as_tensor(up.faces))
+        buf("submesh_vertex_ids", torch.as_tensor(ids))        # coarse sub-mesh -> model ids
+        buf("coarse_to_fine", torch.as_tensor(up.coarse_to_fine))
+        # Regions on the fine mesh.
+        face_mask, _ = face_region(model.v_template, _rest_landmarks(model), model.weights)
+        fine_face = up.interpolate(face_mask[ids].astype(np.float64)) > 0.5
+        buf("face_mask", torch.as_tensor(fine_face))
+        buf("face_vertex_ids", torch.as_tensor(np.nonzero(fine_face)[0]))
+        # Landmarks: coarse faces of the full model -> sub-mesh faces -> fine vertex ids.
+        face_remap = np.full(len(model.f), -1, dtype=np.int64)
+        face_remap[sub.face_ids] = np.arange(len(sub.face_ids))
+        static_faces = face_remap[model.lmk_faces_idx]
+        contour_faces = face_remap[model.dynamic_lmk_faces_idx]
+        if (static_faces < 0).any() or (contour_faces < 0).any():
+            raise ValueError("landmark faces fall outside the head-and-torso region")
+        buf("lmk_face_vertices", torch.as_tensor(up.coarse_to_fine[sub.faces]))
+        buf("static_lmk_faces", torch.as_tensor(static_faces))
+        buf("static_lmk_bary", f32(model.lmk_bary_coords))
+        buf("contour_lmk_faces", torch.as_tensor(contour_faces))
+        buf("contour_lmk_bary", f32(model.dynamic_lmk_bary_coords))
+        buf("neck_kin_chain", torch.as_tensor(NECK_KIN_CHAIN))
+        self._laplacian: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs) -> "PersonalizedHead":
+        return cls(load_smplx_model(path), **kwargs)
+
+    @property
+    def num_face_vertices(self) -> int:
+        return int(self.face_vertex_ids.numel())
+
+    def laplacian(self) -> Tensor:
+        """Uniform Laplacian of the fine mesh (sparse, built on first use)."""
+        if self._laplacian is None or self._laplacian.device != self.faces.device:
+            self._laplacian = uniform_laplacian(self.faces.cpu().numpy(), self.num_vertices).to(self.faces.device)
+        return self._laplacian
+
+    def upsample(self, coarse: Tensor) -> Tensor:
+        """Barycentric upsampling B of per-coarse-vertex values (B, V_sub, C) -> (B, N_s, C)."""
+        return self._upsample_vmajor(coarse).permute(1, 0, 2)
+
+    def _upsample_vmajor(self, coarse: Tensor) -> Tensor:
+        b, v, c = coarse.shape
+        flat = coarse.permute(1, 0, 2).reshape(v, b * c)
+        up = self.up_matrix if self.up_matrix.dtype == flat.dtype else self.up_matrix.to(flat.dtype)
+        return (up @ flat).view(-1, b, c)
+
+    # ----------------------------------------------------------------------------------------
+    def _canonical_vmajor(self, params: HeadParams, static_offsets: Tensor | None,
+                          dynamic_offsets: Tensor | None, rot_mats: Tensor | None) -> Tensor:
+        t = params.num_frames
+        base = self.v_template + (params.betas @ self.shapedirs.T).view(-1, self.num_coarse, 3)
+        v = base.permute(1, 0, 2).expand(-1, t, -1).clone()                  # (V_sub, T, 3)
+        expr = (self.exprdirs @ params.expression.T).view(-1, 3, t).transpose(1, 2)
+        v.index_add_(0, self.expr_vertex_ids, expr)
+        if rot_mats is not None:
+            eye = torch.eye(3, dtype=v.dtype, device=v.device)
+            feat = (rot_mats - eye).reshape(t, -1)
+            v.index_add_(0, self.pose_vertex_ids, (self.posedirs.T @ feat.T).view(-1, 3, t).transpose(1, 2))
+        up = self.up_matrix if self.up_matrix.dtype == v.dtype else self.up_matrix.to(v.dtype)
+        fine = (up @ v.view(self.num_coarse, t * 3)).view(-1, t, 3)         # (N_s, T, 3)
+        if static_offsets is not None:
+            fine = fine + static_offsets.reshape(self.num_vertices, 1, 3)
+        if dynamic_offsets is not None:
+            fine = fine.index_add(0, self.face_vertex_ids, dynamic_offsets.permute(1, 0, 2))
+        return fine
+
+    def canonical(self, params: HeadParams, static_offsets: Tensor | None = None,
+                  dynamic_offsets: Tensor | None = None) -> Tensor:
+        """Unposed personalized vertices (T, N_s, 3): blend shapes, B, offsets (no pose)."""
+        return self._canonical_vmajor(params, static_offsets, dynamic_offsets, None).permute(1, 0, 2)
+
+    def neutral(self, betas: Tensor, static_offsets: Tensor | None = None) -> Tensor:
+        """V_neutral = B(V(β)) + Δg: zero expression, rest pose (1, N_s, 3)."""
+        params = HeadParams.zeros(1, dtype=betas.dtype, device=betas.device)
+        params.betas = betas.reshape(1, -1)
+        return self.canonical(params, static_offsets)
+
+    def forward(self, params: HeadParams, static_offsets: Tensor | None = None,
+                dynamic_offsets: Tensor | None = None) -> HeadOutput:
+        """Posed vertices for T frames. ``static_offsets``: (N_s, 3) Δg; ``dynamic_offsets``:
+        (T, N_face, 3) Δf on ``face_vertex_ids``."""
+        t = params.num_frames
+        dtype, device = params.expression.dtype, params.expression.device
+        posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
+                             params.leye_pose, params.reye_pose], 1)            # (T, 5, 3)
+        local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
+        fine = self._canonical_vmajor(params, static_offsets, dynamic_offsets, local_rots)
+
+        rot = torch.eye(3, dtype=dtype, device=device).repeat(t, NUM_JOINTS, 1, 1)
+        rot[:, 0] = batch_rodrigues(params.global_orient)
+        rot[:, self.posed_joints] = local_rots
+        shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
+        joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
+        joints, rel = batch_rigid_transform(rot, joints_rest, self.parents, dtype=dtype)
+        # [R | t] of the skinning joints as (J, T, 12) with columns [R[:,0], R[:,1], R[:,2], t];
+        # the translation parameter is folded in (weights sum to one).
+        tf = rel[:, self.skin_joints, :3, :].transpose(-1, -2).reshape(t, -1, 12)
+        tf = torch.cat([tf[..., :9], tf[..., 9:] + params.transl[:, None]], -1).transpose(0, 1)
+        verts = self._skin(tf, fine).permute(1, 0, 2)
+        joints = joints + params.transl[:, None]
+        return HeadOutput(vertices=verts, joints=joints, landmarks=self.landmarks(verts, rot))
+
+    def _skin(self, tf: Tensor, fine: Tensor) -> Tensor:
+        """Skin vertex-major points (N, T, 3) with per-joint transforms (J, T, 12)."""
+        t = fine.shape[1]
+        no_grad = not (torch.is_grad_enabled() and (tf.requires_grad or fine.requires_grad))
+        out = torch.empty_like(fine) if no_grad else None
+        parts = []
+        for start, end, joint in self.skin_ranges:
+            blocks = [(start, end)] if joint >= 0 else [
+                (s, min(s + SKIN_BLOCK, end)) for s in range(start, end, SKIN_BLOCK)]
+            for s, e in blocks:
+                if joint >= 0:
+                    tf_block = tf[joint]
+                else:
+                    w = self.blend_weights[s - start:e - start]
+                    tf_block = (w @ tf.reshape(tf.shape[0], -1)).view(e - s, t, 12)
+                parts.append(_apply_transform(tf_block, fine[s:e],
+                                              out=out[s:e] if no_grad else None))
+        return out if no_grad else torch.cat(parts)
+
+    def landmarks(self, vertices: Tensor, rot_mats: Tensor) -> Tensor:
+        """iBUG-68 landmarks (T, 68, 3) from posed vertices and the (T, 55, 3, 3) local
+        rotations; the 17 contour points follow the head's yaw bin as in smplx (which uses
+        the chain from the neck down; here the head joint is included, so a head turn moves
+        the contour too)."""
+        t = vertices.shape[0]
+        dyn_faces, dyn_bary = find_dynamic_lmk_idx_and_bcoords(
+            vertices, rot_mats, self.contour_lmk_faces, self.contour_lmk_bary,
+            self.neck_kin_chain, pose2rot=False)
+        faces = torch.cat([dyn_faces, self.static_lmk_faces.expand(t, -1)], 1)      # (T, 68)
+        bary = torch.cat([dyn_bary, self.static_lmk_bary.expand(t, -1, -1)], 1)
+        vids = self.lmk_face_vertices[faces]                                        # (T, 68, 3)
+        tri = torch.gather(vertices, 1, vids.reshape(t, -1, 1).expand(-1, -1, 3)).view(t, 68, 3, 3)
+        return (tri * bary[..., None]).sum(2)
+
+    def to_trimesh(self, vertices: Tensor):
+        """A ``trimesh.Trimesh`` of one frame (N_s, 3), for export as PLY or OBJ."""
+        import trimesh
+        return trimesh.Trimesh(vertices.detach().cpu().numpy(), self.faces.cpu().numpy(),
+                               process=False)
+
+
+SKIN_BLOCK = 4096   # vertices per blended-skinning block (keeps transforms in cache)
+
+
+def _apply_transform(tf: Tensor, points: Tensor, out: Tensor | None = None) -> Tensor:
+    """Apply [R[:,0], R[:,1], R[:,2], t] rows (..., T, 12) to points (N, T, 3) -> (N, T, 3).
+
+    With ``out`` (no autograd) the result is written there in place."""
+    if out is None:
+        out = torch.addcmul(tf[..., 9:12], tf[..., 0:3], points[..., 0:1])
+    else:
+        torch.addcmul(tf[..., 9:12], tf[..., 0:3], points[..., 0:1], out=out)
+    out.addcmul_(tf[..., 3:6], points[..., 1:2])
+    return out.addcmul_(tf[..., 6:9], points[..., 2:3])
+
+
+def _rest_landmarks(model: SMPLXModelData) -> np.ndarray:
+    """iBUG-68 landmark positions of the template (contour from the frontal bin 0)."""
+    tri = model.v_template[model.f]
+    static = np.einsum("lk,lkj->lj", model.lmk_bary_coords, tri[model.lmk_faces_idx])
+    contour = np.einsum("lk,lkj->lj", model.dynamic_lmk_bary_coords[0],
+                        tri[model.dynamic_lmk_faces_idx[0]])
+    return np.concatenate([contour, static])
