@@ -134,7 +134,10 @@ def _skinning_weights(mesh: pm.ProceduralMesh) -> np.ndarray:
     torso = np.minimum(torso, 1.0 - head)
     neck = 1.0 - head - torso
     # Jaw: the lower face in front of the hinge, and the lower lip.
-    below_mouth = _smoothstep(0.0, 0.008, pm.MOUTH_Y - y)
+    # Sharp at the lips, broad over the cheeks (the skin there stretches as the jaw opens).
+    width = 0.006 + 0.024 * _smoothstep(pm.MOUTH_HALF_WIDTH, pm.MOUTH_HALF_WIDTH + 0.015, np.abs(x))
+    below_mouth = np.clip((pm.MOUTH_Y - y + 0.002) / (width + 0.002), 0.0, 1.0)
+    below_mouth = below_mouth * below_mouth * (3.0 - 2.0 * below_mouth)
     front = _smoothstep(-0.01, 0.03, z)
     jaw_share = np.where(mesh.lower_lip, 1.0, below_mouth * front)
     cav = part == pm.MOUTH
@@ -356,13 +359,13 @@ def _expression_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, soft: np.nda
     brow_y = lm[17:27, 1].mean()
     d[:, 1] = 0.004 * _smoothstep(brow_y - 0.018, brow_y - 0.004, y) * _smoothstep(brow_y + 0.05, brow_y + 0.01, y)
     put(2, d)
-    # 3 blink: lid skin in the socket moves forward over the eyeball and the upper lid drops.
+    # 3 blink: lid skin in the sockets moves forward over the eyeballs, upper lids drop.
+    depth = np.where(skin, mesh.socket_depth, 0.0)
     d = np.zeros_like(v)
+    d[:, 2] = depth + 0.0015 * _smoothstep(2e-4, 1e-3, depth)
     for c in mesh.eye_centres:
-        region = _gauss(v, (c[0], c[1], 0.0), (0.02, 0.012, 1e3))
-        upper = _smoothstep(c[1] - 0.004, c[1] + 0.006, y)
-        d[:, 2] += np.where(skin, (mesh.socket_depth + 0.0015) * (mesh.socket_depth > 0), 0.0)
-        d[:, 1] += -0.006 * region * upper
+        region = _gauss(v[:, :2], c[:2], (0.016, 0.009))
+        d[:, 1] += -0.005 * region * _smoothstep(c[1] - 0.004, c[1] + 0.006, y)
     put(3, d)
     # 4 cheek puff.
     d = np.zeros_like(v)
