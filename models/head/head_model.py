@@ -196,7 +196,7 @@ class PersonalizedHead(nn.Module):
                           dynamic_offsets: Tensor | None, rot_mats: Tensor | None) -> Tensor:
         t = params.num_frames
         base = self.v_template + (params.betas @ self.shapedirs.T).view(-1, self.num_coarse, 3)
-        v = base.permute(1, 0, 2).expand(-1, t, -1).clone()                  # (V_sub, T, 3)
+        v = base.permute(1, 0, 2).expand(-1, t, -1).clone(memory_format=torch.contiguous_format)
         expr = (self.exprdirs @ params.expression.T).view(-1, 3, t).transpose(1, 2)
         v.index_add_(0, self.expr_vertex_ids, expr)
         if rot_mats is not None:
@@ -205,8 +205,11 @@ class PersonalizedHead(nn.Module):
             v.index_add_(0, self.pose_vertex_ids, (self.posedirs.T @ feat.T).view(-1, 3, t).transpose(1, 2))
         up = self.up_matrix if self.up_matrix.dtype == v.dtype else self.up_matrix.to(v.dtype)
         fine = (up @ v.view(self.num_coarse, t * 3)).view(-1, t, 3)         # (N_s, T, 3)
-        if static_offsets is not None:
-            fine = fine + static_offsets.reshape(self.num_vertices, 1, 3)
+        if static_offsets is not None:   # (N_s, 3), or (T, N_s, 3) when frames mix identities
+            if static_offsets.dim() == 3 and static_offsets.shape[0] != 1:
+                fine = fine + static_offsets.permute(1, 0, 2)
+            else:
+                fine = fine + static_offsets.reshape(self.num_vertices, 1, 3)
         if dynamic_offsets is not None:
             fine = fine.index_add(0, self.face_vertex_ids, dynamic_offsets.permute(1, 0, 2))
         return fine
@@ -224,8 +227,8 @@ class PersonalizedHead(nn.Module):
 
     def forward(self, params: HeadParams, static_offsets: Tensor | None = None,
                 dynamic_offsets: Tensor | None = None) -> HeadOutput:
-        """Posed vertices for T frames. ``static_offsets``: (N_s, 3) Δg; ``dynamic_offsets``:
-        (T, N_face, 3) Δf on ``face_vertex_ids``."""
+        """Posed vertices for T frames. ``static_offsets``: Δg, (N_s, 3) or per frame
+        (T, N_s, 3); ``dynamic_offsets``: Δf, (T, N_face, 3) on ``face_vertex_ids``."""
         t = params.num_frames
         dtype, device = params.expression.dtype, params.expression.device
         posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
@@ -310,3 +313,19 @@ def _rest_landmarks(model: SMPLXModelData) -> np.ndarray:
     contour = np.einsum("lk,lkj->lj", model.dynamic_lmk_bary_coords[0],
                         tri[model.dynamic_lmk_faces_idx[0]])
     return np.concatenate([contour, static])
+
+
+@dataclass
+class HeadConfig:
+    """How to build the head: the SMPL-X file (``model_path`` or ``$EXPPORTRAIT_SMPLX_PATH``)
+    and the representation's resolution."""
+
+    model_path: str | None = None
+    subdivision_levels: int = 1
+    region_threshold: float = 0.5
+
+    def build(self) -> PersonalizedHead:
+        from .smplx_file import resolve_model_path
+        return PersonalizedHead.from_file(resolve_model_path(self.model_path),
+                                          subdivision_levels=self.subdivision_levels,
+                                          region_threshold=self.region_threshold)

@@ -357,7 +357,7 @@ def _expression_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, soft: np.nda
     # 2 brow raise: brows and forehead up.
     d = np.zeros_like(v)
     brow_y = lm[17:27, 1].mean()
-    d[:, 1] = 0.004 * _smoothstep(brow_y - 0.018, brow_y - 0.004, y) * _smoothstep(brow_y + 0.05, brow_y + 0.01, y)
+    d[:, 1] = 0.004 * _smoothstep(brow_y - 0.018, brow_y - 0.004, y) * _smoothstep(brow_y + 0.03, brow_y + 0.008, y)
     put(2, d)
     # 3 blink: lid skin in the sockets moves forward over the eyeballs, upper lids drop.
     depth = np.where(skin, mesh.socket_depth, 0.0)

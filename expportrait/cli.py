@@ -1,0 +1,36 @@
+"""The `expportrait` command line. Each subcommand prints one JSON object as its last line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .commands import demo, head
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expportrait", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    head.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")   # torch's beta-state notices
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except Exception as exc:  # a clear one-line error, not a traceback, for expected failures
+        from models.head.smplx_file import HeadModelFileError
+        if isinstance(exc, (HeadModelFileError, FileNotFoundError, ValueError)):
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+            return 2
+        raise
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

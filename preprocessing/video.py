@@ -1,0 +1,49 @@
+"""Video files: H.264 encoding with PyAV."""
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+
+
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,
+                crf: int = 18) -> Path:
+    """Encode RGB uint8 frames (H, W, 3) to an H.264 mp4 (yuv420p); odd sizes are padded.
+
+    Written to a temporary name and renamed, so a killed run leaves no half file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    container = av.open(str(tmp), mode="w")
+    try:
+        stream = None
+        for frame in frames:
+            frame = np.ascontiguousarray(frame, dtype=np.uint8)
+            if frame.ndim == 2:
+                frame = np.repeat(frame[..., None], 3, -1)
+            h, w = frame.shape[:2]
+            if h % 2 or w % 2:
+                frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            if stream is None:
+                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                stream.width, stream.height = frame.shape[1], frame.shape[0]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf)}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError("no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
+    except BaseException:
+        container.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    container.close()
+    os.replace(tmp, path)
+    return path
