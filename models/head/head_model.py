@@ -85,7 +85,9 @@ class PersonalizedHead(nn.Module):
 
     Fine vertices are numbered so that those skinned rigidly to one joint (weight 1) form
     contiguous ranges: their skinning is a single rigid transform, the rest blend. Internally
-    tensors are vertex-major (N, T, 3), which makes the sparse upsampling one matrix product.
+    vertices are rows (T, 3, N) with the vertex index innermost: upsampling is one
+    dense-by-sparse product and skinning a batched 3x3 product, both vectorize well on CPU.
+    ``HeadOutput.vertices`` is a (T, N, 3) view of that storage (not contiguous).
     """
 
     def __init__(self, model: SMPLXModelData, subdivision_levels: int = 1,
@@ -112,20 +114,22 @@ class PersonalizedHead(nn.Module):
         f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))
         buf = lambda name, value: self.register_buffer(name, value, persistent=False)
 
-        buf("v_template", f32(model.v_template[ids]))
+        # Blend shapes as rows over (coordinate, vertex): the forward works on (T, 3, V).
+        rows = lambda d: f32(np.ascontiguousarray(d.transpose(2, 1, 0)).reshape(d.shape[2], -1))
+        buf("v_template", f32(model.v_template[ids].T))                       # (3, V_sub)
         dirs = model.shapedirs[ids]
-        buf("shapedirs", f32(dirs[:, :, :NUM_SHAPE_COEFFS].reshape(-1, NUM_SHAPE_COEFFS)))
+        buf("shapedirs", rows(dirs[:, :, :NUM_SHAPE_COEFFS]))                  # (300, 3 V_sub)
         # Expression and pose correctives only on the vertices they move (exact, saves time).
         expr = dirs[:, :, NUM_SHAPE_COEFFS:NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS]
         expr_rows = np.nonzero(np.abs(expr).max(axis=(1, 2)) > 0)[0]
         buf("expr_vertex_ids", torch.as_tensor(expr_rows))
-        buf("exprdirs", f32(expr[expr_rows].reshape(-1, NUM_EXPRESSION_COEFFS)))
+        buf("exprdirs", rows(expr[expr_rows]))                                 # (100, 3 V_e)
         self.posed_joints = [JOINT[n] for n in POSED_JOINTS]
         feat_cols = np.concatenate([np.arange((j - 1) * 9, j * 9) for j in self.posed_joints])
         pdirs = model.posedirs[ids][:, :, feat_cols]
         pose_rows = np.nonzero(np.abs(pdirs).max(axis=(1, 2)) > 0)[0]
         buf("pose_vertex_ids", torch.as_tensor(pose_rows))
-        buf("posedirs", f32(pdirs[pose_rows].transpose(2, 0, 1).reshape(len(feat_cols), -1)))
+        buf("posedirs", rows(pdirs[pose_rows]))                                # (45, 3 V_p)
         # Joints are linear in (betas, expression): regress once, not per vertex.
         j_reg = model.J_regressor
         buf("joint_template", f32(j_reg @ model.v_template))
@@ -136,13 +140,13 @@ class PersonalizedHead(nn.Module):
         buf("parents", torch.as_tensor(parents))
         buf("skin_joints", torch.as_tensor(active))
         blend_start = self.skin_ranges[-1][0] if self.skin_ranges[-1][2] < 0 else self.num_vertices
-        buf("blend_weights", f32(fine_w[blend_start:]))
-        # Upsampling as a sparse (N_s, V_sub) matrix with three entries a row.
-        rows = np.repeat(np.arange(up.num_vertices), 3)
+        buf("blend_weights", f32(fine_w[blend_start:].T))                   # (J, N_blend)
+        # Upsampling as a sparse (V_sub, N_s) matrix, applied from the right to (T*3, V_sub).
+        cols = np.repeat(np.arange(up.num_vertices), 3)
         up_coo = torch.sparse_coo_tensor(
-            torch.as_tensor(np.stack([rows, up.vertex_ids.ravel()])), f32(up.bary.ravel()),
-            (up.num_vertices, len(ids))).coalesce()
-        buf("up_matrix", up_coo.to_sparse_csr())
+            torch.as_tensor(np.stack([up.vertex_ids.ravel(), cols])), f32(up.bary.ravel()),
+            (len(ids), up.num_vertices)).coalesce()
+        buf("up_matrix_t", up_coo.to_sparse_csr())
         buf("faces", torch.as_tensor(up.faces))
         buf("submesh_vertex_ids", torch.as_tensor(ids))        # coarse sub-mesh -> model ids
         buf("coarse_to_fine", torch.as_tensor(up.coarse_to_fine))
@@ -183,41 +187,37 @@ class PersonalizedHead(nn.Module):
 
     def upsample(self, coarse: Tensor) -> Tensor:
         """Barycentric upsampling B of per-coarse-vertex values (B, V_sub, C) -> (B, N_s, C)."""
-        return self._upsample_vmajor(coarse).permute(1, 0, 2)
-
-    def _upsample_vmajor(self, coarse: Tensor) -> Tensor:
         b, v, c = coarse.shape
-        flat = coarse.permute(1, 0, 2).reshape(v, b * c)
-        up = self.up_matrix if self.up_matrix.dtype == flat.dtype else self.up_matrix.to(flat.dtype)
-        return (up @ flat).view(-1, b, c)
+        rows = coarse.transpose(1, 2).reshape(b * c, v)
+        return self._upsample_rows(rows).view(b, c, -1).transpose(1, 2)
+
+    def _upsample_rows(self, rows: Tensor) -> Tensor:
+        up = self.up_matrix_t if self.up_matrix_t.dtype == rows.dtype else self.up_matrix_t.to(rows.dtype)
+        return rows @ up
 
     # ----------------------------------------------------------------------------------------
-    def _canonical_vmajor(self, params: HeadParams, static_offsets: Tensor | None,
-                          dynamic_offsets: Tensor | None, rot_mats: Tensor | None) -> Tensor:
+    def _canonical_rows(self, params: HeadParams, static_offsets: Tensor | None,
+                        dynamic_offsets: Tensor | None, rot_mats: Tensor | None) -> Tensor:
+        """Canonical fine vertices as (T, 3, N_s) rows."""
         t = params.num_frames
-        base = self.v_template + (params.betas @ self.shapedirs.T).view(-1, self.num_coarse, 3)
-        v = base.permute(1, 0, 2).expand(-1, t, -1).clone(memory_format=torch.contiguous_format)
-        expr = (self.exprdirs @ params.expression.T).view(-1, 3, t).transpose(1, 2)
-        v.index_add_(0, self.expr_vertex_ids, expr)
+        base = self.v_template + (params.betas @ self.shapedirs).view(-1, 3, self.num_coarse)
+        v = base.expand(t, -1, -1).clone(memory_format=torch.contiguous_format)   # (T, 3, V)
+        v.index_add_(2, self.expr_vertex_ids, (params.expression @ self.exprdirs).view(t, 3, -1))
         if rot_mats is not None:
             eye = torch.eye(3, dtype=v.dtype, device=v.device)
             feat = (rot_mats - eye).reshape(t, -1)
-            v.index_add_(0, self.pose_vertex_ids, (self.posedirs.T @ feat.T).view(-1, 3, t).transpose(1, 2))
-        up = self.up_matrix if self.up_matrix.dtype == v.dtype else self.up_matrix.to(v.dtype)
-        fine = (up @ v.view(self.num_coarse, t * 3)).view(-1, t, 3)         # (N_s, T, 3)
+            v.index_add_(2, self.pose_vertex_ids, (feat @ self.posedirs).view(t, 3, -1))
+        fine = self._upsample_rows(v.view(t * 3, self.num_coarse)).view(t, 3, -1)
         if static_offsets is not None:   # (N_s, 3), or (T, N_s, 3) when frames mix identities
-            if static_offsets.dim() == 3 and static_offsets.shape[0] != 1:
-                fine = fine + static_offsets.permute(1, 0, 2)
-            else:
-                fine = fine + static_offsets.reshape(self.num_vertices, 1, 3)
+            fine = fine.add_(static_offsets.reshape(-1, self.num_vertices, 3).transpose(1, 2))
         if dynamic_offsets is not None:
-            fine = fine.index_add(0, self.face_vertex_ids, dynamic_offsets.permute(1, 0, 2))
+            fine = fine.index_add_(2, self.face_vertex_ids, dynamic_offsets.transpose(1, 2))
         return fine
 
     def canonical(self, params: HeadParams, static_offsets: Tensor | None = None,
                   dynamic_offsets: Tensor | None = None) -> Tensor:
         """Unposed personalized vertices (T, N_s, 3): blend shapes, B, offsets (no pose)."""
-        return self._canonical_vmajor(params, static_offsets, dynamic_offsets, None).permute(1, 0, 2)
+        return self._canonical_rows(params, static_offsets, dynamic_offsets, None).transpose(1, 2)
 
     def neutral(self, betas: Tensor, static_offsets: Tensor | None = None) -> Tensor:
         """V_neutral = B(V(β)) + Δg: zero expression, rest pose (1, N_s, 3)."""
@@ -234,7 +234,7 @@ class PersonalizedHead(nn.Module):
         posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
                              params.leye_pose, params.reye_pose], 1)            # (T, 5, 3)
         local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
-        fine = self._canonical_vmajor(params, static_offsets, dynamic_offsets, local_rots)
+        fine = self._canonical_rows(params, static_offsets, dynamic_offsets, local_rots)
 
         rot = torch.eye(3, dtype=dtype, device=device).repeat(t, NUM_JOINTS, 1, 1)
         rot[:, 0] = batch_rodrigues(params.global_orient)
@@ -242,32 +242,32 @@ class PersonalizedHead(nn.Module):
         shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
         joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
         joints, rel = batch_rigid_transform(rot, joints_rest, self.parents, dtype=dtype)
-        # [R | t] of the skinning joints as (J, T, 12) with columns [R[:,0], R[:,1], R[:,2], t];
-        # the translation parameter is folded in (weights sum to one).
-        tf = rel[:, self.skin_joints, :3, :].transpose(-1, -2).reshape(t, -1, 12)
-        tf = torch.cat([tf[..., :9], tf[..., 9:] + params.transl[:, None]], -1).transpose(0, 1)
-        verts = self._skin(tf, fine).permute(1, 0, 2)
+        tf = rel[:, self.skin_joints, :3, :]                          # (T, J, 3, 4)
+        tf = torch.cat([tf[..., :3], tf[..., 3:] + params.transl[:, None, :, None]], -1)
+        verts = self._skin(tf, fine).transpose(1, 2)                   # (T, N_s, 3) view
         joints = joints + params.transl[:, None]
         return HeadOutput(vertices=verts, joints=joints, landmarks=self.landmarks(verts, rot))
 
     def _skin(self, tf: Tensor, fine: Tensor) -> Tensor:
-        """Skin vertex-major points (N, T, 3) with per-joint transforms (J, T, 12)."""
-        t = fine.shape[1]
-        no_grad = not (torch.is_grad_enabled() and (tf.requires_grad or fine.requires_grad))
-        out = torch.empty_like(fine) if no_grad else None
+        """Skin (T, 3, N) rows with per-joint [R | t] (T, J, 3, 4): rigid ranges are one
+        batched 3x3 product per frame, blended ones use interpolated per-vertex transforms."""
+        t = fine.shape[0]
         parts = []
         for start, end, joint in self.skin_ranges:
-            blocks = [(start, end)] if joint >= 0 else [
-                (s, min(s + SKIN_BLOCK, end)) for s in range(start, end, SKIN_BLOCK)]
-            for s, e in blocks:
-                if joint >= 0:
-                    tf_block = tf[joint]
-                else:
-                    w = self.blend_weights[s - start:e - start]
-                    tf_block = (w @ tf.reshape(tf.shape[0], -1)).view(e - s, t, 12)
-                parts.append(_apply_transform(tf_block, fine[s:e],
-                                              out=out[s:e] if no_grad else None))
-        return out if no_grad else torch.cat(parts)
+            pts = fine[:, :, start:end]
+            if joint >= 0:
+                parts.append(torch.baddbmm(tf[:, joint, :, 3:], tf[:, joint, :, :3], pts))
+                continue
+            # (T, 12, J) @ (J, n): per-vertex [R | t] rows, row-major R then t.
+            flat = torch.cat([tf[..., :3].reshape(t, -1, 9), tf[..., 3]], -1).transpose(1, 2)
+            per_vertex = flat @ self.blend_weights                    # (T, 12, n)
+            out = []
+            for i in range(3):
+                o = torch.addcmul(per_vertex[:, 9 + i], per_vertex[:, 3 * i], pts[:, 0])
+                o = o.addcmul(per_vertex[:, 3 * i + 1], pts[:, 1])
+                out.append(o.addcmul(per_vertex[:, 3 * i + 2], pts[:, 2]))
+            parts.append(torch.stack(out, 1))
+        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
     def landmarks(self, vertices: Tensor, rot_mats: Tensor) -> Tensor:
         """iBUG-68 landmarks (T, 68, 3) from posed vertices and the (T, 55, 3, 3) local
@@ -289,21 +289,6 @@ class PersonalizedHead(nn.Module):
         import trimesh
         return trimesh.Trimesh(vertices.detach().cpu().numpy(), self.faces.cpu().numpy(),
                                process=False)
-
-
-SKIN_BLOCK = 4096   # vertices per blended-skinning block (keeps transforms in cache)
-
-
-def _apply_transform(tf: Tensor, points: Tensor, out: Tensor | None = None) -> Tensor:
-    """Apply [R[:,0], R[:,1], R[:,2], t] rows (..., T, 12) to points (N, T, 3) -> (N, T, 3).
-
-    With ``out`` (no autograd) the result is written there in place."""
-    if out is None:
-        out = torch.addcmul(tf[..., 9:12], tf[..., 0:3], points[..., 0:1])
-    else:
-        torch.addcmul(tf[..., 9:12], tf[..., 0:3], points[..., 0:1], out=out)
-    out.addcmul_(tf[..., 3:6], points[..., 1:2])
-    return out.addcmul_(tf[..., 6:9], points[..., 2:3])
 
 
 def _rest_landmarks(model: SMPLXModelData) -> np.ndarray:

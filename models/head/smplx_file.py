@@ -86,8 +86,6 @@ _EXPECTED_SHAPES: dict[str, tuple] = {
     "dynamic_lmk_faces_idx": (NUM_CONTOUR_BINS, NUM_CONTOUR_LANDMARKS),
     "dynamic_lmk_bary_coords": (NUM_CONTOUR_BINS, NUM_CONTOUR_LANDMARKS, 3),
 }
-# Keys smplx reads but the head representation does not use (hands).
-_HAND_KEYS = ("hands_componentsl", "hands_componentsr", "hands_meanl", "hands_meanr")
 
 
 def resolve_model_path(configured: str | os.PathLike | None = None) -> Path:
@@ -139,7 +137,14 @@ def load_smplx_model(path: str | os.PathLike) -> SMPLXModelData:
             except ValueError as exc:  # object arrays need pickle: refuse
                 raise HeadModelFileError(
                     f"SMPL-X model file {path}: key '{key}' is not a plain array ({exc})") from exc
-        extras = {k: np.asarray(npz[k]) for k in _HAND_KEYS if k in npz.files}
+        extras = {}
+        for key in npz.files:     # other plain arrays (hands, uv maps, synthetic metadata)
+            if key not in arrays:
+                try:
+                    extras[key] = np.asarray(npz[key])
+                except ValueError:
+                    pass          # object arrays (e.g. the real files' joint2num) need pickle
+
     _check_shapes(arrays, path)
     data = SMPLXModelData(**arrays, extras=extras)
     _check_values(data, path)

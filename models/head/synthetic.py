@@ -365,7 +365,8 @@ def _expression_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, soft: np.nda
     d[:, 2] = depth + 0.0015 * _smoothstep(2e-4, 1e-3, depth)
     for c in mesh.eye_centres:
         region = _gauss(v[:, :2], c[:2], (0.016, 0.009))
-        d[:, 1] += -0.005 * region * _smoothstep(c[1] - 0.004, c[1] + 0.006, y)
+        upper = _smoothstep(c[1] - 0.004, c[1] + 0.006, y)
+        d[:, 1] += region * (-0.0085 * upper + 0.0015 * (1.0 - upper))
     put(3, d)
     # 4 cheek puff.
     d = np.zeros_like(v)

@@ -1,0 +1,35 @@
+import json
+
+import av
+import numpy as np
+from PIL import Image
+
+from expportrait.cli import main
+from expportrait.commands.head import SWEEP
+
+
+def test_head_render_writes_video_maps_and_mesh(tmp_path, synthetic_model_path, capsys):
+    out = tmp_path / "render"
+    code = main(["head", "render", "--model", str(synthetic_model_path), "--out", str(out),
+                 "--size", "64", "--frames-per-segment", "3", "--backend", "torch"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["frames"] == 3 * len(SWEEP)
+    with av.open(summary["video"]) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 3 * len(SWEEP) and frames[0].shape == (64, 3 * 64, 3)
+    normal = np.array(Image.open(out / "smile_normal.png"))
+    depth = np.array(Image.open(out / "smile_depth_mm.png"))
+    mask = np.array(Image.open(out / "smile_mask.png"))
+    assert normal.shape == (64, 64, 3) and depth.dtype == np.uint16
+    assert set(np.unique(mask)) <= {0, 127, 255} and (mask == 255).any()
+    assert ((depth > 700) == (mask > 0)).mean() > 0.99
+    assert (out / "personalized_neutral.ply").stat().st_size > 0
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EXPPORTRAIT_SMPLX_PATH", raising=False)
+    code = main(["head", "render", "--model", str(tmp_path / "absent.npz"), "--out", str(tmp_path)])
+    assert code == 2
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert err["error"] == "HeadModelFileError" and "absent.npz" in err["message"]
