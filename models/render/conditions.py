@@ -27,6 +27,7 @@ class ConditionMaps:
     silhouette: Tensor   # (T, H, W) 1 where the mesh covers the pixel
     face_mask: Tensor    # (T, H, W) 1 on the face region
     face_idx: Tensor     # (T, H, W) visible face id, -1 on background
+    albedo: Tensor | None = None   # (T, H, W, 3) interpolated vertex colours, when given
 
     def normal_rgb(self) -> Tensor:
         return encode_normals(self.normals, self.silhouette > 0)
@@ -92,12 +93,14 @@ def _has_pytorch3d() -> bool:
 
 def render_conditions(vertices: Tensor, faces: Tensor, camera: Camera,
                       face_vertex_mask: Tensor | None = None, backend: str = "auto",
-                      cull_backfaces: bool = True) -> ConditionMaps:
+                      cull_backfaces: bool = True,
+                      vertex_colors: Tensor | None = None) -> ConditionMaps:
     """Render condition maps of a mesh for T frames.
 
     ``vertices`` (T, N, 3) in world space; ``faces`` (F, 3); ``camera`` with T frames (or 1);
-    ``face_vertex_mask`` (N,) marks the face region. Normals and depth are differentiable
-    with respect to the vertices.
+    ``face_vertex_mask`` (N,) marks the face region; ``vertex_colors`` (N, 3) or (T, N, 3)
+    are interpolated to ``albedo``. Normals and depth are differentiable with respect to the
+    vertices.
     """
     t_frames = vertices.shape[0]
     camera = camera.expand(t_frames)
@@ -113,9 +116,12 @@ def render_conditions(vertices: Tensor, faces: Tensor, camera: Camera,
     attrs = [normals, verts_cam[..., 2:]]
     if face_vertex_mask is not None:
         attrs.append(face_vertex_mask.to(vertices.dtype).view(1, -1, 1).expand(t_frames, -1, 1))
+    if vertex_colors is not None:
+        attrs.append(vertex_colors.to(vertices.dtype).reshape(-1, vertices.shape[1], 3).expand(t_frames, -1, -1))
     maps, _ = interpolate(uvz, torch.cat(attrs, -1), faces, face_idx)
     sil = (face_idx >= 0).to(vertices.dtype)
     n = torch.nn.functional.normalize(maps[..., :3], dim=-1, eps=1e-12) * sil[..., None]
     face = (maps[..., 4] > 0.5).to(vertices.dtype) if face_vertex_mask is not None else torch.zeros_like(sil)
+    albedo = maps[..., -3:] if vertex_colors is not None else None
     return ConditionMaps(normals=n, depth=maps[..., 3], silhouette=sil, face_mask=face,
-                         face_idx=face_idx)
+                         face_idx=face_idx, albedo=albedo)
