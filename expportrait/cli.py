@@ -6,13 +6,15 @@ import json
 import sys
 import warnings
 
-from .commands import demo, head
+from .commands import demo, head, synth, video
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expportrait", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     head.add_parser(sub)
+    synth.add_parser(sub)
+    video.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

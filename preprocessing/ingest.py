@@ -98,11 +98,11 @@ def _sniff(path: Path) -> bool:
     return any(head[off:off + len(magic)] == magic for off, magic in _CONTAINER_MAGIC)
 
 
-def probe(path: str | os.PathLike, min_frames: int = 1, scan_frames: int = 60) -> ProbeResult:
+def probe(path: str | os.PathLike, min_frames: int = 1, scan_frames: int = 16) -> ProbeResult:
     """Describe a video file; never raises for bad input.
 
-    Decodes up to ``scan_frames`` frames to read the rotation and to check that frames
-    decode and arrive at a constant rate.
+    Decodes the first frame (rotation; proof that it decodes) and reads the timestamps of up
+    to ``scan_frames`` packets to tell a constant from a variable frame rate.
     """
     path = Path(path)
     result = ProbeResult(path=str(path), status=VideoStatus.OK)
@@ -138,21 +138,26 @@ def probe(path: str | os.PathLike, min_frames: int = 1, scan_frames: int = 60) -
         elif container.duration is not None:
             result.duration_s = container.duration / av.time_base
         result.frame_count = stream.frames or None
+        # Timestamps from demuxed packets (cheap, no decoding) show whether the rate is
+        # constant; only the first frame is decoded (rotation, and proof that it decodes).
         times, first = [], None
         try:
-            for frame in container.decode(stream):
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.time_base is not None:
+                    times.append(float(packet.pts * packet.time_base))
                 if first is None:
-                    first = frame
-                    result.rotation = int(round(frame.rotation or 0)) % 360
-                if frame.time is not None:
-                    times.append(frame.time)
-                if len(times) >= scan_frames:
+                    for frame in packet.decode():
+                        first = frame
+                        result.rotation = int(round(frame.rotation or 0)) % 360
+                        break
+                if first is not None and len(times) >= scan_frames:
                     break
         except Exception as exc:  # noqa: BLE001
             if first is None:
                 result.status, result.reason = VideoStatus.CORRUPT_CONTAINER, f"cannot decode: {exc}"
                 return result
             result.notes.append(f"decode stopped early: {exc}")
+        times.sort()
     if first is None:
         result.status, result.reason = VideoStatus.ZERO_DURATION, "the video stream has no decodable frame"
         return result

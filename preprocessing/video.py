@@ -11,8 +11,11 @@ import numpy as np
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float,
-                crf: int = 18) -> Path:
-    """Encode RGB uint8 frames (H, W, 3) to an H.264 mp4 (yuv420p); odd sizes are padded.
+                crf: int = 18, pix_fmt: str = "yuv420p") -> Path:
+    """Encode RGB uint8 frames (H, W, 3) to an H.264 mp4; odd sizes are padded.
+
+    ``pix_fmt`` "yuv420p" plays everywhere; "yuv444p" (High 4:4:4) keeps full-resolution
+    colour, which the synthetic corpus uses so that its frames stay close to the truth.
 
     Written to a temporary name and renamed, so a killed run leaves no half file behind.
     """
@@ -32,7 +35,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
             if stream is None:
                 stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
                 stream.width, stream.height = frame.shape[1], frame.shape[0]
-                stream.pix_fmt = "yuv420p"
+                stream.pix_fmt = pix_fmt
                 stream.options = {"crf": str(crf)}
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -1,7 +1,8 @@
 """`expportrait demo`: the main loop end to end on embedded defaults (grows with the project).
 
-Now: write the synthetic SMPL-X-format model, then render the head-representation sweep
-(mp4 + normal / depth / mask maps + the personalized mesh).
+Now: write the synthetic SMPL-X-format model; generate a small synthetic talking-head corpus
+with exact ground truth; render the head-representation sweep (mp4 + normal / depth / mask
+maps + the personalized mesh).
 """
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"[demo] synthetic SMPL-X-format model -> {args.out / 'models'}", flush=True)
     model = synthetic_model_file(seed=0, directory=args.out / "models")
+    from preprocessing.synthetic.world import WorldConfig, generate_corpus
+    print(f"[demo] synthetic talking-head corpus -> {args.out / 'corpus'}", flush=True)
+    corpus = generate_corpus(args.out / "corpus", WorldConfig(identities=4, clips_per_identity=2,
+                                                              frames=48, size=128, seed=0), model)
+    print(f"[demo] corpus: {corpus.clips} clips, {corpus.frames} frames in {corpus.seconds:.1f} s; "
+          f"manifest {corpus.out / 'manifest.parquet'}")
     print(f"[demo] rendering the head sweep -> {args.out / 'head'}", flush=True)
     render_args = argparse.Namespace(model=model, out=args.out / "head", size=args.size,
                                      frames_per_segment=16, fps=24.0, subdivision=1,
@@ -30,4 +37,5 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[demo] sweep video: {rendered['video']}")
     print(f"[demo] maps: {args.out / 'head'}/<segment>_{{normal,depth_mm,mask}}.png")
     print(f"[demo] personalized mesh: {rendered['mesh']}")
-    return {"model": str(model), "head": rendered}
+    return {"model": str(model), "corpus": {"path": str(corpus.out), "clips": corpus.clips,
+                                            "frames": corpus.frames}, "head": rendered}

@@ -33,3 +33,17 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert code == 2
     err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert err["error"] == "HeadModelFileError" and "absent.npz" in err["message"]
+
+
+def test_synth_corpus_command(tmp_path, synthetic_model_path, capsys):
+    import pandas as pd
+    code = main(["synth", "corpus", "--out", str(tmp_path / "c"), "--identities", "2",
+                 "--clips-per-identity", "1", "--frames", "6", "--size", "64",
+                 "--model", str(synthetic_model_path)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["clips"] == 2 and out["frames"] == 12
+    manifest = pd.read_parquet(out["manifest"])
+    assert list(manifest["clip_id"]) == ["id000_clip00", "id001_clip00"]
+    with av.open(str(tmp_path / "c" / manifest["video"][0])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 6
