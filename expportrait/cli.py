@@ -6,7 +6,7 @@ import json
 import sys
 import warnings
 
-from .commands import demo, head, synth, video
+from .commands import demo, fit, head, synth, video
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_parser(sub)
     synth.add_parser(sub)
     video.add_parser(sub)
+    fit.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -169,8 +169,18 @@ class PersonalizedHead(nn.Module):
         buf("contour_lmk_bary", f32(model.dynamic_lmk_bary_coords))
         buf("neck_kin_chain", torch.as_tensor(NECK_KIN_CHAIN))
         self._laplacian: Tensor | None = None
+        self._landmark_data = dict(
+            weights=weights, faces=sub.faces, static_faces=static_faces,
+            contour_faces=contour_faces, v_template=model.v_template[ids],
+            shapedirs=dirs[:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS],
+            posedirs=model.posedirs[ids][:, :, feat_cols])
 
     # ----------------------------------------------------------------------------------------
+    def landmark_model(self) -> "LandmarkHead":
+        """A small module giving the same landmarks as :meth:`forward` without offsets,
+        computed on the few coarse vertices that landmark triangles use (for fast fitting)."""
+        return LandmarkHead(self)
+
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "PersonalizedHead":
         return cls(load_smplx_model(path), **kwargs)
@@ -248,6 +258,32 @@ class PersonalizedHead(nn.Module):
         joints = joints + params.transl[:, None]
         return HeadOutput(vertices=verts, joints=joints, landmarks=self.landmarks(verts, rot))
 
+    def offset_map(self, params: HeadParams) -> tuple[Tensor, Tensor]:
+        """Posed vertices without offsets (T, N_s, 3) and each vertex's skinning rotation
+        (T, N_s, 3, 3): with shape, expression and pose fixed, canonical offsets map to
+        ``base + R @ offset`` exactly (offsets are added before skinning)."""
+        with torch.no_grad():
+            t = params.num_frames
+            posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
+                                 params.leye_pose, params.reye_pose], 1)
+            local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
+            rot = torch.eye(3).repeat(t, NUM_JOINTS, 1, 1)
+            rot[:, 0] = batch_rodrigues(params.global_orient)
+            rot[:, self.posed_joints] = local_rots
+            shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
+            joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
+            _, rel = batch_rigid_transform(rot, joints_rest, self.parents)
+            r_joint = rel[:, self.skin_joints, :3, :3]                        # (T, J, 3, 3)
+            rots = torch.empty(t, self.num_vertices, 3, 3)
+            for start, end, joint in self.skin_ranges:
+                if joint >= 0:
+                    rots[:, start:end] = r_joint[:, joint, None]
+                else:
+                    w = self.blend_weights                                      # (J, n)
+                    rots[:, start:end] = torch.einsum("jn,tjab->tnab", w, r_joint)
+            base = self.forward(params).vertices.contiguous()
+        return base, rots
+
     def _skin(self, tf: Tensor, fine: Tensor) -> Tensor:
         """Skin (T, 3, N) rows with per-joint [R | t] (T, J, 3, 4): rigid ranges are one
         batched 3x3 product per frame, blended ones use interpolated per-vertex transforms."""
@@ -289,6 +325,63 @@ class PersonalizedHead(nn.Module):
         import trimesh
         return trimesh.Trimesh(vertices.detach().cpu().numpy(), self.faces.cpu().numpy(),
                                process=False)
+
+
+class LandmarkHead(nn.Module):
+    """iBUG-68 landmarks and joints of a :class:`PersonalizedHead` (no offsets), using only
+    the coarse vertices of landmark triangles: linear blend skinning on a few hundred
+    vertices instead of the whole mesh. Equal to the full model's landmarks (tested)."""
+
+    def __init__(self, head: PersonalizedHead) -> None:
+        super().__init__()
+        d = head._landmark_data
+        used_faces = np.unique(np.concatenate([d["static_faces"], d["contour_faces"].ravel()]))
+        verts = np.unique(d["faces"][used_faces])
+        local = np.full(head.num_coarse, -1, dtype=np.int64)
+        local[verts] = np.arange(len(verts))
+        f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))
+        buf = lambda n, v: self.register_buffer(n, v, persistent=False)
+        buf("v_template", f32(d["v_template"][verts]))
+        k = d["shapedirs"].shape[-1]
+        buf("shapedirs", f32(d["shapedirs"][verts].reshape(-1, k)))          # (3 V_l, 400)
+        pd = d["posedirs"][verts]
+        buf("posedirs", f32(pd.reshape(-1, pd.shape[-1])))                     # (3 V_l, 45)
+        buf("weights", f32(d["weights"][verts][:, head.skin_joints.numpy()]))
+        buf("skin_joints", head.skin_joints.clone())
+        buf("faces", torch.as_tensor(local[d["faces"]]))   # -1 for faces not used here
+        for name in ("static_lmk_faces", "static_lmk_bary", "contour_lmk_faces",
+                     "contour_lmk_bary", "neck_kin_chain", "joint_template", "joint_dirs", "parents"):
+            buf(name, getattr(head, name).clone())
+        self.posed_joints = head.posed_joints
+        self.num_vertices = len(verts)
+
+    def forward(self, params: HeadParams) -> tuple[Tensor, Tensor]:
+        """(landmarks (T, 68, 3), joints (T, 55, 3))."""
+        t = params.num_frames
+        dtype, device = params.expression.dtype, params.expression.device
+        posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
+                             params.leye_pose, params.reye_pose], 1)
+        local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
+        shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
+        eye = torch.eye(3, dtype=dtype, device=device)
+        v = self.v_template + (shape_expr @ self.shapedirs.T).view(t, -1, 3)
+        v = v + ((local_rots - eye).reshape(t, -1) @ self.posedirs.T).view(t, -1, 3)
+        rot = eye.repeat(t, NUM_JOINTS, 1, 1)
+        rot[:, 0] = batch_rodrigues(params.global_orient)
+        rot[:, self.posed_joints] = local_rots
+        joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
+        joints, rel = batch_rigid_transform(rot, joints_rest, self.parents, dtype=dtype)
+        tf = torch.einsum("vj,tjab->tvab", self.weights, rel[:, self.skin_joints])
+        verts = (tf[..., :3, :3] @ v.unsqueeze(-1)).squeeze(-1) + tf[..., :3, 3]
+        verts = verts + params.transl[:, None]
+        dyn_faces, dyn_bary = find_dynamic_lmk_idx_and_bcoords(
+            verts, rot, self.contour_lmk_faces, self.contour_lmk_bary, self.neck_kin_chain,
+            pose2rot=False)
+        faces = torch.cat([dyn_faces, self.static_lmk_faces.expand(t, -1)], 1)
+        bary = torch.cat([dyn_bary, self.static_lmk_bary.expand(t, -1, -1)], 1)
+        vids = self.faces[faces]                                              # (T, 68, 3)
+        tri = torch.gather(verts, 1, vids.reshape(t, -1, 1).expand(-1, -1, 3)).view(t, 68, 3, 3)
+        return (tri * bary[..., None]).sum(2), joints + params.transl[:, None]
 
 
 def _rest_landmarks(model: SMPLXModelData) -> np.ndarray:

@@ -144,7 +144,7 @@ def _detail_basis(rest: RestInfo, age: float) -> np.ndarray:
     """(C, N_face, 3) wrinkle patterns along the inward normal; depth grows with age."""
     ids = rest.face_ids
     v, n, lm = rest.vertices[ids], rest.normals[ids], rest.landmarks
-    depth = 0.3 + 1.7 * age
+    depth = 2.5 * (0.3 + 1.7 * age)   # deepest (age 1): ~3-5 mm folds, ~1.5-2 mm lines
     brow_y = lm[17:27, 1].mean()
     pats = []
     # Forehead: horizontal ridges between the brows and the hairline.

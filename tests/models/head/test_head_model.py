@@ -164,3 +164,22 @@ def test_config_uses_env_var_and_reports_missing_file(tmp_path, monkeypatch, syn
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing"))
     with pytest.raises(HeadModelFileError, match="SMPLX_NEUTRAL.npz"):
         HeadConfig().build()
+
+
+def test_landmark_model_matches_the_full_forward(head):
+    p = _random_params(4, seed=5)
+    lm_head = head.landmark_model()
+    landmarks, joints = lm_head(p)
+    out = head(p)
+    torch.testing.assert_close(landmarks, out.landmarks, atol=1e-5, rtol=0)
+    torch.testing.assert_close(joints, out.joints, atol=1e-5, rtol=0)
+    assert lm_head.num_vertices < 1000
+
+
+def test_offset_map_is_exact(head):
+    p = _random_params(3, seed=6)
+    g = torch.Generator().manual_seed(2)
+    delta = torch.randn(3, head.num_vertices, 3, generator=g) * 0.002
+    base, rots = head.offset_map(p)
+    mapped = base + (rots @ delta.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(mapped, head(p, static_offsets=delta).vertices, atol=1e-6, rtol=0)

@@ -99,7 +99,7 @@ def test_pairs_and_identity_dependent_dynamic_offsets(corpus):
     a = load_identity(corpus.out, row.driver_identity_id).age
     b = load_identity(corpus.out, row.target_identity_id).age
     ratio = np.abs(other).sum() / np.abs(own).sum()
-    assert ratio == pytest.approx((0.3 + 1.7 * b) / (0.3 + 1.7 * a), rel=1e-3)
+    assert ratio == pytest.approx((0.3 + 1.7 * b) / (0.3 + 1.7 * a), rel=1e-3)   # depth ∝ 0.3 + 1.7 age
     assert detail_coefficients(np.zeros((2, 100)), np.zeros((2, 3))).max() == 0   # neutral: none
 
 

@@ -1,0 +1,118 @@
+"""Fit a real clip end to end: track the face, crop, fit, score (pure: no file I/O).
+
+Frames come from :func:`preprocessing.ingest.open_video`; the result holds the aligned crops,
+the fit (parameters, Δg, Δf, camera per frame) and per-frame quality. Intrinsics: the source
+frame is taken as a pinhole camera of ``fov_deg`` vertical field of view (unknown for real
+footage), and each crop's intrinsics follow from its box.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.head.head_model import PersonalizedHead
+from models.render.conditions import render_conditions
+
+from .fitting import FitConfig, Fitter, FitInputs, FitResult
+from .tracking import FaceTrack, FaceTracker
+
+
+@dataclass
+class ClipFit:
+    status: str                       # ok, or a tracking status (no_face, multi_face, ...)
+    reason: str = ""
+    track: FaceTrack | None = None
+    fit: FitResult | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = {"status": self.status, "reason": self.reason}
+        if self.fit is not None:
+            qc = self.fit.qc
+            statuses = self.fit.frame_status
+            out.update({
+                "frames": len(statuses),
+                "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+                "median_landmark_error_pct": float(np.nanmedian(qc["landmark_error_pct"])),
+                "max_landmark_error_pct": float(np.nanmax(qc["landmark_error_pct"])),
+                "median_jitter_mm": float(np.median(qc["jitter_mm"])),
+            })
+        total = sum(self.seconds.values())
+        if self.fit is not None and total > 0:
+            out["fps"] = len(self.fit.frame_status) / total
+        out["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
+        return out
+
+
+def crop_intrinsics(boxes: np.ndarray, frame_size: tuple[int, int], crop_size: int,
+                    fov_deg: float) -> torch.Tensor:
+    """Per-frame intrinsics (T, 3, 3) of square crops (x0, y0, side) of a pinhole frame."""
+    w, h = frame_size
+    f = 0.5 * h / math.tan(math.radians(fov_deg) / 2)
+    s = crop_size / boxes[:, 2]
+    k = np.zeros((len(boxes), 3, 3), np.float32)
+    k[:, 0, 0] = k[:, 1, 1] = f * s
+    k[:, 0, 2] = ((w - 1) / 2 - boxes[:, 0]) * s
+    k[:, 1, 2] = ((h - 1) / 2 - boxes[:, 1]) * s
+    k[:, 2, 2] = 1
+    return torch.as_tensor(k)
+
+
+def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker | None = None,
+               config: FitConfig | None = None, fov_deg: float = 20.0, crop: bool = True,
+               fitter: Fitter | None = None) -> ClipFit:
+    """Track and fit RGB frames (T, H, W, 3). Never raises for a face-less clip: the status
+    says what happened."""
+    tracker = tracker or FaceTracker()
+    seconds = {}
+    t0 = time.perf_counter()
+    track = tracker.track(frames, crop=crop)
+    seconds["track"] = time.perf_counter() - t0
+    if not track.ok:
+        return ClipFit(status=track.status.value, reason=track.reason, track=track, seconds=seconds)
+    h, w = frames.shape[1:3]
+    size = track.crops.shape[1]
+    K = crop_intrinsics(track.boxes, (w, h), size, fov_deg)
+    fitter = fitter or Fitter(head, config)
+    inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size),
+                       landmark_weights=torch.as_tensor(track.detected, dtype=torch.float32)[:, None].expand(-1, 68).clone(),
+                       K=K)
+    t0 = time.perf_counter()
+    result = fitter.fit(inputs)
+    seconds["fit"] = time.perf_counter() - t0
+    return ClipFit(status="ok", track=track, fit=result, seconds=seconds)
+
+
+def overlay_frames(clip: ClipFit, head: PersonalizedHead, alpha: float = 0.55) -> np.ndarray:
+    """[crop | crop with the fitted normal map blended on | normal map], uint8 frames, with the
+    detected landmarks (green) and the fitted landmarks (red) on the middle panel."""
+    fit, crops = clip.fit, clip.track.crops
+    out = []
+    with torch.no_grad():
+        verts = fit.vertices(head)
+        for s in range(0, len(crops), 16):
+            fr = slice(s, min(s + 16, len(crops)))
+            cam = type(fit.camera)(fit.camera.focal[fr], fit.camera.principal[fr], fit.camera.R[fr],
+                                   fit.camera.t[fr], fit.camera.image_size)
+            maps = render_conditions(verts[fr].contiguous(), head.faces, cam, head.face_mask)
+            rgb = maps.normal_rgb().numpy()
+            sil = maps.silhouette.numpy()[..., None]
+            lm = cam.project(cam.to_camera(head(fit.params.map(lambda x: x[fr] if x.shape[0] == len(crops) else x)).landmarks)).numpy()
+            for j, k in enumerate(range(fr.start, fr.stop)):
+                blend = (crops[k] * (1 - alpha * sil[j]) + rgb[j] * alpha * sil[j]).astype(np.uint8)
+                _dots(blend, clip.track.landmarks68[k], (0, 255, 0))
+                _dots(blend, lm[j], (255, 0, 0))
+                out.append(np.concatenate([crops[k], blend, rgb[j]], 1))
+    return np.stack(out)
+
+
+def _dots(img: np.ndarray, pts: np.ndarray, colour) -> None:
+    h, w = img.shape[:2]
+    for x, y in np.nan_to_num(pts, nan=-10):
+        xi, yi = int(round(x)), int(round(y))
+        if 0 <= xi < w and 0 <= yi < h:
+            img[max(0, yi - 1):yi + 1, max(0, xi - 1):xi + 1] = colour

@@ -1,0 +1,566 @@
+"""Monocular fitting of the personalized head to a clip (or one image).
+
+All frames are optimized jointly and vectorized (no per-frame Python loops in the hot path):
+
+1. rigid: per-frame head rotation and translation from landmarks;
+2. expression: β (one per identity), ψ, jaw, head pose, eyes per frame, with an explicit
+   temporal smoothness term;
+3. static offsets Δg (per identity): Laplacian and magnitude terms, heavier on the face so the
+   face detail is left to Δf;
+4. dynamic offsets Δf per frame (face region): zero-mean over the clip by construction,
+   Laplacian, magnitude and temporal terms.
+
+Data terms: iBUG-68 landmarks (robust, contour down-weighted) and, when target maps exist
+(exact ones in the synthetic world; a pluggable estimator for real video), depth and normal
+L1 terms between each visible model vertex and the target maps sampled where it projects
+(the mesh-to-image direction: no rasterization inside the loop, so it is fast on CPU).
+
+Geometry: the camera is at the origin in OpenCV orientation (R = diag(1, -1, -1), t = 0) with
+per-frame intrinsics; the head moves (rotation about the head joint, translation). The body
+below the neck stays still in the camera frame except for that translation.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.head.head_model import HeadParams, PersonalizedHead
+from models.render.camera import Camera
+from models.render.conditions import vertex_normals
+
+# Landmark weights: the contour follows the silhouette and is least reliable.
+LANDMARK_WEIGHTS = np.ones(68, np.float32)
+LANDMARK_WEIGHTS[:17] = 0.3
+RIGID_LANDMARKS = np.array([27, 28, 29, 30, 31, 33, 35, 36, 39, 42, 45, 48, 54])
+
+
+@dataclass
+class FitConfig:
+    iters_rigid: int = 50
+    iters_expression: int = 160
+    offset_rounds: int = 2          # Gauss-Newton rounds for Δf
+    static_rounds: int = 1          # of which the first ones also update Δg
+    cg_iters: int = 25
+    lr_rigid: float = 0.02
+    lr_expression: float = 0.02
+    w_landmarks: float = 1.0
+    w_shape_prior: float = 2e-3
+    w_expression_prior: float = 5e-4
+    w_jaw_prior: float = 1e-2
+    w_temporal: float = 2.0         # 0 disables temporal smoothness (ablation)
+    w_depth: float = 40.0
+    w_normal: float = 0.2
+    # Offset solves (per visible vertex the depth term has weight 1; these are relative).
+    w_static_magnitude: float = 0.05
+    w_static_face: float = 0.5       # extra magnitude on the face: detail belongs to Δf
+    w_static_laplacian: float = 2.0
+    w_dynamic_magnitude: float = 0.1
+    w_dynamic_laplacian: float = 2.0
+    w_dynamic_temporal: float = 0.5
+    batch_frames: int = 8           # frames per step for the dense terms
+    dense_every: int = 4            # stage 2 adds the dense terms every n-th step (second half)
+    visibility_tol: float = 0.012   # metres between a vertex and the target depth to count as seen
+    fov_deg: float = 20.0           # when intrinsics are unknown
+    diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
+    seed: int = 0
+
+
+@dataclass
+class FitInputs:
+    landmarks: Tensor                 # (T, 68, 2) pixels
+    image_size: tuple[int, int]       # (H, W)
+    landmark_weights: Tensor | None = None   # (T, 68); 0 where missing
+    K: Tensor | None = None           # (T, 3, 3); default from fov_deg
+    depth: Tensor | None = None       # (T, H, W) target camera depth, 0 where unknown
+    normals: Tensor | None = None     # (T, H, W, 3) target camera-space normals (OpenCV)
+
+    @property
+    def num_frames(self) -> int:
+        return self.landmarks.shape[0]
+
+
+@dataclass
+class FitResult:
+    params: HeadParams
+    static_offsets: Tensor            # (N_s, 3)
+    dynamic_offsets: Tensor           # (T, N_face, 3), zero-mean over frames
+    camera: Camera
+    qc: dict[str, np.ndarray]
+    frame_status: list[str]
+    stage_seconds: dict[str, float]
+    loss_history: dict[str, list[float]] = field(default_factory=dict)
+
+    def vertices(self, head: PersonalizedHead) -> Tensor:
+        with torch.no_grad():
+            return head(self.params, self.static_offsets, self.dynamic_offsets).vertices
+
+
+def default_intrinsics(num_frames: int, image_size: tuple[int, int], fov_deg: float) -> Tensor:
+    h, w = image_size
+    f = 0.5 * h / math.tan(math.radians(fov_deg) / 2)
+    k = torch.tensor([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1.0]])
+    return k.expand(num_frames, 3, 3).clone()
+
+
+def fitting_camera(K: Tensor, image_size: tuple[int, int]) -> Camera:
+    t = K.shape[0]
+    rot = torch.diag(torch.tensor([1.0, -1.0, -1.0])).expand(t, 3, 3).clone()
+    return Camera(focal=K[:, [0, 1], [0, 1]].clone(), principal=K[:, [0, 1], [2, 2]].clone(),
+                  R=rot, t=torch.zeros(t, 3), image_size=image_size)
+
+
+def _gmof(x: Tensor, sigma: float) -> Tensor:
+    """Geman-McClure robust penalty of residual norms."""
+    x2 = x.square()
+    return sigma ** 2 * x2 / (sigma ** 2 + x2)
+
+
+def face_size(landmarks: Tensor) -> Tensor:
+    """Per-frame face size in pixels: the side of the landmark bounding box's square root area."""
+    lo, hi = landmarks.amin(1), landmarks.amax(1)
+    return ((hi - lo).prod(-1)).sqrt().clamp(min=1.0)
+
+
+class Fitter:
+    def __init__(self, head: PersonalizedHead, config: FitConfig | None = None) -> None:
+        self.head = head
+        self.lm_head = head.landmark_model()
+        self.config = config or FitConfig()
+        self.lap = head.laplacian()
+        face = torch.zeros(head.num_vertices)
+        face[head.face_vertex_ids] = 1.0
+        self.face_weight = face
+        # Faces around the face region: the normal terms need only these.
+        self.normal_faces = head.faces[(face[head.faces] > 0).any(1)]
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, inputs: FitInputs, betas: Tensor | None = None,
+            static_offsets: Tensor | None = None, fit_offsets: bool = True) -> FitResult:
+        """Fit a clip. ``betas``/``static_offsets`` from another clip of the same identity are
+        kept fixed when given (the identity is shared)."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        t = inputs.num_frames
+        K = inputs.K if inputs.K is not None else default_intrinsics(t, inputs.image_size, cfg.fov_deg)
+        camera = fitting_camera(K.float(), inputs.image_size)
+        w_lmk = torch.as_tensor(LANDMARK_WEIGHTS)[None].expand(t, -1).clone()
+        if inputs.landmark_weights is not None:
+            w_lmk = w_lmk * inputs.landmark_weights
+        w_lmk = w_lmk * torch.isfinite(inputs.landmarks).all(-1)
+        lmk = torch.nan_to_num(inputs.landmarks.float())
+        found = w_lmk.sum(1) > 0
+        size = face_size(lmk)
+        if found.any():
+            size = torch.where(found, size, size[found].median())
+        lmk_depth = self._landmark_depth(lmk, inputs)            # (T, 68) target z or 0
+        params = self._initial_params(lmk, w_lmk, camera, lmk_depth)
+        if betas is not None:
+            params.betas = betas.reshape(1, -1).clone()
+        timings, history = {}, {}
+
+        def landmark_loss(lm3d: Tensor, subset=None) -> Tensor:
+            cam_pts = camera.to_camera(lm3d)
+            uv = camera.project(cam_pts)
+            r = (uv - lmk) / size[:, None, None] * 100.0            # % of face size
+            w = w_lmk
+            if subset is not None:
+                r, w, cam_pts = r[:, subset], w[:, subset], cam_pts[:, subset]
+            loss = (_gmof(r.norm(dim=-1), 10.0) * w).sum() / w.sum().clamp(min=1)
+            if lmk_depth is not None:                           # anchor depth where targets exist
+                dz = lmk_depth if subset is None else lmk_depth[:, subset]
+                wz = (dz > 0) * w
+                wz[:, :17] = 0
+                loss = loss + (_gmof((cam_pts[..., 2] - dz) * 100.0, 3.0) * wz).sum() / wz.sum().clamp(min=1)
+            return loss
+
+        def temporal(x: Tensor, order: int = 1) -> Tensor:
+            if x.shape[0] <= order or cfg.w_temporal == 0:
+                return x.new_zeros(())
+            d = x
+            for _ in range(order):
+                d = d[1:] - d[:-1]
+            return d.square().sum(-1).mean()
+
+        # Stage 1: rigid head pose and translation.
+        t0 = time.perf_counter()
+        rigid = [params.head_pose, params.transl]
+        for p in rigid:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([{"params": [params.head_pose], "lr": cfg.lr_rigid},
+                                {"params": [params.transl], "lr": cfg.lr_rigid * 0.1}])
+        hist = []
+        for it in range(cfg.iters_rigid):
+            opt.zero_grad()
+            lm3d, _ = self.lm_head(params)
+            loss = landmark_loss(lm3d, RIGID_LANDMARKS) + cfg.w_temporal * 10.0 * (
+                temporal(params.head_pose, 2) + temporal(params.transl * 10, 2))
+            loss.backward()
+            opt.step()
+            hist.append(float(loss))
+        for p in rigid:
+            p.requires_grad_(False)
+        timings["rigid"] = time.perf_counter() - t0
+        history["rigid"] = hist
+
+        # Stage 2: shape, expression, jaw, pose, eyes (landmarks; depth/normals when given).
+        t0 = time.perf_counter()
+        free = [params.expression, params.jaw_pose, params.head_pose, params.transl,
+                params.leye_pose, params.reye_pose]
+        if betas is None:
+            free.append(params.betas)
+        for p in free:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([{"params": [q for q in free if q is not params.transl]},
+                                {"params": [params.transl], "lr": cfg.lr_expression * 0.1}],
+                               lr=cfg.lr_expression)
+        dense = inputs.depth is not None
+        hist = []
+        for it in range(cfg.iters_expression):
+            opt.zero_grad()
+            lm3d, _ = self.lm_head(params)
+            loss = cfg.w_landmarks * landmark_loss(lm3d)
+            loss = loss + cfg.w_shape_prior * params.betas.square().sum() \
+                + cfg.w_expression_prior * params.expression.square().sum(-1).mean() \
+                + cfg.w_jaw_prior * params.jaw_pose.square().sum(-1).mean() \
+                + 1e-2 * (params.leye_pose.square().sum(-1).mean() + params.reye_pose.square().sum(-1).mean())
+            loss = loss + cfg.w_temporal * (temporal(params.expression) * 0.5 + temporal(params.jaw_pose) * 20
+                                            + temporal(params.head_pose, 2) * 10 + temporal(params.transl * 10, 2) * 10)
+            if dense and it >= cfg.iters_expression // 2 and it % cfg.dense_every == 0:
+                frames = self._frame_batch(t)
+                p_b = params.map(lambda x: x[frames] if x.shape[0] == t else x)
+                verts = self.head(p_b).vertices
+                loss = loss + self._dense_loss(verts, camera, inputs, frames)
+            loss.backward()
+            opt.step()
+            hist.append(float(loss))
+        for p in free:
+            p.requires_grad_(False)
+        timings["expression"] = time.perf_counter() - t0
+        history["expression"] = hist
+
+        if fit_offsets and dense:
+            static, dynamic, off_t, off_h = self.fit_offsets(params, camera, inputs, static_offsets)
+            timings.update(off_t)
+            history.update(off_h)
+        else:
+            static = static_offsets.clone() if static_offsets is not None else torch.zeros(self.head.num_vertices, 3)
+            dynamic = torch.zeros(t, self.head.num_face_vertices, 3)
+        params = params.map(lambda x: x.detach())
+        t0 = time.perf_counter()
+        qc, status = self._quality(params, static, dynamic, camera, inputs, lmk, w_lmk, size)
+        timings["quality"] = time.perf_counter() - t0
+        return FitResult(params=params, static_offsets=static.detach(), dynamic_offsets=dynamic.detach(),
+                         camera=camera, qc=qc, frame_status=status, stage_seconds=timings,
+                         loss_history=history)
+
+    def fit_offsets(self, params: HeadParams, camera: Camera, inputs: FitInputs,
+                    static_offsets: Tensor | None = None):
+        """Stages 3 and 4 with shape, expression and pose fixed: Δg (unless given) and Δf.
+
+        Offsets act linearly then (base + R @ Δ); after linearizing the data term per vertex
+        each stage is regularized least squares, solved by Gauss-Newton rounds of conjugate
+        gradients. Returns (Δg, Δf zero-mean, timings, residual history).
+        """
+        cfg = self.config
+        t = inputs.num_frames
+        timings, history = {}, {}
+        t0 = time.perf_counter()
+        base, rots = self.head.offset_map(params)
+        face_ids = self.head.face_vertex_ids
+        static = static_offsets.clone() if static_offsets is not None else torch.zeros(self.head.num_vertices, 3)
+        dyn = torch.zeros(t, len(face_ids), 3)
+        # Offsets move vertices by millimetres: visibility from the base mesh holds.
+        with torch.no_grad():
+            visible = torch.cat([
+                _map_residuals(base[fr], Camera(camera.focal[fr], camera.principal[fr],
+                                                camera.R[fr], camera.t[fr], camera.image_size),
+                               inputs.depth[fr], None, self.normal_faces, face_ids,
+                               cfg.visibility_tol, per_frame=True, return_visible=True)
+                for fr in torch.arange(t).split(16)])
+        timings["offset_map"] = time.perf_counter() - t0
+
+        def posed(ids: Tensor | None = None) -> Tensor:
+            off = static.expand(t, -1, -1).index_add(1, face_ids, dyn)
+            if ids is None:
+                return base + (rots * off[:, :, None, :]).sum(-1)
+            return base[:, ids] + (rots[:, ids] * off[:, ids, None, :]).sum(-1)
+
+        lap_face = _sub_laplacian(self.lap, face_ids)
+        rots_f, visible_f = rots[:, face_ids], visible[:, face_ids]
+        hist_s, hist_d = [], []
+        t_static = t_dynamic = 0.0
+        for round_ in range(cfg.offset_rounds):
+            t0 = time.perf_counter()
+            if static_offsets is None and round_ < cfg.static_rounds:
+                a, r, vis = self._depth_system(posed(), rots, camera, inputs, visible)
+                static = static + _solve_static(a, r, vis, self.lap, cfg, self.face_weight)
+                hist_s.append(float((r.abs() * vis).sum() / vis.sum().clamp(min=1)))
+            t_static += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            af, rf, vf = self._depth_system(posed(face_ids), rots_f, camera, inputs, visible_f)
+            dyn = dyn + _solve_dynamic(af, rf, vf, lap_face, cfg)
+            dyn = dyn - dyn.mean(0, keepdim=True)
+            hist_d.append(float((rf.abs() * vf).sum() / vf.sum().clamp(min=1)))
+            t_dynamic += time.perf_counter() - t0
+        history["static"], history["dynamic"] = hist_s, hist_d
+        timings["static"], timings["dynamic"] = t_static, t_dynamic
+        return static, dyn, timings, history
+
+    def _depth_system(self, verts: Tensor, rots: Tensor, camera: Camera, inputs: FitInputs,
+                      visible: Tensor):
+        """Linearized data term per vertex: d(residual)/d(offset) (T, N, 3), residual (T, N),
+        weight (T, N). Point-to-plane against the target surface when target normals exist
+        (offsets then move along the surface normal, not along the viewing ray); else the
+        depth difference along the ray."""
+        with torch.no_grad():
+            vc = camera.to_camera(verts)
+            uv = camera.project(vc)
+            h, w = inputs.image_size
+            grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)[:, :, None]
+            d_t = torch.nn.functional.grid_sample(inputs.depth[:, None].float(), grid,
+                                                  align_corners=True)[:, 0, :, 0]
+            vis = (visible & (d_t > 0) & ((vc[..., 2] - d_t).abs() < self.config.visibility_tol)).float()
+            # d(m . camera point)/d(offset) = (R_cam^T m)^T R_v, formed without tiny matmuls.
+            along = lambda m: ((m @ camera.R)[..., :, None] * rots).sum(-2)
+            if inputs.normals is None:
+                return along(camera.R[:, None, 2, :].expand_as(vc)), vc[..., 2] - d_t, vis
+            n_t = torch.nn.functional.grid_sample(inputs.normals.permute(0, 3, 1, 2).float(), grid,
+                                                  align_corners=True)[..., 0].permute(0, 2, 1)
+            n_t = torch.nn.functional.normalize(n_t, dim=-1)
+            ray = torch.cat([(uv - camera.principal[:, None]) / camera.focal[:, None],
+                             torch.ones_like(uv[..., :1])], -1)
+            target = ray * d_t[..., None]                        # the target surface point
+            r = ((vc - target) * n_t).sum(-1)
+            a = along(n_t)
+        return a, r, vis
+
+    def _landmark_depth(self, lmk: Tensor, inputs: FitInputs) -> Tensor | None:
+        """Target depth under each detected landmark (0 where unknown), or None."""
+        if inputs.depth is None:
+            return None
+        h, w = inputs.image_size
+        grid = torch.stack([lmk[..., 0] / (w - 1) * 2 - 1, lmk[..., 1] / (h - 1) * 2 - 1], -1)[:, :, None]
+        d = torch.nn.functional.grid_sample(inputs.depth[:, None].float(), grid, mode="nearest",
+                                            align_corners=True)
+        return d[:, 0, :, 0]
+
+    def _frame_batch(self, t: int) -> Tensor:
+        b = min(self.config.batch_frames, t)
+        return torch.randperm(t)[:b].sort().values
+
+    def _initial_params(self, lmk: Tensor, w: Tensor, camera: Camera,
+                        lmk_depth: Tensor | None) -> HeadParams:
+        """Translation from the landmarks' size and centre (or the target depth under them);
+        identity rotation."""
+        t = lmk.shape[0]
+        params = HeadParams.zeros(t)
+        with torch.no_grad():
+            lm3d, _ = self.lm_head(params)              # rest landmarks, model units
+        rest_width = float((lm3d[0, 16] - lm3d[0, 0]).norm())
+        rest_centre = lm3d[0, 27:48].mean(0)
+        valid = w.sum(1) > 0
+        px_width = (lmk[:, 16] - lmk[:, 0]).norm(dim=-1)
+        px_width = torch.where(valid, px_width, px_width[valid].median() if valid.any() else px_width)
+        centre = lmk[:, 27:48].mean(1)
+        if valid.any():
+            centre = torch.where(valid[:, None], centre, centre[valid].mean(0))
+        f = camera.focal[:, 0]
+        depth = f * rest_width / px_width.clamp(min=1.0)
+        if lmk_depth is not None:
+            inner = lmk_depth[:, 27:48]
+            known = (inner > 0).sum(1) > 3
+            med = torch.where(inner > 0, inner, torch.nan).nanmedian(1).values
+            depth = torch.where(known, med + 0.01, depth)     # landmarks sit ~1 cm before the centre
+        x = (centre[:, 0] - camera.principal[:, 0]) / f * depth
+        y = (centre[:, 1] - camera.principal[:, 1]) / f * depth
+        # Camera space (x right, y down, z forward) = world (x, -y, -z).
+        target = torch.stack([x, -y, -depth], 1)
+        params.transl = target - rest_centre
+        return params
+
+    def _dense_loss(self, verts: Tensor, camera: Camera, inputs: FitInputs,
+                    frames: Tensor, visible: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        residual = self._residuals(verts, camera, inputs, frames, visible)
+        loss = cfg.w_depth * residual["depth"]
+        if "normal" in residual:
+            loss = loss + cfg.w_normal * residual["normal"]
+        return loss
+
+    def _residuals(self, verts, camera, inputs, frames, visible=None, per_frame=False):
+        cam = Camera(camera.focal[frames], camera.principal[frames], camera.R[frames],
+                     camera.t[frames], camera.image_size)
+        return _map_residuals(verts, cam, inputs.depth[frames],
+                              None if inputs.normals is None else inputs.normals[frames],
+                              self.normal_faces, self.head.face_vertex_ids,
+                              self.config.visibility_tol, visible, per_frame)
+
+    def _quality(self, params, static, dynamic, camera, inputs, lmk, w_lmk, size):
+        cfg = self.config
+        with torch.no_grad():
+            out = self.head(params, static, dynamic)
+            uv = camera.project(camera.to_camera(out.landmarks))
+            err = (uv - lmk).norm(dim=-1)
+            valid = w_lmk > 0
+            err_px = torch.where(valid, err, torch.nan).nanmean(1)
+            err_pct = err_px / size * 100.0
+            face = out.vertices[:, self.head.face_vertex_ids]
+            jitter = torch.zeros(inputs.num_frames)
+            if inputs.num_frames > 2:
+                acc = (face[2:] - 2 * face[1:-1] + face[:-2]).norm(dim=-1).mean(-1)
+                jitter[1:-1] = acc
+            qc = {"landmark_error_px": err_px.numpy(), "landmark_error_pct": err_pct.numpy(),
+                  "jitter_mm": (jitter * 1000).numpy(),
+                  "landmarks_found": (w_lmk.sum(1) > 0).numpy()}
+            if inputs.depth is not None:
+                d, nr = [], []
+                for s in range(0, inputs.num_frames, 16):
+                    fr = torch.arange(s, min(s + 16, inputs.num_frames))
+                    r = self._residuals(out.vertices[fr].contiguous(), camera, inputs, fr,
+                                        per_frame=True)
+                    d.append(r["depth"])
+                    if "normal" in r:
+                        nr.append(r["normal"])
+                qc["depth_residual_mm"] = (torch.cat(d) * 1000).numpy()
+                if nr:
+                    qc["normal_residual"] = torch.cat(nr).numpy()
+        status = []
+        for i in range(inputs.num_frames):
+            e = qc["landmark_error_pct"][i]
+            if not np.isfinite(e):
+                status.append("no_landmarks" if not qc["landmarks_found"][i] else "fit_diverged")
+            elif e > cfg.diverged_pct:
+                status.append("fit_diverged")
+            else:
+                status.append("ok")
+        return qc, status
+
+
+def _cg(matvec, b: Tensor, iters: int, diag: Tensor | None = None) -> Tensor:
+    """Jacobi-preconditioned conjugate gradients for a symmetric positive-definite system."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = r / diag if diag is not None else r
+    p = z.clone()
+    rz = (r * z).sum()
+    for _ in range(iters):
+        ap = matvec(p)
+        alpha = rz / (p * ap).sum().clamp(min=1e-30)
+        x = x + alpha * p
+        r = r - alpha * ap
+        z = r / diag if diag is not None else r
+        rz_new = (r * z).sum()
+        if rz_new.abs() < 1e-30:
+            break
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+def _lap_apply(lap: Tensor, x: Tensor) -> Tensor:
+    """Sparse Laplacian on vertex-major values (N, ...)."""
+    n = x.shape[0]
+    return torch.sparse.mm(lap, x.reshape(n, -1)).view_as(x)
+
+
+def _solve_static(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig,
+                  face_weight: Tensor) -> Tensor:
+    """One Gauss-Newton step for Δg (N, 3) shared by all frames: minimise
+    Σ_t vis (a·Δ + r)² / T + μ_v |Δ|² + λ |LΔ|²."""
+    t = a.shape[0]
+    mu = (cfg.w_static_magnitude + cfg.w_static_face * face_weight)[:, None]       # (N, 1)
+    lam = cfg.w_static_laplacian
+    wa = vis[..., None] * a / t                                                     # (T, N, 3)
+    # The data term is block diagonal: one 3x3 normal matrix per vertex, summed over frames.
+    blocks = torch.einsum("tni,tnj->nij", wa, a)
+
+    def matvec(x):
+        return (blocks @ x[..., None])[..., 0] + mu * x + lam * _lap_apply(lap, _lap_apply(lap, x))
+
+    b = -(wa * r[..., None]).sum(0)
+    diag = blocks.diagonal(dim1=-2, dim2=-1) + mu + lam * 4.0
+    return _cg(matvec, b, cfg.cg_iters, diag)
+
+
+def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig) -> Tensor:
+    """One Gauss-Newton step for Δf (T, N_face, 3): per-frame depth terms, magnitude and
+    Laplacian per frame, and temporal smoothness coupling consecutive frames."""
+    mu, lam, gam = cfg.w_dynamic_magnitude, cfg.w_dynamic_laplacian, cfg.w_dynamic_temporal * cfg.w_temporal
+    wa = vis[..., None] * a
+
+    def lap_frames(x):                      # (T, N, 3): Laplacian per frame
+        return _lap_apply(lap, x.permute(1, 0, 2)).permute(1, 0, 2)
+
+    def temporal(x):                        # D^T D along time
+        if x.shape[0] < 2:
+            return torch.zeros_like(x)
+        d = x[1:] - x[:-1]
+        out = torch.zeros_like(x)
+        out[1:] += d
+        out[:-1] -= d
+        return out
+
+    def matvec(x):
+        return wa * (a * x).sum(-1, keepdim=True) + mu * x + lam * lap_frames(lap_frames(x)) + gam * temporal(x)
+
+    b = -wa * r[..., None]
+    diag = wa * a + mu + lam * 4.0 + 2 * gam
+    return _cg(matvec, b, cfg.cg_iters, diag)
+
+
+def _sub_laplacian(lap: Tensor, ids: Tensor) -> Tensor:
+    """The rows and columns of a sparse Laplacian restricted to ``ids`` (re-normalized)."""
+    n = lap.shape[0]
+    local = torch.full((n,), -1, dtype=torch.long)
+    local[ids] = torch.arange(len(ids))
+    idx, val = lap.indices(), lap.values()
+    keep = (local[idx[0]] >= 0) & (local[idx[1]] >= 0) & (idx[0] != idx[1])
+    rows, cols = local[idx[0, keep]], local[idx[1, keep]]
+    deg = torch.bincount(rows, minlength=len(ids)).clamp(min=1).float()
+    vals = 1.0 / deg[rows]
+    diag = torch.arange(len(ids))
+    all_idx = torch.cat([torch.stack([rows, cols]), torch.stack([diag, diag])], 1)
+    return torch.sparse_coo_tensor(all_idx, torch.cat([vals, -torch.ones(len(ids))]),
+                                   (len(ids), len(ids))).coalesce()
+
+
+def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor | None,
+                   normal_faces: Tensor, normal_ids: Tensor, tol: float,
+                   visible: Tensor | None = None, per_frame: bool = False,
+                   return_visible: bool = False):
+    """L1 residuals of visible vertices against target maps sampled where they project.
+
+    Depth: every vertex within ``tol`` of the target depth inside the target silhouette.
+    Normals: the vertices ``normal_ids`` (the face region), whose normals come from
+    ``normal_faces`` only (the faces around them: a third of the mesh, so it is cheap), and
+    which must also face the camera. ``visible`` (B, N) replaces the depth-tolerance test.
+    """
+    h, w = camera.image_size
+    vc = camera.to_camera(verts)
+    uv = camera.project(vc)
+    grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)
+    d_t = torch.nn.functional.grid_sample(depth[:, None].float(), grid[:, :, None],
+                                          align_corners=True).squeeze(1).squeeze(-1)  # (B, N)
+    if visible is None:
+        inside = (grid.abs() <= 1).all(-1)
+        visible = (inside & (d_t > 0) & ((vc[..., 2] - d_t).abs() < tol)).detach()
+    if return_visible:
+        return visible
+    wsum = visible.sum(1).clamp(min=1) if per_frame else visible.sum().clamp(min=1)
+    dres = (vc[..., 2] - d_t).abs() * visible
+    out = {"depth": dres.sum(1) / wsum if per_frame else dres.sum() / wsum}
+    if normals is not None:
+        n_v = vertex_normals(vc, normal_faces)[:, normal_ids]
+        g = grid[:, normal_ids]
+        n_t = torch.nn.functional.grid_sample(normals.permute(0, 3, 1, 2).float(), g[:, :, None],
+                                              align_corners=True).squeeze(-1).permute(0, 2, 1)
+        vis = visible[:, normal_ids] & ((n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1).detach()
+        nsum = vis.sum(1).clamp(min=1) if per_frame else vis.sum().clamp(min=1)
+        nres = (n_v - n_t).abs().sum(-1) * vis
+        out["normal"] = nres.sum(1) / nsum if per_frame else nres.sum() / nsum
+    return out
