@@ -62,8 +62,8 @@ class FitConfig:
     w_dynamic_magnitude: float = 0.1
     w_dynamic_laplacian: float = 2.0
     w_dynamic_temporal: float = 0.5
-    batch_frames: int = 8           # frames per step for the dense terms
-    dense_every: int = 4            # stage 2 adds the dense terms every n-th step (second half)
+    batch_frames: int = 5           # frames per stage-2 step of the dense terms
+    dense_every: int = 6            # stage 2 adds the dense terms every n-th step (second half)
     visibility_tol: float = 0.012   # metres between a vertex and the target depth to count as seen
     fov_deg: float = 20.0           # when intrinsics are unknown
     diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
@@ -201,7 +201,7 @@ class Fitter:
                 temporal(params.head_pose, 2) + temporal(params.transl * 10, 2))
             loss.backward()
             opt.step()
-            hist.append(float(loss))
+            hist.append(loss.item())
         for p in rigid:
             p.requires_grad_(False)
         timings["rigid"] = time.perf_counter() - t0
@@ -237,7 +237,7 @@ class Fitter:
                 loss = loss + self._dense_loss(verts, camera, inputs, frames)
             loss.backward()
             opt.step()
-            hist.append(float(loss))
+            hist.append(loss.item())
         for p in free:
             p.requires_grad_(False)
         timings["expression"] = time.perf_counter() - t0

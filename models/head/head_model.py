@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from smplx.lbs import batch_rigid_transform, batch_rodrigues, find_dynamic_lmk_idx_and_bcoords
+from smplx.lbs import batch_rodrigues, find_dynamic_lmk_idx_and_bcoords
 from torch import Tensor, nn
 
 from .regions import HEAD_TORSO_JOINTS, face_region, select_submesh
@@ -33,6 +33,53 @@ from .topology import uniform_laplacian, upsample
 
 POSED_JOINTS = ("neck", "head", "jaw", "left_eye", "right_eye")
 NECK_KIN_CHAIN = (15, 12, 9, 6, 3, 0)     # as smplx: head up to the pelvis
+
+
+class Kinematics:
+    """Forward kinematics over the joints that matter: those that skin vertices or carry a
+    pose, and their ancestors (about 11 of SMPL-X's 55). Every other joint has an identity
+    local rotation, so its posed position follows from its nearest computed ancestor exactly.
+    Same results as ``smplx.lbs.batch_rigid_transform`` with a fifth of the small matmuls."""
+
+    def __init__(self, parents: np.ndarray, needed: list[int]) -> None:
+        keep = set()
+        for j in needed:
+            while j >= 0 and j not in keep:
+                keep.add(j)
+                j = int(parents[j])
+        self.ids = sorted(keep)                                  # parents precede children
+        pos = {j: k for k, j in enumerate(self.ids)}
+        self.local_parent = [pos[int(parents[j])] if parents[j] >= 0 else -1 for j in self.ids]
+        anc = []
+        for j in range(len(parents)):
+            a = j
+            while a not in pos:
+                a = int(parents[a])
+            anc.append(pos[a])
+        self.ancestor = torch.as_tensor(anc)                    # (55,) index into ids
+        self.ancestor_joint = torch.as_tensor([self.ids[a] for a in anc])
+        self.ids_t = torch.as_tensor(self.ids)
+
+    def __call__(self, rot: Tensor, joints_rest: Tensor) -> tuple[Tensor, Tensor]:
+        """rot (T, 55, 3, 3) local rotations, joints_rest (T, 55, 3) ->
+        posed joints (T, 55, 3) and relative transforms (T, K, 3, 4) of ``ids``."""
+        r = rot[:, self.ids_t]
+        j = joints_rest[:, self.ids_t]
+        rs, ts = [], []
+        for k, par in enumerate(self.local_parent):
+            if par < 0:
+                rs.append(r[:, k])
+                ts.append(j[:, k])
+            else:
+                rs.append(rs[par] @ r[:, k])
+                ts.append(ts[par] + (rs[par] @ (j[:, k] - j[:, par]).unsqueeze(-1)).squeeze(-1))
+        g_r, g_t = torch.stack(rs, 1), torch.stack(ts, 1)               # global R, posed joints
+        rel_t = g_t - (g_r @ j.unsqueeze(-1)).squeeze(-1)
+        rel = torch.cat([g_r, rel_t.unsqueeze(-1)], -1)                 # (T, K, 3, 4)
+        a_r, a_t = g_r[:, self.ancestor], g_t[:, self.ancestor]
+        offset = joints_rest - joints_rest[:, self.ancestor_joint]
+        posed = a_t + (a_r @ offset.unsqueeze(-1)).squeeze(-1)
+        return posed, rel
 
 
 @dataclass
@@ -138,7 +185,10 @@ class PersonalizedHead(nn.Module):
         parents = model.parents.copy()
         parents[0] = -1                      # real files store the root as uint32 -1
         buf("parents", torch.as_tensor(parents))
+        self.kinematics = Kinematics(parents, sorted(set(active.tolist()) | set(self.posed_joints)))
+        kin_pos = {j: k for k, j in enumerate(self.kinematics.ids)}
         buf("skin_joints", torch.as_tensor(active))
+        buf("skin_kin", torch.as_tensor([kin_pos[j] for j in active.tolist()]))
         blend_start = self.skin_ranges[-1][0] if self.skin_ranges[-1][2] < 0 else self.num_vertices
         buf("blend_weights", f32(fine_w[blend_start:].T))                   # (J, N_blend)
         # Upsampling as a sparse (V_sub, N_s) matrix, applied from the right to (T*3, V_sub).
@@ -251,8 +301,8 @@ class PersonalizedHead(nn.Module):
         rot[:, self.posed_joints] = local_rots
         shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
         joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-        joints, rel = batch_rigid_transform(rot, joints_rest, self.parents, dtype=dtype)
-        tf = rel[:, self.skin_joints, :3, :]                          # (T, J, 3, 4)
+        joints, rel = self.kinematics(rot, joints_rest)
+        tf = rel[:, self.skin_kin]                                    # (T, J, 3, 4)
         tf = torch.cat([tf[..., :3], tf[..., 3:] + params.transl[:, None, :, None]], -1)
         verts = self._skin(tf, fine).transpose(1, 2)                   # (T, N_s, 3) view
         joints = joints + params.transl[:, None]
@@ -272,8 +322,8 @@ class PersonalizedHead(nn.Module):
             rot[:, self.posed_joints] = local_rots
             shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
             joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-            _, rel = batch_rigid_transform(rot, joints_rest, self.parents)
-            r_joint = rel[:, self.skin_joints, :3, :3]                        # (T, J, 3, 3)
+            _, rel = self.kinematics(rot, joints_rest)
+            r_joint = rel[:, self.skin_kin, :3, :3]                           # (T, J, 3, 3)
             rots = torch.empty(t, self.num_vertices, 3, 3)
             for start, end, joint in self.skin_ranges:
                 if joint >= 0:
@@ -347,7 +397,8 @@ class LandmarkHead(nn.Module):
         pd = d["posedirs"][verts]
         buf("posedirs", f32(pd.reshape(-1, pd.shape[-1])))                     # (3 V_l, 45)
         buf("weights", f32(d["weights"][verts][:, head.skin_joints.numpy()]))
-        buf("skin_joints", head.skin_joints.clone())
+        buf("skin_kin", head.skin_kin.clone())
+        self.kinematics = head.kinematics
         buf("faces", torch.as_tensor(local[d["faces"]]))   # -1 for faces not used here
         for name in ("static_lmk_faces", "static_lmk_bary", "contour_lmk_faces",
                      "contour_lmk_bary", "neck_kin_chain", "joint_template", "joint_dirs", "parents"):
@@ -370,9 +421,9 @@ class LandmarkHead(nn.Module):
         rot[:, 0] = batch_rodrigues(params.global_orient)
         rot[:, self.posed_joints] = local_rots
         joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-        joints, rel = batch_rigid_transform(rot, joints_rest, self.parents, dtype=dtype)
-        tf = torch.einsum("vj,tjab->tvab", self.weights, rel[:, self.skin_joints])
-        verts = (tf[..., :3, :3] @ v.unsqueeze(-1)).squeeze(-1) + tf[..., :3, 3]
+        joints, rel = self.kinematics(rot, joints_rest)
+        tf = torch.einsum("vj,tjab->tvab", self.weights, rel[:, self.skin_kin])
+        verts = (tf[..., :3] * v.unsqueeze(-2)).sum(-1) + tf[..., 3]
         verts = verts + params.transl[:, None]
         dyn_faces, dyn_bary = find_dynamic_lmk_idx_and_bcoords(
             verts, rot, self.contour_lmk_faces, self.contour_lmk_bary, self.neck_kin_chain,

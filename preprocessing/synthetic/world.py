@@ -294,3 +294,46 @@ def rerender_clip(world: SyntheticWorld, corpus: str | os.PathLike, clip_id: str
                         direction=torch.as_tensor(clip["light_direction"]))
     frames, _, _, _ = world.render(identity, motion, camera, lighting, clip["background"])
     return frames
+
+
+@dataclass
+class ClipTargets:
+    """What a fitter may see of a synthetic clip, and the truth to score it against."""
+
+    landmarks: torch.Tensor       # (T, 68, 2) pixels (noisy when noise > 0)
+    K: torch.Tensor               # (T, 3, 3)
+    depth: torch.Tensor           # (T, H, W) exact camera depth of the true mesh
+    normals: torch.Tensor         # (T, H, W, 3) exact camera-space normals
+    true_vertices_cam: torch.Tensor   # (T, N_s, 3) true mesh in camera space
+    true_dynamic: torch.Tensor    # (T, N_face, 3) true Δf, centred over the clip
+    betas: np.ndarray
+    expression: np.ndarray
+    image_size: tuple[int, int]
+
+
+def clip_targets(world: SyntheticWorld, corpus: str | os.PathLike, clip_id: str,
+                 landmark_noise: float = 0.01, seed: int = 0) -> ClipTargets:
+    """Exact depth/normal targets and truth for a corpus clip. The 2D landmarks are the
+    projected true ones plus Gaussian noise of ``landmark_noise`` x the face width (the real
+    detector on these renders deviates systematically from the synthetic landmark
+    definitions, mostly on the jaw contour, so it is not used for scoring)."""
+    from models.render.conditions import render_conditions
+    clip = load_clip(corpus, clip_id)
+    ident = load_identity(corpus, clip_id.split("_")[0])
+    motion = ClipMotion(**{k: clip[k] for k in ClipMotion.__dataclass_fields__})
+    params, static, dynamic, _ = world.head_inputs(ident, motion)
+    size = int(clip["image_size"][0])
+    K = torch.as_tensor(clip["camera_K"])
+    cam = Camera(K[:, [0, 1], [0, 1]], K[:, [0, 1], [2, 2]], torch.as_tensor(clip["camera_R"]),
+                 torch.as_tensor(clip["camera_t"]), (size, size))
+    with torch.no_grad():
+        out = world.head(params, static, dynamic)
+        maps = render_conditions(out.vertices, world.head.faces, cam)
+        true_cam = cam.to_camera(out.vertices)
+    lm = clip["landmarks_2d"]
+    width = np.linalg.norm(lm[:, 16] - lm[:, 0], axis=-1).mean()
+    rng = np.random.default_rng(seed)
+    noisy = lm + rng.normal(0, landmark_noise * width, lm.shape).astype(np.float32)
+    return ClipTargets(landmarks=torch.as_tensor(noisy), K=K, depth=maps.depth, normals=maps.normals,
+                       true_vertices_cam=true_cam, true_dynamic=dynamic - dynamic.mean(0, keepdim=True),
+                       betas=ident.betas, expression=clip["expression"], image_size=(size, size))

@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from preprocessing.fitting import FitConfig, Fitter, FitInputs
+from preprocessing.synthetic.world import SyntheticWorld, WorldConfig, clip_targets, generate_corpus
+
+FAST = FitConfig(static_rounds=2)     # the default schedule; two Δg rounds to see them descend
+
+
+@pytest.fixture(scope="module")
+def world(synthetic_model_path):
+    return SyntheticWorld(synthetic_model_path, 1)
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory, synthetic_model_path, world):
+    out = tmp_path_factory.mktemp("fitcorpus")
+    generate_corpus(out, WorldConfig(identities=1, clips_per_identity=1, frames=12, size=128, seed=5),
+                    synthetic_model_path, progress=False)
+    return clip_targets(world, out, "id000_clip00")
+
+
+def _inputs(tg, dense=True):
+    return FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K,
+                     depth=tg.depth if dense else None, normals=tg.normals if dense else None)
+
+
+@pytest.fixture(scope="module")
+def fitted(world, targets):
+    return Fitter(world.head, FAST).fit(_inputs(targets))
+
+
+def test_each_stage_lowers_its_loss(fitted):
+    h = fitted.loss_history
+    for stage in ("rigid", "expression"):
+        assert np.mean(h[stage][-5:]) < 0.7 * np.mean(h[stage][:5]), stage
+    # Offset stages: the data residual at the start of each Gauss-Newton round goes down.
+    assert h["static"][1] < h["static"][0]
+    assert h["dynamic"][1] < h["dynamic"][0]
+
+
+def test_fit_recovers_the_synthetic_head(world, fitted, targets):
+    fid = world.head.face_vertex_ids
+    fit_cam = fitted.camera.to_camera(fitted.vertices(world.head))
+    err = (fit_cam[:, fid] - targets.true_vertices_cam[:, fid]).norm(dim=-1).mean()
+    assert err < 0.005                  # 128 px targets: < 2.3 % of the 0.22 m head height
+    assert all(s == "ok" for s in fitted.frame_status)
+    assert np.nanmedian(fitted.qc["landmark_error_pct"]) < 2.5
+    assert fitted.dynamic_offsets.mean(0).abs().max() < 1e-6       # Δf is zero-mean
+    assert np.median(fitted.qc["depth_residual_mm"]) < 3.0
+
+
+def test_fitting_is_deterministic(world, targets, fitted):
+    again = Fitter(world.head, FAST).fit(_inputs(targets))
+    for k, v in fitted.params.to_dict().items():
+        torch.testing.assert_close(again.params.to_dict()[k], v, rtol=0, atol=0)
+    torch.testing.assert_close(again.dynamic_offsets, fitted.dynamic_offsets, rtol=0, atol=0)
+
+
+def test_shared_identity_is_kept(world, targets, fitted):
+    again = Fitter(world.head, FitConfig(iters_rigid=10, iters_expression=10, offset_rounds=1)).fit(
+        _inputs(targets), betas=fitted.params.betas, static_offsets=fitted.static_offsets)
+    torch.testing.assert_close(again.params.betas, fitted.params.betas)
+    torch.testing.assert_close(again.static_offsets, fitted.static_offsets)
+
+
+def test_no_face_clip_and_two_face_image(world):
+    from skimage import data
+
+    from preprocessing.clip_fit import fit_frames
+    from preprocessing.synthetic.world import sample_background
+    background = np.stack([sample_background(np.random.default_rng(i), 128) for i in range(6)])
+    assert fit_frames(background, world.head).status == "no_face"
+    face = data.astronaut()
+    two = np.concatenate([face, face], 1)[None]
+    result = fit_frames(two, world.head)
+    assert result.status == "multi_face" and result.fit is None
+
+
+@pytest.mark.slow
+def test_real_clips_fit_every_frame(world, carphone, single_face_video, tmp_path, capsys):
+    from skimage import data
+
+    from expportrait.cli import main
+    from preprocessing.clip_fit import fit_frames
+    from preprocessing.ingest import open_video
+    for frames in (open_video(carphone).read_all(), open_video(single_face_video).read_all(),
+                   data.astronaut()[None]):
+        clip = fit_frames(frames, world.head)
+        assert clip.status == "ok"
+        assert clip.fit.frame_status == ["ok"] * len(frames)          # no fit_diverged
+        assert np.nanmedian(clip.fit.qc["landmark_error_pct"]) <= 2.0
+    # The command writes the fit, QC and an overlay for a person to look at.
+    from PIL import Image
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    assert main(["fit", "--image", str(tmp_path / "astronaut.png"), "--out", str(tmp_path / "fit")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["status"] == "ok" and summary["frames"] == 1
+    assert summary["median_landmark_error_pct"] <= 2.0
+    for name in ("fit.npz", "qc.json", "overlay.png", "neutral.ply"):
+        assert (tmp_path / "fit" / name).is_file()
