@@ -10,12 +10,12 @@ Targets on 2 CPU cores: forward >= 500 frames/s, render at 256^2 >= 20 frames/s.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import warnings
 
 import torch
+from _report import report
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
@@ -90,12 +90,7 @@ def main() -> None:
         results["torch_render_fps_256_coarse"] = 1 / ours
         results["torch_vs_pytorch3d_cpu"] = ref / ours
 
-    width = max(len(k) for k in results)
-    for k, v in results.items():
-        print(f"{k:<{width}}  {v:10.2f}" if isinstance(v, float) else f"{k:<{width}}  {v:>10}")
-    headline = {k: round(v, 2) if isinstance(v, float) else v for k, v in results.items()}
-    headline["targets"] = {"forward_fps": 500, "render_fps_256": 20}
-    print(json.dumps(headline))
+    report(results, {"forward_fps": 500, "render_fps_256": 20}, digits=2)
 
 
 if __name__ == "__main__":

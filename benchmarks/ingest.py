@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import av
+from _report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,11 +108,7 @@ def main() -> None:
         results["baseline_mib"] = base
         results["peak_mib_4k"] = peak
         results["bare_fullres_peak_mib_4k"] = peak_mib("bare", path)[2]
-    for k, v in results.items():
-        print(f"{k:<28} {v:10.2f}" if isinstance(v, float) else f"{k:<28} {v:>10}")
-    headline = {k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}
-    headline["targets"] = {"decode_ratio": 0.8, "peak_mib_4k": 1024}
-    print(json.dumps(headline))
+    report(results, {"decode_ratio": 0.8, "peak_mib_4k": 1024})
 
 
 if __name__ == "__main__":

@@ -188,42 +188,23 @@ class Fitter:
 
         # Stage 1: rigid head pose and translation.
         t0 = time.perf_counter()
-        rigid = [params.head_pose, params.transl]
-        for p in rigid:
-            p.requires_grad_(True)
         opt = torch.optim.Adam([{"params": [params.head_pose], "lr": cfg.lr_rigid},
                                 {"params": [params.transl], "lr": cfg.lr_rigid * 0.1}])
-        hist = []
-        for it in range(cfg.iters_rigid):
-            opt.zero_grad()
-            lm3d, _ = self.lm_head(params)
-            loss = landmark_loss(lm3d, RIGID_LANDMARKS) + cfg.w_temporal * 10.0 * (
-                temporal(params.head_pose, 2) + temporal(params.transl * 10, 2))
-            loss.backward()
-            opt.step()
-            hist.append(loss.item())
-        for p in rigid:
-            p.requires_grad_(False)
+        history["rigid"] = _adam(opt, cfg.iters_rigid, lambda it: landmark_loss(
+            self.lm_head(params)[0], RIGID_LANDMARKS) + cfg.w_temporal * 10.0 * (
+            temporal(params.head_pose, 2) + temporal(params.transl * 10, 2)))
         timings["rigid"] = time.perf_counter() - t0
-        history["rigid"] = hist
 
         # Stage 2: shape, expression, jaw, pose, eyes (landmarks; depth/normals when given).
         t0 = time.perf_counter()
-        free = [params.expression, params.jaw_pose, params.head_pose, params.transl,
-                params.leye_pose, params.reye_pose]
-        if betas is None:
-            free.append(params.betas)
-        for p in free:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam([{"params": [q for q in free if q is not params.transl]},
-                                {"params": [params.transl], "lr": cfg.lr_expression * 0.1}],
+        free = [params.expression, params.jaw_pose, params.head_pose, params.leye_pose,
+                params.reye_pose] + ([params.betas] if betas is None else [])
+        opt = torch.optim.Adam([{"params": free}, {"params": [params.transl], "lr": cfg.lr_expression * 0.1}],
                                lr=cfg.lr_expression)
         dense = inputs.depth is not None
-        hist = []
-        for it in range(cfg.iters_expression):
-            opt.zero_grad()
-            lm3d, _ = self.lm_head(params)
-            loss = cfg.w_landmarks * landmark_loss(lm3d)
+
+        def expression_loss(it: int) -> Tensor:
+            loss = cfg.w_landmarks * landmark_loss(self.lm_head(params)[0])
             loss = loss + cfg.w_shape_prior * params.betas.square().sum() \
                 + cfg.w_expression_prior * params.expression.square().sum(-1).mean() \
                 + cfg.w_jaw_prior * params.jaw_pose.square().sum(-1).mean() \
@@ -232,16 +213,12 @@ class Fitter:
                                             + temporal(params.head_pose, 2) * 10 + temporal(params.transl * 10, 2) * 10)
             if dense and it >= cfg.iters_expression // 2 and it % cfg.dense_every == 0:
                 frames = self._frame_batch(t)
-                p_b = params.map(lambda x: x[frames] if x.shape[0] == t else x)
-                verts = self.head(p_b).vertices
+                verts = self.head(params.map(lambda x: x[frames] if x.shape[0] == t else x)).vertices
                 loss = loss + self._dense_loss(verts, camera, inputs, frames)
-            loss.backward()
-            opt.step()
-            hist.append(loss.item())
-        for p in free:
-            p.requires_grad_(False)
+            return loss
+
+        history["expression"] = _adam(opt, cfg.iters_expression, expression_loss)
         timings["expression"] = time.perf_counter() - t0
-        history["expression"] = hist
 
         if fit_offsets and dense:
             static, dynamic, off_t, off_h = self.fit_offsets(params, camera, inputs, static_offsets)
@@ -439,6 +416,24 @@ class Fitter:
             else:
                 status.append("ok")
         return qc, status
+
+
+def _adam(opt: torch.optim.Adam, iters: int, loss_fn) -> list[float]:
+    """Run ``iters`` Adam steps on ``loss_fn(step)``; the optimizer's tensors need gradients
+    only while it runs. Returns the loss history."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    history = []
+    for it in range(iters):
+        opt.zero_grad()
+        loss = loss_fn(it)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    for p in params:
+        p.requires_grad_(False)
+    return history
 
 
 def _cg(matvec, b: Tensor, iters: int, diag: Tensor | None = None) -> Tensor:
