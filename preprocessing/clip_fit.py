@@ -64,9 +64,11 @@ def crop_intrinsics(boxes: np.ndarray, frame_size: tuple[int, int], crop_size: i
 
 def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker | None = None,
                config: FitConfig | None = None, fov_deg: float = 20.0, crop: bool = True,
-               fitter: Fitter | None = None) -> ClipFit:
+               fitter: Fitter | None = None, estimator=None, betas=None,
+               static_offsets=None) -> ClipFit:
     """Track and fit RGB frames (T, H, W, 3). Never raises for a face-less clip: the status
-    says what happened."""
+    says what happened. ``estimator`` (see :mod:`preprocessing.estimators`) adds depth and
+    normal targets from the crops; ``betas``/``static_offsets`` reuse an identity."""
     tracker = tracker or FaceTracker()
     seconds = {}
     t0 = time.perf_counter()
@@ -78,11 +80,19 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
     size = track.crops.shape[1]
     K = crop_intrinsics(track.boxes, (w, h), size, fov_deg)
     fitter = fitter or Fitter(head, config)
+    dense = {}
+    if estimator is not None:
+        t0 = time.perf_counter()
+        est = estimator(track.crops)
+        seconds["estimate"] = time.perf_counter() - t0
+        dense = {"depth": None if est.depth is None else torch.as_tensor(est.depth).float(),
+                 "normals": None if est.normals is None else torch.as_tensor(est.normals).float(),
+                 "depth_is_metric": est.metric}
     inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size),
                        landmark_weights=torch.as_tensor(track.detected, dtype=torch.float32)[:, None].expand(-1, 68).clone(),
-                       K=K)
+                       K=K, **dense)
     t0 = time.perf_counter()
-    result = fitter.fit(inputs)
+    result = fitter.fit(inputs, betas=betas, static_offsets=static_offsets)
     seconds["fit"] = time.perf_counter() - t0
     return ClipFit(status="ok", track=track, fit=result, seconds=seconds)
 

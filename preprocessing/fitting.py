@@ -78,6 +78,7 @@ class FitInputs:
     K: Tensor | None = None           # (T, 3, 3); default from fov_deg
     depth: Tensor | None = None       # (T, H, W) target camera depth, 0 where unknown
     normals: Tensor | None = None     # (T, H, W, 3) target camera-space normals (OpenCV)
+    depth_is_metric: bool = True      # False: relative depth, scaled to the head after stage 1
 
     @property
     def num_frames(self) -> int:
@@ -157,7 +158,7 @@ class Fitter:
         size = face_size(lmk)
         if found.any():
             size = torch.where(found, size, size[found].median())
-        lmk_depth = self._landmark_depth(lmk, inputs)            # (T, 68) target z or 0
+        lmk_depth = self._landmark_depth(lmk, inputs) if inputs.depth_is_metric else None
         params = self._initial_params(lmk, w_lmk, camera, lmk_depth)
         if betas is not None:
             params.betas = betas.reshape(1, -1).clone()
@@ -203,7 +204,7 @@ class Fitter:
                                lr=cfg.lr_expression)
         dense = inputs.depth is not None
 
-        def expression_loss(it: int) -> Tensor:
+        def expression_loss(it: int, dense: bool) -> Tensor:
             loss = cfg.w_landmarks * landmark_loss(self.lm_head(params)[0])
             loss = loss + cfg.w_shape_prior * params.betas.square().sum() \
                 + cfg.w_expression_prior * params.expression.square().sum(-1).mean() \
@@ -211,13 +212,21 @@ class Fitter:
                 + 1e-2 * (params.leye_pose.square().sum(-1).mean() + params.reye_pose.square().sum(-1).mean())
             loss = loss + cfg.w_temporal * (temporal(params.expression) * 0.5 + temporal(params.jaw_pose) * 20
                                             + temporal(params.head_pose, 2) * 10 + temporal(params.transl * 10, 2) * 10)
-            if dense and it >= cfg.iters_expression // 2 and it % cfg.dense_every == 0:
+            if dense and it % cfg.dense_every == 0:
                 frames = self._frame_batch(t)
                 verts = self.head(params.map(lambda x: x[frames] if x.shape[0] == t else x)).vertices
                 loss = loss + self._dense_loss(verts, camera, inputs, frames)
             return loss
 
-        history["expression"] = _adam(opt, cfg.iters_expression, expression_loss)
+        # First half on landmarks alone; then relative depth can be scaled to the head, and
+        # the dense terms (when there are targets) join for the second half.
+        half = cfg.iters_expression // 2
+        history["expression"] = _adam(opt, half, lambda it: expression_loss(it, False))
+        if dense and not inputs.depth_is_metric:
+            inputs = self._scale_relative_depth(inputs, params, camera, lmk, w_lmk)
+            lmk_depth = self._landmark_depth(lmk, inputs)
+        history["expression"] += _adam(opt, cfg.iters_expression - half,
+                                       lambda it: expression_loss(half + it, dense))
         timings["expression"] = time.perf_counter() - t0
 
         if fit_offsets and dense:
@@ -315,6 +324,19 @@ class Fitter:
             r = ((vc - target) * n_t).sum(-1)
             a = along(n_t)
         return a, r, vis
+
+    def _scale_relative_depth(self, inputs: FitInputs, params: HeadParams, camera: Camera,
+                              lmk: Tensor, w_lmk: Tensor) -> FitInputs:
+        """Scale relative target depth to the rigidly fitted head: one factor per clip, the
+        median ratio of model to target depth under the inner-face landmarks."""
+        import dataclasses
+        with torch.no_grad():
+            model_z = camera.to_camera(self.lm_head(params)[0])[..., 2]
+            target_z = self._landmark_depth(lmk, inputs)
+            ok = (target_z > 0) & (w_lmk > 0)
+            ok[:, :17] = False
+            scale = (model_z[ok] / target_z[ok]).median() if ok.any() else torch.tensor(1.0)
+        return dataclasses.replace(inputs, depth=inputs.depth * scale, depth_is_metric=True)
 
     def _landmark_depth(self, lmk: Tensor, inputs: FitInputs) -> Tensor | None:
         """Target depth under each detected landmark (0 where unknown), or None."""

@@ -24,6 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--crop-size", type=int, default=256)
     p.add_argument("--fov", type=float, default=20.0, help="assumed vertical FOV of the source")
+    p.add_argument("--estimator", default=None,
+                   help="dense depth/normal estimator 'package.module:factory' (none shipped)")
+    p.add_argument("--estimator-weights", type=Path, default=None, help="its local weights file")
     p.add_argument("--no-overlay", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -79,9 +82,12 @@ def run(args: argparse.Namespace) -> dict:
         with np.load(args.identity_from) as prev:
             betas = torch.as_tensor(prev["betas"])
             static = torch.as_tensor(prev["static_offsets"].astype(np.float32))
+    estimator = None
+    if args.estimator:
+        from preprocessing.estimators import load_estimator
+        estimator = load_estimator(args.estimator, args.estimator_weights)
     clip = fit_frames(frames, head, FaceTracker(crop_size=args.crop_size), fov_deg=args.fov,
-                      fitter=fitter) if betas is None else _fit_with_identity(
-        frames, head, fitter, args, betas, static)
+                      fitter=fitter, estimator=estimator, betas=betas, static_offsets=static)
     summary = {"source": str(source), "model": str(model_path), "identity": args.identity,
                **clip.summary()}
     if clip.fit is None:
@@ -114,29 +120,6 @@ def run(args: argparse.Namespace) -> dict:
     summary["outputs"] = str(args.out)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _fit_with_identity(frames, head, fitter, args, betas, static):
-    """Fit with β and Δg fixed from another clip of the same identity."""
-    import time
-
-    import torch
-    from preprocessing.clip_fit import ClipFit, crop_intrinsics
-    from preprocessing.fitting import FitInputs
-    from preprocessing.tracking import FaceTracker
-    t0 = time.perf_counter()
-    track = FaceTracker(crop_size=args.crop_size).track(frames)
-    seconds = {"track": time.perf_counter() - t0}
-    if not track.ok:
-        return ClipFit(status=track.status.value, reason=track.reason, track=track, seconds=seconds)
-    size = track.crops.shape[1]
-    K = crop_intrinsics(track.boxes, (frames.shape[2], frames.shape[1]), size, args.fov)
-    inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size), K=K,
-                       landmark_weights=torch.as_tensor(track.detected, dtype=torch.float32)[:, None].expand(-1, 68).clone())
-    t0 = time.perf_counter()
-    result = fitter.fit(inputs, betas=betas, static_offsets=static)
-    seconds["fit"] = time.perf_counter() - t0
-    return ClipFit(status="ok", track=track, fit=result, seconds=seconds)
 
 
 def _write_status(out: Path, summary: dict) -> dict:

@@ -102,3 +102,30 @@ def test_real_clips_fit_every_frame(world, carphone, single_face_video, tmp_path
     assert summary["median_landmark_error_pct"] <= 2.0
     for name in ("fit.npz", "qc.json", "overlay.png", "neutral.ply"):
         assert (tmp_path / "fit" / name).is_file()
+
+
+def test_pluggable_estimator_with_relative_depth(tmp_path, world, targets):
+    """An estimator loaded from a local path whose depth is off by an unknown scale: the
+    fitter scales it to the head (after the landmark-only half of stage 2) and recovers the
+    shape up to the monocular scale ambiguity (a bigger head farther away), so the error is
+    measured after the best single depth scale about the camera centre."""
+    from preprocessing.estimators import load_estimator
+    weights = tmp_path / "maps.npz"
+    np.savez(weights, depth=targets.depth.numpy(), normals=targets.normals.numpy(), scale=0.37)
+    estimator = load_estimator("fake_estimator:make", weights)
+    dense = estimator(np.zeros((len(targets.depth), 4, 4, 3), np.uint8))
+    assert not dense.metric
+    fit = Fitter(world.head, FAST).fit(FitInputs(
+        landmarks=targets.landmarks, image_size=targets.image_size, K=targets.K,
+        depth=torch.as_tensor(dense.depth), normals=torch.as_tensor(dense.normals),
+        depth_is_metric=False))
+    fid = world.head.face_vertex_ids
+    ours = fit.camera.to_camera(fit.vertices(world.head))[:, fid]
+    true = targets.true_vertices_cam[:, fid]
+    scale = (true[..., 2] / ours[..., 2]).median()
+    assert 0.75 < scale < 1.25
+    assert (scale * ours - true).norm(dim=-1).mean() < 0.005
+    with pytest.raises(FileNotFoundError, match="local files only"):
+        load_estimator("fake_estimator:make", tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="package.module:factory"):
+        load_estimator("no_colon")
