@@ -32,8 +32,6 @@ HEAD_HEIGHT = 0.22
 
 
 def score(world, fit, tg, fitter):
-    from preprocessing.fitting import FitInputs
-    from models.render.camera import Camera
     head = world.head
     fid = head.face_vertex_ids
     cam = fit.camera.to_camera(fit.vertices(head))

@@ -535,7 +535,7 @@ def _sub_laplacian(lap: Tensor, ids: Tensor) -> Tensor:
     n = lap.shape[0]
     local = torch.full((n,), -1, dtype=torch.long)
     local[ids] = torch.arange(len(ids))
-    idx, val = lap.indices(), lap.values()
+    idx = lap.indices()
     keep = (local[idx[0]] >= 0) & (local[idx[1]] >= 0) & (idx[0] != idx[1])
     rows, cols = local[idx[0, keep]], local[idx[1, keep]]
     deg = torch.bincount(rows, minlength=len(ids)).clamp(min=1).float()

@@ -10,7 +10,6 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 

@@ -32,7 +32,6 @@ MEDIAPIPE_TO_IBUG68 = np.array([
     61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91,   # outer lips
     78, 81, 13, 311, 308, 402, 14, 178,                   # inner lips
 ])
-IRIS_CENTRES = (468, 473)   # right, left iris centre (refined landmarks)
 
 
 class TrackStatus(str, Enum):
@@ -191,7 +190,7 @@ class FaceTracker:
         centres = np.asarray(centres, float)
         good = ~np.isnan(centres[:, 0])
         full = np.stack([np.interp(np.arange(t), np.array(idx)[good], centres[good, j]) for j in range(2)], 1)
-        full = _smooth(full, self.smooth_sigma * max(1, 1))
+        full = _smooth(full, self.smooth_sigma)
         side = float(np.nanmedian(sizes) * self.crop_scale)
         boxes = np.concatenate([full - side / 2, np.full((t, 1), side)], 1)
         return boxes, TrackStatus.OK, ""

@@ -184,7 +184,6 @@ class PersonalizedHead(nn.Module):
         buf("joint_dirs", f32(np.einsum("jv,vck->jck", j_reg, full_dirs).reshape(-1, full_dirs.shape[-1])))
         parents = model.parents.copy()
         parents[0] = -1                      # real files store the root as uint32 -1
-        buf("parents", torch.as_tensor(parents))
         self.kinematics = Kinematics(parents, sorted(set(active.tolist()) | set(self.posed_joints)))
         kin_pos = {j: k for k, j in enumerate(self.kinematics.ids)}
         buf("skin_joints", torch.as_tensor(active))
@@ -401,7 +400,7 @@ class LandmarkHead(nn.Module):
         self.kinematics = head.kinematics
         buf("faces", torch.as_tensor(local[d["faces"]]))   # -1 for faces not used here
         for name in ("static_lmk_faces", "static_lmk_bary", "contour_lmk_faces",
-                     "contour_lmk_bary", "neck_kin_chain", "joint_template", "joint_dirs", "parents"):
+                     "contour_lmk_bary", "neck_kin_chain", "joint_template", "joint_dirs"):
             buf(name, getattr(head, name).clone())
         self.posed_joints = head.posed_joints
         self.num_vertices = len(verts)

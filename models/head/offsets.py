@@ -1,4 +1,4 @@
-"""Offset fields on the fine mesh: smooth random fields, regularizers."""
+"""Offset fields on the fine mesh: smooth random fields (demo sweeps, synthetic tests)."""
 from __future__ import annotations
 
 import torch
@@ -22,9 +22,3 @@ def smooth_random_field(points: Tensor, generator: torch.Generator, amplitude: f
     if weight is not None:
         field = field * weight.to(points).unsqueeze(-1)
     return field * (amplitude / field.norm(dim=-1).max().clamp(min=1e-12))
-
-
-def laplacian_energy(laplacian: Tensor, offsets: Tensor) -> Tensor:
-    """Mean squared Laplacian of offsets (..., N, 3): a smoothness penalty."""
-    flat = offsets.reshape(-1, offsets.shape[-2], 3).transpose(0, 1).reshape(offsets.shape[-2], -1)
-    return torch.sparse.mm(laplacian, flat).square().mean()

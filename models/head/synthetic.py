@@ -248,7 +248,6 @@ def _blob_field(p: np.ndarray, blobs) -> np.ndarray:
 
 def _shape_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, rng) -> np.ndarray:
     v = mesh.vertices
-    x, y, z = v[:, 0], v[:, 1], v[:, 2]
     head_c = np.array([0.0, 0.19, 0.0])
     is_head = lambda p: _smoothstep(0.07, 0.13, p[:, 1] + 0.6 * np.maximum(p[:, 2], 0))
     nose_c, chin = lm[30], lm[8]
@@ -331,7 +330,7 @@ def _shape_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, rng) -> np.ndarra
 def _expression_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, soft: np.ndarray,
                            rng) -> np.ndarray:
     v = mesh.vertices
-    x, y, z = v[:, 0], v[:, 1], v[:, 2]
+    x, y = v[:, 0], v[:, 1]
     skin = mesh.part == pm.SKIN
     corners = lm[[48, 54]]
     dirs = np.zeros((len(v), 3, NUM_EXPRESSION_COEFFS))

@@ -47,8 +47,12 @@ _INCIDENCE_CACHE: dict = {}
 
 
 def _incidence(faces: Tensor, num_vertices: int, dtype: torch.dtype) -> Tensor:
-    key = (faces.data_ptr(), tuple(faces.shape), num_vertices, dtype, faces.device)
-    mat = _INCIDENCE_CACHE.get(key)
+    """Sparse (N, F) vertex-face incidence, cached per faces tensor (checked by identity
+    through a weak reference, so freed and reused memory never returns a stale matrix)."""
+    import weakref
+    key = (id(faces), tuple(faces.shape), num_vertices, dtype, faces.device)
+    hit = _INCIDENCE_CACHE.get(key)
+    mat = hit[1] if hit is not None and hit[0]() is faces else None
     if mat is None:
         nf = faces.shape[0]
         cols = torch.arange(nf, device=faces.device).repeat_interleave(3)
@@ -57,7 +61,7 @@ def _incidence(faces: Tensor, num_vertices: int, dtype: torch.dtype) -> Tensor:
                                       (num_vertices, nf)).coalesce().to_sparse_csr()
         if len(_INCIDENCE_CACHE) > 8:
             _INCIDENCE_CACHE.clear()
-        _INCIDENCE_CACHE[key] = mat
+        _INCIDENCE_CACHE[key] = (weakref.ref(faces), mat)
     return mat
 
 
