@@ -218,11 +218,15 @@ class PersonalizedHead(nn.Module):
         buf("contour_lmk_bary", f32(model.dynamic_lmk_bary_coords))
         buf("neck_kin_chain", torch.as_tensor(NECK_KIN_CHAIN))
         self._laplacian: Tensor | None = None
+        # What LandmarkHead needs: the coarse vertices of landmark triangles only.
+        used_faces = np.unique(np.concatenate([static_faces, contour_faces.ravel()]))
+        lmk_verts = np.unique(sub.faces[used_faces])
+        local = np.full(len(ids), -1, dtype=np.int64)
+        local[lmk_verts] = np.arange(len(lmk_verts))
         self._landmark_data = dict(
-            weights=weights, faces=sub.faces, static_faces=static_faces,
-            contour_faces=contour_faces, v_template=model.v_template[ids],
-            shapedirs=dirs[:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS],
-            posedirs=model.posedirs[ids][:, :, feat_cols])
+            v_template=model.v_template[ids[lmk_verts]], weights=weights[lmk_verts][:, active],
+            shapedirs=model.shapedirs[ids[lmk_verts]][:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS],
+            posedirs=model.posedirs[ids[lmk_verts]][:, :, feat_cols], faces=local[sub.faces])
 
     # ----------------------------------------------------------------------------------------
     def landmark_model(self) -> "LandmarkHead":
@@ -384,26 +388,21 @@ class LandmarkHead(nn.Module):
     def __init__(self, head: PersonalizedHead) -> None:
         super().__init__()
         d = head._landmark_data
-        used_faces = np.unique(np.concatenate([d["static_faces"], d["contour_faces"].ravel()]))
-        verts = np.unique(d["faces"][used_faces])
-        local = np.full(head.num_coarse, -1, dtype=np.int64)
-        local[verts] = np.arange(len(verts))
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))
         buf = lambda n, v: self.register_buffer(n, v, persistent=False)
-        buf("v_template", f32(d["v_template"][verts]))
+        buf("v_template", f32(d["v_template"]))
         k = d["shapedirs"].shape[-1]
-        buf("shapedirs", f32(d["shapedirs"][verts].reshape(-1, k)))          # (3 V_l, 400)
-        pd = d["posedirs"][verts]
-        buf("posedirs", f32(pd.reshape(-1, pd.shape[-1])))                     # (3 V_l, 45)
-        buf("weights", f32(d["weights"][verts][:, head.skin_joints.numpy()]))
+        buf("shapedirs", f32(d["shapedirs"].reshape(-1, k)))                  # (3 V_l, 400)
+        buf("posedirs", f32(d["posedirs"].reshape(-1, d["posedirs"].shape[-1])))   # (3 V_l, 45)
+        buf("weights", f32(d["weights"]))
         buf("skin_kin", head.skin_kin.clone())
         self.kinematics = head.kinematics
-        buf("faces", torch.as_tensor(local[d["faces"]]))   # -1 for faces not used here
+        buf("faces", torch.as_tensor(d["faces"]))          # -1 for faces not used here
         for name in ("static_lmk_faces", "static_lmk_bary", "contour_lmk_faces",
                      "contour_lmk_bary", "neck_kin_chain", "joint_template", "joint_dirs"):
             buf(name, getattr(head, name).clone())
         self.posed_joints = head.posed_joints
-        self.num_vertices = len(verts)
+        self.num_vertices = len(d["v_template"])
 
     def forward(self, params: HeadParams) -> tuple[Tensor, Tensor]:
         """(landmarks (T, 68, 3), joints (T, 55, 3))."""
