@@ -102,16 +102,18 @@ def overlay_frames(clip: ClipFit, head: PersonalizedHead, alpha: float = 0.55) -
     detected landmarks (green) and the fitted landmarks (red) on the middle panel."""
     fit, crops = clip.fit, clip.track.crops
     out = []
+    t = len(crops)
     with torch.no_grad():
-        verts = fit.vertices(head)
-        for s in range(0, len(crops), 16):
-            fr = slice(s, min(s + 16, len(crops)))
+        for s in range(0, t, 16):
+            fr = slice(s, min(s + 16, t))
+            params = fit.params.map(lambda x: x[fr] if x.shape[0] == t else x)
+            head_out = head(params, fit.static_offsets, fit.dynamic_offsets[fr])
             cam = type(fit.camera)(fit.camera.focal[fr], fit.camera.principal[fr], fit.camera.R[fr],
                                    fit.camera.t[fr], fit.camera.image_size)
-            maps = render_conditions(verts[fr].contiguous(), head.faces, cam, head.face_mask)
+            maps = render_conditions(head_out.vertices.contiguous(), head.faces, cam, head.face_mask)
             rgb = maps.normal_rgb().numpy()
             sil = maps.silhouette.numpy()[..., None]
-            lm = cam.project(cam.to_camera(head(fit.params.map(lambda x: x[fr] if x.shape[0] == len(crops) else x)).landmarks)).numpy()
+            lm = cam.project(cam.to_camera(head_out.landmarks)).numpy()
             for j, k in enumerate(range(fr.start, fr.stop)):
                 blend = (crops[k] * (1 - alpha * sil[j]) + rgb[j] * alpha * sil[j]).astype(np.uint8)
                 _dots(blend, clip.track.landmarks68[k], (0, 255, 0))
