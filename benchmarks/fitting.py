@@ -25,7 +25,6 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 HEAD_HEIGHT = 0.22
@@ -52,16 +51,13 @@ def score(world, fit, tg, fitter):
 
 def oracle_dynamic(world, corpus, clip_id, tg, fitter):
     """Δf from the offset solver when shape, expression and pose are the true ones."""
-    from models.render.camera import Camera
     from preprocessing.fitting import FitInputs
     from preprocessing.synthetic.motion import ClipMotion
-    from preprocessing.synthetic.world import load_clip, load_identity
+    from preprocessing.synthetic.world import clip_camera, load_clip, load_identity
     clip = load_clip(corpus, clip_id)
     ident = load_identity(corpus, clip_id.split("_")[0])
-    motion = ClipMotion(**{k: clip[k] for k in ClipMotion.__dataclass_fields__})
-    params, static, _, _ = world.head_inputs(ident, motion)
-    cam = Camera(tg.K[:, [0, 1], [0, 1]], tg.K[:, [0, 1], [2, 2]], torch.as_tensor(clip["camera_R"]),
-                 torch.as_tensor(clip["camera_t"]), tg.image_size)
+    params, static, _, _ = world.head_inputs(ident, ClipMotion.from_arrays(clip))
+    cam = clip_camera(clip)
     inputs = FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K, depth=tg.depth,
                        normals=tg.normals)
     _, dyn, _, _ = fitter.fit_offsets(params, cam, inputs, static_offsets=static)

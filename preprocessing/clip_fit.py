@@ -108,8 +108,7 @@ def overlay_frames(clip: ClipFit, head: PersonalizedHead, alpha: float = 0.55) -
             fr = slice(s, min(s + 16, t))
             params = fit.params.map(lambda x: x[fr] if x.shape[0] == t else x)
             head_out = head(params, fit.static_offsets, fit.dynamic_offsets[fr])
-            cam = type(fit.camera)(fit.camera.focal[fr], fit.camera.principal[fr], fit.camera.R[fr],
-                                   fit.camera.t[fr], fit.camera.image_size)
+            cam = fit.camera.select(fr)
             maps = render_conditions(head_out.vertices.contiguous(), head.faces, cam, head.face_mask)
             rgb = maps.normal_rgb().numpy()
             sil = maps.silhouette.numpy()[..., None]

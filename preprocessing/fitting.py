@@ -111,8 +111,7 @@ def default_intrinsics(num_frames: int, image_size: tuple[int, int], fov_deg: fl
 def fitting_camera(K: Tensor, image_size: tuple[int, int]) -> Camera:
     t = K.shape[0]
     rot = torch.diag(torch.tensor([1.0, -1.0, -1.0])).expand(t, 3, 3).clone()
-    return Camera(focal=K[:, [0, 1], [0, 1]].clone(), principal=K[:, [0, 1], [2, 2]].clone(),
-                  R=rot, t=torch.zeros(t, 3), image_size=image_size)
+    return Camera.from_matrices(K, rot, torch.zeros(t, 3), image_size)
 
 
 def _gmof(x: Tensor, sigma: float) -> Tensor:
@@ -263,9 +262,7 @@ class Fitter:
         # Offsets move vertices by millimetres: visibility from the base mesh holds.
         with torch.no_grad():
             visible = torch.cat([
-                _map_residuals(base[fr], Camera(camera.focal[fr], camera.principal[fr],
-                                                camera.R[fr], camera.t[fr], camera.image_size),
-                               inputs.depth[fr], None, self.normal_faces, face_ids,
+                _map_residuals(base[fr], camera.select(fr), inputs.depth[fr], None, self.normal_faces, face_ids,
                                cfg.visibility_tol, per_frame=True, return_visible=True)
                 for fr in torch.arange(t).split(16)])
         timings["offset_map"] = time.perf_counter() - t0
@@ -306,18 +303,13 @@ class Fitter:
         with torch.no_grad():
             vc = camera.to_camera(verts)
             uv = camera.project(vc)
-            h, w = inputs.image_size
-            grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)[:, :, None]
-            d_t = torch.nn.functional.grid_sample(inputs.depth[:, None].float(), grid,
-                                                  align_corners=True)[:, 0, :, 0]
+            d_t = _sample(inputs.depth[..., None], uv)[..., 0]
             vis = (visible & (d_t > 0) & ((vc[..., 2] - d_t).abs() < self.config.visibility_tol)).float()
             # d(m . camera point)/d(offset) = (R_cam^T m)^T R_v, formed without tiny matmuls.
             along = lambda m: ((m @ camera.R)[..., :, None] * rots).sum(-2)
             if inputs.normals is None:
                 return along(camera.R[:, None, 2, :].expand_as(vc)), vc[..., 2] - d_t, vis
-            n_t = torch.nn.functional.grid_sample(inputs.normals.permute(0, 3, 1, 2).float(), grid,
-                                                  align_corners=True)[..., 0].permute(0, 2, 1)
-            n_t = torch.nn.functional.normalize(n_t, dim=-1)
+            n_t = torch.nn.functional.normalize(_sample(inputs.normals, uv), dim=-1)
             ray = torch.cat([(uv - camera.principal[:, None]) / camera.focal[:, None],
                              torch.ones_like(uv[..., :1])], -1)
             target = ray * d_t[..., None]                        # the target surface point
@@ -342,11 +334,7 @@ class Fitter:
         """Target depth under each detected landmark (0 where unknown), or None."""
         if inputs.depth is None:
             return None
-        h, w = inputs.image_size
-        grid = torch.stack([lmk[..., 0] / (w - 1) * 2 - 1, lmk[..., 1] / (h - 1) * 2 - 1], -1)[:, :, None]
-        d = torch.nn.functional.grid_sample(inputs.depth[:, None].float(), grid, mode="nearest",
-                                            align_corners=True)
-        return d[:, 0, :, 0]
+        return _sample(inputs.depth[..., None], lmk, mode="nearest")[..., 0]
 
     def _frame_batch(self, t: int) -> Tensor:
         b = min(self.config.batch_frames, t)
@@ -392,9 +380,7 @@ class Fitter:
         return loss
 
     def _residuals(self, verts, camera, inputs, frames, visible=None, per_frame=False):
-        cam = Camera(camera.focal[frames], camera.principal[frames], camera.R[frames],
-                     camera.t[frames], camera.image_size)
-        return _map_residuals(verts, cam, inputs.depth[frames],
+        return _map_residuals(verts, camera.select(frames), inputs.depth[frames],
                               None if inputs.normals is None else inputs.normals[frames],
                               self.normal_faces, self.head.face_vertex_ids,
                               self.config.visibility_tol, visible, per_frame)
@@ -546,6 +532,16 @@ def _sub_laplacian(lap: Tensor, ids: Tensor) -> Tensor:
                                    (len(ids), len(ids))).coalesce()
 
 
+def _sample(maps: Tensor, uv: Tensor, mode: str = "bilinear") -> Tensor:
+    """Values of per-frame maps (B, H, W, C) at pixel positions uv (B, N, 2) -> (B, N, C);
+    pixel centres as in OpenCV, 0 outside the image."""
+    h, w = maps.shape[1:3]
+    grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)
+    out = torch.nn.functional.grid_sample(maps.permute(0, 3, 1, 2).float(), grid[:, :, None],
+                                          mode=mode, align_corners=True)
+    return out[..., 0].permute(0, 2, 1)
+
+
 def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor | None,
                    normal_faces: Tensor, normal_ids: Tensor, tol: float,
                    visible: Tensor | None = None, per_frame: bool = False,
@@ -560,11 +556,9 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     h, w = camera.image_size
     vc = camera.to_camera(verts)
     uv = camera.project(vc)
-    grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)
-    d_t = torch.nn.functional.grid_sample(depth[:, None].float(), grid[:, :, None],
-                                          align_corners=True).squeeze(1).squeeze(-1)  # (B, N)
+    d_t = _sample(depth[..., None], uv)[..., 0]                           # (B, N)
     if visible is None:
-        inside = (grid.abs() <= 1).all(-1)
+        inside = (uv[..., 0] >= 0) & (uv[..., 0] <= w - 1) & (uv[..., 1] >= 0) & (uv[..., 1] <= h - 1)
         visible = (inside & (d_t > 0) & ((vc[..., 2] - d_t).abs() < tol)).detach()
     if return_visible:
         return visible
@@ -573,9 +567,7 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     out = {"depth": dres.sum(1) / wsum if per_frame else dres.sum() / wsum}
     if normals is not None:
         n_v = vertex_normals(vc, normal_faces)[:, normal_ids]
-        g = grid[:, normal_ids]
-        n_t = torch.nn.functional.grid_sample(normals.permute(0, 3, 1, 2).float(), g[:, :, None],
-                                              align_corners=True).squeeze(-1).permute(0, 2, 1)
+        n_t = _sample(normals, uv[:, normal_ids])
         vis = visible[:, normal_ids] & ((n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1).detach()
         nsum = vis.sum(1).clamp(min=1) if per_frame else vis.sum().clamp(min=1)
         nres = (n_v - n_t).abs().sum(-1) * vis

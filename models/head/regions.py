@@ -78,10 +78,11 @@ def face_region(vertices: np.ndarray, landmarks: np.ndarray, weights: np.ndarray
     not_eye = weights[:, list(EYE_JOINTS)].sum(1) < 0.5
     mask = inside & front & not_eye
     dist = _distance_to_polygon(vertices[:, :2], outline)
-    soft = np.where(mask, _smoothstep(0.0, falloff, dist), 0.0)
+    soft = np.where(mask, smoothstep(0.0, falloff, dist), 0.0)
     return mask, soft
 
 
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
+def smoothstep(e0: float, e1: float, x) -> np.ndarray:
+    """Hermite step from 0 at e0 to 1 at e1 (e1 < e0 gives a falling step)."""
+    t = np.clip((np.asarray(x) - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)

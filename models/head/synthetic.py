@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import procedural_mesh as pm
-from .regions import face_region
+from .regions import face_region, smoothstep
 from .smplx_file import (JOINT, NUM_CONTOUR_BINS, NUM_EXPRESSION_COEFFS, NUM_JOINTS,
                          NUM_POSE_BASIS, NUM_SHAPE_COEFFS, SMPLX_PARENTS, SMPLXModelData)
 
@@ -54,12 +54,8 @@ _JOINT_REST = {
 }
 
 
-def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((np.asarray(x) - e0) / (e1 - e0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _gauss(p: np.ndarray, centre, sigma) -> np.ndarray:
+def gaussian(p: np.ndarray, centre, sigma) -> np.ndarray:
+    """Anisotropic Gaussian bump exp(-|(p - centre) / sigma|^2 / 2) at points p (..., 3)."""
     d = (p - np.asarray(centre)) / np.asarray(sigma)
     return np.exp(-0.5 * (d ** 2).sum(-1))
 
@@ -129,25 +125,25 @@ def _skinning_weights(mesh: pm.ProceduralMesh) -> np.ndarray:
     w = np.zeros((len(v), NUM_JOINTS))
     # Head versus neck versus torso, along the height (the chin reaches lower in front).
     y_eff = y + 0.6 * np.maximum(z, 0.0)
-    head = _smoothstep(0.06, 0.125, y_eff)
-    torso = 1.0 - _smoothstep(-0.03, 0.03, y)
+    head = smoothstep(0.06, 0.125, y_eff)
+    torso = 1.0 - smoothstep(-0.03, 0.03, y)
     torso = np.minimum(torso, 1.0 - head)
     neck = 1.0 - head - torso
     # Jaw: the lower face in front of the hinge, and the lower lip.
     # Sharp at the lips, broad over the cheeks (the skin there stretches as the jaw opens).
-    width = 0.006 + 0.024 * _smoothstep(pm.MOUTH_HALF_WIDTH, pm.MOUTH_HALF_WIDTH + 0.015, np.abs(x))
+    width = 0.006 + 0.024 * smoothstep(pm.MOUTH_HALF_WIDTH, pm.MOUTH_HALF_WIDTH + 0.015, np.abs(x))
     below_mouth = np.clip((pm.MOUTH_Y - y + 0.002) / (width + 0.002), 0.0, 1.0)
     below_mouth = below_mouth * below_mouth * (3.0 - 2.0 * below_mouth)
-    front = _smoothstep(-0.01, 0.03, z)
+    front = smoothstep(-0.01, 0.03, z)
     jaw_share = np.where(mesh.lower_lip, 1.0, below_mouth * front)
     cav = part == pm.MOUTH
-    jaw_share = np.where(cav, _smoothstep(0.35, 0.65, mesh.cavity_t), jaw_share)
+    jaw_share = np.where(cav, smoothstep(0.35, 0.65, mesh.cavity_t), jaw_share)
     head = np.where(cav, 1.0, head)
     neck, torso = np.where(cav, 0.0, neck), np.where(cav, 0.0, torso)
     w[:, JOINT["head"]] = head * (1.0 - jaw_share)
     w[:, JOINT["jaw"]] = head * jaw_share
     w[:, JOINT["neck"]] = neck
-    collar = torso * 0.5 * _smoothstep(0.04, 0.14, np.abs(x))
+    collar = torso * 0.5 * smoothstep(0.04, 0.14, np.abs(x))
     w[:, JOINT["left_collar"]] = np.where(x > 0, collar, 0.0)
     w[:, JOINT["right_collar"]] = np.where(x <= 0, collar, 0.0)
     w[:, JOINT["spine3"]] = torso - collar
@@ -213,14 +209,14 @@ def _pose_correctives(mesh: pm.ProceduralMesh, landmarks: np.ndarray) -> np.ndar
     skin = (mesh.part == pm.SKIN)[:, None]
     sin_x = lambda joint: (joint - 1) * 9 + 2 * 3 + 1   # (R - I)[2, 1] = sin(rx)
     # Jaw open: cheeks beside the mouth draw in, the chin tissue tucks back slightly.
-    cheek = sum(_gauss(v, (sx * 0.04, 0.145, 0.06), (0.015, 0.02, 0.03)) for sx in (1, -1))
+    cheek = sum(gaussian(v, (sx * 0.04, 0.145, 0.06), (0.015, 0.02, 0.03)) for sx in (1, -1))
     d_jaw = np.zeros_like(v)
     d_jaw[:, 0] = -np.sign(v[:, 0]) * 0.004 * cheek
-    d_jaw[:, 2] = -0.003 * _gauss(v, landmarks[8], (0.02, 0.015, 0.03))
+    d_jaw[:, 2] = -0.003 * gaussian(v, landmarks[8], (0.02, 0.015, 0.03))
     posedirs[:, :, sin_x(JOINT["jaw"])] = d_jaw * skin
     # Neck pitch: the throat bulges forward.
     d_neck = np.zeros_like(v)
-    d_neck[:, 2] = 0.006 * _gauss(v, (0, 0.07, 0.04), (0.03, 0.025, 0.02))
+    d_neck[:, 2] = 0.006 * gaussian(v, (0, 0.07, 0.04), (0.03, 0.025, 0.02))
     posedirs[:, :, sin_x(JOINT["neck"])] = d_neck * skin
     return posedirs
 
@@ -243,13 +239,13 @@ def _random_blobs(rng, centres_pool, n_blobs, sigma_range):
 
 def _blob_field(p: np.ndarray, blobs) -> np.ndarray:
     centres, sigmas, vecs = blobs
-    return sum(_gauss(p, c, s)[:, None] * vec for c, s, vec in zip(centres, sigmas, vecs))
+    return sum(gaussian(p, c, s)[:, None] * vec for c, s, vec in zip(centres, sigmas, vecs))
 
 
 def _shape_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, rng) -> np.ndarray:
     v = mesh.vertices
     head_c = np.array([0.0, 0.19, 0.0])
-    is_head = lambda p: _smoothstep(0.07, 0.13, p[:, 1] + 0.6 * np.maximum(p[:, 2], 0))
+    is_head = lambda p: smoothstep(0.07, 0.13, p[:, 1] + 0.6 * np.maximum(p[:, 2], 0))
     nose_c, chin = lm[30], lm[8]
 
     def scale_head(axis, amount):
@@ -263,45 +259,45 @@ def _shape_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, rng) -> np.ndarra
         def f(p):
             n = p - head_c
             n /= np.linalg.norm(n, axis=-1, keepdims=True)
-            return amount * _gauss(p, centre, sigma)[:, None] * n
+            return amount * gaussian(p, centre, sigma)[:, None] * n
         return f
 
     def face_length(p):
         d = np.zeros_like(p)
-        d[:, 1] = -0.006 * _smoothstep(0.2, 0.1, p[:, 1]) * _smoothstep(-0.02, 0.03, p[:, 2]) * is_head(p)
+        d[:, 1] = -0.006 * smoothstep(0.2, 0.1, p[:, 1]) * smoothstep(-0.02, 0.03, p[:, 2]) * is_head(p)
         return d
 
     def jaw_width(p):
         d = np.zeros_like(p)
-        d[:, 0] = 0.1 * p[:, 0] * _smoothstep(0.17, 0.12, p[:, 1]) * is_head(p)
+        d[:, 0] = 0.1 * p[:, 0] * smoothstep(0.17, 0.12, p[:, 1]) * is_head(p)
         return d
 
     def eye_spacing(p):
         d = np.zeros_like(p)
         for sx in (1.0, -1.0):
-            d[:, 0] += sx * 0.0025 * _gauss(p, (sx * 0.032, 0.214, 0.07), (0.014, 0.012, 0.03))
+            d[:, 0] += sx * 0.0025 * gaussian(p, (sx * 0.032, 0.214, 0.07), (0.014, 0.012, 0.03))
         return d
 
     def chin_forward(p):
         d = np.zeros_like(p)
-        d[:, 2] = 0.005 * _gauss(p, chin, (0.025, 0.02, 0.04))
+        d[:, 2] = 0.005 * gaussian(p, chin, (0.025, 0.02, 0.04))
         return d
 
     def neck_thickness(p):
         d = np.zeros_like(p)
-        band = _smoothstep(-0.02, 0.03, p[:, 1]) * _smoothstep(0.12, 0.08, p[:, 1])
+        band = smoothstep(-0.02, 0.03, p[:, 1]) * smoothstep(0.12, 0.08, p[:, 1])
         radial = p[:, [0, 2]] - np.array([0.0, pm.NECK_AXIS_Z])
         d[:, [0, 2]] = 0.12 * radial * band[:, None]
         return d
 
     def shoulder_width(p):
         d = np.zeros_like(p)
-        d[:, 0] = 0.07 * p[:, 0] * _smoothstep(0.03, -0.05, p[:, 1])
+        d[:, 0] = 0.07 * p[:, 0] * smoothstep(0.03, -0.05, p[:, 1])
         return d
 
     def lip_thickness(p):
         d = np.zeros_like(p)
-        d[:, 2] = 0.0025 * _gauss(p, (0, pm.MOUTH_Y, 0.085), (0.02, 0.008, 0.02))
+        d[:, 2] = 0.0025 * gaussian(p, (0, pm.MOUTH_Y, 0.085), (0.02, 0.008, 0.02))
         return d
 
     def head_size(p):
@@ -339,65 +335,65 @@ def _expression_directions(mesh: pm.ProceduralMesh, lm: np.ndarray, soft: np.nda
         dirs[:, :, k] = d * soft[:, None]
 
     lower_side = mesh.lower_lip | ((mesh.part == pm.MOUTH) & (mesh.cavity_t > 0.5))
-    mouth_w = _smoothstep(pm.MOUTH_HALF_WIDTH + 0.01, pm.MOUTH_HALF_WIDTH - 0.004, np.abs(x))
+    mouth_w = smoothstep(pm.MOUTH_HALF_WIDTH + 0.01, pm.MOUTH_HALF_WIDTH - 0.004, np.abs(x))
     # 0 mouth open: lower lip and chin soft tissue drop, upper lip lifts.
     d = np.zeros_like(v)
     below = lower_side | (y < pm.MOUTH_Y)
-    d[:, 1] = np.where(below, -0.004 * mouth_w * _smoothstep(0.09, 0.135, y + 0.01 * lower_side),
-                       0.0015 * mouth_w * _smoothstep(0.165, 0.145, y))
+    d[:, 1] = np.where(below, -0.004 * mouth_w * smoothstep(0.09, 0.135, y + 0.01 * lower_side),
+                       0.0015 * mouth_w * smoothstep(0.165, 0.145, y))
     put(0, d)
     # 1 smile: corners up, out and back; cheeks rise.
     d = np.zeros_like(v)
     for c in corners:
-        g = _gauss(v, c, (0.012, 0.012, 0.02))[:, None]
+        g = gaussian(v, c, (0.012, 0.012, 0.02))[:, None]
         d += g * np.array([np.sign(c[0]) * 0.003, 0.004, -0.002])
-        d[:, 1] += 0.002 * _gauss(v, c + np.array([np.sign(c[0]) * 0.012, 0.025, -0.01]), (0.015, 0.012, 0.02))
+        d[:, 1] += 0.002 * gaussian(v, c + np.array([np.sign(c[0]) * 0.012, 0.025, -0.01]), (0.015, 0.012, 0.02))
     put(1, d)
     # 2 brow raise: brows and forehead up.
     d = np.zeros_like(v)
     brow_y = lm[17:27, 1].mean()
-    d[:, 1] = 0.004 * _smoothstep(brow_y - 0.018, brow_y - 0.004, y) * _smoothstep(brow_y + 0.03, brow_y + 0.008, y)
+    d[:, 1] = 0.004 * smoothstep(brow_y - 0.018, brow_y - 0.004, y) * smoothstep(brow_y + 0.03, brow_y + 0.008, y)
     put(2, d)
     # 3 blink: lid skin in the sockets moves forward over the eyeballs, upper lids drop.
     depth = np.where(skin, mesh.socket_depth, 0.0)
     d = np.zeros_like(v)
-    d[:, 2] = depth + 0.0015 * _smoothstep(2e-4, 1e-3, depth)
+    d[:, 2] = depth + 0.0015 * smoothstep(2e-4, 1e-3, depth)
     for c in mesh.eye_centres:
-        region = _gauss(v[:, :2], c[:2], (0.016, 0.009))
-        upper = _smoothstep(c[1] - 0.004, c[1] + 0.006, y)
+        region = gaussian(v[:, :2], c[:2], (0.016, 0.009))
+        upper = smoothstep(c[1] - 0.004, c[1] + 0.006, y)
         d[:, 1] += region * (-0.0085 * upper + 0.0015 * (1.0 - upper))
     put(3, d)
     # 4 cheek puff.
     d = np.zeros_like(v)
     for sx in (1, -1):
-        g = _gauss(v, (sx * 0.042, 0.15, 0.06), (0.016, 0.016, 0.03))[:, None]
+        g = gaussian(v, (sx * 0.042, 0.15, 0.06), (0.016, 0.016, 0.03))[:, None]
         d += g * np.array([sx * 0.004, 0.0, 0.002])
     put(4, d)
     # 5 frown: inner brows down and together.
     d = np.zeros_like(v)
     for sx in (1, -1):
-        g = _gauss(v, (sx * 0.016, brow_y, 0.08), (0.012, 0.01, 0.03))[:, None]
+        g = gaussian(v, (sx * 0.016, brow_y, 0.08), (0.012, 0.01, 0.03))[:, None]
         d += g * np.array([-sx * 0.002, -0.003, 0.0])
     put(5, d)
     # 6 pucker: lips forward and narrower.
     d = np.zeros_like(v)
-    g = _gauss(v, (0, pm.MOUTH_Y, 0.085), (0.02, 0.012, 0.03))
+    g = gaussian(v, (0, pm.MOUTH_Y, 0.085), (0.02, 0.012, 0.03))
     d[:, 2] = 0.004 * g
     d[:, 0] = -0.25 * x * g
     put(6, d)
     # 7 mouth sideways.
     d = np.zeros_like(v)
-    d[:, 0] = 0.004 * _gauss(v, (0, pm.MOUTH_Y, 0.085), (0.025, 0.014, 0.03))
+    d[:, 0] = 0.004 * gaussian(v, (0, pm.MOUTH_Y, 0.085), (0.025, 0.014, 0.03))
     put(7, d)
     # 8 lip stretch: corners out and slightly down.
     d = np.zeros_like(v)
     for c in corners:
-        d += _gauss(v, c, (0.012, 0.01, 0.02))[:, None] * np.array([np.sign(c[0]) * 0.004, -0.001, -0.001])
+        d += gaussian(v, c, (0.012, 0.01, 0.02))[:, None] * np.array([np.sign(c[0]) * 0.004, -0.001, -0.001])
     put(8, d)
     # 9 sneer: sides of the nose up.
     d = np.zeros_like(v)
     for sx in (1, -1):
-        d[:, 1] += 0.0025 * _gauss(v, (sx * 0.014, 0.18, 0.085), (0.008, 0.012, 0.02))
+        d[:, 1] += 0.0025 * gaussian(v, (sx * 0.014, 0.18, 0.085), (0.008, 0.012, 0.02))
     put(9, d)
     face_pts = v[soft > 0.5]
     for k in range(len(EXPRESSION_NAMES), NUM_EXPRESSION_COEFFS):

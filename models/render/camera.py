@@ -43,6 +43,17 @@ class Camera:
         z = points_cam[..., 2:3]
         return points_cam[..., :2] / z * self.focal[:, None] + self.principal[:, None]
 
+    @classmethod
+    def from_matrices(cls, K: Tensor, R: Tensor, t: Tensor, image_size: tuple[int, int]) -> "Camera":
+        """From intrinsic matrices K (T, 3, 3) and world-to-camera R (T, 3, 3), t (T, 3)."""
+        K, R, t = (torch.as_tensor(x) for x in (K, R, t))
+        return cls(K[:, [0, 1], [0, 1]].clone(), K[:, [0, 1], [2, 2]].clone(), R, t, image_size)
+
+    def select(self, frames) -> "Camera":
+        """The cameras of some frames (an index tensor or a slice)."""
+        return Camera(self.focal[frames], self.principal[frames], self.R[frames], self.t[frames],
+                      self.image_size)
+
     def expand(self, num_frames: int) -> "Camera":
         """Repeat a single-frame camera for ``num_frames`` frames."""
         if self.num_frames == num_frames:

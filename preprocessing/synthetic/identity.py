@@ -18,6 +18,8 @@ import torch
 
 from models.head import procedural_mesh as pm
 from models.head.head_model import PersonalizedHead
+from models.head.regions import smoothstep
+from models.head.synthetic import gaussian
 from models.render.conditions import vertex_normals
 
 DETAIL_COMPONENTS = ("forehead_wrinkles", "nasolabial_fold", "crows_feet", "chin_dimpling",
@@ -93,22 +95,13 @@ def detail_coefficients(expression: np.ndarray | torch.Tensor,
     return lib.stack(cols, 1)
 
 
-def _smoothstep(e0, e1, x):
-    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
-def _gauss(p, c, s):
-    return np.exp(-0.5 * (((p - np.asarray(c)) / np.asarray(s)) ** 2).sum(-1))
-
-
 def _smooth_noise_field(rng, p, n_blobs, sigma, amplitude, pool=None):
     """Smooth random field on points ``p``; blob centres drawn from ``pool`` (default p)."""
     pool = p if pool is None else pool
     centres = pool[rng.integers(0, len(pool), n_blobs)]
     vec = rng.normal(size=(n_blobs, 3))
     sig = rng.uniform(*sigma, n_blobs)
-    d = sum(_gauss(p, c, s)[:, None] * v for c, s, v in zip(centres, sig, vec))
+    d = sum(gaussian(p, c, s)[:, None] * v for c, s, v in zip(centres, sig, vec))
     return amplitude * d / max(np.linalg.norm(d, axis=1).max(), 1e-12)
 
 
@@ -117,10 +110,10 @@ def _hair_region(rest: RestInfo) -> np.ndarray:
     v, lm = rest.vertices, rest.landmarks
     brow_y = lm[17:27, 1].mean()
     front_line = brow_y + 0.045 - 0.012 * (np.abs(v[:, 0]) / 0.07) ** 2   # hairline, receding at temples
-    side = _smoothstep(brow_y + 0.0, brow_y + 0.02, v[:, 1]) * _smoothstep(0.02, -0.01, v[:, 2])
-    top = _smoothstep(front_line - 0.004, front_line + 0.004, v[:, 1])
-    back = _smoothstep(0.135, 0.16, v[:, 1]) * _smoothstep(-0.01, -0.04, v[:, 2])
-    scalp = np.maximum(np.maximum(top, side * _smoothstep(0.16, 0.2, v[:, 1])), back)
+    side = smoothstep(brow_y + 0.0, brow_y + 0.02, v[:, 1]) * smoothstep(0.02, -0.01, v[:, 2])
+    top = smoothstep(front_line - 0.004, front_line + 0.004, v[:, 1])
+    back = smoothstep(0.135, 0.16, v[:, 1]) * smoothstep(-0.01, -0.04, v[:, 2])
+    scalp = np.maximum(np.maximum(top, side * smoothstep(0.16, 0.2, v[:, 1])), back)
     return scalp * (rest.part == pm.SKIN)
 
 
@@ -128,14 +121,14 @@ def _age_sag(rest: RestInfo, age: float) -> np.ndarray:
     v, lm = rest.vertices, rest.landmarks
     d = np.zeros_like(v)
     for c in lm[[48, 54]]:                                   # jowls beside the mouth corners
-        g = _gauss(v, c + np.array([np.sign(c[0]) * 0.018, -0.02, -0.01]), (0.015, 0.02, 0.03))
+        g = gaussian(v, c + np.array([np.sign(c[0]) * 0.018, -0.02, -0.01]), (0.015, 0.02, 0.03))
         d[:, 1] -= 0.004 * g
         d[:, 0] += np.sign(c[0]) * 0.0015 * g
     for c in lm[[31, 35]]:                                   # nasolabial folds
-        g = _gauss(v, c + np.array([np.sign(c[0]) * 0.014, -0.012, -0.008]), (0.006, 0.014, 0.02))
+        g = gaussian(v, c + np.array([np.sign(c[0]) * 0.014, -0.012, -0.008]), (0.006, 0.014, 0.02))
         d[:, 2] -= 0.002 * g
     for eye in rest.eye_centres:                             # under-eye bags
-        g = _gauss(v, eye + np.array([0.0, -0.014, 0.01]), (0.012, 0.005, 0.02))
+        g = gaussian(v, eye + np.array([0.0, -0.014, 0.01]), (0.012, 0.005, 0.02))
         d[:, 2] += 0.0012 * g
     return age * d * (rest.part == pm.SKIN)[:, None]
 
@@ -148,8 +141,8 @@ def _detail_basis(rest: RestInfo, age: float) -> np.ndarray:
     brow_y = lm[17:27, 1].mean()
     pats = []
     # Forehead: horizontal ridges between the brows and the hairline.
-    band = _smoothstep(brow_y + 0.006, brow_y + 0.014, v[:, 1]) * _smoothstep(brow_y + 0.05, brow_y + 0.03, v[:, 1])
-    pats.append(0.0006 * band * np.sin(2 * np.pi * (v[:, 1] - brow_y) / 0.008) * _smoothstep(0.06, 0.03, np.abs(v[:, 0])))
+    band = smoothstep(brow_y + 0.006, brow_y + 0.014, v[:, 1]) * smoothstep(brow_y + 0.05, brow_y + 0.03, v[:, 1])
+    pats.append(0.0006 * band * np.sin(2 * np.pi * (v[:, 1] - brow_y) / 0.008) * smoothstep(0.06, 0.03, np.abs(v[:, 0])))
     # Nasolabial fold: a groove from the nose wing to the mouth corner.
     fold = np.zeros(len(v))
     for a, b in ((lm[31], lm[48]), (lm[35], lm[54])):
@@ -165,16 +158,16 @@ def _detail_basis(rest: RestInfo, age: float) -> np.ndarray:
     for corner in lm[[36, 45]]:
         r = np.linalg.norm((v - corner)[:, :2], axis=1)
         ang = np.arctan2(v[:, 1] - corner[1], np.abs(v[:, 0] - corner[0]))
-        feet += _smoothstep(0.004, 0.008, r) * _smoothstep(0.02, 0.012, r) * np.sin(7 * ang) * \
+        feet += smoothstep(0.004, 0.008, r) * smoothstep(0.02, 0.012, r) * np.sin(7 * ang) * \
             (np.abs(v[:, 0]) > np.abs(corner[0]))
     pats.append(-0.0004 * feet)
     # Chin dimpling: bumps on the chin.
     chin = lm[8] + np.array([0, 0.012, 0.0])
     dimples = sum(np.sin(2 * np.pi * (v[:, k] - chin[k]) / 0.006) for k in (0, 1))
-    pats.append(0.0003 * dimples * _gauss(v, chin, (0.012, 0.008, 0.03)))
+    pats.append(0.0003 * dimples * gaussian(v, chin, (0.012, 0.008, 0.03)))
     # Frown lines: two vertical grooves between the brows.
     frown = sum(np.exp(-0.5 * ((v[:, 0] - sx * 0.006) / 0.0015) ** 2) for sx in (-1, 1))
-    frown = frown * _smoothstep(brow_y - 0.012, brow_y - 0.002, v[:, 1]) * _smoothstep(brow_y + 0.02, brow_y + 0.008, v[:, 1])
+    frown = frown * smoothstep(brow_y - 0.012, brow_y - 0.002, v[:, 1]) * smoothstep(brow_y + 0.02, brow_y + 0.008, v[:, 1])
     pats.append(-0.0007 * frown)
     basis = np.stack([depth * p[:, None] * n for p in pats])
     return basis
@@ -189,7 +182,7 @@ def _albedo(rest: RestInfo, rng: np.random.Generator, skin: np.ndarray, hair: np
     col *= 1.0 + 0.04 * rng.normal(size=(len(v), 1))
     # Cheeks a little redder.
     for c in lm[[2, 14]]:
-        col[:, 0] += 0.05 * _gauss(v, c + np.array([-np.sign(c[0]) * 0.02, 0.01, 0.02]), (0.015, 0.012, 0.03))
+        col[:, 0] += 0.05 * gaussian(v, c + np.array([-np.sign(c[0]) * 0.02, 0.01, 0.02]), (0.015, 0.012, 0.03))
     # Lips.
     lips = np.zeros(len(v))
     # Inside the outer lip contour (frontal projection), feathered over ~1 mm.
@@ -197,7 +190,7 @@ def _albedo(rest: RestInfo, rng: np.random.Generator, skin: np.ndarray, hair: np
     outline = lm[48:60, :2]
     inside = _point_in_polygon(v[:, :2], outline) & (v[:, 2] > lm[48, 2] - 0.01)
     edge = _distance_to_polygon(v[:, :2], outline)
-    lips = np.where(inside, 1.0, _smoothstep(0.0012, 0.0, edge) * (v[:, 2] > lm[48, 2] - 0.01))
+    lips = np.where(inside, 1.0, smoothstep(0.0012, 0.0, edge) * (v[:, 2] > lm[48, 2] - 0.01))
     lip_rgb = skin * np.array([0.95, 0.68, 0.68])
     col = col * (1 - lips[:, None]) + lip_rgb * lips[:, None]
     # Brows.
@@ -212,7 +205,7 @@ def _albedo(rest: RestInfo, rng: np.random.Generator, skin: np.ndarray, hair: np
     # Clothing below the neckline.
     cloth = rng.uniform(0.1, 0.8, 3)
     neckline = 0.005 - 0.035 * np.clip(1 - np.abs(v[:, 0]) / 0.1, 0, 1)
-    wear = _smoothstep(neckline + 0.003, neckline - 0.003, v[:, 1]) * (part == pm.SKIN)
+    wear = smoothstep(neckline + 0.003, neckline - 0.003, v[:, 1]) * (part == pm.SKIN)
     col = col * (1 - wear[:, None]) + cloth * wear[:, None]
     # Eyes: sclera, iris, pupil; mouth: dark cavity, teeth near the lips.
     iris_rgb = rng.choice([np.array([0.25, 0.15, 0.08]), np.array([0.2, 0.35, 0.55]),
@@ -235,7 +228,7 @@ def _segment_mask(v, a, b, width):
     ab = b - a
     t = np.clip(((v - a) @ ab) / (ab @ ab), 0, 1)
     dist = np.linalg.norm(v - (a + t[:, None] * ab), axis=1)
-    return _smoothstep(width, width * 0.5, dist)
+    return smoothstep(width, width * 0.5, dist)
 
 
 SKIN_TONES = np.array([[0.96, 0.80, 0.69], [0.90, 0.72, 0.58], [0.80, 0.60, 0.46],
@@ -256,11 +249,11 @@ def sample_identity(identity_id: str, rest: RestInfo, rng: np.random.Generator) 
     skin_mask = (rest.part == pm.SKIN)[:, None]
     offsets = hair_thickness * hair_mask[:, None] * n
     offsets += _smooth_noise_field(rng, v, 6, (0.02, 0.05), 0.0015) * hair_mask[:, None]   # hair lumps
-    ears = sum(_gauss(v, (sx * 0.077, 0.19, -0.014), (0.012, 0.03, 0.02)) for sx in (-1, 1))
+    ears = sum(gaussian(v, (sx * 0.077, 0.19, -0.014), (0.012, 0.03, 0.02)) for sx in (-1, 1))
     offsets[:, 0] += rng.uniform(-0.003, 0.004) * np.sign(v[:, 0]) * ears           # ears stick out
-    jaw = _gauss(v, (0, 0.11, 0.03), (0.06, 0.025, 0.05)) * (v[:, 1] < 0.15)
+    jaw = gaussian(v, (0, 0.11, 0.03), (0.06, 0.025, 0.05)) * (v[:, 1] < 0.15)
     offsets += np.outer(jaw, rng.normal(0, 0.0015, 3))                              # jaw line
-    shoulders = _smoothstep(0.0, -0.04, v[:, 1])
+    shoulders = smoothstep(0.0, -0.04, v[:, 1])
     offsets += _smooth_noise_field(rng, v, 5, (0.04, 0.08), 0.008,
                                    pool=v[v[:, 1] < -0.02]) * shoulders[:, None]
     offsets += _age_sag(rest, age)

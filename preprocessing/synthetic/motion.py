@@ -20,6 +20,11 @@ class ClipMotion:
     reye_pose: np.ndarray       # (T, 3)
     camera_offset: np.ndarray   # (T, 3) camera position jitter (metres, world)
 
+    @classmethod
+    def from_arrays(cls, arrays) -> "ClipMotion":
+        """From a clip's saved ground truth (a mapping with at least these fields)."""
+        return cls(**{k: arrays[k] for k in cls.__dataclass_fields__})
+
 
 def smooth_noise(rng: np.random.Generator, num_frames: int, fps: float, cutoff_hz: float,
                  dims: int = 1) -> np.ndarray:

@@ -270,6 +270,12 @@ def load_clip(corpus: str | os.PathLike, clip_id: str) -> dict[str, np.ndarray]:
         return {k: a[k] for k in a.files}
 
 
+def clip_camera(clip: dict[str, np.ndarray]) -> Camera:
+    """The per-frame cameras saved with a clip."""
+    size = int(clip["image_size"][0])
+    return Camera.from_matrices(clip["camera_K"], clip["camera_R"], clip["camera_t"], (size, size))
+
+
 def true_dynamic_offsets(corpus: str | os.PathLike, driver_clip_id: str,
                          target_identity_id: str) -> np.ndarray:
     """The exact Δf (T, N_face, 3) of the target identity performing the driver's expressions."""
@@ -283,12 +289,8 @@ def rerender_clip(world: SyntheticWorld, corpus: str | os.PathLike, clip_id: str
     """Render a clip again from its saved ground truth alone (frames, uint8)."""
     clip = load_clip(corpus, clip_id)
     identity = load_identity(corpus, clip_id.split("_")[0])
-    motion = ClipMotion(**{k: clip[k] for k in ClipMotion.__dataclass_fields__})
-    size = int(clip["image_size"][0])
-    camera = Camera(focal=torch.as_tensor(clip["camera_K"][:, [0, 1], [0, 1]]),
-                    principal=torch.as_tensor(clip["camera_K"][:, [0, 1], [2, 2]]),
-                    R=torch.as_tensor(clip["camera_R"]), t=torch.as_tensor(clip["camera_t"]),
-                    image_size=(size, size))
+    motion = ClipMotion.from_arrays(clip)
+    camera = clip_camera(clip)
     lighting = Lighting(ambient=torch.as_tensor(clip["light_ambient"]),
                         diffuse=torch.as_tensor(clip["light_diffuse"]),
                         direction=torch.as_tensor(clip["light_direction"]))
@@ -320,12 +322,9 @@ def clip_targets(world: SyntheticWorld, corpus: str | os.PathLike, clip_id: str,
     from models.render.conditions import render_conditions
     clip = load_clip(corpus, clip_id)
     ident = load_identity(corpus, clip_id.split("_")[0])
-    motion = ClipMotion(**{k: clip[k] for k in ClipMotion.__dataclass_fields__})
-    params, static, dynamic, _ = world.head_inputs(ident, motion)
-    size = int(clip["image_size"][0])
-    K = torch.as_tensor(clip["camera_K"])
-    cam = Camera(K[:, [0, 1], [0, 1]], K[:, [0, 1], [2, 2]], torch.as_tensor(clip["camera_R"]),
-                 torch.as_tensor(clip["camera_t"]), (size, size))
+    params, static, dynamic, _ = world.head_inputs(ident, ClipMotion.from_arrays(clip))
+    cam = clip_camera(clip)
+    K, size = cam.K, cam.image_size[0]
     with torch.no_grad():
         out = world.head(params, static, dynamic)
         maps = render_conditions(out.vertices, world.head.faces, cam)

@@ -57,19 +57,15 @@ def test_landmarks_project_onto_the_visible_surface(corpus, world):
     """The depth under each inner-face landmark matches the landmark's own depth: it projects
     onto the visible surface (3x3 neighbourhood: at 96 px a rounded pixel beside the open
     mouth or a nose wing can fall on the surface behind)."""
-    from models.render.camera import Camera
     from models.render.conditions import render_conditions
     from preprocessing.synthetic.motion import ClipMotion
+    from preprocessing.synthetic.world import clip_camera
 
     clip_id = sorted(corpus.raw_frames)[0]
     clip = load_clip(corpus.out, clip_id)
     ident = load_identity(corpus.out, clip_id.split("_")[0])
-    motion = ClipMotion(**{k: clip[k] for k in ClipMotion.__dataclass_fields__})
-    params, static, dynamic, _ = world.head_inputs(ident, motion)
-    size = int(clip["image_size"][0])
-    cam = Camera(torch.as_tensor(clip["camera_K"][:, [0, 1], [0, 1]]),
-                 torch.as_tensor(clip["camera_K"][:, [0, 1], [2, 2]]),
-                 torch.as_tensor(clip["camera_R"]), torch.as_tensor(clip["camera_t"]), (size, size))
+    params, static, dynamic, _ = world.head_inputs(ident, ClipMotion.from_arrays(clip))
+    cam = clip_camera(clip)
     with torch.no_grad():
         out = world.head(params, static_offsets=static, dynamic_offsets=dynamic)
         maps = render_conditions(out.vertices, world.head.faces, cam)
