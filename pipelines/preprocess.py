@@ -1,0 +1,400 @@
+"""The preprocessing job: talking-head videos -> WebDataset shards + parquet manifests.
+
+    python -m pipelines.preprocess --config configs/preprocess/local.yaml [--input DIR|MANIFEST]
+        [--output DIR] [--limit N] [--dry-run] [--address RAY_ADDRESS]
+
+Without an address (``--address``, ``ray.address`` in the config or ``RAY_ADDRESS``) it starts
+an embedded Ray on this machine, bound to loopback; with one it joins that cluster. The same
+command runs under ``ray job submit --working-dir . -- python -m pipelines.preprocess ...``.
+
+The driver only composes the pure stages of :mod:`preprocessing.clip_stages` as Ray tasks:
+
+    identity task (per identity: β, Δg from its first usable clip)
+      └─► clip tasks (decode -> track -> fit -> render -> encode), resources from the config
+            └─► shard task (write <split>-<k>.tar + done marker)      ... per planned shard
+
+A bad clip is a status row; a killed worker is retried by Ray (``max_retries``); a crashing
+stage is retried ``clip_retries`` times before it becomes a ``stage_error`` row. Reruns skip
+shards whose done marker matches the plan. Exit status: 0, 1 when the failure ratio passes
+``max_failure_ratio``, 2 for a bad configuration or input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from preprocessing.clip_stages import ClipItem, ClipOutcome, IdentityFit, StageConfig
+
+from .job_io import (JobInputError, OutputDir, ShardSpec, fingerprint, list_inputs, manifest_frame,
+                     parquet_bytes, plan_shards, write_if_changed, write_shard)
+
+
+# -- configuration ------------------------------------------------------------------------
+
+@dataclass
+class RayConfig:
+    address: str | None = None            # None: $RAY_ADDRESS, else an embedded local Ray
+    num_cpus: int | None = None           # embedded Ray only (None: all cores)
+    num_gpus: int | None = None
+    object_store_mb: int | None = 512     # embedded Ray only
+    include_dashboard: bool | None = False
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int | None = None
+    log_to_driver: bool = False           # workers' stdout (MediaPipe, TF Lite) is noisy
+
+
+@dataclass
+class WorkerConfig:
+    num_cpus: float = 1.0                 # per clip task
+    num_gpus: float = 0.0                 # > 0: the fit runs on a GPU worker
+    torch_threads: int | None = None      # None: num_cpus rounded (at least 1)
+    max_retries: int = 3                  # Ray re-runs a task whose worker process died
+    clip_retries: int = 1                 # a stage that raised is retried this often in place
+    max_pending_shards: int | None = None  # shards in flight (None: 2 + workers' clips / shard)
+
+
+@dataclass
+class PreprocessConfig:
+    input: str | None = None
+    output: str = "outputs/preprocess"
+    limit: int | None = None
+    head_model: str | None = None          # SMPL-X-format .npz; None: the synthetic model
+    subdivision: int = 1
+    clips_per_shard: int = 8
+    max_failure_ratio: float = 0.5
+    stages: StageConfig = field(default_factory=StageConfig)
+    workers: WorkerConfig = field(default_factory=WorkerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    fault_injection: dict = field(default_factory=dict)   # tests only: kill_worker / crash_stage
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        kwargs[name] = _build(type(default), value, f"{where}.{name}") if is_dataclass(default) else value
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> PreprocessConfig:
+    import yaml
+
+    data = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config {path} not found")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = _build(PreprocessConfig, data, "config")
+    if cfg.input is None:
+        raise ConfigError("no input: set `input:` in the config or pass --input")
+    if cfg.clips_per_shard < 1 or not 0 <= cfg.max_failure_ratio <= 1:
+        raise ConfigError("clips_per_shard must be >= 1 and max_failure_ratio in [0, 1]")
+    return cfg
+
+
+def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str) -> str:
+    """What a shard's content depends on besides its clips."""
+    return fingerprint(cfg.stages, cfg.subdivision, model_sha1)
+
+
+# -- Ray tasks ----------------------------------------------------------------------------
+
+_CONTEXTS: dict = {}
+
+
+def _context(model_path: str, stages: StageConfig, subdivision: int, threads: int):
+    """One StageContext per worker process (models load once, tasks reuse them)."""
+    key = (model_path, json.dumps(asdict(stages), sort_keys=True), subdivision)
+    if key not in _CONTEXTS:
+        import torch
+
+        from preprocessing.clip_stages import StageContext
+        torch.set_num_threads(threads)
+        _CONTEXTS.clear()
+        _CONTEXTS[key] = StageContext(model_path, stages, subdivision)
+    return _CONTEXTS[key]
+
+
+def _fire_once(fault_dir: str, kind: str, clip_id: str, faults: dict) -> bool:
+    """Test-only fault injection: True the first time ``kind`` hits ``clip_id`` in this output."""
+    if clip_id not in (faults.get(kind) or []):
+        return False
+    flag = Path(fault_dir) / f"{kind}-{clip_id}"
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def identity_task(identity_id: str, items: list[ClipItem], spec: dict) -> IdentityFit:
+    from preprocessing.clip_stages import fit_identity
+    return fit_identity(identity_id, items, _context(**spec["context"]))
+
+
+def clip_task(item: ClipItem, identity: IdentityFit, spec: dict) -> ClipOutcome:
+    from preprocessing.clip_stages import process_clip
+
+    ctx = _context(**spec["context"])
+    faults, fault_dir = spec["faults"], spec["fault_dir"]
+    if _fire_once(fault_dir, "kill_worker", item.clip_id, faults):
+        os.kill(os.getpid(), 9)                      # as if the node's OOM killer struck
+    attempts = 1 + spec["clip_retries"]
+    for attempt in range(attempts):
+        if _fire_once(fault_dir, "crash_stage", item.clip_id, faults):
+            outcome = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path,
+                                  status="stage_error", stage="process", reason="injected crash")
+        else:
+            outcome = process_clip(item, identity, ctx)
+        if outcome.status != "stage_error":
+            break
+    outcome.seconds["attempts"] = attempt + 1
+    return outcome
+
+
+def shard_task(out_root: str, shard: ShardSpec, clip_refs: list) -> dict:
+    """Wait for the shard's clips and write it. The refs arrive nested (unresolved), so a clip
+    whose task failed for good (its worker died on every retry) becomes a status row."""
+    import ray
+
+    outcomes = []
+    for item, ref in zip(shard.clips, clip_refs):
+        try:
+            outcomes.append(ray.get(ref))
+        except Exception as exc:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, ...
+            outcomes.append(ClipOutcome(item.clip_id, item.identity_id, item.split, item.path,
+                                        status="worker_lost", stage="worker",
+                                        reason=f"{type(exc).__name__}: {str(exc)[:800]}"))
+    return write_shard(OutputDir(out_root), shard, outcomes)
+
+
+# -- driver -------------------------------------------------------------------------------
+
+def _init_ray(cfg: RayConfig):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Embedded: keep every Ray socket on loopback (read when ray is imported; measured in
+        # ../shared/deps-notes.md). It also forbids other nodes joining, which is what we want.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=cfg.log_to_driver)
+        return "cluster"
+    kwargs = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
+                  dashboard_host=cfg.dashboard_host, log_to_driver=cfg.log_to_driver)
+    if cfg.dashboard_port:
+        kwargs["dashboard_port"] = cfg.dashboard_port
+    if cfg.object_store_mb:
+        kwargs["object_store_memory"] = int(cfg.object_store_mb) << 20
+    ray.init(**kwargs)
+    return "embedded"
+
+
+def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> dict:
+    """Run the job; returns the summary (also written to OUT/summary.json)."""
+    from expportrait.assets import synthetic_model_file
+    from preprocessing.clip_stages import file_sha1
+
+    started = time.time()
+    t_start = time.perf_counter()
+    model_path = str(Path(cfg.head_model).resolve()) if cfg.head_model else str(synthetic_model_file())
+    if not Path(model_path).is_file():
+        raise ConfigError(f"head model {model_path} not found")
+    stage_fp = stage_fingerprint(cfg, file_sha1(model_path))
+    items = list_inputs(cfg.input, cfg.limit)
+    if not items:
+        raise JobInputError(f"no video found in {cfg.input}")
+    plan = plan_shards(items, cfg.clips_per_shard, stage_fp)
+    out = OutputDir(cfg.output)
+    done = {s.name: out.read_marker(s) for s in plan} if out.shards.is_dir() else {}
+    pending = [s for s in plan if not done.get(s.name)]
+    pending_items = [c for s in pending for c in s.clips]
+    by_identity: dict[str, list[ClipItem]] = {}
+    for item in items:
+        by_identity.setdefault(item.identity_id, []).append(item)
+    needed = sorted({c.identity_id for c in pending_items})
+    if dry_run:
+        return {"dry_run": True, "inputs": len(items), "shards": len(plan), "pending_shards": len(pending),
+                "pending_clips": len(pending_items), "identities": len(by_identity),
+                "identities_needed": needed, "output": str(out.root),
+                "plan": [{"shard": s.name, "clips": [c.clip_id for c in s.clips],
+                          "done": bool(done.get(s.name))} for s in plan]}
+
+    orphans = out.prepare()
+    run_stats = {"started": started, "orphans_removed": [p.name for p in orphans],
+                 "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
+    if pending:
+        run_stats.update(_run_pending(cfg, out, pending, pending_items, by_identity, needed,
+                                      model_path, stage_fp, progress))
+    markers = [out.read_marker(s) for s in plan]
+    missing = [s.name for s, m in zip(plan, markers) if m is None]
+    if missing:                                   # only when a shard task itself kept failing
+        raise RuntimeError(f"shards without a done marker after the run: {missing}")
+    manifest = manifest_frame(markers)
+    errors = manifest[manifest["status"] != "ok"].reset_index(drop=True)
+    run_stats["manifest_written"] = write_if_changed(out.root / "manifest.parquet", parquet_bytes(manifest))
+    run_stats["errors_written"] = write_if_changed(out.root / "errors.parquet", parquet_bytes(errors))
+    run_stats["seconds"] = round(time.perf_counter() - t_start, 3)
+    failed = int((manifest["status"] != "ok").sum())
+    summary = {
+        "inputs": len(manifest), "ok": len(manifest) - failed, "failed": failed,
+        "failure_ratio": round(failed / max(1, len(manifest)), 4),
+        "max_failure_ratio": cfg.max_failure_ratio,
+        "statuses": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
+        "samples": int(sum(m["samples"] for m in markers)),
+        "shards": [{"name": m["name"], "tar": m["tar"], "samples": m["samples"], "sha256": m["sha256"],
+                    "bytes": m["bytes"]} for m in markers],
+        "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
+        "output": str(out.root.resolve()), "last_run": run_stats,
+    }
+    (out.root / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec],
+                 pending_items: list[ClipItem], by_identity: dict, needed: list[str],
+                 model_path: str, stage_fp: str, progress: bool) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    mode = _init_ray(cfg.ray)
+    try:
+        threads = cfg.workers.torch_threads or max(1, int(round(cfg.workers.num_cpus)))
+        spec = {"context": {"model_path": model_path, "stages": cfg.stages, "subdivision": cfg.subdivision,
+                            "threads": threads},
+                "clip_retries": cfg.workers.clip_retries, "faults": cfg.fault_injection,
+                "fault_dir": str(out.root / "_faults")}
+        spec_ref = ray.put(spec)
+        resources = {"num_cpus": cfg.workers.num_cpus, "num_gpus": cfg.workers.num_gpus,
+                     "max_retries": cfg.workers.max_retries}
+        fit_identity = ray.remote(identity_task).options(**resources)
+        fit_clip = ray.remote(clip_task).options(**resources)
+        write = ray.remote(shard_task).options(num_cpus=0.25, max_retries=cfg.workers.max_retries)
+
+        # Identities: reuse the saved ones; fit the rest (their clips wait on them in Ray).
+        identities, fitted = {}, {}
+        for iid in needed:
+            saved = out.load_identity(iid, stage_fp)
+            if saved is not None:
+                identities[iid] = ray.put(saved)
+            else:
+                fitted[iid] = fit_identity.remote(iid, by_identity[iid], spec_ref)
+                identities[iid] = fitted[iid]
+        cpus = ray.cluster_resources().get("CPU", 1)
+        slots = max(1, int(cpus // max(cfg.workers.num_cpus, 1e-3)))
+        window = cfg.workers.max_pending_shards or 2 + -(-slots // cfg.clips_per_shard)
+        bar = tqdm(total=len(pending_items), desc="clips", unit="clip", disable=not progress,
+                   file=sys.stdout, mininterval=1.0)
+        queue, in_flight, clip_refs, written = list(pending), {}, [], 0
+        saved_identities = 0
+        while queue or in_flight:
+            while queue and len(in_flight) < window:
+                shard = queue.pop(0)
+                refs = [fit_clip.remote(c, identities[c.identity_id], spec_ref) for c in shard.clips]
+                clip_refs.extend(refs)
+                in_flight[write.remote(str(out.root), shard, refs)] = shard
+            ready, _ = ray.wait(list(in_flight) + clip_refs, num_returns=1, timeout=1.0, fetch_local=False)
+            done_clips, clip_refs = _split_ready(clip_refs)
+            bar.update(done_clips)
+            for ref in [r for r in ready if r in in_flight]:
+                ray.get(ref)                  # raises if the shard task failed for good
+                in_flight.pop(ref)
+                written += 1
+            for iid in [i for i, r in fitted.items() if _is_ready(r)]:
+                try:
+                    fit = ray.get(fitted.pop(iid))
+                except Exception:  # noqa: BLE001 - its clips carry the failure as rows
+                    continue
+                if fit.status == "ok":
+                    out.save_identity(fit, stage_fp)
+                    saved_identities += 1
+        bar.close()
+        return {"mode": mode, "nodes": _node_addresses(), "clips_processed": len(pending_items),
+                "shards_written": written, "identities_fitted": saved_identities,
+                "workers": slots}
+    finally:
+        ray.shutdown()
+
+
+def _is_ready(ref) -> bool:
+    import ray
+    ready, _ = ray.wait([ref], timeout=0, fetch_local=False)
+    return bool(ready)
+
+
+def _split_ready(refs: list) -> tuple[int, list]:
+    import ray
+    if not refs:
+        return 0, refs
+    ready, rest = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    return len(ready), rest
+
+
+def _node_addresses() -> list[str]:
+    import ray
+    return sorted(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))
+
+
+# -- command line -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see configs/preprocess/local.yaml)")
+    p.add_argument("--input", help="folder of videos or manifest (.parquet/.csv)")
+    p.add_argument("--output", help="output folder")
+    p.add_argument("--limit", type=int, help="only the first N clips (sorted by clip id)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run and write nothing")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, {"input": args.input, "output": args.output, "limit": args.limit})
+        if args.address:
+            cfg.ray.address = args.address
+        summary = run(cfg, dry_run=args.dry_run, progress=not args.no_progress)
+    except (ConfigError, JobInputError) as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        return 2
+    if args.dry_run:
+        print(json.dumps(summary))
+        return 0
+    brief = {k: summary[k] for k in ("inputs", "ok", "failed", "failure_ratio", "samples", "statuses", "output")}
+    brief["shards"] = len([s for s in summary["shards"] if s["tar"]])
+    brief["last_run"] = {k: summary["last_run"].get(k) for k in
+                         ("mode", "nodes", "clips_processed", "shards_written", "seconds")}
+    if summary["failure_ratio"] > cfg.max_failure_ratio:
+        brief["error"] = (f"failure ratio {summary['failure_ratio']:.2f} is above max_failure_ratio "
+                          f"{cfg.max_failure_ratio:.2f}; see {summary['output']}/errors.parquet")
+        print(json.dumps(brief))
+        return 1
+    print(json.dumps(brief))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The per-clip stages of the preprocessing job, as plain functions (no Ray, no shard I/O).
+
+``decode -> track + landmarks -> fit -> render conditions -> segment into schema samples``;
+:func:`fit_identity` gives the β and Δg that all clips of one identity share. The Ray driver
+(``pipelines/preprocess.py``) and the benchmark's bare loop call exactly these functions.
+
+A clip never raises out of :func:`process_clip`: failures come back as a :class:`ClipOutcome`
+with a status, the stage that failed and a reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.head.head_model import PersonalizedHead
+from models.render.conditions import render_conditions
+
+from .clip_fit import ClipFit, fit_frames
+from .fitting import FitConfig, Fitter
+from .ingest import open_video
+from .sample_schema import ShardSample, encode_sample, sample_key
+from .tracking import FaceTracker
+
+
+@dataclass
+class StageConfig:
+    """Everything a worker needs to process clips; plain data (travels to Ray workers)."""
+
+    fps: float | None = 25.0          # decode rate (None: the source's own)
+    max_side: int = 720               # decode size cap (long side)
+    min_frames: int = 8
+    max_frames: int | None = 300      # longer clips are cut (first frames kept)
+    crop_size: int = 256
+    fov_deg: float = 20.0             # assumed vertical FOV of real footage
+    identity_frames: int = 48         # frames of the anchor clip used for β / Δg
+    segment_frames: int = 24          # frames per shard sample (shorter clips: one sample)
+    max_bad_frames: float = 0.5       # more frames not ok than this: the clip fails
+    render_depth: bool = True
+    frame_codec: str = "lossless"
+    frame_crf: int = 18
+    licence: str = "unknown"
+    fit: dict = field(default_factory=dict)   # FitConfig overrides
+    estimator: str | None = None      # "package.module:factory" (see preprocessing/estimators.py)
+    estimator_weights: str | None = None
+
+
+@dataclass
+class ClipItem:
+    clip_id: str
+    path: str
+    identity_id: str
+    split: str = "train"
+
+
+@dataclass
+class IdentityFit:
+    identity_id: str
+    status: str                       # ok or the anchor failures' status
+    reason: str = ""
+    anchor_clip_id: str | None = None
+    betas: np.ndarray | None = None            # (300,)
+    static_offsets: np.ndarray | None = None   # (N, 3) float32
+    seconds: float = 0.0
+
+
+@dataclass
+class ClipOutcome:
+    clip_id: str
+    identity_id: str
+    split: str
+    path: str
+    status: str                       # ok, or why the clip produced no sample
+    stage: str = ""                   # where it failed
+    reason: str = ""
+    frames: int = 0
+    notes: list[str] = field(default_factory=list)
+    samples: list[dict[str, bytes]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    qc: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def row(self) -> dict:
+        """The manifest row (everything but the sample bytes)."""
+        d = {k: v for k, v in asdict(self).items() if k != "samples"}
+        d["samples"] = len(self.samples)
+        return d
+
+
+class StageContext:
+    """What one worker process loads once: the head model, tracker, fitter, estimator."""
+
+    def __init__(self, model_path: str | Path, config: StageConfig, subdivision: int = 1) -> None:
+        from models.head.smplx_file import load_smplx_model
+        from .estimators import load_estimator
+
+        self.config = config
+        self.model_path = str(model_path)
+        self.model_sha1 = file_sha1(model_path)
+        self.head = PersonalizedHead(load_smplx_model(model_path), subdivision_levels=subdivision)
+        self.tracker = FaceTracker(crop_size=config.crop_size)
+        self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}))
+        self.estimator = (load_estimator(config.estimator, config.estimator_weights)
+                          if config.estimator else None)
+        self.provenance = provenance(self.model_sha1, config.licence)
+
+
+class StageFailure(Exception):
+    def __init__(self, status: str, stage: str, reason: str) -> None:
+        super().__init__(f"{stage}: {status}: {reason}")
+        self.status, self.stage, self.reason = status, stage, reason
+
+
+def decode_clip(item: ClipItem, config: StageConfig) -> tuple[np.ndarray, float, list[str]]:
+    """Frames (T, H, W, 3) at constant rate, the rate, ingest notes; StageFailure if unusable."""
+    reader = open_video(item.path, target_fps=config.fps, max_side=config.max_side,
+                        min_frames=config.min_frames)
+    if reader.plan is None:
+        raise StageFailure(reader.status.value, "decode", reader.probe.reason)
+    frames = []
+    for k, _, frame in reader:
+        if config.max_frames and k >= config.max_frames:
+            break
+        frames.append(frame)
+    if len(frames) < config.min_frames:
+        raise StageFailure("too_few_frames", "decode",
+                           f"{len(frames)} decodable frame(s), need {config.min_frames}")
+    notes = list(reader.plan.notes) + (["truncated"] if reader.plan.num_frames > len(frames) else [])
+    return np.stack(frames), reader.plan.fps, notes
+
+
+def _fit(frames: np.ndarray, ctx: StageContext, betas=None, static=None) -> ClipFit:
+    return fit_frames(frames, ctx.head, ctx.tracker, fov_deg=ctx.config.fov_deg, fitter=ctx.fitter,
+                      estimator=ctx.estimator, betas=betas, static_offsets=static)
+
+
+def _bad_fraction(clip: ClipFit) -> float:
+    statuses = clip.fit.frame_status
+    return 1.0 - statuses.count("ok") / max(1, len(statuses))
+
+
+def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext) -> IdentityFit:
+    """β and Δg of an identity from its first usable clip (in the order given), fitted on up
+    to ``identity_frames`` frames. Never raises: a failed identity says why."""
+    t0 = time.perf_counter()
+    reasons = []
+    for item in items:
+        try:
+            frames, _, _ = decode_clip(item, ctx.config)
+            clip = _fit(frames[:ctx.config.identity_frames], ctx)
+        except StageFailure as exc:
+            reasons.append(f"{item.clip_id}: {exc.status} ({exc.reason})")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a crashing clip must not end the identity
+            reasons.append(f"{item.clip_id}: {type(exc).__name__}: {exc}")
+            continue
+        if clip.status != "ok":
+            reasons.append(f"{item.clip_id}: {clip.status} ({clip.reason})")
+            continue
+        if _bad_fraction(clip) > ctx.config.max_bad_frames:
+            reasons.append(f"{item.clip_id}: fit_diverged on {_bad_fraction(clip):.0%} of frames")
+            continue
+        return IdentityFit(identity_id, "ok", anchor_clip_id=item.clip_id,
+                           betas=clip.fit.params.betas.reshape(-1).numpy().astype(np.float32),
+                           static_offsets=clip.fit.static_offsets.numpy().astype(np.float32),
+                           seconds=time.perf_counter() - t0)
+    return IdentityFit(identity_id, "identity_failed", reason="; ".join(reasons) or "no clip",
+                       seconds=time.perf_counter() - t0)
+
+
+def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> ClipOutcome:
+    """Decode, track, fit (with the identity's β and Δg), render and encode one clip."""
+    out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="ok")
+    try:
+        if identity.status != "ok":
+            raise StageFailure("identity_failed", "identity", identity.reason)
+        t0 = time.perf_counter()
+        frames, fps, out.notes = decode_clip(item, ctx.config)
+        out.frames = len(frames)
+        out.seconds["decode"] = time.perf_counter() - t0
+        clip = _fit(frames, ctx, torch.as_tensor(identity.betas)[None],
+                    torch.as_tensor(identity.static_offsets))
+        out.seconds.update(clip.seconds)
+        if clip.status != "ok":
+            raise StageFailure(clip.status, "track", clip.reason)
+        out.qc = clip.summary()
+        bad = _bad_fraction(clip)
+        if bad > ctx.config.max_bad_frames:
+            raise StageFailure("fit_diverged", "fit", f"{bad:.0%} of frames did not fit "
+                               f"(limit {ctx.config.max_bad_frames:.0%})")
+        t0 = time.perf_counter()
+        samples = clip_samples(item, clip, frames, fps, out.notes, ctx)
+        out.seconds["render"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out.samples = [encode_sample(s, ctx.config.frame_codec, ctx.config.frame_crf, fps) for s in samples]
+        out.seconds["encode"] = time.perf_counter() - t0
+    except StageFailure as exc:
+        out.status, out.stage, out.reason = exc.status, exc.stage, exc.reason
+    except Exception as exc:  # noqa: BLE001 - a crashing stage is a status row, not a dead job
+        out.status, out.stage = "stage_error", "process"
+        out.reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    if not out.ok:
+        out.samples = []
+    return out
+
+
+def segments(num_frames: int, length: int) -> list[slice]:
+    """Consecutive segments of ``length`` frames; the tail shorter than a segment is dropped
+    (a clip shorter than one segment is one sample)."""
+    if num_frames <= length:
+        return [slice(0, num_frames)]
+    return [slice(s, s + length) for s in range(0, num_frames - length + 1, length)]
+
+
+def clip_samples(item: ClipItem, clip: ClipFit, frames: np.ndarray, fps: float, notes: list[str],
+                 ctx: StageContext) -> list[ShardSample]:
+    """Render the condition maps of a fitted clip and cut it into schema samples."""
+    fit, head = clip.fit, ctx.head
+    t = len(clip.track.crops)
+    params = {k: v.numpy().astype(np.float32) for k, v in fit.params.to_dict().items()}
+    static16 = fit.static_offsets.numpy().astype(np.float16)
+    face_ids = head.face_vertex_ids.numpy().astype(np.int32)
+    qc_frames = {k: _finite_list(v) for k, v in fit.qc.items()}
+    samples = []
+    for seg_index, seg in enumerate(segments(t, ctx.config.segment_frames)):
+        with torch.no_grad():
+            sub = fit.params.map(lambda x: x[seg] if x.shape[0] == t else x)
+            verts = head(sub, fit.static_offsets, fit.dynamic_offsets[seg]).vertices.contiguous()
+            maps = render_conditions(verts, head.faces, fit.camera.select(seg), head.face_mask)
+        smplx = {k: v[seg] if v.shape[0] == t and k != "betas" else v for k, v in params.items()}
+        smplx["betas"] = params["betas"].reshape(-1)
+        smplx["camera_K"] = fit.camera.K[seg].numpy().astype(np.float32)
+        smplx["camera_R"] = fit.camera.R.expand(t, 3, 3)[seg].numpy().astype(np.float32)
+        smplx["camera_t"] = fit.camera.t.expand(t, 3)[seg].numpy().astype(np.float32)
+        sil = maps.silhouette.numpy() > 0
+        samples.append(ShardSample(
+            key=sample_key(item.clip_id, seg_index),
+            frames=np.ascontiguousarray(clip.track.crops[seg]),
+            normals=maps.normal_rgb().numpy(),
+            silhouette=sil, face_mask=(maps.face_mask.numpy() > 0) & sil,
+            depth=(maps.depth.numpy() * sil).astype(np.float16) if ctx.config.render_depth else None,
+            smplx=smplx,
+            dynamic_offsets=fit.dynamic_offsets[seg].numpy().astype(np.float16),
+            face_vertex_ids=face_ids, static_offsets=static16,
+            qc={"status": fit.frame_status[seg],
+                **{k: v[seg] for k, v in qc_frames.items()},
+                "clip": _stable_summary(clip)},
+            meta={**ctx.provenance, "clip_id": item.clip_id, "identity_id": item.identity_id,
+                  "split": item.split, "segment": seg_index, "frame_start": seg.start,
+                  "frame_stop": seg.stop, "clip_frames": t, "fps": fps, "source": item.path,
+                  "source_sha1": file_sha1(item.path), "ingest_notes": notes,
+                  "crop_boxes": np.round(clip.track.boxes[seg], 3).tolist(),
+                  "crop_size": int(clip.track.crops.shape[1])}))
+    return samples
+
+
+def _stable_summary(clip: ClipFit) -> dict:
+    """The clip's QC summary without timings (samples must encode reproducibly)."""
+    return {k: v for k, v in clip.summary().items() if k not in ("seconds", "fps")}
+
+
+def _finite_list(values) -> list:
+    arr = np.asarray(values, dtype=np.float64)
+    return [None if not np.isfinite(v) else round(float(v), 5) for v in arr]
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def provenance(model_sha1: str, licence: str) -> dict:
+    """Versions and model identity stamped into every sample (no hostnames or times: samples
+    must be reproducible byte for byte)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("expportrait", "torch", "numpy", "av", "mediapipe", "opencv-python-headless", "smplx"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"head_model_sha1": model_sha1, "licence": licence, "versions": versions}

@@ -1,0 +1,225 @@
+"""The shard sample schema: the one definition that the shard writer and the training reader share.
+
+One sample is one segment of one clip of one identity. In a WebDataset tar its members are
+``<key>.<member>``; the key holds no dots (WebDataset splits on the first one).
+
+=============  ==============================================================================
+member         content
+=============  ==============================================================================
+rgb.mp4        aligned crop frames (T, H, W, 3) uint8; codec ``lossless`` (H.264 RGB, qp 0:
+               decodes bit-exactly) or ``h264`` (yuv420p at a CRF: small, lossy)
+cond.npz       ``normals`` (T, H, W, 3) uint8 (view-convention RGB, 0 = background),
+               ``silhouette`` / ``face_mask`` (T, H, W) bool, optional ``depth`` (T, H, W)
+               float16 metres (0 = background)
+smplx.npz      ``betas`` (300,), per frame ``expression`` (T, 100) and ``global_orient``,
+               ``neck_pose``, ``head_pose``, ``jaw_pose``, ``leye_pose``, ``reye_pose``,
+               ``transl`` (T, 3) axis-angle / metres; camera ``camera_K`` (T, 3, 3),
+               ``camera_R`` (T, 3, 3), ``camera_t`` (T, 3) (OpenCV, pixels of the crop)
+offsets.npz    ``dynamic_offsets`` Δf (T, N_face, 3) float16 (zero-mean over the whole clip),
+               ``face_vertex_ids`` (N_face,) int32, ``static_offsets`` Δg (N, 3) float16
+qc.json        per-frame ``status`` and residuals, clip-level summary
+meta.json      provenance: schema version, clip / identity / split / segment, source path and
+               sha1, fps, frame range, crop boxes, head-model sha1, licence tag, versions
+=============  ==============================================================================
+
+Everything is numpy ``.npy`` inside zip (``allow_pickle=False`` on read) or JSON: no pickle.
+Bytes are deterministic (fixed zip timestamps, sorted JSON keys), so the same sample always
+encodes to the same bytes and shards can be compared by content hash.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+import numpy as np
+
+SCHEMA_VERSION = 1
+MEMBERS = ("rgb.mp4", "cond.npz", "smplx.npz", "offsets.npz", "qc.json", "meta.json")
+FRAME_CODECS = ("lossless", "h264")
+SMPLX_PER_FRAME = ("expression", "global_orient", "neck_pose", "head_pose", "jaw_pose",
+                   "leye_pose", "reye_pose", "transl", "camera_K", "camera_R", "camera_t")
+_ZIP_DATE = (2020, 1, 1, 0, 0, 0)
+_KEY_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class SchemaError(ValueError):
+    """A sample that does not follow the schema (missing member, wrong shape, bad bytes)."""
+
+
+@dataclass
+class ShardSample:
+    key: str
+    frames: np.ndarray                       # (T, H, W, 3) uint8
+    normals: np.ndarray                      # (T, H, W, 3) uint8
+    silhouette: np.ndarray                   # (T, H, W) bool
+    face_mask: np.ndarray                    # (T, H, W) bool
+    smplx: dict[str, np.ndarray]             # see the module docstring
+    dynamic_offsets: np.ndarray              # (T, N_face, 3) float16
+    face_vertex_ids: np.ndarray              # (N_face,) int32
+    static_offsets: np.ndarray               # (N, 3) float16
+    qc: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    depth: np.ndarray | None = None          # (T, H, W) float16
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    def validate(self) -> "ShardSample":
+        t = self.num_frames
+        if not self.key or _KEY_SAFE.search(self.key):
+            raise SchemaError(f"sample key {self.key!r} must be non-empty [A-Za-z0-9_-]")
+        _check(self.frames, "frames", np.uint8, (t, None, None, 3))
+        h, w = self.frames.shape[1:3]
+        _check(self.normals, "normals", np.uint8, (t, h, w, 3))
+        _check(self.silhouette, "silhouette", np.bool_, (t, h, w))
+        _check(self.face_mask, "face_mask", np.bool_, (t, h, w))
+        if self.depth is not None:
+            _check(self.depth, "depth", np.float16, (t, h, w))
+        for name in SMPLX_PER_FRAME:
+            if name not in self.smplx:
+                raise SchemaError(f"smplx is missing {name!r}")
+            if self.smplx[name].shape[0] != t:
+                raise SchemaError(f"smplx[{name!r}] has {self.smplx[name].shape[0]} frames, not {t}")
+        if "betas" not in self.smplx or self.smplx["betas"].ndim != 1:
+            raise SchemaError("smplx['betas'] must be one (num_betas,) vector per identity")
+        _check(self.dynamic_offsets, "dynamic_offsets", np.float16,
+               (t, len(self.face_vertex_ids), 3))
+        _check(self.face_vertex_ids, "face_vertex_ids", np.int32, (None,))
+        _check(self.static_offsets, "static_offsets", np.float16, (None, 3))
+        return self
+
+
+def sample_key(clip_id: str, segment: int) -> str:
+    """``<clip id with unsafe characters replaced>_s<segment>``: no dots, stable."""
+    return f"{_KEY_SAFE.sub('_', clip_id)}_s{segment:03d}"
+
+
+def encode_sample(sample: ShardSample, frame_codec: str = "lossless", crf: int = 18,
+                  fps: float = 25.0) -> dict[str, bytes]:
+    """A sample -> ``{"__key__": key, member: bytes}`` for ``webdataset.TarWriter``."""
+    sample.validate()
+    cond = {"normals": sample.normals, "silhouette": sample.silhouette, "face_mask": sample.face_mask}
+    if sample.depth is not None:
+        cond["depth"] = sample.depth
+    meta = dict(sample.meta, schema_version=SCHEMA_VERSION, frame_codec=frame_codec)
+    return {
+        "__key__": sample.key,
+        "rgb.mp4": encode_frames(sample.frames, frame_codec, crf, fps),
+        "cond.npz": npz_bytes(cond),
+        "smplx.npz": npz_bytes(sample.smplx),
+        "offsets.npz": npz_bytes({"dynamic_offsets": sample.dynamic_offsets,
+                                  "face_vertex_ids": sample.face_vertex_ids,
+                                  "static_offsets": sample.static_offsets}),
+        "qc.json": json_bytes(sample.qc),
+        "meta.json": json_bytes(meta),
+    }
+
+
+def decode_sample(raw: dict[str, bytes]) -> ShardSample:
+    """WebDataset raw sample (``__key__`` + member bytes) -> :class:`ShardSample`.
+
+    Raises :class:`SchemaError` for a missing member or undecodable bytes."""
+    key = raw.get("__key__")
+    missing = [m for m in MEMBERS if m not in raw]
+    if key is None or missing:
+        raise SchemaError(f"sample {key!r} is missing {missing or ['__key__']}")
+    try:
+        meta = json.loads(raw["meta.json"])
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"sample {key!r} has schema version {version}, reader expects {SCHEMA_VERSION}")
+        cond = load_npz(raw["cond.npz"])
+        offsets = load_npz(raw["offsets.npz"])
+        sample = ShardSample(
+            key=key, frames=decode_frames(raw["rgb.mp4"]),
+            normals=cond["normals"], silhouette=cond["silhouette"], face_mask=cond["face_mask"],
+            depth=cond.get("depth"), smplx=load_npz(raw["smplx.npz"]),
+            dynamic_offsets=offsets["dynamic_offsets"], face_vertex_ids=offsets["face_vertex_ids"],
+            static_offsets=offsets["static_offsets"], qc=json.loads(raw["qc.json"]), meta=meta)
+    except SchemaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt member
+        raise SchemaError(f"sample {key!r}: {type(exc).__name__}: {exc}") from exc
+    return sample.validate()
+
+
+# -- member codecs -------------------------------------------------------------------------
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """Deterministic ``.npz`` (zip of ``.npy``; fixed timestamps, sorted names, deflated)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        for name in sorted(arrays):
+            arr = np.ascontiguousarray(arrays[name])
+            if arr.dtype == object:
+                raise SchemaError(f"{name!r} is an object array: the schema holds no pickle")
+            npy = io.BytesIO()
+            np.lib.format.write_array(npy, arr, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, npy.getvalue())
+    return buf.getvalue()
+
+
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def encode_frames(frames: np.ndarray, codec: str = "lossless", crf: int = 18, fps: float = 25.0) -> bytes:
+    """RGB uint8 frames -> mp4 bytes. ``lossless`` (libx264rgb, qp 0) decodes bit-exactly;
+    ``h264`` is yuv420p at ``crf``. Single-threaded encode: the bytes are reproducible."""
+    if codec not in FRAME_CODECS:
+        raise SchemaError(f"frame codec {codec!r}: use one of {FRAME_CODECS}")
+    t, h, w = frames.shape[:3]
+    if codec == "h264" and (h % 2 or w % 2):
+        raise SchemaError(f"h264 needs even frame sizes, got {w}x{h}")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        name, pix_fmt = ("libx264rgb", "rgb24") if codec == "lossless" else ("libx264", "yuv420p")
+        stream = container.add_stream(name, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        opts = {"qp": "0", "preset": "veryfast"} if codec == "lossless" else {"crf": str(crf), "preset": "medium"}
+        stream.options = dict(opts, threads="1")
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_frames(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise SchemaError("rgb.mp4 holds no frame")
+    return np.stack(frames)
+
+
+def _check(arr, name: str, dtype, shape: tuple) -> None:
+    if not isinstance(arr, np.ndarray):
+        raise SchemaError(f"{name} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype != dtype:
+        raise SchemaError(f"{name} has dtype {arr.dtype}, schema says {np.dtype(dtype)}")
+    if arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape)):
+        raise SchemaError(f"{name} has shape {arr.shape}, schema says {shape}")
