@@ -240,7 +240,7 @@ def sha256_file(path: Path) -> str:
 # -- manifests ----------------------------------------------------------------------------
 
 MANIFEST_COLUMNS = ["clip_id", "identity_id", "split", "path", "status", "stage", "reason", "shard",
-                    "samples", "frames", "notes", "seconds_total", "seconds", "qc"]
+                    "samples", "frames", "notes", "seconds_total", "seconds", "qc", "node"]
 
 
 def manifest_frame(markers: list[dict]):

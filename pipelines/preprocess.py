@@ -167,6 +167,8 @@ def clip_task(item: ClipItem, identity: IdentityFit, spec: dict) -> ClipOutcome:
         if outcome.status != "stage_error":
             break
     outcome.seconds["attempts"] = attempt + 1
+    import ray
+    outcome.node = ray.util.get_node_ip_address()
     return outcome
 
 
@@ -274,10 +276,10 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
 def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec],
                  pending_items: list[ClipItem], by_identity: dict, needed: list[str],
                  model_path: str, stage_fp: str, progress: bool) -> dict:
-    import ray
     from tqdm import tqdm
 
-    mode = _init_ray(cfg.ray)
+    mode = _init_ray(cfg.ray)                     # first: it sets what `import ray` reads
+    import ray
     try:
         threads = cfg.workers.torch_threads or max(1, int(round(cfg.workers.num_cpus)))
         spec = {"context": {"model_path": model_path, "stages": cfg.stages, "subdivision": cfg.subdivision,

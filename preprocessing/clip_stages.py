@@ -67,6 +67,7 @@ class IdentityFit:
     betas: np.ndarray | None = None            # (300,)
     static_offsets: np.ndarray | None = None   # (N, 3) float32
     seconds: float = 0.0
+    clip_failures: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id: (status, stage, reason)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class ClipOutcome:
     samples: list[dict[str, bytes]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     qc: dict = field(default_factory=dict)
+    node: str = ""                    # where it ran (filled in by the job driver's task)
 
     @property
     def ok(self) -> bool:
@@ -151,29 +153,28 @@ def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext) -> 
     """β and Δg of an identity from its first usable clip (in the order given), fitted on up
     to ``identity_frames`` frames. Never raises: a failed identity says why."""
     t0 = time.perf_counter()
-    reasons = []
+    failures = {}
     for item in items:
         try:
             frames, _, _ = decode_clip(item, ctx.config)
             clip = _fit(frames[:ctx.config.identity_frames], ctx)
+            if clip.status != "ok":
+                raise StageFailure(clip.status, "track", clip.reason)
+            if _bad_fraction(clip) > ctx.config.max_bad_frames:
+                raise StageFailure("fit_diverged", "fit", f"{_bad_fraction(clip):.0%} of frames did not fit")
         except StageFailure as exc:
-            reasons.append(f"{item.clip_id}: {exc.status} ({exc.reason})")
+            failures[item.clip_id] = (exc.status, exc.stage, exc.reason)
             continue
         except Exception as exc:  # noqa: BLE001 - a crashing clip must not end the identity
-            reasons.append(f"{item.clip_id}: {type(exc).__name__}: {exc}")
-            continue
-        if clip.status != "ok":
-            reasons.append(f"{item.clip_id}: {clip.status} ({clip.reason})")
-            continue
-        if _bad_fraction(clip) > ctx.config.max_bad_frames:
-            reasons.append(f"{item.clip_id}: fit_diverged on {_bad_fraction(clip):.0%} of frames")
+            failures[item.clip_id] = ("stage_error", "identity", f"{type(exc).__name__}: {exc}")
             continue
         return IdentityFit(identity_id, "ok", anchor_clip_id=item.clip_id,
                            betas=clip.fit.params.betas.reshape(-1).numpy().astype(np.float32),
                            static_offsets=clip.fit.static_offsets.numpy().astype(np.float32),
-                           seconds=time.perf_counter() - t0)
-    return IdentityFit(identity_id, "identity_failed", reason="; ".join(reasons) or "no clip",
-                       seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, clip_failures=failures)
+    reason = "; ".join(f"{c}: {s} ({r})" for c, (s, _, r) in failures.items()) or "no clip"
+    return IdentityFit(identity_id, "identity_failed", reason=f"no usable clip: {reason}",
+                       seconds=time.perf_counter() - t0, clip_failures=failures)
 
 
 def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> ClipOutcome:
@@ -181,6 +182,8 @@ def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> Cl
     out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="ok")
     try:
         if identity.status != "ok":
+            if item.clip_id in identity.clip_failures:     # this clip was tried: say why it failed
+                raise StageFailure(*identity.clip_failures[item.clip_id])
             raise StageFailure("identity_failed", "identity", identity.reason)
         t0 = time.perf_counter()
         frames, fps, out.notes = decode_clip(item, ctx.config)

