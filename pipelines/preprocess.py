@@ -145,12 +145,20 @@ def _fire_once(fault_dir: str, kind: str, clip_id: str, faults: dict) -> bool:
     return True
 
 
-def identity_task(identity_id: str, items: list[ClipItem], spec: dict) -> IdentityFit:
+def identity_task(identity_id: str, items: list[ClipItem], spec: dict):
+    """Three returns: the identity, the outcomes of clips that failed as anchor candidates
+    (small) and the anchor clip's final outcome (its samples: fetched only by its own task)."""
     from preprocessing.clip_stages import fit_identity
-    return fit_identity(identity_id, items, _context(**spec["context"]))
+
+    identity, tried = fit_identity(identity_id, items, _context(**spec["context"]))
+    anchor = tried.pop(identity.anchor_clip_id, None) if identity.anchor_clip_id else None
+    return identity, tried, anchor
 
 
-def clip_task(item: ClipItem, identity: IdentityFit, spec: dict) -> ClipOutcome:
+def clip_task(item: ClipItem, identity: IdentityFit, failed: dict, anchor: list, spec: dict) -> ClipOutcome:
+    """``anchor`` is ``[ref]`` (nested, so Ray does not fetch it for every clip)."""
+    import ray
+
     from preprocessing.clip_stages import process_clip
 
     ctx = _context(**spec["context"])
@@ -162,12 +170,15 @@ def clip_task(item: ClipItem, identity: IdentityFit, spec: dict) -> ClipOutcome:
         if _fire_once(fault_dir, "crash_stage", item.clip_id, faults):
             outcome = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path,
                                   status="stage_error", stage="process", reason="injected crash")
+        elif item.clip_id == identity.anchor_clip_id:     # fitted by the identity task
+            outcome = ray.get(anchor[0])
+        elif item.clip_id in failed:
+            outcome = failed[item.clip_id]
         else:
             outcome = process_clip(item, identity, ctx)
         if outcome.status != "stage_error":
             break
     outcome.seconds["attempts"] = attempt + 1
-    import ray
     outcome.node = ray.util.get_node_ip_address()
     return outcome
 
@@ -278,8 +289,10 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
                  model_path: str, stage_fp: str, progress: bool) -> dict:
     from tqdm import tqdm
 
+    t0 = time.perf_counter()
     mode = _init_ray(cfg.ray)                     # first: it sets what `import ray` reads
     import ray
+    ray_init_seconds = time.perf_counter() - t0
     try:
         threads = cfg.workers.torch_threads or max(1, int(round(cfg.workers.num_cpus)))
         spec = {"context": {"model_path": model_path, "stages": cfg.stages, "subdivision": cfg.subdivision,
@@ -289,19 +302,22 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         spec_ref = ray.put(spec)
         resources = {"num_cpus": cfg.workers.num_cpus, "num_gpus": cfg.workers.num_gpus,
                      "max_retries": cfg.workers.max_retries}
-        fit_identity = ray.remote(identity_task).options(**resources)
+        fit_identity = ray.remote(identity_task).options(num_returns=3, **resources)
         fit_clip = ray.remote(clip_task).options(**resources)
         write = ray.remote(shard_task).options(num_cpus=0.25, max_retries=cfg.workers.max_retries)
 
         # Identities: reuse the saved ones; fit the rest (their clips wait on them in Ray).
-        identities, fitted = {}, {}
+        # A saved identity is reused unless its anchor clip is pending: the anchor's outcome
+        # comes from the identity fit itself, so a rerun reproduces it exactly.
+        pending_ids = {c.clip_id for c in pending_items}
+        identities, fitted, no_failures, no_anchor = {}, {}, ray.put({}), ray.put(None)
         for iid in needed:
             saved = out.load_identity(iid, stage_fp)
-            if saved is not None:
-                identities[iid] = ray.put(saved)
+            if saved is not None and saved.anchor_clip_id not in pending_ids:
+                identities[iid] = (ray.put(saved), no_failures, no_anchor)
             else:
-                fitted[iid] = fit_identity.remote(iid, by_identity[iid], spec_ref)
-                identities[iid] = fitted[iid]
+                identities[iid] = fit_identity.remote(iid, by_identity[iid], spec_ref)
+                fitted[iid] = identities[iid][0]
         cpus = ray.cluster_resources().get("CPU", 1)
         slots = max(1, int(cpus // max(cfg.workers.num_cpus, 1e-3)))
         window = cfg.workers.max_pending_shards or 2 + -(-slots // cfg.clips_per_shard)
@@ -312,7 +328,10 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         while queue or in_flight:
             while queue and len(in_flight) < window:
                 shard = queue.pop(0)
-                refs = [fit_clip.remote(c, identities[c.identity_id], spec_ref) for c in shard.clips]
+                refs = []
+                for c in shard.clips:
+                    identity, failed, anchor = identities[c.identity_id]
+                    refs.append(fit_clip.remote(c, identity, failed, [anchor], spec_ref))
                 clip_refs.extend(refs)
                 in_flight[write.remote(str(out.root), shard, refs)] = shard
             ready, _ = ray.wait(list(in_flight) + clip_refs, num_returns=1, timeout=1.0, fetch_local=False)
@@ -331,7 +350,8 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
                     out.save_identity(fit, stage_fp)
                     saved_identities += 1
         bar.close()
-        return {"mode": mode, "nodes": _node_addresses(), "clips_processed": len(pending_items),
+        return {"ray_init_seconds": round(ray_init_seconds, 3),
+                "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode, "nodes": _node_addresses(), "clips_processed": len(pending_items),
                 "shards_written": written, "identities_fitted": saved_identities,
                 "workers": slots}
     finally:

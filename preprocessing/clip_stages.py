@@ -9,10 +9,11 @@ with a status, the stage that failed and a reason.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,6 @@ class StageConfig:
     max_frames: int | None = 300      # longer clips are cut (first frames kept)
     crop_size: int = 256
     fov_deg: float = 20.0             # assumed vertical FOV of real footage
-    identity_frames: int = 48         # frames of the anchor clip used for β / Δg
     segment_frames: int = 24          # frames per shard sample (shorter clips: one sample)
     max_bad_frames: float = 0.5       # more frames not ok than this: the clip fails
     render_depth: bool = True
@@ -85,6 +85,7 @@ class ClipOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     qc: dict = field(default_factory=dict)
     node: str = ""                    # where it ran (filled in by the job driver's task)
+    fit: object = None                # transient: the anchor clip's FitResult (not serialised)
 
     @property
     def ok(self) -> bool:
@@ -92,7 +93,8 @@ class ClipOutcome:
 
     def row(self) -> dict:
         """The manifest row (everything but the sample bytes)."""
-        d = {k: v for k, v in asdict(self).items() if k != "samples"}
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+             if f.name not in ("samples", "fit")}
         d["samples"] = len(self.samples)
         return d
 
@@ -149,48 +151,60 @@ def _bad_fraction(clip: ClipFit) -> float:
     return 1.0 - statuses.count("ok") / max(1, len(statuses))
 
 
-def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext) -> IdentityFit:
-    """β and Δg of an identity from its first usable clip (in the order given), fitted on up
-    to ``identity_frames`` frames. Never raises: a failed identity says why."""
+def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext
+                 ) -> tuple[IdentityFit, dict[str, ClipOutcome]]:
+    """β and Δg of an identity from its first usable clip (in the order given).
+
+    That anchor clip is fitted whole with β and Δg free, so its fit *is* the identity's and
+    its outcome is final; every other clip of the identity is fitted with them fixed. Returns
+    the identity and the outcomes of the clips it tried (failed ones and the anchor), which
+    need no second pass. Never raises: a failed identity says why."""
     t0 = time.perf_counter()
-    failures = {}
+    tried: dict[str, ClipOutcome] = {}
     for item in items:
-        try:
-            frames, _, _ = decode_clip(item, ctx.config)
-            clip = _fit(frames[:ctx.config.identity_frames], ctx)
-            if clip.status != "ok":
-                raise StageFailure(clip.status, "track", clip.reason)
-            if _bad_fraction(clip) > ctx.config.max_bad_frames:
-                raise StageFailure("fit_diverged", "fit", f"{_bad_fraction(clip):.0%} of frames did not fit")
-        except StageFailure as exc:
-            failures[item.clip_id] = (exc.status, exc.stage, exc.reason)
-            continue
-        except Exception as exc:  # noqa: BLE001 - a crashing clip must not end the identity
-            failures[item.clip_id] = ("stage_error", "identity", f"{type(exc).__name__}: {exc}")
-            continue
-        return IdentityFit(identity_id, "ok", anchor_clip_id=item.clip_id,
-                           betas=clip.fit.params.betas.reshape(-1).numpy().astype(np.float32),
-                           static_offsets=clip.fit.static_offsets.numpy().astype(np.float32),
-                           seconds=time.perf_counter() - t0, clip_failures=failures)
-    reason = "; ".join(f"{c}: {s} ({r})" for c, (s, _, r) in failures.items()) or "no clip"
+        out = _run_clip(item, ctx)
+        tried[item.clip_id] = out
+        if out.ok:
+            fit = out.fit
+            out.fit = None
+            return IdentityFit(identity_id, "ok", anchor_clip_id=item.clip_id,
+                               betas=fit.params.betas.reshape(-1).numpy().astype(np.float32),
+                               static_offsets=fit.static_offsets.numpy().astype(np.float32),
+                               seconds=time.perf_counter() - t0,
+                               clip_failures={c: (o.status, o.stage, o.reason) for c, o in tried.items() if not o.ok}
+                               ), tried
+    reason = "; ".join(f"{c}: {o.status} ({o.reason.splitlines()[0] if o.reason else ''})"
+                       for c, o in tried.items()) or "no clip"
     return IdentityFit(identity_id, "identity_failed", reason=f"no usable clip: {reason}",
-                       seconds=time.perf_counter() - t0, clip_failures=failures)
+                       seconds=time.perf_counter() - t0,
+                       clip_failures={c: (o.status, o.stage, o.reason) for c, o in tried.items()}), tried
 
 
 def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> ClipOutcome:
-    """Decode, track, fit (with the identity's β and Δg), render and encode one clip."""
+    """Decode, track, fit with the identity's β and Δg, render and encode one clip."""
+    if identity.status != "ok":
+        out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="identity_failed",
+                          stage="identity", reason=identity.reason)
+        if item.clip_id in identity.clip_failures:          # this clip was tried: say why it failed
+            out.status, out.stage, out.reason = identity.clip_failures[item.clip_id]
+        return out
+    return _run_clip(item, ctx, identity)
+
+
+def _run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = None) -> ClipOutcome:
+    """One clip through every stage; with ``identity`` its β and Δg are fixed, else fitted
+    (the result then keeps the fit in ``out.fit`` for :func:`fit_identity`)."""
     out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="ok")
     try:
-        if identity.status != "ok":
-            if item.clip_id in identity.clip_failures:     # this clip was tried: say why it failed
-                raise StageFailure(*identity.clip_failures[item.clip_id])
-            raise StageFailure("identity_failed", "identity", identity.reason)
         t0 = time.perf_counter()
         frames, fps, out.notes = decode_clip(item, ctx.config)
         out.frames = len(frames)
         out.seconds["decode"] = time.perf_counter() - t0
-        clip = _fit(frames, ctx, torch.as_tensor(identity.betas)[None],
-                    torch.as_tensor(identity.static_offsets))
+        if identity is None:
+            clip = _fit(frames, ctx)
+        else:
+            clip = _fit(frames, ctx, torch.as_tensor(identity.betas)[None],
+                        torch.as_tensor(identity.static_offsets))
         out.seconds.update(clip.seconds)
         if clip.status != "ok":
             raise StageFailure(clip.status, "track", clip.reason)
@@ -205,13 +219,14 @@ def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> Cl
         t0 = time.perf_counter()
         out.samples = [encode_sample(s, ctx.config.frame_codec, ctx.config.frame_crf, fps) for s in samples]
         out.seconds["encode"] = time.perf_counter() - t0
+        out.fit = clip.fit if identity is None else None
     except StageFailure as exc:
         out.status, out.stage, out.reason = exc.status, exc.stage, exc.reason
     except Exception as exc:  # noqa: BLE001 - a crashing stage is a status row, not a dead job
         out.status, out.stage = "stage_error", "process"
         out.reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
     if not out.ok:
-        out.samples = []
+        out.samples, out.fit = [], None
     return out
 
 

@@ -28,7 +28,7 @@ BAD = {"zero_byte": "not_a_video", "text": "not_a_video", "audio_only": "no_vide
 def job_config(tmp: Path, model: Path, **extra) -> Path:
     cfg = {
         "head_model": str(model), "clips_per_shard": 3, "max_failure_ratio": 0.75,
-        "stages": {"fps": 25, "max_frames": 16, "identity_frames": 16, "segment_frames": 8,
+        "stages": {"fps": 25, "max_frames": 16, "segment_frames": 8,
                    "min_frames": 8, "fit": {"iters_expression": 100}, "licence": "test"},
         "workers": {"num_cpus": 1, "max_retries": 3, "clip_retries": 1},
         "ray": {"num_cpus": 2, "object_store_mb": 512},

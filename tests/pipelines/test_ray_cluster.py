@@ -118,7 +118,7 @@ def test_job_submit_to_two_node_loopback_cluster(cluster, tmp_path, synthetic_mo
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({
         "head_model": str(synthetic_model_path), "clips_per_shard": 2, "max_failure_ratio": 0.5,
-        "stages": {"max_frames": 12, "identity_frames": 12, "segment_frames": 12, "min_frames": 8,
+        "stages": {"max_frames": 12, "segment_frames": 12, "min_frames": 8,
                    "fit": {"iters_expression": 60}},
         "workers": {"num_cpus": 1}}))
     out = tmp_path / "out"

@@ -1,0 +1,193 @@
+"""Preprocessing-job throughput and training-reader speed, side by side in one run.
+
+    python benchmarks/preprocess.py [--identities 3 --clips 2 --frames 24 --size 128]
+
+On one synthetic corpus:
+1. a bare loop in this process over the same per-clip functions the job composes
+   (``fit_identity``, ``process_clip``, ``write_shard``; one torch thread, as one job worker);
+2. the job (``python -m pipelines.preprocess``, embedded Ray) with 1 worker, then 2 workers,
+   each into a fresh output folder. The job's processing time runs from Ray being up to the last
+   shard written; Ray's start (a one-off per job, ~3-8 s) is reported apart, and the ratios
+   including it are printed too;
+3. the training reader (``training.data.shards``, DataLoader with 0 and 2 workers) over the
+   job's shards, against the samples/s that a training step needs: a tiny Wan2.1-architecture
+   DiT (diffusers ``WanTransformer3DModel``) forward + backward on CPU on a batch of latents
+   of one sample's size.
+
+Targets: job_vs_loop >= 0.9, two_vs_one_workers >= 1.7 (2 cores), reader_vs_step >= 1.
+Last line: one JSON object with job_vs_loop, two_vs_one_workers, reader_vs_step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+STAGES = {"fps": 25, "max_frames": 300, "segment_frames": 12, "min_frames": 8}
+
+
+def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int) -> float:
+    import torch
+
+    from pipelines.job_io import OutputDir, list_inputs, plan_shards, write_shard
+    from preprocessing.clip_stages import StageConfig, StageContext, fit_identity, process_clip
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    ctx = StageContext(model, StageConfig(**STAGES))
+    items = list_inputs(manifest)
+    by_id: dict = {}
+    for item in items:
+        by_id.setdefault(item.identity_id, []).append(item)
+    identities, done = {}, {}
+    for i, clips in by_id.items():
+        identities[i], tried = fit_identity(i, clips, ctx)
+        done.update(tried)                    # the anchor's outcome and failed candidates
+    dest = OutputDir(out)
+    dest.prepare()
+    for spec in plan_shards(items, clips_per_shard, "loop"):
+        write_shard(dest, spec, [done.get(c.clip_id) or process_clip(c, identities[c.identity_id], ctx)
+                                 for c in spec.clips])
+    return time.perf_counter() - t0
+
+
+def job(manifest: Path, out: Path, model: Path, cpus: int, clips_per_shard: int, tmp: Path) -> dict:
+    import yaml
+
+    config = tmp / f"job{cpus}.yaml"
+    config.write_text(yaml.safe_dump({
+        "head_model": str(model), "clips_per_shard": clips_per_shard, "stages": STAGES,
+        "workers": {"num_cpus": 1}, "ray": {"num_cpus": cpus, "object_store_mb": 512}}))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config", str(config),
+                           "--input", str(manifest), "--output", str(out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0"))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
+    last = json.loads((out / "summary.json").read_text())["last_run"]
+    return {"wall": wall, "process": last["process_seconds"], "ray_init": last["ray_init_seconds"],
+            "total": last["seconds"]}
+
+
+def reader_rate(out: Path, workers: int, samples: int) -> float:
+    from training.data.shards import make_loader
+
+    loader = make_loader(out, samples_per_rank=samples, batch_size=1, num_workers=workers, split=None)
+    it = iter(loader)
+    next(it)                                          # workers up, first shard open
+    t0 = time.perf_counter()
+    n = 1 + sum(1 for _ in it)
+    return (n - 1) / (time.perf_counter() - t0)
+
+
+def step_need(frames: int, size: int, batch: int = 2, repeats: int = 5) -> tuple[float, float]:
+    """Samples/s a tiny Wan DiT training step consumes (latents of one sample: 4x temporal,
+    8x spatial compression, 16 channels, as Wan2.1's VAE)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.set_num_threads(2)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                  in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                                  num_layers=2, rope_max_seq_len=64)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    lat = torch.randn(batch, 16, 1 + (frames - 1) // 4, size // 8, size // 8)
+    ctx = torch.randn(batch, 8, 32)
+
+    def step():
+        t = torch.randint(0, 1000, (batch,))
+        loss = model(lat, t, ctx).sample.square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    seconds = (time.perf_counter() - t0) / repeats
+    return batch / seconds, seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--identities", type=int, default=3)
+    p.add_argument("--clips", type=int, default=2)
+    p.add_argument("--frames", type=int, default=24)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--clips-per-shard", type=int, default=2)
+    p.add_argument("--reader-samples", type=int, default=24)
+    p.add_argument("--loop-only", nargs=2, metavar=("MANIFEST", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.loop_only:
+        from expportrait.assets import synthetic_model_file
+        print(bare_loop(Path(args.loop_only[0]), Path(args.loop_only[1]), synthetic_model_file(),
+                        args.clips_per_shard))
+        return
+
+    from _report import report
+    from expportrait.assets import synthetic_model_file
+    from preprocessing.synthetic.world import WorldConfig, generate_corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
+    model = synthetic_model_file()
+    corpus = generate_corpus(tmp / "corpus", WorldConfig(identities=args.identities, clips_per_identity=args.clips,
+                                                         frames=args.frames, size=args.size, seed=11),
+                             model, progress=False)
+    manifest = corpus.out / "manifest.parquet"
+    clips = corpus.clips
+    print(f"corpus: {clips} clips x {args.frames} frames at {args.size}^2, {args.identities} identities",
+          flush=True)
+    # In a child with the thread limits Ray gives a 1-CPU worker (OMP_NUM_THREADS=1), so the
+    # loop and the 1-worker job run the same work under the same limits.
+    proc = subprocess.run([sys.executable, __file__, "--loop-only", str(manifest), str(tmp / "loop"),
+                           "--clips-per-shard", str(args.clips_per_shard)], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    loop_s = float(proc.stdout.strip().splitlines()[-1])
+    print(f"bare loop: {loop_s:.1f} s", flush=True)
+    one = job(manifest, tmp / "job1", model, 1, args.clips_per_shard, tmp)
+    print(f"job, 1 worker: {one}", flush=True)
+    two = job(manifest, tmp / "job2", model, 2, args.clips_per_shard, tmp)
+    print(f"job, 2 workers: {two}", flush=True)
+
+    from pipelines.job_io import sha256_file
+    same = all(sha256_file(a) == sha256_file(tmp / "job2" / "shards" / a.name)
+               for a in sorted((tmp / "job1" / "shards").glob("*.tar")))
+    need, step_s = step_need(STAGES["segment_frames"], 256)
+    r0 = reader_rate(tmp / "job2", 0, args.reader_samples)
+    r2 = reader_rate(tmp / "job2", 2, args.reader_samples)
+    report({
+        "clips": clips,
+        "loop_clips_per_s": clips / loop_s,
+        "job1_clips_per_s": clips / one["process"],
+        "job2_clips_per_s": clips / two["process"],
+        "job_vs_loop": loop_s / one["process"],
+        "job_vs_loop_incl_ray_start": loop_s / one["wall"],
+        "two_vs_one_workers": one["process"] / two["process"],
+        "two_vs_one_incl_ray_start": one["wall"] / two["wall"],
+        "ray_init_s": two["ray_init"],
+        "shards_identical_1_vs_2_workers": same,
+        "reader_samples_per_s_0_workers": r0,
+        "reader_samples_per_s_2_workers": r2,
+        "step_need_samples_per_s": need,
+        "step_seconds": step_s,
+        "reader_vs_step": max(r0, r2) / need,
+    }, targets={"job_vs_loop": ">= 0.9", "two_vs_one_workers": ">= 1.7", "reader_vs_step": ">= 1"})
+
+
+if __name__ == "__main__":
+    main()
