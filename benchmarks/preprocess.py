@@ -164,8 +164,8 @@ def main() -> None:
     two = job(manifest, tmp / "job2", model, 2, args.clips_per_shard, tmp)
     print(f"job, 2 workers: {two}", flush=True)
 
-    from pipelines.job_io import sha256_file
-    same = all(sha256_file(a) == sha256_file(tmp / "job2" / "shards" / a.name)
+    from preprocessing.files import file_digest
+    same = all(file_digest(a, "sha256") == file_digest(tmp / "job2" / "shards" / a.name, "sha256")
                for a in sorted((tmp / "job1" / "shards").glob("*.tar")))
     need, step_s = step_need(STAGES["segment_frames"], 256)
     r0 = reader_rate(tmp / "job2", 0, args.reader_samples)

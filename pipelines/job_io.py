@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocessing.files import file_digest
 from preprocessing.clip_stages import ClipItem, ClipOutcome, IdentityFit
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg",
@@ -215,7 +216,7 @@ def write_shard(out: OutputDir, spec: ShardSpec, outcomes: list[ClipOutcome]) ->
                     sink.write(sample)
             fh.flush()
             os.fsync(fh.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
+        digest, size = file_digest(tmp, "sha256"), tmp.stat().st_size
         os.replace(tmp, final)
     rows = []
     for o in ordered:
@@ -227,14 +228,6 @@ def write_shard(out: OutputDir, spec: ShardSpec, outcomes: list[ClipOutcome]) ->
               "keys": [s["__key__"] for s in samples], "clips": rows}
     atomic_write(out.marker_path(spec.name), json.dumps(marker, indent=1, default=str).encode())
     return marker
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- manifests ----------------------------------------------------------------------------

@@ -226,14 +226,14 @@ def _init_ray(cfg: RayConfig):
 def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> dict:
     """Run the job; returns the summary (also written to OUT/summary.json)."""
     from expportrait.assets import synthetic_model_file
-    from preprocessing.clip_stages import file_sha1
+    from preprocessing.files import file_digest
 
     started = time.time()
     t_start = time.perf_counter()
     model_path = str(Path(cfg.head_model).resolve()) if cfg.head_model else str(synthetic_model_file())
     if not Path(model_path).is_file():
         raise ConfigError(f"head model {model_path} not found")
-    stage_fp = stage_fingerprint(cfg, file_sha1(model_path))
+    stage_fp = stage_fingerprint(cfg, file_digest(model_path))
     items = list_inputs(cfg.input, cfg.limit)
     if not items:
         raise JobInputError(f"no video found in {cfg.input}")

@@ -10,7 +10,6 @@ with a status, the stage that failed and a reason.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 import traceback
 from dataclasses import dataclass, field, fields
@@ -23,6 +22,7 @@ from models.head.head_model import PersonalizedHead
 from models.render.conditions import render_conditions
 
 from .clip_fit import ClipFit, fit_frames
+from .files import file_digest
 from .fitting import FitConfig, Fitter
 from .ingest import open_video
 from .sample_schema import ShardSample, encode_sample, sample_key
@@ -108,7 +108,7 @@ class StageContext:
 
         self.config = config
         self.model_path = str(model_path)
-        self.model_sha1 = file_sha1(model_path)
+        self.model_sha1 = file_digest(model_path)
         self.head = PersonalizedHead(load_smplx_model(model_path), subdivision_levels=subdivision)
         self.tracker = FaceTracker(crop_size=config.crop_size)
         self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}))
@@ -274,7 +274,7 @@ def clip_samples(item: ClipItem, clip: ClipFit, frames: np.ndarray, fps: float, 
             meta={**ctx.provenance, "clip_id": item.clip_id, "identity_id": item.identity_id,
                   "split": item.split, "segment": seg_index, "frame_start": seg.start,
                   "frame_stop": seg.stop, "clip_frames": t, "fps": fps, "source": item.path,
-                  "source_sha1": file_sha1(item.path), "ingest_notes": notes,
+                  "source_sha1": file_digest(item.path), "ingest_notes": notes,
                   "crop_boxes": np.round(clip.track.boxes[seg], 3).tolist(),
                   "crop_size": int(clip.track.crops.shape[1])}))
     return samples
@@ -288,14 +288,6 @@ def _stable_summary(clip: ClipFit) -> dict:
 def _finite_list(values) -> list:
     arr = np.asarray(values, dtype=np.float64)
     return [None if not np.isfinite(v) else round(float(v), 5) for v in arr]
-
-
-def file_sha1(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def provenance(model_sha1: str, licence: str) -> dict:

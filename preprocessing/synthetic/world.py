@@ -17,7 +17,6 @@ identity. Fitted Δf is zero-mean over a clip, so compare after centring both.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -33,6 +32,7 @@ from models.render.camera import Camera
 from models.render.conditions import render_conditions
 from models.render.shading import Lighting, shade
 
+from ..files import file_digest
 from .identity import DETAIL_COMPONENTS, Identity, RestInfo, detail_coefficients, sample_identity
 from .motion import ClipMotion, sample_clip_motion
 
@@ -144,14 +144,6 @@ def _split_of(num_identities: int, fractions, seed: int) -> list[str]:
     return split
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class CorpusResult:
     out: Path
@@ -224,7 +216,7 @@ def generate_corpus(out: str | os.PathLike, config: WorldConfig, model_path: str
              faces=world.head.faces.numpy().astype(np.int32))
     meta = {
         "version": WORLD_VERSION, "config": asdict(config),
-        "model_file": str(Path(model_path).resolve()), "model_sha1": _sha1(Path(model_path)),
+        "model_file": str(Path(model_path).resolve()), "model_sha1": file_digest(model_path),
         "num_vertices": world.head.num_vertices, "num_face_vertices": world.head.num_face_vertices,
         "detail_components": list(DETAIL_COMPONENTS),
         "face_region": "face_vertex_ids in world_arrays.npz: fine vertices inside the frontal "

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipelines.job_io import sha256_file
+from preprocessing.files import file_digest
 from preprocessing.sample_schema import encode_sample
 from training.data.shards import ShardDataset, shard_urls
 
@@ -87,7 +87,7 @@ def _tree(out: Path) -> dict:
 
 
 def _hashes(out: Path) -> dict:
-    return {p.name: sha256_file(p) for p in sorted((out / "shards").glob("*.tar"))}
+    return {p.name: file_digest(p, "sha256") for p in sorted((out / "shards").glob("*.tar"))}
 
 
 def test_every_input_has_a_row_and_good_clips_are_in_shards(inputs, first_run):
