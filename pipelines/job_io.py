@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing.files import file_digest
-from preprocessing.clip_stages import ClipItem, ClipOutcome, IdentityFit
+from preprocessing.clip_records import ClipItem, ClipOutcome, IdentityFit
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg",
                   ".ts", ".3gp"}
@@ -233,7 +233,8 @@ def write_shard(out: OutputDir, spec: ShardSpec, outcomes: list[ClipOutcome]) ->
 # -- manifests ----------------------------------------------------------------------------
 
 MANIFEST_COLUMNS = ["clip_id", "identity_id", "split", "path", "status", "stage", "reason", "shard",
-                    "samples", "frames", "notes", "seconds_total", "seconds", "qc", "node"]
+                    "samples", "frames", "notes", "seconds_total", "seconds", "qc", "node",
+                    "started_at", "finished_at"]
 
 
 def manifest_frame(markers: list[dict]):

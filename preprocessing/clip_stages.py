@@ -9,10 +9,8 @@ with a status, the stage that failed and a reason.
 """
 from __future__ import annotations
 
-import copy
 import time
 import traceback
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,78 +23,9 @@ from .clip_fit import ClipFit, fit_frames
 from .files import file_digest
 from .fitting import FitConfig, Fitter
 from .ingest import open_video
+from .clip_records import ClipItem, ClipOutcome, IdentityFit, StageConfig
 from .sample_schema import ShardSample, encode_sample, sample_key
 from .tracking import FaceTracker
-
-
-@dataclass
-class StageConfig:
-    """Everything a worker needs to process clips; plain data (travels to Ray workers)."""
-
-    fps: float | None = 25.0          # decode rate (None: the source's own)
-    max_side: int = 720               # decode size cap (long side)
-    min_frames: int = 8
-    max_frames: int | None = 300      # longer clips are cut (first frames kept)
-    crop_size: int = 256
-    fov_deg: float = 20.0             # assumed vertical FOV of real footage
-    segment_frames: int = 24          # frames per shard sample (shorter clips: one sample)
-    max_bad_frames: float = 0.5       # more frames not ok than this: the clip fails
-    render_depth: bool = True
-    frame_codec: str = "lossless"
-    frame_crf: int = 18
-    licence: str = "unknown"
-    fit: dict = field(default_factory=dict)   # FitConfig overrides
-    estimator: str | None = None      # "package.module:factory" (see preprocessing/estimators.py)
-    estimator_weights: str | None = None
-
-
-@dataclass
-class ClipItem:
-    clip_id: str
-    path: str
-    identity_id: str
-    split: str = "train"
-
-
-@dataclass
-class IdentityFit:
-    identity_id: str
-    status: str                       # ok or the anchor failures' status
-    reason: str = ""
-    anchor_clip_id: str | None = None
-    betas: np.ndarray | None = None            # (300,)
-    static_offsets: np.ndarray | None = None   # (N, 3) float32
-    seconds: float = 0.0
-    clip_failures: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # id: (status, stage, reason)
-
-
-@dataclass
-class ClipOutcome:
-    clip_id: str
-    identity_id: str
-    split: str
-    path: str
-    status: str                       # ok, or why the clip produced no sample
-    stage: str = ""                   # where it failed
-    reason: str = ""
-    frames: int = 0
-    notes: list[str] = field(default_factory=list)
-    samples: list[dict[str, bytes]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-    qc: dict = field(default_factory=dict)
-    node: str = ""                    # where it ran (filled in by the job driver's task)
-    fit: object = None                # transient: the anchor clip's FitResult (not serialised)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def row(self) -> dict:
-        """The manifest row (everything but the sample bytes)."""
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
-             if f.name not in ("samples", "fit")}
-        d["samples"] = len(self.samples)
-        return d
 
 
 class StageContext:
@@ -194,7 +123,8 @@ def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> Cl
 def _run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = None) -> ClipOutcome:
     """One clip through every stage; with ``identity`` its β and Δg are fixed, else fitted
     (the result then keeps the fit in ``out.fit`` for :func:`fit_identity`)."""
-    out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="ok")
+    out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="ok",
+                      started_at=time.time())
     try:
         t0 = time.perf_counter()
         frames, fps, out.notes = decode_clip(item, ctx.config)
@@ -227,6 +157,7 @@ def _run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = 
         out.reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
     if not out.ok:
         out.samples, out.fit = [], None
+    out.finished_at = time.time()
     return out
 
 
