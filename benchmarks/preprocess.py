@@ -15,6 +15,10 @@ On one synthetic corpus:
    DiT (diffusers ``WanTransformer3DModel``) forward + backward on CPU on a batch of latents
    of one sample's size.
 
+Also printed: ``loop_two_vs_one_processes``, the bare loop split over two processes side by
+side, i.e. what two cores give the per-clip functions without Ray (the ceiling for
+``two_vs_one_workers`` on this machine).
+
 Targets: job_vs_loop >= 0.9, two_vs_one_workers >= 1.7 (2 cores), reader_vs_step >= 1.
 Last line: one JSON object with job_vs_loop, two_vs_one_workers, reader_vs_step.
 """
@@ -38,7 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 STAGES = {"fps": 25, "max_frames": 300, "segment_frames": 12, "min_frames": 8}
 
 
-def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int) -> float:
+def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int, part: tuple[int, int] = (0, 1)) -> float:
+    """The job's work in one process: identities (and so their clips) ``k`` of every ``n``."""
     import torch
 
     from pipelines.job_io import OutputDir, list_inputs, plan_shards, write_shard
@@ -48,6 +53,8 @@ def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int) -> f
     t0 = time.perf_counter()
     ctx = StageContext(model, StageConfig(**STAGES))
     items = list_inputs(manifest)
+    ids = sorted({i.identity_id for i in items})
+    items = [i for i in items if ids.index(i.identity_id) % part[1] == part[0]]
     by_id: dict = {}
     for item in items:
         by_id.setdefault(item.identity_id, []).append(item)
@@ -132,11 +139,13 @@ def main() -> None:
     p.add_argument("--reader-samples", type=int, default=24)
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs of each variant; best counts")
     p.add_argument("--loop-only", nargs=2, metavar=("MANIFEST", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--part", default="0/1", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.loop_only:
         from expportrait.assets import synthetic_model_file
+        k, n = (int(x) for x in args.part.split("/"))
         print(bare_loop(Path(args.loop_only[0]), Path(args.loop_only[1]), synthetic_model_file(),
-                        args.clips_per_shard))
+                        args.clips_per_shard, (k, n)))
         return
 
     from _report import report
@@ -156,18 +165,29 @@ def main() -> None:
     # (OMP_NUM_THREADS=1), so the loop and the 1-worker job do the same work under the same
     # limits. The host is noisy (load ~1 from neighbours): each variant runs --repeats times,
     # interleaved, and the best run of each counts.
-    loops, ones, twos = [], [], []
-    for r in range(args.repeats):
-        proc = subprocess.run([sys.executable, __file__, "--loop-only", str(manifest), str(tmp / f"loop{r}"),
-                               "--clips-per-shard", str(args.clips_per_shard)], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    def loop(out: str, part: str = "0/1") -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "--loop-only", str(manifest), str(tmp / out),
+                                 "--clips-per-shard", str(args.clips_per_shard), "--part", part],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+
+    def seconds(proc: subprocess.Popen) -> float:
+        out, err = proc.communicate()
         if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-3000:])
-        loops.append(float(proc.stdout.strip().splitlines()[-1]))
+            raise SystemExit(err[-3000:])
+        return float(out.strip().splitlines()[-1])
+
+    loops, loops2, ones, twos = [], [], [], []
+    for r in range(args.repeats):
+        loops.append(seconds(loop(f"loop{r}")))
+        # the same loop as two processes side by side (identities split in halves): what two
+        # cores give the per-clip functions without Ray, the ceiling for two_vs_one_workers
+        halves = [loop(f"loop{r}_half{k}", f"{k}/2") for k in range(2)]
+        loops2.append(max(seconds(h) for h in halves))
         ones.append(job(manifest, tmp / f"job1_{r}", model, 1, args.clips_per_shard, tmp))
         twos.append(job(manifest, tmp / f"job2_{r}", model, 2, args.clips_per_shard, tmp))
-        print(f"run {r}: loop {loops[-1]:.1f} s; job 1 worker {ones[-1]}; job 2 workers {twos[-1]}", flush=True)
-    loop_s = min(loops)
+        print(f"run {r}: loop {loops[-1]:.1f} s; 2 loop processes {loops2[-1]:.1f} s; job 1 worker {ones[-1]}; job 2 workers {twos[-1]}", flush=True)
+    loop_s, loop2_s = min(loops), min(loops2)
     one = min(ones, key=lambda x: x["process"])
     two = min(twos, key=lambda x: x["process"])
     one_wall, two_wall = min(x["wall"] for x in ones), min(x["wall"] for x in twos)
@@ -186,6 +206,7 @@ def main() -> None:
         "job_vs_loop_incl_ray_start": loop_s / one_wall,
         "two_vs_one_workers": one["process"] / two["process"],
         "two_vs_one_incl_ray_start": one_wall / two_wall,
+        "loop_two_vs_one_processes": loop_s / loop2_s,
         "ray_init_s": two["ray_init"],
         "shards_identical_1_vs_2_workers": same,
         "reader_samples_per_s_0_workers": r0,
