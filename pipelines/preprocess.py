@@ -51,7 +51,7 @@ class RayConfig:
 @dataclass
 class WorkerConfig:
     num_cpus: float = 1.0                 # per clip task
-    num_gpus: float = 0.0                 # > 0: the fit runs on a GPU worker
+    num_gpus: float = 0.0                 # GPUs reserved per clip task (the fitter is CPU-only so far)
     torch_threads: int | None = None      # None: num_cpus rounded (at least 1)
     max_retries: int = 3                  # Ray re-runs a task whose worker process died
     clip_retries: int = 1                 # a stage that raised is retried this often in place
