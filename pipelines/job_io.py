@@ -27,6 +27,7 @@ import numpy as np
 
 from preprocessing.files import file_digest
 from preprocessing.clip_records import ClipItem, ClipOutcome, IdentityFit
+from preprocessing.sample_schema import safe_id
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".flv", ".wmv", ".mpg", ".mpeg",
                   ".ts", ".3gp"}
@@ -39,10 +40,6 @@ class JobInputError(ValueError):
 
 
 # -- inputs -------------------------------------------------------------------------------
-
-def _clip_id(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in text)
-
 
 def list_inputs(source: str | os.PathLike, limit: int | None = None) -> list[ClipItem]:
     """Clips from a folder of videos or a manifest (.parquet / .csv), sorted by clip id.
@@ -60,8 +57,8 @@ def list_inputs(source: str | os.PathLike, limit: int | None = None) -> list[Cli
             if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
                 rel = p.relative_to(source)
                 identity = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-                items.append(ClipItem(_clip_id(str(rel.with_suffix(""))), str(p.resolve()),
-                                      _clip_id(identity), "train"))
+                items.append(ClipItem(safe_id(str(rel.with_suffix(""))), str(p.resolve()),
+                                      safe_id(identity), "train"))
     elif source.is_file():
         items = _manifest_items(source)
     else:
@@ -94,7 +91,7 @@ def _manifest_items(path: Path) -> list[ClipItem]:
         p = p if p.is_absolute() else (path.parent / p)
         clip = row.get("clip_id") or str(Path(str(row[path_col])).with_suffix("")).replace("/", "__")
         split = str(row.get("split") or "train")
-        items.append(ClipItem(_clip_id(str(clip)), str(p.resolve()), _clip_id(str(row[id_col])), split))
+        items.append(ClipItem(safe_id(str(clip)), str(p.resolve()), safe_id(str(row[id_col])), split))
     return items
 
 

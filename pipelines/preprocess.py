@@ -118,7 +118,7 @@ def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str) -> str:
 _CONTEXTS: dict = {}
 
 
-def _context(model_path: str, stages: StageConfig, subdivision: int, threads: int):
+def _context(model_path: str, model_sha1: str, stages: StageConfig, subdivision: int, threads: int):
     """One StageContext per worker process (models load once, tasks reuse them)."""
     key = (model_path, json.dumps(asdict(stages), sort_keys=True), subdivision)
     if key not in _CONTEXTS:
@@ -127,7 +127,7 @@ def _context(model_path: str, stages: StageConfig, subdivision: int, threads: in
         from preprocessing.clip_stages import StageContext
         torch.set_num_threads(threads)
         _CONTEXTS.clear()
-        _CONTEXTS[key] = StageContext(model_path, stages, subdivision)
+        _CONTEXTS[key] = StageContext(model_path, stages, subdivision, model_sha1)
     return _CONTEXTS[key]
 
 
@@ -236,7 +236,8 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
     model_path = str(Path(cfg.head_model).resolve()) if cfg.head_model else str(synthetic_model_file())
     if not Path(model_path).is_file():
         raise ConfigError(f"head model {model_path} not found")
-    stage_fp = stage_fingerprint(cfg, file_digest(model_path))
+    model_sha1 = file_digest(model_path)
+    stage_fp = stage_fingerprint(cfg, model_sha1)
     items = list_inputs(cfg.input, cfg.limit)
     if not items:
         raise JobInputError(f"no video found in {cfg.input}")
@@ -261,7 +262,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
                  "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
     if pending:
         run_stats.update(_run_pending(cfg, out, pending, pending_items, by_identity, needed,
-                                      model_path, stage_fp, progress))
+                                      model_path, model_sha1, stage_fp, progress))
     markers = [out.read_marker(s) for s in plan]
     missing = [s.name for s, m in zip(plan, markers) if m is None]
     if missing:                                   # only when a shard task itself kept failing
@@ -289,7 +290,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
 
 def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec],
                  pending_items: list[ClipItem], by_identity: dict, needed: list[str],
-                 model_path: str, stage_fp: str, progress: bool) -> dict:
+                 model_path: str, model_sha1: str, stage_fp: str, progress: bool) -> dict:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -298,7 +299,7 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
     ray_init_seconds = time.perf_counter() - t0
     try:
         threads = cfg.workers.torch_threads or max(1, int(round(cfg.workers.num_cpus)))
-        spec = {"context": {"model_path": model_path, "stages": cfg.stages, "subdivision": cfg.subdivision,
+        spec = {"context": {"model_path": model_path, "model_sha1": model_sha1, "stages": cfg.stages, "subdivision": cfg.subdivision,
                             "threads": threads},
                 "clip_retries": cfg.workers.clip_retries, "faults": cfg.fault_injection,
                 "fault_dir": str(out.root / "_faults")}
@@ -341,12 +342,13 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
                 in_flight[write.remote(str(out.root), shard, refs)] = shard
             ready, _ = ray.wait(list(in_flight) + clip_refs, num_returns=1, timeout=1.0, fetch_local=False)
             done_clips, clip_refs = _split_ready(clip_refs)
-            bar.update(done_clips)
+            bar.update(len(done_clips))
             for ref in [r for r in ready if r in in_flight]:
                 ray.get(ref)                  # raises if the shard task failed for good
                 in_flight.pop(ref)
                 written += 1
-            for iid in [i for i, r in fitted.items() if _is_ready(r)]:
+            ready_ids = set(_split_ready(list(fitted.values()))[0])
+            for iid in [i for i, r in fitted.items() if r in ready_ids]:
                 try:
                     fit = ray.get(fitted.pop(iid))
                 except Exception:  # noqa: BLE001 - its clips carry the failure as rows
@@ -363,18 +365,12 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         ray.shutdown()
 
 
-def _is_ready(ref) -> bool:
-    import ray
-    ready, _ = ray.wait([ref], timeout=0, fetch_local=False)
-    return bool(ready)
-
-
-def _split_ready(refs: list) -> tuple[int, list]:
+def _split_ready(refs: list) -> tuple[list, list]:
+    """(finished, still running) without waiting or fetching."""
     import ray
     if not refs:
-        return 0, refs
-    ready, rest = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-    return len(ready), rest
+        return [], refs
+    return ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
 
 
 def _node_addresses() -> list[str]:

@@ -31,13 +31,14 @@ from .tracking import FaceTracker
 class StageContext:
     """What one worker process loads once: the head model, tracker, fitter, estimator."""
 
-    def __init__(self, model_path: str | Path, config: StageConfig, subdivision: int = 1) -> None:
+    def __init__(self, model_path: str | Path, config: StageConfig, subdivision: int = 1,
+                 model_sha1: str | None = None) -> None:
         from models.head.smplx_file import load_smplx_model
         from .estimators import load_estimator
 
         self.config = config
         self.model_path = str(model_path)
-        self.model_sha1 = file_digest(model_path)
+        self.model_sha1 = model_sha1 or file_digest(model_path)   # the job passes the one it hashed
         self.head = PersonalizedHead(load_smplx_model(model_path), subdivision_levels=subdivision)
         self.tracker = FaceTracker(crop_size=config.crop_size)
         self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}))
@@ -144,7 +145,7 @@ def _run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = 
             raise StageFailure("fit_diverged", "fit", f"{bad:.0%} of frames did not fit "
                                f"(limit {ctx.config.max_bad_frames:.0%})")
         t0 = time.perf_counter()
-        samples = clip_samples(item, clip, frames, fps, out.notes, ctx)
+        samples = clip_samples(item, clip, fps, out.notes, ctx)
         out.seconds["render"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out.samples = [encode_sample(s, ctx.config.frame_codec, ctx.config.frame_crf, fps) for s in samples]
@@ -169,7 +170,7 @@ def segments(num_frames: int, length: int) -> list[slice]:
     return [slice(s, s + length) for s in range(0, num_frames - length + 1, length)]
 
 
-def clip_samples(item: ClipItem, clip: ClipFit, frames: np.ndarray, fps: float, notes: list[str],
+def clip_samples(item: ClipItem, clip: ClipFit, fps: float, notes: list[str],
                  ctx: StageContext) -> list[ShardSample]:
     """Render the condition maps of a fitted clip and cut it into schema samples."""
     fit, head = clip.fit, ctx.head
@@ -178,6 +179,11 @@ def clip_samples(item: ClipItem, clip: ClipFit, frames: np.ndarray, fps: float, 
     static16 = fit.static_offsets.numpy().astype(np.float16)
     face_ids = head.face_vertex_ids.numpy().astype(np.int32)
     qc_frames = {k: _finite_list(v) for k, v in fit.qc.items()}
+    qc_clip = _stable_summary(clip)
+    meta_clip = {**ctx.provenance, "clip_id": item.clip_id, "identity_id": item.identity_id,
+                 "split": item.split, "clip_frames": t, "fps": fps, "source": item.path,
+                 "source_sha1": file_digest(item.path), "ingest_notes": notes,
+                 "crop_size": int(clip.track.crops.shape[1])}
     samples = []
     for seg_index, seg in enumerate(segments(t, ctx.config.segment_frames)):
         with torch.no_grad():
@@ -201,13 +207,9 @@ def clip_samples(item: ClipItem, clip: ClipFit, frames: np.ndarray, fps: float, 
             face_vertex_ids=face_ids, static_offsets=static16,
             qc={"status": fit.frame_status[seg],
                 **{k: v[seg] for k, v in qc_frames.items()},
-                "clip": _stable_summary(clip)},
-            meta={**ctx.provenance, "clip_id": item.clip_id, "identity_id": item.identity_id,
-                  "split": item.split, "segment": seg_index, "frame_start": seg.start,
-                  "frame_stop": seg.stop, "clip_frames": t, "fps": fps, "source": item.path,
-                  "source_sha1": file_digest(item.path), "ingest_notes": notes,
-                  "crop_boxes": np.round(clip.track.boxes[seg], 3).tolist(),
-                  "crop_size": int(clip.track.crops.shape[1])}))
+                "clip": qc_clip},
+            meta={**meta_clip, "segment": seg_index, "frame_start": seg.start, "frame_stop": seg.stop,
+                  "crop_boxes": np.round(clip.track.boxes[seg], 3).tolist()}))
     return samples
 
 

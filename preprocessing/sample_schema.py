@@ -95,9 +95,14 @@ class ShardSample:
         return self
 
 
+def safe_id(text: str) -> str:
+    """``text`` with every character outside ``[A-Za-z0-9_-]`` replaced by ``_``."""
+    return _KEY_SAFE.sub("_", text)
+
+
 def sample_key(clip_id: str, segment: int) -> str:
-    """``<clip id with unsafe characters replaced>_s<segment>``: no dots, stable."""
-    return f"{_KEY_SAFE.sub('_', clip_id)}_s{segment:03d}"
+    """``<safe clip id>_s<segment>``: no dots, stable."""
+    return f"{safe_id(clip_id)}_s{segment:03d}"
 
 
 def encode_sample(sample: ShardSample, frame_codec: str = "lossless", crf: int = 18,

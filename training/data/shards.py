@@ -14,6 +14,7 @@ Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import random
 from collections import Counter
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from preprocessing.sample_schema import SMPLX_PER_FRAME, ShardSample, decode_sample
+from pipelines.job_io import MARKER_SUFFIX
+from preprocessing.sample_schema import ShardSample, decode_sample
 
 
 def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) -> list[str]:
@@ -37,7 +39,7 @@ def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) 
         shards = path / "shards" if (path / "shards").is_dir() else path
         pattern = f"{split}-*.tar" if split else "*.tar"
         return [str(p) for p in sorted(shards.glob(pattern))
-                if (p.parent / (p.name[:-4] + ".done.json")).is_file()]
+                if p.with_name(p.stem + MARKER_SUFFIX).is_file()]
     return sorted(glob.glob(str(source)))
 
 
@@ -147,10 +149,7 @@ class ShardDataset(IterableDataset):
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer // 2,
                                            random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}"))
-        for n, sample in enumerate(samples):
-            if n >= quota:
-                return
-            yield sample
+        yield from itertools.islice(samples, quota)
 
     def _decoded(self, raw: Iterator[dict]) -> Iterator:
         for sample in raw:
@@ -184,5 +183,4 @@ def make_loader(source, samples_per_rank: int, batch_size: int, num_workers: int
                                        drop_last=True)
 
 
-__all__ = ["ShardDataset", "SkipCounter", "collate", "make_loader", "shard_urls", "to_torch",
-           "SMPLX_PER_FRAME"]
+__all__ = ["ShardDataset", "SkipCounter", "collate", "make_loader", "shard_urls", "to_torch"]
