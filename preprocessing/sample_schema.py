@@ -33,10 +33,11 @@ import json
 import re
 import zipfile
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import av
 import numpy as np
+
+from .video import encode_into
 
 SCHEMA_VERSION = 1
 MEMBERS = ("rgb.mp4", "cond.npz", "smplx.npz", "offsets.npz", "qc.json", "meta.json")
@@ -195,21 +196,14 @@ def encode_frames(frames: np.ndarray, codec: str = "lossless", crf: int = 18, fp
     ``h264`` is yuv420p at ``crf``. Single-threaded encode: the bytes are reproducible."""
     if codec not in FRAME_CODECS:
         raise SchemaError(f"frame codec {codec!r}: use one of {FRAME_CODECS}")
-    t, h, w = frames.shape[:3]
+    h, w = frames.shape[1:3]
     if codec == "h264" and (h % 2 or w % 2):
         raise SchemaError(f"h264 needs even frame sizes, got {w}x{h}")
+    name, pix_fmt = ("libx264rgb", "rgb24") if codec == "lossless" else ("libx264", "yuv420p")
+    opts = {"qp": "0", "preset": "veryfast"} if codec == "lossless" else {"crf": str(crf), "preset": "medium"}
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        name, pix_fmt = ("libx264rgb", "rgb24") if codec == "lossless" else ("libx264", "yuv420p")
-        stream = container.add_stream(name, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-        opts = {"qp": "0", "preset": "veryfast"} if codec == "lossless" else {"crf": str(crf), "preset": "medium"}
-        stream.options = dict(opts, threads="1")
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_into(container, frames, fps, name, pix_fmt, dict(opts, threads="1"))
     return buf.getvalue()
 
 

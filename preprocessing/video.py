@@ -24,25 +24,8 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     container = av.open(str(tmp), mode="w")
     try:
-        stream = None
-        for frame in frames:
-            frame = np.ascontiguousarray(frame, dtype=np.uint8)
-            if frame.ndim == 2:
-                frame = np.repeat(frame[..., None], 3, -1)
-            h, w = frame.shape[:2]
-            if h % 2 or w % 2:
-                frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-            if stream is None:
-                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-                stream.width, stream.height = frame.shape[1], frame.shape[0]
-                stream.pix_fmt = pix_fmt
-                stream.options = {"crf": str(crf)}
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        if stream is None:
+        if encode_into(container, frames, fps, "libx264", pix_fmt, {"crf": str(crf)}, pad_even=True) == 0:
             raise ValueError("no frames to write")
-        for packet in stream.encode():
-            container.mux(packet)
     except BaseException:
         container.close()
         tmp.unlink(missing_ok=True)
@@ -50,3 +33,30 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     container.close()
     os.replace(tmp, path)
     return path
+
+
+def encode_into(container, frames: Iterable[np.ndarray], fps: float, codec: str, pix_fmt: str,
+                options: dict[str, str], pad_even: bool = False) -> int:
+    """Encode RGB uint8 frames (H, W, 3; grey (H, W) is made RGB) as a new video stream of an
+    open PyAV output ``container``, sized by the first frame; ``pad_even`` pads odd sizes by
+    repeating the edge. Returns the number of frames written."""
+    stream, count = None, 0
+    for frame in frames:
+        frame = np.ascontiguousarray(frame, dtype=np.uint8)
+        if frame.ndim == 2:
+            frame = np.repeat(frame[..., None], 3, -1)
+        h, w = frame.shape[:2]
+        if pad_even and (h % 2 or w % 2):
+            frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        if stream is None:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = frame.shape[1], frame.shape[0]
+            stream.pix_fmt = pix_fmt
+            stream.options = options
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+        count += 1
+    if stream is not None:
+        for packet in stream.encode():
+            container.mux(packet)
+    return count
