@@ -27,8 +27,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Callable
 
-from preprocessing.clip_records import ClipItem, ClipOutcome, IdentityFit, StageConfig
+from preprocessing.clip_records import (ClipItem, ClipOutcome, IdentityFit, StageConfig,
+                                        identity_failure_outcome)
 
 from .job_io import (JobInputError, OutputDir, ShardSpec, fingerprint, list_inputs, manifest_frame,
                      parquet_bytes, plan_shards, write_if_changed, write_shard)
@@ -56,6 +58,7 @@ class WorkerConfig:
     max_retries: int = 3                  # Ray re-runs a task whose worker process died
     clip_retries: int = 1                 # a stage that raised is retried this often in place
     max_pending_shards: int | None = None  # shards in flight (None: 2 + workers' clips / shard)
+    writer_num_cpus: float = 0.0          # per shard writer task (it starts when its clips are done)
 
 
 @dataclass
@@ -145,50 +148,53 @@ def _fire_once(fault_dir: str, kind: str, clip_id: str, faults: dict) -> bool:
     return True
 
 
-def identity_task(identity_id: str, items: list[ClipItem], spec: dict):
-    """Three returns: the identity, the outcomes of clips that failed as anchor candidates
-    (small) and the anchor clip's final outcome (its samples: fetched only by its own task)."""
-    from preprocessing.clip_stages import fit_identity
-
-    identity, tried = fit_identity(identity_id, items, _context(**spec["context"]))
-    anchor = tried.pop(identity.anchor_clip_id, None) if identity.anchor_clip_id else None
-    return identity, tried, anchor
-
-
-def clip_task(item: ClipItem, identity: IdentityFit, failed: dict, anchor: list, spec: dict) -> ClipOutcome:
-    """``anchor`` is ``[ref]`` (nested, so Ray does not fetch it for every clip)."""
+def _attempt(item: ClipItem, spec: dict, work: Callable[[], ClipOutcome]) -> ClipOutcome:
+    """One clip's stages under the job's guards: a stage that raised (``stage_error``) is
+    retried in place ``clip_retries`` times; test-only faults (kill_worker, crash_stage)."""
     import ray
 
-    from preprocessing.clip_stages import process_clip
-
     started_at = time.time()
-    ctx = _context(**spec["context"])
     faults, fault_dir = spec["faults"], spec["fault_dir"]
     if _fire_once(fault_dir, "kill_worker", item.clip_id, faults):
         os.kill(os.getpid(), 9)                      # as if the node's OOM killer struck
-    attempts = 1 + spec["clip_retries"]
-    for attempt in range(attempts):
+    for attempt in range(1 + spec["clip_retries"]):
         if _fire_once(fault_dir, "crash_stage", item.clip_id, faults):
             outcome = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path,
                                   status="stage_error", stage="process", reason="injected crash")
-        elif item.clip_id == identity.anchor_clip_id:     # fitted by the identity task
-            outcome = ray.get(anchor[0])
-        elif item.clip_id in failed:
-            outcome = failed[item.clip_id]
         else:
-            outcome = process_clip(item, identity, ctx)
+            outcome = work()
         if outcome.status != "stage_error":
             break
     outcome.seconds["attempts"] = attempt + 1
     outcome.node = ray.util.get_node_ip_address()
-    if not outcome.started_at:                    # (the anchor's come from the identity task)
+    if not outcome.started_at:
         outcome.started_at, outcome.finished_at = started_at, time.time()
     return outcome
 
 
+def identity_task(identity_id: str, items: list[ClipItem], spec: dict):
+    """Three returns: the identity, the outcomes of clips that failed as anchor candidates
+    (small) and the anchor clip's final outcome (its samples: fetched only by its writer)."""
+    from preprocessing.clip_stages import fit_identity, run_clip
+
+    ctx = _context(**spec["context"])
+    identity, tried = fit_identity(identity_id, items, ctx,
+                                   run=lambda item: _attempt(item, spec, lambda: run_clip(item, ctx)))
+    anchor = tried.pop(identity.anchor_clip_id, None) if identity.anchor_clip_id else None
+    return identity, tried, anchor
+
+
+def clip_task(item: ClipItem, identity: IdentityFit, spec: dict) -> ClipOutcome:
+    """A clip of an identity that is already fitted (β and Δg fixed)."""
+    from preprocessing.clip_stages import process_clip
+
+    ctx = _context(**spec["context"])
+    return _attempt(item, spec, lambda: process_clip(item, identity, ctx))
+
+
 def shard_task(out_root: str, shard: ShardSpec, clip_refs: list) -> dict:
-    """Wait for the shard's clips and write it. The refs arrive nested (unresolved), so a clip
-    whose task failed for good (its worker died on every retry) becomes a status row."""
+    """Write one shard once its clips are done. The refs arrive nested (unresolved), so a
+    clip whose task failed for good (its worker died on every retry) becomes a status row."""
     import ray
 
     outcomes = []
@@ -196,10 +202,130 @@ def shard_task(out_root: str, shard: ShardSpec, clip_refs: list) -> dict:
         try:
             outcomes.append(ray.get(ref))
         except Exception as exc:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, ...
-            outcomes.append(ClipOutcome(item.clip_id, item.identity_id, item.split, item.path,
-                                        status="worker_lost", stage="worker",
-                                        reason=f"{type(exc).__name__}: {str(exc)[:800]}"))
+            outcomes.append(_lost(item, exc))
     return write_shard(OutputDir(out_root), shard, outcomes)
+
+
+def _lost(item: ClipItem, exc: BaseException) -> ClipOutcome:
+    return ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="worker_lost",
+                       stage="worker", reason=f"{type(exc).__name__}: {str(exc)[:800]}")
+
+
+class _Scheduler:
+    """Feeds the cluster in plan order, with at most ``window`` shards between admission
+    and their write (so finished samples waiting in the object store stay bounded):
+
+    * an admitted shard's identities are fitted first, one task per identity (β and Δg free
+      on its anchor clip), unless a saved identity can be reused;
+    * once an identity is known, its clips become clip tasks; the anchor and failed anchor
+      candidates need none (the identity task returned their outcomes), nor do the clips of
+      an identity that failed (their rows are written as they are);
+    * once all outcomes of a shard are in, one writer task writes it. Writers start only
+      then, so none sits blocked on unfinished clips.
+    """
+
+    def __init__(self, tasks: dict, spec_ref, out: OutputDir, stage_fp: str,
+                 by_identity: dict[str, list[ClipItem]], pending_ids: set[str], bar) -> None:
+        import ray
+
+        self.ray, self.tasks, self.spec_ref, self.out, self.stage_fp = ray, tasks, spec_ref, out, stage_fp
+        self.by_identity, self.pending_ids, self.bar = by_identity, pending_ids, bar
+        self.node = ray.util.get_node_ip_address()
+        self.running: dict = {}        # identity task's first ref -> (identity id, its 3 refs)
+        self.known: dict = {}          # identity id -> (IdentityFit or the task's error, its ref,
+        #                                failed candidates' outcomes, anchor outcome ref)
+        self.waiting: dict[str, list[tuple[str, ClipItem]]] = {}   # identity id -> admitted clips
+        self.shards: dict[str, ShardSpec] = {}                     # admitted, not yet written
+        self.outcomes: dict[str, dict] = {}                        # shard -> clip id -> outcome ref
+        self.unresolved: dict = {}     # outcome ref -> shard name
+        self.writes: dict = {}         # writer ref -> shard name
+        self.written = self.fitted = 0
+
+    @property
+    def open_shards(self) -> int:
+        return len(self.shards)
+
+    def admit(self, shard: ShardSpec) -> None:
+        self.shards[shard.name], self.outcomes[shard.name] = shard, {}
+        for clip in shard.clips:
+            iid = clip.identity_id
+            if iid not in self.known and iid not in self.waiting:
+                self._start_identity(iid)         # a saved identity is known at once
+            if iid in self.known:
+                self._assign(shard.name, clip)
+            else:
+                self.waiting.setdefault(iid, []).append((shard.name, clip))
+
+    def _start_identity(self, iid: str) -> None:
+        # A saved identity is reused unless its anchor clip is pending: the anchor's outcome
+        # comes from the identity fit itself, so a rerun reproduces it exactly.
+        saved = self.out.load_identity(iid, self.stage_fp)
+        if saved is not None and saved.anchor_clip_id not in self.pending_ids:
+            self.known[iid] = (saved, self.ray.put(saved), {}, None)
+            return
+        refs = self.tasks["identity"].remote(iid, self.by_identity[iid], self.spec_ref)
+        self.running[refs[0]] = (iid, refs)
+
+    def _identity_done(self, ref) -> None:
+        iid, (fit_ref, tried_ref, anchor_ref) = self.running.pop(ref)
+        try:
+            fit, tried = self.ray.get([fit_ref, tried_ref])
+        except Exception as exc:  # noqa: BLE001 - its worker died on every retry
+            fit, tried, anchor_ref = exc, {}, None
+        if isinstance(fit, IdentityFit) and fit.status == "ok":
+            self.out.save_identity(fit, self.stage_fp)
+            self.fitted += 1
+        self.known[iid] = (fit, fit_ref, tried, anchor_ref)
+        for name, clip in self.waiting.pop(iid, []):
+            self._assign(name, clip)
+
+    def _assign(self, name: str, clip: ClipItem) -> None:
+        fit, fit_ref, tried, anchor_ref = self.known[clip.identity_id]
+        if isinstance(fit, BaseException):
+            ref = self._row(_lost(clip, fit))
+        elif clip.clip_id == fit.anchor_clip_id and anchor_ref is not None:
+            ref = anchor_ref
+        elif clip.clip_id in tried:
+            ref = self.ray.put(tried[clip.clip_id])
+        elif fit.status != "ok":
+            ref = self._row(identity_failure_outcome(clip, fit))
+        else:
+            ref = self.tasks["clip"].remote(clip, fit_ref, self.spec_ref)
+        self.outcomes[name][clip.clip_id] = ref
+        self.unresolved[ref] = name
+
+    def _row(self, outcome: ClipOutcome):
+        outcome.node = self.node
+        outcome.started_at = outcome.finished_at = time.time()
+        return self.ray.put(outcome)
+
+    def _maybe_write(self, name: str) -> None:
+        shard, refs = self.shards[name], self.outcomes[name]
+        if len(refs) == len(shard.clips) and not any(r in self.unresolved for r in refs.values()):
+            ref = self.tasks["write"].remote(str(self.out.root), shard, [refs[c.clip_id] for c in shard.clips])
+            self.writes[ref] = name
+
+    def step(self, timeout: float = 1.0) -> None:
+        """Wait (up to ``timeout``) for anything to finish, then react to all that has."""
+        watch = list(self.running) + list(self.unresolved) + list(self.writes)
+        if not watch:
+            return
+        first, _ = self.ray.wait(watch, num_returns=1, timeout=timeout, fetch_local=False)
+        if not first:
+            return
+        ready, _ = self.ray.wait(watch, num_returns=len(watch), timeout=0, fetch_local=False)
+        for ref in ready:
+            if ref in self.running:
+                self._identity_done(ref)
+            elif ref in self.unresolved:
+                name = self.unresolved.pop(ref)
+                self.bar.update(1)
+                self._maybe_write(name)
+            elif ref in self.writes:
+                name = self.writes.pop(ref)
+                self.ray.get(ref)             # raises if the writer failed for good
+                del self.shards[name], self.outcomes[name]
+                self.written += 1
 
 
 # -- driver -------------------------------------------------------------------------------
@@ -261,7 +387,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
     run_stats = {"started": started, "orphans_removed": [p.name for p in orphans],
                  "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
     if pending:
-        run_stats.update(_run_pending(cfg, out, pending, pending_items, by_identity, needed,
+        run_stats.update(_run_pending(cfg, out, pending, pending_items, by_identity,
                                       model_path, model_sha1, stage_fp, progress))
     markers = [out.read_marker(s) for s in plan]
     missing = [s.name for s, m in zip(plan, markers) if m is None]
@@ -289,7 +415,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
 
 
 def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec],
-                 pending_items: list[ClipItem], by_identity: dict, needed: list[str],
+                 pending_items: list[ClipItem], by_identity: dict,
                  model_path: str, model_sha1: str, stage_fp: str, progress: bool) -> dict:
     from tqdm import tqdm
 
@@ -306,71 +432,30 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         spec_ref = ray.put(spec)
         resources = {"num_cpus": cfg.workers.num_cpus, "num_gpus": cfg.workers.num_gpus,
                      "max_retries": cfg.workers.max_retries}
-        fit_identity = ray.remote(identity_task).options(num_returns=3, **resources)
-        fit_clip = ray.remote(clip_task).options(**resources)
-        # No CPU reserved: the writer mostly waits on its clips, and a reservation would keep
-        # a clip task (1 CPU) from starting while a writer is up (measured: 9 s idle gaps).
-        write = ray.remote(shard_task).options(num_cpus=0, max_retries=cfg.workers.max_retries)
-
-        # Identities: reuse the saved ones; fit the rest (their clips wait on them in Ray).
-        # A saved identity is reused unless its anchor clip is pending: the anchor's outcome
-        # comes from the identity fit itself, so a rerun reproduces it exactly.
-        pending_ids = {c.clip_id for c in pending_items}
-        identities, fitted, no_failures, no_anchor = {}, {}, ray.put({}), ray.put(None)
-        for iid in needed:
-            saved = out.load_identity(iid, stage_fp)
-            if saved is not None and saved.anchor_clip_id not in pending_ids:
-                identities[iid] = (ray.put(saved), no_failures, no_anchor)
-            else:
-                identities[iid] = fit_identity.remote(iid, by_identity[iid], spec_ref)
-                fitted[iid] = identities[iid][0]
+        tasks = {"identity": ray.remote(identity_task).options(num_returns=3, **resources),
+                 "clip": ray.remote(clip_task).options(**resources),
+                 "write": ray.remote(shard_task).options(num_cpus=cfg.workers.writer_num_cpus,
+                                                         max_retries=cfg.workers.max_retries)}
         cpus = ray.cluster_resources().get("CPU", 1)
         slots = max(1, int(cpus // max(cfg.workers.num_cpus, 1e-3)))
         window = cfg.workers.max_pending_shards or 2 + -(-slots // cfg.clips_per_shard)
         bar = tqdm(total=len(pending_items), desc="clips", unit="clip", disable=not progress,
                    file=sys.stdout, mininterval=1.0)
-        queue, in_flight, clip_refs, written = list(pending), {}, [], 0
-        saved_identities = 0
-        while queue or in_flight:
-            while queue and len(in_flight) < window:
-                shard = queue.pop(0)
-                refs = []
-                for c in shard.clips:
-                    identity, failed, anchor = identities[c.identity_id]
-                    refs.append(fit_clip.remote(c, identity, failed, [anchor], spec_ref))
-                clip_refs.extend(refs)
-                in_flight[write.remote(str(out.root), shard, refs)] = shard
-            ready, _ = ray.wait(list(in_flight) + clip_refs, num_returns=1, timeout=1.0, fetch_local=False)
-            done_clips, clip_refs = _split_ready(clip_refs)
-            bar.update(len(done_clips))
-            for ref in [r for r in ready if r in in_flight]:
-                ray.get(ref)                  # raises if the shard task failed for good
-                in_flight.pop(ref)
-                written += 1
-            ready_ids = set(_split_ready(list(fitted.values()))[0])
-            for iid in [i for i, r in fitted.items() if r in ready_ids]:
-                try:
-                    fit = ray.get(fitted.pop(iid))
-                except Exception:  # noqa: BLE001 - its clips carry the failure as rows
-                    continue
-                if fit.status == "ok":
-                    out.save_identity(fit, stage_fp)
-                    saved_identities += 1
+        sched = _Scheduler(tasks, spec_ref, out, stage_fp, by_identity,
+                           {c.clip_id for c in pending_items}, bar)
+        queue = list(pending)
+        while queue or sched.open_shards:
+            while queue and sched.open_shards < window:
+                sched.admit(queue.pop(0))
+            sched.step()
         bar.close()
         return {"ray_init_seconds": round(ray_init_seconds, 3),
-                "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode, "nodes": _node_addresses(), "clips_processed": len(pending_items),
-                "shards_written": written, "identities_fitted": saved_identities,
+                "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode,
+                "nodes": _node_addresses(), "clips_processed": len(pending_items),
+                "shards_written": sched.written, "identities_fitted": sched.fitted,
                 "workers": slots}
     finally:
         ray.shutdown()
-
-
-def _split_ready(refs: list) -> tuple[list, list]:
-    """(finished, still running) without waiting or fetching."""
-    import ray
-    if not refs:
-        return [], refs
-    return ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
 
 
 def _node_addresses() -> list[str]:
@@ -420,4 +505,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run from the importable module, not ``__main__``: Ray pickles ``__main__`` functions by
+    # value, each with its own copy of the globals, so every task function would build its
+    # own StageContext in a worker (measured: ~1.5 s more per worker and task kind).
+    from pipelines import preprocess
+
+    sys.exit(preprocess.main())

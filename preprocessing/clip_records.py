@@ -79,3 +79,13 @@ class ClipOutcome:
              if f.name not in ("samples", "fit")}
         d["samples"] = len(self.samples)
         return d
+
+
+def identity_failure_outcome(item: ClipItem, identity: IdentityFit) -> ClipOutcome:
+    """The row of a clip whose identity could not be fitted (no work to do): the identity's
+    failure, or this clip's own if it was one of the anchor candidates that failed."""
+    out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="identity_failed",
+                      stage="identity", reason=identity.reason)
+    if item.clip_id in identity.clip_failures:
+        out.status, out.stage, out.reason = identity.clip_failures[item.clip_id]
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from .clip_fit import ClipFit, fit_frames
 from .files import file_digest
 from .fitting import FitConfig, Fitter
 from .ingest import open_video
-from .clip_records import ClipItem, ClipOutcome, IdentityFit, StageConfig
+from .clip_records import ClipItem, ClipOutcome, IdentityFit, StageConfig, identity_failure_outcome
 from .sample_schema import ShardSample, encode_sample, sample_key
 from .tracking import FaceTracker
 
@@ -81,18 +82,21 @@ def _bad_fraction(clip: ClipFit) -> float:
     return 1.0 - statuses.count("ok") / max(1, len(statuses))
 
 
-def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext
+def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext,
+                 run: Callable[[ClipItem], ClipOutcome] | None = None
                  ) -> tuple[IdentityFit, dict[str, ClipOutcome]]:
     """β and Δg of an identity from its first usable clip (in the order given).
 
     That anchor clip is fitted whole with β and Δg free, so its fit *is* the identity's and
     its outcome is final; every other clip of the identity is fitted with them fixed. Returns
     the identity and the outcomes of the clips it tried (failed ones and the anchor), which
-    need no second pass. Never raises: a failed identity says why."""
+    need no second pass. Never raises: a failed identity says why. ``run`` (default
+    :func:`run_clip`) lets the job wrap each attempt (retries in place, fault injection)."""
     t0 = time.perf_counter()
+    run = run or (lambda item: run_clip(item, ctx))
     tried: dict[str, ClipOutcome] = {}
     for item in items:
-        out = _run_clip(item, ctx)
+        out = run(item)
         tried[item.clip_id] = out
         if out.ok:
             fit = out.fit
@@ -113,15 +117,11 @@ def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext
 def process_clip(item: ClipItem, identity: IdentityFit, ctx: StageContext) -> ClipOutcome:
     """Decode, track, fit with the identity's β and Δg, render and encode one clip."""
     if identity.status != "ok":
-        out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="identity_failed",
-                          stage="identity", reason=identity.reason)
-        if item.clip_id in identity.clip_failures:          # this clip was tried: say why it failed
-            out.status, out.stage, out.reason = identity.clip_failures[item.clip_id]
-        return out
-    return _run_clip(item, ctx, identity)
+        return identity_failure_outcome(item, identity)
+    return run_clip(item, ctx, identity)
 
 
-def _run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = None) -> ClipOutcome:
+def run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = None) -> ClipOutcome:
     """One clip through every stage; with ``identity`` its β and Δg are fixed, else fitted
     (the result then keeps the fit in ``out.fit`` for :func:`fit_identity`)."""
     out = ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status="ok",

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Upper bound on candidate (face, pixel) pairs processed at once (memory ~ 60 B each).
-MAX_CANDIDATES = 6_000_000
+# Upper bound on candidate (face, pixel) pairs processed at once (memory ~ 60 B each): blocks
+# of ~30 MB render 15-20 % faster than blocks of ~360 MB on this 2-core machine (measured).
+MAX_CANDIDATES = 500_000
 
 
 def gather_faces(values: Tensor, faces: Tensor) -> Tensor:

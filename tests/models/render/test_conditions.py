@@ -168,3 +168,23 @@ def test_torch_rasterizer_agrees_with_pytorch3d(scene, head_coarse):
     ref = rasterize_pytorch3d(vc, f, cam.focal, cam.principal, cam.image_size)
     assert (ours == ref).float().mean() > 0.995
     assert ((ours >= 0) == (ref >= 0)).float().mean() > 0.998
+
+
+def test_rasterizer_block_size_does_not_change_the_face_ids(monkeypatch):
+    """Faces go through the z-buffer in blocks of MAX_CANDIDATES candidate pixels; blocks
+    overlap in screen space (two spheres, one behind the other), and any block size must
+    give the same face ids."""
+    from models.render import rasterizer
+
+    cam = _camera(64)
+    near, faces = _sphere((0.05, 0.0, -1.0), 0.2, 3)
+    far, _ = _sphere((-0.05, 0.0, -1.3), 0.3, 3)
+    verts = torch.cat([far, near], 1)                    # the far sphere is rasterized first
+    faces = torch.cat([faces, faces + far.shape[1]])
+    uvz = torch.cat([cam.project(cam.to_camera(verts)), cam.to_camera(verts)[..., 2:]], -1)
+    whole = rasterize_torch(uvz, faces, cam.image_size)
+    monkeypatch.setattr(rasterizer, "MAX_CANDIDATES", 500)
+    blocks = rasterize_torch(uvz, faces, cam.image_size)
+    half = len(faces) // 2
+    assert ((whole >= 0) & (whole < half)).any() and (whole >= half).any()   # both visible
+    assert torch.equal(whole, blocks)
