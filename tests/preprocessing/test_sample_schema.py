@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sample_factory import random_sample
 
-from preprocessing.sample_schema import (MEMBERS, SchemaError, decode_sample, encode_sample,
+from preprocessing.sample_schema import (FIELDS, MEMBERS, SchemaError, decode_sample, encode_sample,
                                          npz_bytes, sample_key)
 
 
@@ -72,6 +72,28 @@ def test_decode_rejects_missing_and_corrupt_members():
         decode_sample(dict(raw, **{"rgb.mp4": b"\x00" * 64}))
     with pytest.raises(SchemaError, match="schema version"):
         decode_sample(dict(raw, **{"meta.json": b'{"schema_version": 99}'}))
+
+
+def test_decoding_a_subset_of_fields():
+    sample = random_sample(frames=4, size=32)
+    raw = encode_sample(sample)
+    part = decode_sample(raw, fields=("frames", "normals"))
+    assert np.array_equal(part.frames, sample.frames) and np.array_equal(part.normals, sample.normals)
+    assert all(getattr(part, f) is None for f in FIELDS if f not in ("frames", "normals"))
+    assert part.meta["schema_version"] == 1 and part.num_frames == 4
+    only_offsets = decode_sample(raw, fields=("dynamic_offsets",))
+    assert np.array_equal(only_offsets.dynamic_offsets, sample.dynamic_offsets)
+    assert only_offsets.num_frames == 4
+    with pytest.raises(SchemaError, match="unknown field"):
+        decode_sample(raw, fields=("frames", "rgb"))
+    # fields not asked for are not read: a cond.npz holding only normals still gives frames
+    # and normals; asking for a field the member lacks is an error
+    no_depth = dict(raw, **{"cond.npz": npz_bytes({"normals": sample.normals})})
+    assert decode_sample(no_depth, fields=("frames", "normals")).depth is None
+    with pytest.raises(SchemaError, match="face_mask"):
+        decode_sample(no_depth, fields=("face_mask",))
+    with pytest.raises(SchemaError, match="lacks"):              # the writer needs every field
+        encode_sample(part)
 
 
 def test_sample_key_is_dot_free_and_stable():

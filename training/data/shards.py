@@ -7,6 +7,8 @@ Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer
 * ``resampled=False`` (evaluation): shards are split by rank, then by worker, and cycled;
 * either way each rank yields exactly ``samples_per_rank`` samples per epoch (spread over its
   DataLoader workers), so uneven shards cannot leave one DDP rank waiting for another;
+* ``fields`` picks what is decoded (default all; a generator step needs ``("frames",
+  "normals")``, which decodes in half the time), see ``sample_schema.FIELDS``;
 * a corrupt shard or member (bad tar, truncated file, undecodable member) is skipped and
   counted (:class:`SkipCounter`); a run of ``max_empty_shards`` shards in a row without one
   good sample is an error rather than a silent spin.
@@ -20,7 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -67,21 +69,23 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def to_torch(sample: ShardSample, skipped: int = 0) -> dict:
-    """Schema sample -> tensors a training step takes (frames stay uint8 until the GPU)."""
-    return {
-        "key": sample.key,
-        "frames": torch.from_numpy(sample.frames),                     # (T, H, W, 3) uint8
-        "normals": torch.from_numpy(sample.normals),                   # (T, H, W, 3) uint8
-        "silhouette": torch.from_numpy(sample.silhouette),
-        "face_mask": torch.from_numpy(sample.face_mask),
-        **({"depth": torch.from_numpy(sample.depth.astype(np.float32))} if sample.depth is not None else {}),
-        "smplx": {k: torch.from_numpy(v) for k, v in sample.smplx.items()},
-        "dynamic_offsets": torch.from_numpy(sample.dynamic_offsets.astype(np.float32)),
-        "static_offsets": torch.from_numpy(sample.static_offsets.astype(np.float32)),
-        "face_vertex_ids": torch.from_numpy(sample.face_vertex_ids.astype(np.int64)),
-        "identity_id": sample.meta.get("identity_id", ""),
-        "reader_skipped": skipped,
+    """Schema sample -> tensors a training step takes (frames and normals stay uint8 until
+    the GPU). Fields the reader did not decode are left out."""
+    arrays = {
+        "frames": sample.frames,                                       # (T, H, W, 3) uint8
+        "normals": sample.normals,                                     # (T, H, W, 3) uint8
+        "silhouette": sample.silhouette, "face_mask": sample.face_mask,
+        "depth": None if sample.depth is None else sample.depth.astype(np.float32),
+        "dynamic_offsets": None if sample.dynamic_offsets is None else sample.dynamic_offsets.astype(np.float32),
+        "static_offsets": None if sample.static_offsets is None else sample.static_offsets.astype(np.float32),
+        "face_vertex_ids": None if sample.face_vertex_ids is None else sample.face_vertex_ids.astype(np.int64),
     }
+    out = {"key": sample.key, **{k: torch.from_numpy(v) for k, v in arrays.items() if v is not None}}
+    if sample.smplx is not None:
+        out["smplx"] = {k: torch.from_numpy(v) for k, v in sample.smplx.items()}
+    out["identity_id"] = sample.meta.get("identity_id", "")
+    out["reader_skipped"] = skipped
+    return out
 
 
 class ShardDataset(IterableDataset):
@@ -89,10 +93,12 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, urls: list[str], samples_per_rank: int, resampled: bool = True,
                  shuffle_buffer: int = 0, seed: int = 0, convert: Callable | None = to_torch,
-                 max_empty_shards: int = 50, rank: int | None = None, world_size: int | None = None) -> None:
+                 max_empty_shards: int = 50, rank: int | None = None, world_size: int | None = None,
+                 fields: Collection[str] | None = None) -> None:
         if not urls:
             raise ValueError("no shard to read (did the preprocessing job finish any?)")
         self.urls = list(urls)
+        self.fields = tuple(fields) if fields is not None else None     # None: every field
         self.samples_per_rank = int(samples_per_rank)
         self.resampled = resampled
         self.shuffle_buffer = shuffle_buffer
@@ -154,7 +160,7 @@ class ShardDataset(IterableDataset):
     def _decoded(self, raw: Iterator[dict]) -> Iterator:
         for sample in raw:
             try:
-                decoded = decode_sample(sample)
+                decoded = decode_sample(sample, self.fields)
             except Exception as exc:  # noqa: BLE001 - skipped and counted
                 self.skipped(exc)
                 continue

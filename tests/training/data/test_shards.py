@@ -77,6 +77,17 @@ def test_loader_with_workers_collates_fixed_epoch(shards):
     assert b["smplx"]["expression"].shape == (2, 4, 100) and len(b["key"]) == 2
 
 
+def test_loader_decodes_only_the_fields_asked_for(shards):
+    root, _ = shards
+    loader = make_loader(root, samples_per_rank=4, batch_size=2, num_workers=0, resampled=False,
+                         fields=("frames", "normals"))
+    batch = next(iter(loader))
+    assert batch["frames"].shape == (2, 4, 32, 32, 3) and batch["normals"].shape == (2, 4, 32, 32, 3)
+    assert not {"smplx", "depth", "silhouette", "dynamic_offsets"} & set(batch)
+    full = next(iter(make_loader(root, samples_per_rank=4, batch_size=2, num_workers=0, resampled=False)))
+    assert batch["key"] == full["key"] and torch.equal(batch["frames"], full["frames"])
+
+
 def _corrupt_copies(root, tmp_path):
     urls = shard_urls(root)
     data = open(urls[0], "rb").read()
