@@ -1,6 +1,6 @@
 """Preprocessing-job throughput and training-reader speed, side by side in one run.
 
-    python benchmarks/preprocess.py [--identities 3 --clips 2 --frames 24 --size 128]
+    python benchmarks/preprocess.py [--identities 4 --clips 2 --frames 24 --size 128]
 
 On one synthetic corpus:
 1. a bare loop in this process over the same per-clip functions the job composes
@@ -11,7 +11,8 @@ On one synthetic corpus:
    shard written; Ray's start (a one-off per job, ~3-8 s) is reported apart, and the ratios
    including it are printed too;
 3. the training reader (``training.data.shards``, DataLoader with 0 and 2 workers) over the
-   job's shards, against the samples/s that a training step needs: a tiny Wan2.1-architecture
+   job's shards, decoding what a generator step reads (``frames``, ``normals``; every field
+   is reported too), against the samples/s that a training step needs: a tiny Wan2.1-architecture
    DiT (diffusers ``WanTransformer3DModel``) forward + backward on CPU on a batch of latents
    of one sample's size.
 
@@ -40,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 STAGES = {"fps": 25, "max_frames": 300, "segment_frames": 12, "min_frames": 8}
+# What a generator training step reads: target frames and their driving normal maps (the
+# reference image and reference normal map are frames of these).
+TRAIN_FIELDS = ("frames", "normals")
 
 
 def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int, part: tuple[int, int] = (0, 1)) -> float:
@@ -90,10 +94,11 @@ def job(manifest: Path, out: Path, model: Path, cpus: int, clips_per_shard: int,
             "total": last["seconds"]}
 
 
-def reader_rate(out: Path, workers: int, samples: int) -> float:
+def reader_rate(out: Path, workers: int, samples: int, fields: tuple[str, ...] | None = None) -> float:
     from training.data.shards import make_loader
 
-    loader = make_loader(out, samples_per_rank=samples, batch_size=1, num_workers=workers, split=None)
+    loader = make_loader(out, samples_per_rank=samples, batch_size=1, num_workers=workers, split=None,
+                         fields=fields)
     it = iter(loader)
     next(it)                                          # workers up, first shard open
     t0 = time.perf_counter()
@@ -131,7 +136,8 @@ def step_need(frames: int, size: int, batch: int = 2, repeats: int = 5) -> tuple
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--identities", type=int, default=3)
+    p.add_argument("--identities", type=int, default=4,
+                   help="even, so the 2-process loop splits the work in equal halves")
     p.add_argument("--clips", type=int, default=2)
     p.add_argument("--frames", type=int, default=24)
     p.add_argument("--size", type=int, default=128)
@@ -195,8 +201,10 @@ def main() -> None:
     same = all(file_digest(a, "sha256") == file_digest(tmp / "job2_0" / "shards" / a.name, "sha256")
                for a in sorted((tmp / "job1_0" / "shards").glob("*.tar")))
     need, step_s = step_need(STAGES["segment_frames"], 256)
-    r0 = reader_rate(tmp / "job2_0", 0, args.reader_samples)
-    r2 = reader_rate(tmp / "job2_0", 2, args.reader_samples)
+    r0 = reader_rate(tmp / "job2_0", 0, args.reader_samples, TRAIN_FIELDS)
+    r2 = reader_rate(tmp / "job2_0", 2, args.reader_samples, TRAIN_FIELDS)
+    r0_all = reader_rate(tmp / "job2_0", 0, args.reader_samples)
+    r2_all = reader_rate(tmp / "job2_0", 2, args.reader_samples)
     report({
         "clips": clips,
         "loop_clips_per_s": clips / loop_s,
@@ -211,6 +219,9 @@ def main() -> None:
         "shards_identical_1_vs_2_workers": same,
         "reader_samples_per_s_0_workers": r0,
         "reader_samples_per_s_2_workers": r2,
+        "reader_all_fields_samples_per_s_0_workers": r0_all,
+        "reader_all_fields_samples_per_s_2_workers": r2_all,
+        "reader_all_fields_vs_step": max(r0_all, r2_all) / need,
         "step_need_samples_per_s": need,
         "step_seconds": step_s,
         "reader_vs_step": max(r0, r2) / need,

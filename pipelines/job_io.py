@@ -8,6 +8,7 @@ Output layout::
     OUT/manifest.parquet                a row per input video (status, reason, shard, samples, ...)
     OUT/errors.parquet                  the rows that are not ok
     OUT/summary.json                    totals, failure ratio, shard list, the last run's figures
+    OUT/.job.lock                       held (flock) by the running job: one job per output
 
 Shard assignment is deterministic: the inputs of each split, sorted by clip id, are cut into
 consecutive groups of ``clips_per_shard``; a shard's fingerprint covers its clips, the stage
@@ -15,13 +16,16 @@ configuration and the head model, so a rerun skips every shard whose marker matc
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -37,6 +41,10 @@ MARKER_SUFFIX = ".done.json"
 
 class JobInputError(ValueError):
     """The job's input (folder or manifest) cannot be used; the message says why."""
+
+
+class OutputBusy(JobInputError):
+    """Another job holds the output folder's lock."""
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -126,11 +134,40 @@ def plan_shards(items: list[ClipItem], clips_per_shard: int, config_fingerprint:
 
 # -- output directory ---------------------------------------------------------------------
 
+LOCK_NAME = ".job.lock"
+#: statuses that say nothing about the clip itself (a lost worker, a crashing stage):
+#: ``--retry-failed`` reprocesses the shards that hold them
+RETRYABLE = ("worker_lost", "stage_error")
+
+
+def retryable_clips(marker: dict) -> list[str]:
+    """Clip ids of a done marker whose rows have a :data:`RETRYABLE` status."""
+    return [r["clip_id"] for r in marker.get("clips", []) if r.get("status") in RETRYABLE]
+
+
 class OutputDir:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.shards = self.root / "shards"
         self.identities = self.root / "identities"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``OUT/.job.lock`` (an exclusive ``flock``) while the job runs: a second job on
+        the same output stops at once with :class:`OutputBusy` instead of racing this one.
+        The lock goes with the process, so a killed job leaves none behind; the file is
+        created once and never written, so a rerun still writes nothing."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_NAME, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise OutputBusy(f"output {self.root} is being written by another job (it holds "
+                                 f"{self.root / LOCK_NAME}); run one job per output folder") from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def prepare(self) -> list[Path]:
         """Create the folders; delete temporary files a killed run left behind (returned)."""

@@ -1,7 +1,7 @@
 """The preprocessing job: talking-head videos -> WebDataset shards + parquet manifests.
 
     python -m pipelines.preprocess --config configs/preprocess/local.yaml [--input DIR|MANIFEST]
-        [--output DIR] [--limit N] [--dry-run] [--address RAY_ADDRESS]
+        [--output DIR] [--limit N] [--dry-run] [--retry-failed] [--address RAY_ADDRESS]
 
 Without an address (``--address``, ``ray.address`` in the config or ``RAY_ADDRESS``) it starts
 an embedded Ray on this machine, bound to loopback; with one it joins that cluster. The same
@@ -33,7 +33,7 @@ from preprocessing.clip_records import (ClipItem, ClipOutcome, IdentityFit, Stag
                                         identity_failure_outcome)
 
 from .job_io import (JobInputError, OutputDir, ShardSpec, fingerprint, list_inputs, manifest_frame,
-                     parquet_bytes, plan_shards, write_if_changed, write_shard)
+                     parquet_bytes, plan_shards, retryable_clips, write_if_changed, write_shard)
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -58,7 +58,8 @@ class WorkerConfig:
     max_retries: int = 3                  # Ray re-runs a task whose worker process died
     clip_retries: int = 1                 # a stage that raised is retried this often in place
     max_pending_shards: int | None = None  # shards in flight (None: 2 + workers' clips / shard)
-    writer_num_cpus: float = 0.0          # per shard writer task (it starts when its clips are done)
+    writer_num_cpus: float = 1.0          # per shard writer task: it starts once its clips are done
+    #                                       and so runs in a warm worker process (torch imported)
 
 
 @dataclass
@@ -212,62 +213,140 @@ def _lost(item: ClipItem, exc: BaseException) -> ClipOutcome:
 
 
 class _Scheduler:
-    """Feeds the cluster in plan order, with at most ``window`` shards between admission
-    and their write (so finished samples waiting in the object store stay bounded):
+    """Feeds the cluster in plan order with the critical path first.
 
-    * an admitted shard's identities are fitted first, one task per identity (β and Δg free
-      on its anchor clip), unless a saved identity can be reused;
-    * once an identity is known, its clips become clip tasks; the anchor and failed anchor
-      candidates need none (the identity task returned their outcomes), nor do the clips of
-      an identity that failed (their rows are written as they are);
-    * once all outcomes of a shard are in, one writer task writes it. Writers start only
-      then, so none sits blocked on unfinished clips.
+    * At most ``window`` shards are *open* (admitted, not yet written), so finished samples
+      waiting in the object store stay bounded; a shard's writer task starts once all its
+      outcomes are in (none sits blocked on unfinished clips).
+    * Work reaches Ray only as workers free up (``slots`` tasks running plus one queued), from
+      a queue where identity fits come first: an identity's other clips wait on its anchor,
+      so fitting identities early (also those of the next ``window`` shards, not yet open)
+      keeps every worker busy instead of leaving anchor-then-clip chains to the end.
+    * Clips need no task when the identity fit already gave their outcome (the anchor, failed
+      anchor candidates) or when their identity failed (the row is written as it is).
     """
 
-    def __init__(self, tasks: dict, spec_ref, out: OutputDir, stage_fp: str,
-                 by_identity: dict[str, list[ClipItem]], pending_ids: set[str], bar) -> None:
+    def __init__(self, tasks: dict, spec_ref, out: OutputDir, stage_fp: str, plan: list[ShardSpec],
+                 by_identity: dict[str, list[ClipItem]], window: int, slots: int, bar) -> None:
         import ray
 
         self.ray, self.tasks, self.spec_ref, self.out, self.stage_fp = ray, tasks, spec_ref, out, stage_fp
-        self.by_identity, self.pending_ids, self.bar = by_identity, pending_ids, bar
+        self.queue, self.by_identity, self.window, self.slots, self.bar = list(plan), by_identity, window, slots, bar
+        self.pending_ids = {c.clip_id for s in plan for c in s.clips}
         self.node = ray.util.get_node_ip_address()
-        self.running: dict = {}        # identity task's first ref -> (identity id, its 3 refs)
+        self.ready: list[tuple] = []   # (priority, seq, kind, args): identity fits (0) before clips (1)
+        self.seq = 0
+        self.running: dict = {}        # compute task ref -> ("identity", id, refs) | ("clip", shard, clip)
+        self.started: set[str] = set()   # identities queued, running or known
         self.known: dict = {}          # identity id -> (IdentityFit or the task's error, its ref,
         #                                failed candidates' outcomes, anchor outcome ref)
-        self.waiting: dict[str, list[tuple[str, ClipItem]]] = {}   # identity id -> admitted clips
-        self.shards: dict[str, ShardSpec] = {}                     # admitted, not yet written
+        self.waiting: dict[str, list[tuple[str, ClipItem]]] = {}   # identity id -> open shards' clips
+        self.shards: dict[str, ShardSpec] = {}                     # open shards
         self.outcomes: dict[str, dict] = {}                        # shard -> clip id -> outcome ref
         self.unresolved: dict = {}     # outcome ref -> shard name
         self.writes: dict = {}         # writer ref -> shard name
         self.written = self.fitted = 0
 
     @property
-    def open_shards(self) -> int:
-        return len(self.shards)
+    def busy(self) -> bool:
+        return bool(self.queue or self.shards)
 
-    def admit(self, shard: ShardSpec) -> None:
+    # -- planning ------------------------------------------------------------------------
+    def fill(self) -> None:
+        """Open shards up to the window, start identity fits for those and the next window's
+        shards, and hand queued work to Ray while workers are free."""
+        while self.queue and len(self.shards) < self.window:
+            self._open(self.queue.pop(0))
+        for shard in self.queue[:self.window]:            # look ahead: fit identities early
+            for clip in shard.clips:
+                self._start_identity(clip.identity_id)
+        self.ready.sort()
+        while self.ready and len(self.running) < self.slots + 1:
+            _, _, kind, args = self.ready.pop(0)
+            if kind == "identity":
+                refs = self.tasks["identity"].remote(args, self.by_identity[args], self.spec_ref)
+                self.running[refs[0]] = ("identity", args, refs)
+            else:
+                name, clip, fit_ref = args
+                ref = self.tasks["clip"].remote(clip, fit_ref, self.spec_ref)
+                self.running[ref] = ("clip", name, clip)
+                self.outcomes[name][clip.clip_id] = ref
+                self.unresolved[ref] = name
+
+    def _push(self, priority: int, kind: str, args) -> None:
+        self.ready.append((priority, self.seq, kind, args))
+        self.seq += 1
+
+    def _open(self, shard: ShardSpec) -> None:
         self.shards[shard.name], self.outcomes[shard.name] = shard, {}
         for clip in shard.clips:
-            iid = clip.identity_id
-            if iid not in self.known and iid not in self.waiting:
-                self._start_identity(iid)         # a saved identity is known at once
-            if iid in self.known:
+            self._start_identity(clip.identity_id)
+            if clip.identity_id in self.known:
                 self._assign(shard.name, clip)
             else:
-                self.waiting.setdefault(iid, []).append((shard.name, clip))
+                self.waiting.setdefault(clip.identity_id, []).append((shard.name, clip))
 
     def _start_identity(self, iid: str) -> None:
+        if iid in self.started:
+            return
+        self.started.add(iid)
         # A saved identity is reused unless its anchor clip is pending: the anchor's outcome
         # comes from the identity fit itself, so a rerun reproduces it exactly.
         saved = self.out.load_identity(iid, self.stage_fp)
         if saved is not None and saved.anchor_clip_id not in self.pending_ids:
             self.known[iid] = (saved, self.ray.put(saved), {}, None)
-            return
-        refs = self.tasks["identity"].remote(iid, self.by_identity[iid], self.spec_ref)
-        self.running[refs[0]] = (iid, refs)
+        else:
+            self._push(0, "identity", iid)
 
-    def _identity_done(self, ref) -> None:
-        iid, (fit_ref, tried_ref, anchor_ref) = self.running.pop(ref)
+    def _assign(self, name: str, clip: ClipItem) -> None:
+        """The outcome of an open shard's clip whose identity is known: a task, or at once."""
+        fit, fit_ref, tried, anchor_ref = self.known[clip.identity_id]
+        if isinstance(fit, BaseException):
+            ref = self._row(_lost(clip, fit))
+        elif clip.clip_id == fit.anchor_clip_id and anchor_ref is not None:
+            ref = anchor_ref
+        elif clip.clip_id in tried:
+            ref = self.ray.put(tried[clip.clip_id])
+        elif fit.status != "ok":
+            ref = self._row(identity_failure_outcome(clip, fit))
+        else:
+            self._push(1, "clip", (name, clip, fit_ref))
+            return
+        self.outcomes[name][clip.clip_id] = ref
+        self.unresolved[ref] = name
+
+    def _row(self, outcome: ClipOutcome):
+        outcome.node = self.node
+        outcome.started_at = outcome.finished_at = time.time()
+        return self.ray.put(outcome)
+
+    # -- reacting ------------------------------------------------------------------------
+    def step(self, timeout: float = 1.0) -> None:
+        """Wait (up to ``timeout``) for anything to finish, then react to all that has."""
+        watch = list(self.running) + [r for r in self.unresolved if r not in self.running] + list(self.writes)
+        if not watch:
+            return
+        first, _ = self.ray.wait(watch, num_returns=1, timeout=timeout, fetch_local=False)
+        if not first:
+            return
+        ready, _ = self.ray.wait(watch, num_returns=len(watch), timeout=0, fetch_local=False)
+        for ref in ready:
+            task = self.running.pop(ref, None)
+            if task is not None and task[0] == "identity":
+                self._identity_done(task[1], task[2])
+                continue
+            if ref in self.unresolved:
+                name = self.unresolved.pop(ref)
+                self.bar.update(1)
+                self._maybe_write(name)
+            elif ref in self.writes:
+                name = self.writes.pop(ref)
+                self.ray.get(ref)             # raises if the writer failed for good
+                del self.shards[name], self.outcomes[name]
+                self.written += 1
+
+    def _identity_done(self, iid: str, refs: list) -> None:
+        fit_ref, tried_ref, anchor_ref = refs
         try:
             fit, tried = self.ray.get([fit_ref, tried_ref])
         except Exception as exc:  # noqa: BLE001 - its worker died on every retry
@@ -279,53 +358,11 @@ class _Scheduler:
         for name, clip in self.waiting.pop(iid, []):
             self._assign(name, clip)
 
-    def _assign(self, name: str, clip: ClipItem) -> None:
-        fit, fit_ref, tried, anchor_ref = self.known[clip.identity_id]
-        if isinstance(fit, BaseException):
-            ref = self._row(_lost(clip, fit))
-        elif clip.clip_id == fit.anchor_clip_id and anchor_ref is not None:
-            ref = anchor_ref
-        elif clip.clip_id in tried:
-            ref = self.ray.put(tried[clip.clip_id])
-        elif fit.status != "ok":
-            ref = self._row(identity_failure_outcome(clip, fit))
-        else:
-            ref = self.tasks["clip"].remote(clip, fit_ref, self.spec_ref)
-        self.outcomes[name][clip.clip_id] = ref
-        self.unresolved[ref] = name
-
-    def _row(self, outcome: ClipOutcome):
-        outcome.node = self.node
-        outcome.started_at = outcome.finished_at = time.time()
-        return self.ray.put(outcome)
-
     def _maybe_write(self, name: str) -> None:
         shard, refs = self.shards[name], self.outcomes[name]
         if len(refs) == len(shard.clips) and not any(r in self.unresolved for r in refs.values()):
             ref = self.tasks["write"].remote(str(self.out.root), shard, [refs[c.clip_id] for c in shard.clips])
             self.writes[ref] = name
-
-    def step(self, timeout: float = 1.0) -> None:
-        """Wait (up to ``timeout``) for anything to finish, then react to all that has."""
-        watch = list(self.running) + list(self.unresolved) + list(self.writes)
-        if not watch:
-            return
-        first, _ = self.ray.wait(watch, num_returns=1, timeout=timeout, fetch_local=False)
-        if not first:
-            return
-        ready, _ = self.ray.wait(watch, num_returns=len(watch), timeout=0, fetch_local=False)
-        for ref in ready:
-            if ref in self.running:
-                self._identity_done(ref)
-            elif ref in self.unresolved:
-                name = self.unresolved.pop(ref)
-                self.bar.update(1)
-                self._maybe_write(name)
-            elif ref in self.writes:
-                name = self.writes.pop(ref)
-                self.ray.get(ref)             # raises if the writer failed for good
-                del self.shards[name], self.outcomes[name]
-                self.written += 1
 
 
 # -- driver -------------------------------------------------------------------------------
@@ -352,8 +389,12 @@ def _init_ray(cfg: RayConfig):
     return "embedded"
 
 
-def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> dict:
-    """Run the job; returns the summary (also written to OUT/summary.json)."""
+def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
+        retry_failed: bool = False) -> dict:
+    """Run the job; returns the summary (also written to OUT/summary.json).
+
+    ``retry_failed``: also redo the done shards whose clips failed for reasons that are not
+    the clip's (``worker_lost``, ``stage_error``); other failures are final for a config."""
     from expportrait.assets import synthetic_model_file
     from preprocessing.files import file_digest
 
@@ -370,6 +411,8 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
     plan = plan_shards(items, cfg.clips_per_shard, stage_fp)
     out = OutputDir(cfg.output)
     done = {s.name: out.read_marker(s) for s in plan} if out.shards.is_dir() else {}
+    if retry_failed:          # done shards holding lost or crashed clips are done again
+        done = {k: m for k, m in done.items() if m is None or not retryable_clips(m)}
     pending = [s for s in plan if not done.get(s.name)]
     pending_items = [c for s in pending for c in s.clips]
     by_identity: dict[str, list[ClipItem]] = {}
@@ -383,34 +426,35 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True) -> 
                 "plan": [{"shard": s.name, "clips": [c.clip_id for c in s.clips],
                           "done": bool(done.get(s.name))} for s in plan]}
 
-    orphans = out.prepare()
-    run_stats = {"started": started, "orphans_removed": [p.name for p in orphans],
-                 "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
-    if pending:
-        run_stats.update(_run_pending(cfg, out, pending, pending_items, by_identity,
-                                      model_path, model_sha1, stage_fp, progress))
-    markers = [out.read_marker(s) for s in plan]
-    missing = [s.name for s, m in zip(plan, markers) if m is None]
-    if missing:                                   # only when a shard task itself kept failing
-        raise RuntimeError(f"shards without a done marker after the run: {missing}")
-    manifest = manifest_frame(markers)
-    errors = manifest[manifest["status"] != "ok"].reset_index(drop=True)
-    run_stats["manifest_written"] = write_if_changed(out.root / "manifest.parquet", parquet_bytes(manifest))
-    run_stats["errors_written"] = write_if_changed(out.root / "errors.parquet", parquet_bytes(errors))
-    run_stats["seconds"] = round(time.perf_counter() - t_start, 3)
-    failed = int((manifest["status"] != "ok").sum())
-    summary = {
-        "inputs": len(manifest), "ok": len(manifest) - failed, "failed": failed,
-        "failure_ratio": round(failed / max(1, len(manifest)), 4),
-        "max_failure_ratio": cfg.max_failure_ratio,
-        "statuses": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
-        "samples": int(sum(m["samples"] for m in markers)),
-        "shards": [{"name": m["name"], "tar": m["tar"], "samples": m["samples"], "sha256": m["sha256"],
-                    "bytes": m["bytes"]} for m in markers],
-        "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
-        "output": str(out.root.resolve()), "last_run": run_stats,
-    }
-    (out.root / "summary.json").write_text(json.dumps(summary, indent=1))
+    with out.locked():
+        orphans = out.prepare()
+        run_stats = {"started": started, "orphans_removed": [p.name for p in orphans],
+                     "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
+        if pending:
+            run_stats.update(_run_pending(cfg, out, pending, pending_items, by_identity,
+                                          model_path, model_sha1, stage_fp, progress))
+        markers = [out.read_marker(s) for s in plan]
+        missing = [s.name for s, m in zip(plan, markers) if m is None]
+        if missing:                                   # only when a shard task itself kept failing
+            raise RuntimeError(f"shards without a done marker after the run: {missing}")
+        manifest = manifest_frame(markers)
+        errors = manifest[manifest["status"] != "ok"].reset_index(drop=True)
+        run_stats["manifest_written"] = write_if_changed(out.root / "manifest.parquet", parquet_bytes(manifest))
+        run_stats["errors_written"] = write_if_changed(out.root / "errors.parquet", parquet_bytes(errors))
+        run_stats["seconds"] = round(time.perf_counter() - t_start, 3)
+        failed = int((manifest["status"] != "ok").sum())
+        summary = {
+            "inputs": len(manifest), "ok": len(manifest) - failed, "failed": failed,
+            "failure_ratio": round(failed / max(1, len(manifest)), 4),
+            "max_failure_ratio": cfg.max_failure_ratio,
+            "statuses": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
+            "samples": int(sum(m["samples"] for m in markers)),
+            "shards": [{"name": m["name"], "tar": m["tar"], "samples": m["samples"], "sha256": m["sha256"],
+                        "bytes": m["bytes"]} for m in markers],
+            "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
+            "output": str(out.root.resolve()), "last_run": run_stats,
+        }
+        (out.root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -441,12 +485,9 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         window = cfg.workers.max_pending_shards or 2 + -(-slots // cfg.clips_per_shard)
         bar = tqdm(total=len(pending_items), desc="clips", unit="clip", disable=not progress,
                    file=sys.stdout, mininterval=1.0)
-        sched = _Scheduler(tasks, spec_ref, out, stage_fp, by_identity,
-                           {c.clip_id for c in pending_items}, bar)
-        queue = list(pending)
-        while queue or sched.open_shards:
-            while queue and sched.open_shards < window:
-                sched.admit(queue.pop(0))
+        sched = _Scheduler(tasks, spec_ref, out, stage_fp, pending, by_identity, window, slots, bar)
+        while sched.busy:
+            sched.fill()
             sched.step()
         bar.close()
         return {"ray_init_seconds": round(ray_init_seconds, 3),
@@ -474,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N clips (sorted by clip id)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; run and write nothing")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also redo done shards with worker_lost / stage_error clips")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -484,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, {"input": args.input, "output": args.output, "limit": args.limit})
         if args.address:
             cfg.ray.address = args.address
-        summary = run(cfg, dry_run=args.dry_run, progress=not args.no_progress)
+        summary = run(cfg, dry_run=args.dry_run, progress=not args.no_progress,
+                      retry_failed=args.retry_failed)
     except (ConfigError, JobInputError) as exc:
         print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
         return 2

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from sample_factory import random_sample
 
-from pipelines.job_io import (JobInputError, OutputDir, list_inputs, plan_shards, write_shard)
+from pipelines.job_io import (JobInputError, OutputBusy, OutputDir, list_inputs, plan_shards,
+                             retryable_clips, write_shard)
 from preprocessing.files import file_digest
 from preprocessing.clip_stages import ClipItem, ClipOutcome
 from preprocessing.sample_schema import encode_sample
@@ -106,3 +107,20 @@ def test_empty_shard_has_marker_but_no_tar(tmp_path):
     assert marker["tar"] is None and marker["samples"] == 0
     assert json.loads(out.marker_path(spec.name).read_text())["clips"][0]["status"] == "no_face"
     assert out.read_marker(spec) is not None
+
+
+def test_output_lock_admits_one_job_and_goes_with_its_holder(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    with out.locked():
+        with pytest.raises(OutputBusy, match="another job"):
+            with OutputDir(tmp_path / "out").locked():
+                pass
+    with out.locked():                       # released on exit
+        pass
+    assert (tmp_path / "out" / ".job.lock").stat().st_size == 0
+
+
+def test_retryable_clips_are_lost_or_crashed_ones():
+    marker = {"clips": [{"clip_id": "a", "status": "ok"}, {"clip_id": "b", "status": "worker_lost"},
+                        {"clip_id": "c", "status": "no_face"}, {"clip_id": "d", "status": "stage_error"}]}
+    assert retryable_clips(marker) == ["b", "d"]

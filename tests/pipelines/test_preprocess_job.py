@@ -157,6 +157,35 @@ def test_rerun_writes_nothing_new_and_threshold_fails_the_job(inputs, first_run,
     assert code == 0 and result["pending_clips"] == 0
 
 
+def test_locked_output_and_retry_failed(inputs, first_run, synthetic_model_path, tmp_path):
+    """A second job on a busy output stops with exit 2; ``--retry-failed`` redoes exactly the
+    shard whose clip was lost, and gives the shard a clean run gave."""
+    import shutil
+
+    from pipelines.job_io import OutputDir
+
+    root, manifest, _ = inputs
+    out_a, _ = first_run
+    out = tmp_path / "copy"
+    shutil.copytree(out_a, out)
+    with OutputDir(out).locked():
+        code, result = run_job(job_config(root, synthetic_model_path), manifest, out)
+    assert code == 2 and result["error"] == "OutputBusy"
+    # a worker lost on every retry left a row and no samples; the rerun keeps it as it is
+    marker_path, marker, lost = next((p, m, r) for p in sorted((out / "shards").glob("*.done.json"))
+                                     for m in [json.loads(p.read_text())] for r in m["clips"]
+                                     if r["status"] == "ok")
+    lost.update(status="worker_lost", stage="worker", reason="test", samples=0)
+    marker_path.write_text(json.dumps(marker))
+    code, result = run_job(job_config(root, synthetic_model_path), manifest, out)
+    assert code == 0 and result["last_run"]["shards_written"] == 0
+    assert pd.read_parquet(out / "manifest.parquet").set_index("clip_id").loc[lost["clip_id"], "status"] == "worker_lost"
+    code, result = run_job(job_config(root, synthetic_model_path), manifest, out, "--retry-failed")
+    assert code == 0 and result["last_run"]["shards_written"] == 1
+    assert pd.read_parquet(out / "manifest.parquet").set_index("clip_id").loc[lost["clip_id"], "status"] == "ok"
+    assert _hashes(out) == _hashes(out_a)
+
+
 def test_killed_worker_and_crashing_stage_give_the_identical_shard_set(inputs, first_run,
                                                                        synthetic_model_path, tmp_path):
     root, manifest, _ = inputs
