@@ -57,7 +57,9 @@ class WorkerConfig:
     torch_threads: int | None = None      # None: num_cpus rounded (at least 1)
     max_retries: int = 3                  # Ray re-runs a task whose worker process died
     clip_retries: int = 1                 # a stage that raised is retried this often in place
-    max_pending_shards: int | None = None  # shards in flight (None: 2 + workers' clips / shard)
+    max_pending_shards: int | None = None  # shards open at once (None: 2 + worker slots / clips per shard)
+    queue_depth: int = 1                  # tasks queued in Ray beyond the free workers (an
+    #                                       autoscaler adds nodes for queued tasks: raise it there)
     writer_num_cpus: float = 1.0          # per shard writer task: it starts once its clips are done
     #                                       and so runs in a warm worker process (torch imported)
 
@@ -126,10 +128,12 @@ def _context(model_path: str, model_sha1: str, stages: StageConfig, subdivision:
     """One StageContext per worker process (models load once, tasks reuse them)."""
     key = (model_path, json.dumps(asdict(stages), sort_keys=True), subdivision)
     if key not in _CONTEXTS:
+        import cv2
         import torch
 
         from preprocessing.clip_stages import StageContext
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)            # a task uses the CPUs it reserved, no more
+        cv2.setNumThreads(threads)
         _CONTEXTS.clear()
         _CONTEXTS[key] = StageContext(model_path, stages, subdivision, model_sha1)
     return _CONTEXTS[key]
@@ -218,7 +222,9 @@ class _Scheduler:
     * At most ``window`` shards are *open* (admitted, not yet written), so finished samples
       waiting in the object store stay bounded; a shard's writer task starts once all its
       outcomes are in (none sits blocked on unfinished clips).
-    * Work reaches Ray only as workers free up (``slots`` tasks running plus one queued), from
+    * Work reaches Ray only as workers free up (``slots`` tasks running plus ``queue_depth``
+      queued; the cluster's size is read again every few seconds, so an autoscaled cluster
+      gets more, and a deeper queue is what makes an autoscaler add nodes), from
       a queue where identity fits come first: an identity's other clips wait on its anchor,
       so fitting identities early (also those of the next ``window`` shards, not yet open)
       keeps every worker busy instead of leaving anchor-then-clip chains to the end.
@@ -227,11 +233,16 @@ class _Scheduler:
     """
 
     def __init__(self, tasks: dict, spec_ref, out: OutputDir, stage_fp: str, plan: list[ShardSpec],
-                 by_identity: dict[str, list[ClipItem]], window: int, slots: int, bar) -> None:
-        import ray
+                 by_identity: dict[str, list[ClipItem]], workers: WorkerConfig, clips_per_shard: int,
+                 bar, ray=None) -> None:
+        if ray is None:                # (tests pass a stand-in)
+            import ray
 
         self.ray, self.tasks, self.spec_ref, self.out, self.stage_fp = ray, tasks, spec_ref, out, stage_fp
-        self.queue, self.by_identity, self.window, self.slots, self.bar = list(plan), by_identity, window, slots, bar
+        self.queue, self.by_identity, self.bar = list(plan), by_identity, bar
+        self.workers, self.clips_per_shard = workers, clips_per_shard
+        self.slots = self.window = 0
+        self._sized_at = -1e9
         self.pending_ids = {c.clip_id for s in plan for c in s.clips}
         self.node = ray.util.get_node_ip_address()
         self.ready: list[tuple] = []   # (priority, seq, kind, args): identity fits (0) before clips (1)
@@ -251,17 +262,31 @@ class _Scheduler:
     def busy(self) -> bool:
         return bool(self.queue or self.shards)
 
+    def _size(self) -> None:
+        """Worker slots of the cluster now (clip tasks that fit at once) and the open-shard
+        window that keeps them busy (``max_pending_shards`` if set)."""
+        if time.monotonic() - self._sized_at < 5.0:
+            return
+        self._sized_at = time.monotonic()
+        res, w = self.ray.cluster_resources(), self.workers
+        slots = res.get("CPU", 1) // max(w.num_cpus, 1e-3)
+        if w.num_gpus:
+            slots = min(slots, res.get("GPU", 0) // w.num_gpus)
+        self.slots = max(1, int(slots), self.slots)
+        self.window = w.max_pending_shards or 2 + -(-self.slots // self.clips_per_shard)
+
     # -- planning ------------------------------------------------------------------------
     def fill(self) -> None:
         """Open shards up to the window, start identity fits for those and the next window's
         shards, and hand queued work to Ray while workers are free."""
+        self._size()
         while self.queue and len(self.shards) < self.window:
             self._open(self.queue.pop(0))
         for shard in self.queue[:self.window]:            # look ahead: fit identities early
             for clip in shard.clips:
                 self._start_identity(clip.identity_id)
         self.ready.sort()
-        while self.ready and len(self.running) < self.slots + 1:
+        while self.ready and len(self.running) < self.slots + self.workers.queue_depth:
             _, _, kind, args = self.ready.pop(0)
             if kind == "identity":
                 refs = self.tasks["identity"].remote(args, self.by_identity[args], self.spec_ref)
@@ -480,12 +505,10 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
                  "clip": ray.remote(clip_task).options(**resources),
                  "write": ray.remote(shard_task).options(num_cpus=cfg.workers.writer_num_cpus,
                                                          max_retries=cfg.workers.max_retries)}
-        cpus = ray.cluster_resources().get("CPU", 1)
-        slots = max(1, int(cpus // max(cfg.workers.num_cpus, 1e-3)))
-        window = cfg.workers.max_pending_shards or 2 + -(-slots // cfg.clips_per_shard)
         bar = tqdm(total=len(pending_items), desc="clips", unit="clip", disable=not progress,
                    file=sys.stdout, mininterval=1.0)
-        sched = _Scheduler(tasks, spec_ref, out, stage_fp, pending, by_identity, window, slots, bar)
+        sched = _Scheduler(tasks, spec_ref, out, stage_fp, pending, by_identity, cfg.workers,
+                           cfg.clips_per_shard, bar)
         while sched.busy:
             sched.fill()
             sched.step()
@@ -494,7 +517,7 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
                 "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode,
                 "nodes": _node_addresses(), "clips_processed": len(pending_items),
                 "shards_written": sched.written, "identities_fitted": sched.fitted,
-                "workers": slots}
+                "workers": sched.slots}
     finally:
         ray.shutdown()
 
