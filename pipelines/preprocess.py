@@ -21,6 +21,7 @@ shards whose done marker matches the plan. Exit status: 0, 1 when the failure ra
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import sys
@@ -232,20 +233,20 @@ class _Scheduler:
       anchor candidates) or when their identity failed (the row is written as it is).
     """
 
-    def __init__(self, tasks: dict, spec_ref, out: OutputDir, stage_fp: str, plan: list[ShardSpec],
+    def __init__(self, tasks: dict, spec_ref, out: OutputDir, stage_fp: str, pending: list[ShardSpec],
                  by_identity: dict[str, list[ClipItem]], workers: WorkerConfig, clips_per_shard: int,
                  bar, ray=None) -> None:
         if ray is None:                # (tests pass a stand-in)
             import ray
 
         self.ray, self.tasks, self.spec_ref, self.out, self.stage_fp = ray, tasks, spec_ref, out, stage_fp
-        self.queue, self.by_identity, self.bar = list(plan), by_identity, bar
+        self.queue, self.by_identity, self.bar = list(pending), by_identity, bar
         self.workers, self.clips_per_shard = workers, clips_per_shard
         self.slots = self.window = 0
         self._sized_at = -1e9
-        self.pending_ids = {c.clip_id for s in plan for c in s.clips}
+        self.pending_ids = {c.clip_id for s in pending for c in s.clips}
         self.node = ray.util.get_node_ip_address()
-        self.ready: list[tuple] = []   # (priority, seq, kind, args): identity fits (0) before clips (1)
+        self.ready: list[tuple] = []   # heap of (priority, seq, kind, args): identity fits (0) first
         self.seq = 0
         self.running: dict = {}        # compute task ref -> ("identity", id, refs) | ("clip", shard, clip)
         self.started: set[str] = set()   # identities queued, running or known
@@ -285,9 +286,8 @@ class _Scheduler:
         for shard in self.queue[:self.window]:            # look ahead: fit identities early
             for clip in shard.clips:
                 self._start_identity(clip.identity_id)
-        self.ready.sort()
         while self.ready and len(self.running) < self.slots + self.workers.queue_depth:
-            _, _, kind, args = self.ready.pop(0)
+            _, _, kind, args = heapq.heappop(self.ready)
             if kind == "identity":
                 refs = self.tasks["identity"].remote(args, self.by_identity[args], self.spec_ref)
                 self.running[refs[0]] = ("identity", args, refs)
@@ -299,7 +299,7 @@ class _Scheduler:
                 self.unresolved[ref] = name
 
     def _push(self, priority: int, kind: str, args) -> None:
-        self.ready.append((priority, self.seq, kind, args))
+        heapq.heappush(self.ready, (priority, self.seq, kind, args))
         self.seq += 1
 
     def _open(self, shard: ShardSpec) -> None:
