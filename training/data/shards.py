@@ -68,19 +68,21 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+#: sample field -> the dtype its tensor gets (None: as stored; frames and normals stay uint8
+#: until the GPU)
+TENSOR_FIELDS = {"frames": None, "normals": None, "silhouette": None, "face_mask": None,
+                 "depth": np.float32, "dynamic_offsets": np.float32, "static_offsets": np.float32,
+                 "face_vertex_ids": np.int64}
+
+
 def to_torch(sample: ShardSample, skipped: int = 0) -> dict:
-    """Schema sample -> tensors a training step takes (frames and normals stay uint8 until
-    the GPU). Fields the reader did not decode are left out."""
-    arrays = {
-        "frames": sample.frames,                                       # (T, H, W, 3) uint8
-        "normals": sample.normals,                                     # (T, H, W, 3) uint8
-        "silhouette": sample.silhouette, "face_mask": sample.face_mask,
-        "depth": None if sample.depth is None else sample.depth.astype(np.float32),
-        "dynamic_offsets": None if sample.dynamic_offsets is None else sample.dynamic_offsets.astype(np.float32),
-        "static_offsets": None if sample.static_offsets is None else sample.static_offsets.astype(np.float32),
-        "face_vertex_ids": None if sample.face_vertex_ids is None else sample.face_vertex_ids.astype(np.int64),
-    }
-    out = {"key": sample.key, **{k: torch.from_numpy(v) for k, v in arrays.items() if v is not None}}
+    """Schema sample -> tensors a training step takes. Fields the reader did not decode are
+    left out."""
+    out = {"key": sample.key}
+    for name, dtype in TENSOR_FIELDS.items():
+        value = getattr(sample, name)
+        if value is not None:
+            out[name] = torch.from_numpy(value if dtype is None else value.astype(dtype))
     if sample.smplx is not None:
         out["smplx"] = {k: torch.from_numpy(v) for k, v in sample.smplx.items()}
     out["identity_id"] = sample.meta.get("identity_id", "")
