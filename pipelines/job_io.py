@@ -267,8 +267,8 @@ def write_shard(out: OutputDir, spec: ShardSpec, outcomes: list[ClipOutcome]) ->
 # -- manifests ----------------------------------------------------------------------------
 
 MANIFEST_COLUMNS = ["clip_id", "identity_id", "split", "path", "status", "stage", "reason", "shard",
-                    "samples", "frames", "notes", "seconds_total", "seconds", "qc", "node",
-                    "started_at", "finished_at"]
+                    "samples", "frames", "notes", "seconds_total", "seconds", "attempts", "qc",
+                    "node", "started_at", "finished_at"]
 
 
 def manifest_frame(markers: list[dict]):
@@ -278,9 +278,10 @@ def manifest_frame(markers: list[dict]):
     rows = []
     for marker in markers:
         for r in marker["clips"]:
-            seconds = r.get("seconds") or {}
+            seconds = dict(r.get("seconds") or {})
+            attempts = r.get("attempts") or seconds.pop("attempts", 1)   # older markers kept it in seconds
             rows.append({**{k: r.get(k) for k in MANIFEST_COLUMNS},
-                         "notes": json.dumps(r.get("notes") or []),
+                         "notes": json.dumps(r.get("notes") or []), "attempts": int(attempts),
                          "seconds_total": round(float(sum(seconds.values())), 3),
                          "seconds": json.dumps(seconds), "qc": json.dumps(r.get("qc") or {})})
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

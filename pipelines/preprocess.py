@@ -171,7 +171,7 @@ def _attempt(item: ClipItem, spec: dict, work: Callable[[], ClipOutcome]) -> Cli
             outcome = work()
         if outcome.status != "stage_error":
             break
-    outcome.seconds["attempts"] = attempt + 1
+    outcome.attempts = attempt + 1
     outcome.node = ray.util.get_node_ip_address()
     if not outcome.started_at:
         outcome.started_at, outcome.finished_at = started_at, time.time()

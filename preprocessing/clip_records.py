@@ -62,7 +62,8 @@ class ClipOutcome:
     frames: int = 0
     notes: list[str] = field(default_factory=list)
     samples: list[dict[str, bytes]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)   # per stage
+    attempts: int = 1                 # runs of the stages (a stage that raised is retried)
     qc: dict = field(default_factory=dict)
     node: str = ""                    # where it ran (filled in by the job driver's task)
     started_at: float = 0.0           # wall clock (epoch seconds) on that node

@@ -181,7 +181,7 @@ class PersonalizedHead(nn.Module):
         j_reg = model.J_regressor
         buf("joint_template", f32(j_reg @ model.v_template))
         full_dirs = model.shapedirs[:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS]
-        buf("joint_dirs", f32(np.einsum("jv,vck->jck", j_reg, full_dirs).reshape(-1, full_dirs.shape[-1])))
+        buf("joint_dirs", f32((j_reg @ full_dirs.reshape(j_reg.shape[1], -1)).reshape(-1, full_dirs.shape[-1])))
         parents = model.parents.copy()
         parents[0] = -1                      # real files store the root as uint32 -1
         self.kinematics = Kinematics(parents, sorted(set(active.tolist()) | set(self.posed_joints)))

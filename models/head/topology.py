@@ -81,8 +81,10 @@ def upsample(faces: np.ndarray, num_vertices: int, levels: int) -> Upsampling:
 
 def mesh_edges(faces: np.ndarray) -> np.ndarray:
     """Unique undirected edges (E, 2) of a triangle mesh."""
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    return np.unique(np.sort(e, axis=1), axis=0)
+    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1).astype(np.int64)
+    n = int(e.max()) + 1 if len(e) else 1
+    key = np.unique(e[:, 0] * n + e[:, 1])             # one int per edge: a 1-D sort, not rows
+    return np.stack([key // n, key % n], 1)
 
 
 def uniform_laplacian(faces: np.ndarray, num_vertices: int) -> torch.Tensor:
