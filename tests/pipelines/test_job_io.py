@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from sample_factory import random_sample
 
-from pipelines.job_io import (JobInputError, OutputBusy, OutputDir, list_inputs, plan_shards,
-                             retryable_clips, write_shard)
+from pipelines.job_io import (JobInputError, OutputBusy, OutputDir, list_inputs, manifest_frame,
+                             plan_shards, retryable_clips, write_shard)
 from preprocessing.files import file_digest
 from preprocessing.clip_stages import ClipItem, ClipOutcome
 from preprocessing.sample_schema import encode_sample
@@ -124,3 +124,12 @@ def test_retryable_clips_are_lost_or_crashed_ones():
     marker = {"clips": [{"clip_id": "a", "status": "ok"}, {"clip_id": "b", "status": "worker_lost"},
                         {"clip_id": "c", "status": "no_face"}, {"clip_id": "d", "status": "stage_error"}]}
     assert retryable_clips(marker) == ["b", "d"]
+
+
+def test_manifest_counts_stage_seconds_and_attempts_apart():
+    new = {"clip_id": "a", "status": "ok", "seconds": {"fit": 2.0, "render": 0.5}, "attempts": 2}
+    old = {"clip_id": "b", "status": "ok", "seconds": {"fit": 1.0, "attempts": 3}}   # markers before the column
+    rows = manifest_frame([{"clips": [old, new]}]).set_index("clip_id")
+    assert rows.loc["a", "seconds_total"] == 2.5 and rows.loc["a", "attempts"] == 2
+    assert rows.loc["b", "seconds_total"] == 1.0 and rows.loc["b", "attempts"] == 3
+    assert json.loads(rows.loc["b", "seconds"]) == {"fit": 1.0}
