@@ -1,0 +1,7 @@
+"""Lightning callbacks of the training platform."""
+from .config import MLflowSaveConfigCallback
+from .ema import EMA
+from .mlflow_artifacts import LogCheckpointsToMLflow
+from .video import ComparisonVideo
+
+__all__ = ["EMA", "ComparisonVideo", "LogCheckpointsToMLflow", "MLflowSaveConfigCallback"]

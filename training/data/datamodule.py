@@ -1,0 +1,114 @@
+"""A LightningDataModule over the preprocessing job's shards, through the shared reader.
+
+- Splits come from the shards' names (``<split>-<k>.tar``), which the job cuts by identity:
+  training reads ``train_split``, validation ``val_split``.
+- Training draws resampled shards (a seeded stream per epoch, rank and worker): every rank
+  gets exactly ``samples_per_epoch / world_size`` samples, so DDP ranks never wait on each
+  other. Validation reads its shards once each, split by rank.
+- **Data position**: the training stream is a pure function of (seed, epoch, rank, worker),
+  so the module's checkpoint state is (epoch, batches consumed). On resume the loader
+  fast-forwards past the consumed batches (their samples are decoded and dropped), and the
+  next batch is the one the interrupted run would have read. Consumed batches are counted in
+  ``on_after_batch_transfer`` (batches a step actually took; the loop's prefetched batch is
+  not counted).
+- Corrupt shards and members are skipped by the reader and counted: each batch carries
+  ``reader_skipped`` (the count so far in its worker); the task logs it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from .shards import ShardDataset, collate, shard_urls
+
+#: what a transfer-module step decodes (frames, normals and masks are skipped)
+TRANSFER_FIELDS = ("smplx", "dynamic_offsets", "face_vertex_ids", "static_offsets")
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`ShardDataset` that sets the dataset's epoch on each pass
+    and skips the batches its owner says were consumed already."""
+
+    def __init__(self, dataset: ShardDataset, owner: "ShardDataModule", **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self._owner = owner
+
+    def __iter__(self) -> Iterator:
+        epoch, skip = self._owner._begin_pass()
+        self.dataset.set_epoch(epoch)
+        it = super().__iter__()
+        for _ in range(skip):
+            next(it)
+        yield from it
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Shards of ``root`` (a preprocessing output folder, a shards folder or a glob)."""
+
+    def __init__(self, root: str, train_split: str = "train", val_split: str | None = "val",
+                 batch_size: int = 4, samples_per_epoch: int = 64, val_samples: int = 16,
+                 num_workers: int = 0, shuffle_buffer: int = 16, seed: int = 0,
+                 fields: list[str] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = root
+        self.fields = tuple(fields) if fields is not None else TRANSFER_FIELDS
+        self._epoch = 0
+        self._consumed = 0             # training batches taken by steps in the current epoch
+        self._restored: dict | None = None
+
+    # -- topology -----------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def _dataset(self, split: str, samples: int, training: bool) -> ShardDataset:
+        urls = shard_urls(self.root, split)
+        rank, world = self._world()
+        per_rank = max(1, samples // world)
+        return ShardDataset(urls, per_rank, resampled=training,
+                            shuffle_buffer=self.hparams.shuffle_buffer if training else 0,
+                            seed=self.hparams.seed, rank=rank, world_size=world, fields=self.fields)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._dataset(self.hparams.train_split, self.hparams.samples_per_epoch, True)
+        return ResumableLoader(ds, self, batch_size=self.hparams.batch_size,
+                               num_workers=self.hparams.num_workers, collate_fn=collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.hparams.val_split or not shard_urls(self.root, self.hparams.val_split):
+            return []
+        ds = self._dataset(self.hparams.val_split, self.hparams.val_samples, False)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          collate_fn=collate)
+
+    # -- data position ------------------------------------------------------------------
+    def _begin_pass(self) -> tuple[int, int]:
+        """(epoch, batches to skip) for a new pass over the training loader."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
+        skip = 0
+        if self._restored is not None and self._restored["epoch"] == epoch:
+            skip = int(self._restored["consumed"])
+        if epoch != self._epoch or skip:
+            self._epoch, self._consumed = epoch, skip
+        elif self._restored is None:
+            self._consumed = 0
+        return epoch, skip
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self._consumed += 1
+            self._restored = None          # the restored position has been used
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = dict(state_dict)
+        self._epoch, self._consumed = int(state_dict["epoch"]), int(state_dict["consumed"])
+

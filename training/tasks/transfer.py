@@ -1,0 +1,122 @@
+"""LightningModule of the expression transfer module (the model itself: models/transfer).
+
+Each sample is a segment of one identity's clip: its (ψ, jaw) per frame, its β and Δg, and
+its Δf (fitted by the preprocessing job, or exact in the synthetic world's truth shards). The
+module predicts Δf from (ψ, jaw) and the identity's neutral mesh; the loss is the mean squared
+error in mm² of frame-centred Δf (fitted Δf is zero-mean over a clip, so only the centred
+part is data; the module's zero-at-neutral anchor fixes the level). A training step draws a
+random subset of face vertices (the MLP is per vertex, so any subset is an unbiased sample);
+validation uses all of them.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from models.head.head_model import PersonalizedHead
+from models.transfer.inputs import canonical_face, neutral_inputs
+from models.transfer.module import ExpressionTransfer
+
+
+def build_head(head_model: str | None, subdivision: int) -> PersonalizedHead:
+    """The head model the shards were made with (None: the cached synthetic model)."""
+    from expportrait.assets import synthetic_model_file
+    path = head_model or str(synthetic_model_file(0))
+    return PersonalizedHead.from_file(path, subdivision_levels=subdivision)
+
+
+def centred_mse_mm(pred: Tensor, target: Tensor) -> Tensor:
+    """MSE in mm² of Δf (B, T, S, 3) after removing each sample's mean over frames."""
+    d = (pred - pred.mean(1, keepdim=True)) - (target - target.mean(1, keepdim=True))
+    return (d * 1000.0).square().mean()
+
+
+def relative_error(pred: Tensor, target: Tensor) -> Tensor:
+    """‖Δf_pred − Δf‖ / ‖Δf‖ over the batch, both frame-centred."""
+    p, t = pred - pred.mean(1, keepdim=True), target - target.mean(1, keepdim=True)
+    return (p - t).norm() / t.norm().clamp(min=1e-12)
+
+
+class TransferTask(pl.LightningModule):
+    """Trains :class:`ExpressionTransfer` of flavor ``flavor`` on shards."""
+
+    def __init__(self, flavor: str = "tiny_cpu", head_model: str | None = None, subdivision: int = 1,
+                 lr: float = 3e-3, weight_decay: float = 1e-4, warmup_steps: int = 20,
+                 vertex_samples: int = 2048, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        head = build_head(head_model, subdivision)
+        self._head = [head]                     # kept out of the module tree: not trained, not saved
+        self.model = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor=flavor)
+        self.model.set_canonical(canonical_face(head))
+        self._checked_ids = False
+
+    @property
+    def head(self) -> PersonalizedHead:
+        return self._head[0]
+
+    def setup(self, stage: str) -> None:
+        self._head[0] = self.head.to(self.device)
+
+    # -- inputs -----------------------------------------------------------------------------
+    def inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ψ, jaw, V_neutral, Δg) of a batch, float32, face region."""
+        if not self._checked_ids:
+            ids = batch["face_vertex_ids"][0].to(self.head.face_vertex_ids)
+            if not torch.equal(ids, self.head.face_vertex_ids):
+                raise ValueError("the shards' face_vertex_ids differ from the head model's: train with "
+                                 "the head model (head_model, subdivision) the shards were made with")
+            self._checked_ids = True
+        sm = batch["smplx"]
+        neutral, static = neutral_inputs(self.head, sm["betas"].float(), batch["static_offsets"].float())
+        return sm["expression"].float(), sm["jaw_pose"].float(), neutral, static
+
+    def vertex_subset(self) -> Tensor:
+        """Face vertices of this step: a function of (seed, step, rank), so a resumed run
+        draws what the uninterrupted one would have."""
+        n = self.model.num_face_vertices
+        g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
+        return torch.randperm(n, generator=g)[:min(self.hparams.vertex_samples, n)].to(self.device)
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        expr, jaw, neutral, static = self.inputs(batch)
+        ids = self.vertex_subset()
+        pred = self.model(expr, jaw, neutral, static, ids)
+        loss = centred_mse_mm(pred.float(), batch["dynamic_offsets"][:, :, ids].float())
+        bs = expr.shape[0]
+        self.log("train/loss_mm2", loss, prog_bar=True, batch_size=bs)
+        self.log("data/reader_skipped", float(max(batch["reader_skipped"])), batch_size=bs, reduce_fx="max")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        expr, jaw, neutral, static = self.inputs(batch)
+        pred = self.model(expr, jaw, neutral, static).float()
+        target = batch["dynamic_offsets"].float()
+        bs = expr.shape[0]
+        self.log("val/loss_mm2", centred_mse_mm(pred, target), prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/rel_err", relative_error(pred, target), batch_size=bs, sync_dist=True)
+        self.log("val/rel_err_zero", relative_error(torch.zeros_like(target), target), batch_size=bs,
+                 sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = min(self.hparams.warmup_steps, total // 2)
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm)))) * 0.95 + 0.05
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- export -----------------------------------------------------------------------------
+    def export_module(self) -> ExpressionTransfer:
+        """The module that is exported (safetensors + config) with the EMA weights."""
+        return self.model
