@@ -23,7 +23,9 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     @property
     def root_device(self) -> torch.device:
-        return torch.device("cpu")
+        # an index: DeepSpeed's engine reads ``device_rank`` from it (None fails; the CPU
+        # accelerator ignores the value)
+        return torch.device("cpu", 0)
 
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)       # skip the CUDA-only check of the parent
