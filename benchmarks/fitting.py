@@ -1,51 +1,109 @@
-"""Fitting accuracy and speed on the synthetic world (exact ground truth).
+"""Fitting accuracy and speed on the synthetic world (exact ground truth), on the job's path.
 
-    python benchmarks/fitting.py [--clips 2 --frames 48 --size 256]
+    python benchmarks/fitting.py [--clips 3 --frames 48 --size 256 --seed 3]
 
-For each clip: mean vertex error on the face region (camera space, % of the 0.22 m head
-height), β and ψ recovery (correlation with the truth), Δf recovery error against a zero-Δf
-baseline (end to end, and with the true parametric part given: the offset solver alone),
-jitter of the fitted face vertices against the truth's (mean |second difference|), and fitting
-speed with a stage breakdown. Everything again without the temporal term, to show what it
-buys. Speed is measured warm (one fit runs first: the first fit in a process pays ~1 s of
-library start-up, reported as cold_seconds).
+The headline (the keys ``vertex_err_pct``, ``fps``, ``jitter_ratio``, ... of the last JSON
+line) is measured on the path the preprocessing job runs, with nothing taken from the truth:
+the clip's rendered RGB mp4 decoded by the job's own ``decode_clip`` (``StageConfig``
+defaults: 25 fps, long side <= 720), the face tracked and cropped by the job's ``FaceTracker``
+(YuNet box, 256 px crop, MediaPipe landmarks mapped to iBUG-68), the intrinsics from the
+20 degree field-of-view assumption (the renders were made at 22 degrees), no dense depth or
+normal targets (the job ships no estimator), fitted by ``preprocessing.clip_fit.fit_frames``
+with the job's ``StageContext`` (its head, tracker and fitter), exactly as
+``preprocessing/clip_stages.py`` calls it.
 
-Landmark source: the projected true landmarks plus Gaussian noise of 1 % of the face width.
-MediaPipe does find the face on these renders, but its points follow its own definitions (the
-jaw contour especially) and deviate from the synthetic ones; the deviation is measured and
-printed (mediapipe_vs_truth_pct). Targets: vertex_err_pct <= 1, fps >= 5 (256^2 clip).
-Last line: one JSON object with vertex_err_pct, fps and jitter_ratio (fitted / true).
+Scoring. The job's fit lives in the crop camera with an assumed focal length, so its mesh
+agrees with the truth only up to the monocular scale/depth ambiguity. As face-reconstruction
+benchmarks score monocular fits, each frame's face-region vertices are aligned to the true
+ones by a similarity (Umeyama: rotation, translation, scale; fitted on the face region) and
+the mean vertex distance is reported as % of the 0.22 m head height (``vertex_err_pct``).
+``jitter_ratio`` compares the fitted face vertices' mean |second difference| with the truth's
+after one similarity for the whole clip (a per-frame alignment would hide jitter).
+``dynamic_err_mm`` is the Δf error where the truth has detail, against the zero-Δf baseline
+(``dynamic_zero_baseline_mm``); without dense targets the job leaves Δf at zero, so the two
+are equal. β/ψ recovery: correlation with the truth (first 20 / 10 components).
+
+Oracle runs, printed beside it and never the headline (keys prefixed ``oracle_``), each
+adding one piece of the truth to the previous one:
+- ``oracle_trueK``: the job's path (MediaPipe on the rendered RGB, crop) with the true 22 degree
+  intrinsics instead of the 20 degree assumption;
+- ``oracle_truelmk``: the projected true landmarks + Gaussian noise of 1 % of the face width,
+  true intrinsics, full frame, no dense targets;
+- ``oracle_truelmk_exactmaps``: the same plus exact depth and normal maps rendered from the
+  ground-truth mesh. This is what the previous headline measured: 0.913 % of head height was
+  its camera-space error (no alignment), reported here as
+  ``oracle_truelmk_exactmaps_vertex_err_pct_camera``;
+- ``oracle_offsets_only_dynamic_err_mm``: Δf from the offset solver alone with the true
+  shape, expression and pose and exact maps.
+All rows get the same aligned metric (``*_vertex_err_pct``); oracles with the true camera
+also report the camera-space error (``*_vertex_err_pct_camera``). ``job_no_temporal``: the
+job's path without the temporal term, to show what that term buys.
+
+Speed (``fps``) is the job path's decode + track + fit, all frames over all seconds, measured
+warm (one job-path fit runs first; the first fit in a process pays library start-up,
+``cold_seconds``) and best of two runs per clip (the host is shared); ``fit_fps`` is the fit
+alone. MediaPipe's landmarks follow their own definitions and deviate from the synthetic
+ones (``mediapipe_vs_truth_pct``, median % of face width): that is part of the job path's
+error. Targets: vertex_err_pct <= 1, fps >= 5 (256^2 clip).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import tempfile
 import time
 import warnings
 
 import numpy as np
+import torch
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 HEAD_HEIGHT = 0.22
 
 
-def score(world, fit, tg, fitter):
-    head = world.head
+def similarity(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Umeyama similarity of point sets (B, N, 3) -> (src aligned onto dst, scale (B,))."""
+    src, dst = src.double(), dst.double()
+    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    xs, xd = src - mu_s, dst - mu_d
+    cov = xd.transpose(1, 2) @ xs / src.shape[1]
+    u, sv, vt = torch.linalg.svd(cov)
+    d = torch.ones_like(sv)
+    d[:, 2] = torch.sign(torch.det(u @ vt))
+    rot = u @ torch.diag_embed(d) @ vt
+    var_s = xs.pow(2).sum((1, 2)) / src.shape[1]
+    scale = (sv * d).sum(1) / var_s
+    aligned = scale[:, None, None] * xs @ rot.transpose(1, 2) + mu_d
+    return aligned.float(), scale.float()
+
+
+def score(head, fit, tg) -> dict:
+    """Metrics of one fit against the truth (see the module docstring)."""
     fid = head.face_vertex_ids
-    cam = fit.camera.to_camera(fit.vertices(head))
-    err = (cam[:, fid] - tg.true_vertices_cam[:, fid]).norm(dim=-1).mean().item()
+    fitted = fit.camera.to_camera(fit.vertices(head))[:, fid]
+    true = tg.true_vertices_cam[:, fid]
+    per_frame, scale = similarity(fitted, true)
+    err = (per_frame - true).norm(dim=-1).mean().item()
+    t, n = true.shape[:2]
+    whole, _ = similarity(fitted.reshape(1, t * n, 3), true.reshape(1, t * n, 3))
+    whole = whole.reshape(t, n, 3)
+    cam_err = (fitted - true).norm(dim=-1).mean().item()
     acc = lambda v: (v[2:] - 2 * v[1:-1] + v[:-2]).norm(dim=-1).mean().item()
     b = fit.params.betas[0].numpy()
     region = tg.true_dynamic.norm(dim=-1).amax(0) > 2e-4
     d_err = (fit.dynamic_offsets - tg.true_dynamic)[:, region].norm(dim=-1).mean().item()
     d_zero = tg.true_dynamic[:, region].norm(dim=-1).mean().item()
-    return {"vertex_err_mm": err * 1000, "vertex_err_pct": err / HEAD_HEIGHT * 100,
+    return {"vertex_err_pct": err / HEAD_HEIGHT * 100, "vertex_err_mm": err * 1000,
+            "vertex_err_pct_camera": cam_err / HEAD_HEIGHT * 100,
+            "vertex_err_pct_clip_aligned": (whole - true).norm(dim=-1).mean().item() / HEAD_HEIGHT * 100,
+            "align_scale": float(scale.median()),
+            "jitter_ratio": acc(whole) / acc(true),
             "beta_corr": float(np.corrcoef(b[:20], tg.betas[:20])[0, 1]),
             "psi_corr": float(np.corrcoef(fit.params.expression[:, :10].numpy().ravel(),
                                           tg.expression[:, :10].ravel())[0, 1]),
             "dynamic_err_mm": d_err * 1000, "dynamic_zero_baseline_mm": d_zero * 1000,
-            "jitter_ratio": acc(cam[:, fid]) / acc(tg.true_vertices_cam[:, fid]),
             "landmark_err_pct": float(np.nanmedian(fit.qc["landmark_error_pct"]))}
 
 
@@ -65,79 +123,159 @@ def oracle_dynamic(world, corpus, clip_id, tg, fitter):
     return (dyn - tg.true_dynamic)[:, region].norm(dim=-1).mean().item() * 1000
 
 
+ROWS = {  # name -> (label in the printed table, what it is)
+    "job": ("JOB PATH (headline)", "rendered RGB mp4 -> job decode -> FaceTracker crop + MediaPipe, "
+            "20 deg FOV assumed, no dense targets"),
+    "job_no_temporal": ("job path, no temporal", "the same without the temporal term"),
+    "oracle_trueK": ("ORACLE", "job path with the true 22 deg intrinsics"),
+    "oracle_truelmk": ("ORACLE", "true landmarks + 1 % noise, true intrinsics, no dense targets"),
+    "oracle_truelmk_exactmaps": ("ORACLE", "true landmarks + 1 % noise, true intrinsics, exact depth "
+                                 "+ normal maps from the true mesh (the previous headline)"),
+}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--clips", type=int, default=2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=3, help="synthetic clips (one identity each)")
     ap.add_argument("--frames", type=int, default=48)
-    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--size", type=int, default=256, help="render size (square)")
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args()
 
     from expportrait.assets import synthetic_model_file
+    from preprocessing.clip_fit import fit_frames
+    from preprocessing.clip_records import ClipItem, StageConfig
+    from preprocessing.clip_stages import StageContext, decode_clip
     from preprocessing.fitting import FitConfig, Fitter, FitInputs
-    from preprocessing.ingest import open_video
     from preprocessing.synthetic.world import SyntheticWorld, WorldConfig, clip_targets, generate_corpus
-    from preprocessing.tracking import FaceTracker
 
     model = synthetic_model_file(0)
     world = SyntheticWorld(model, 1)
-    rows = {"temporal": [], "no_temporal": []}
-    timing, oracle, mp_dev = [], [], []
+    stages = StageConfig()                       # the job's defaults (configs/preprocess/local.yaml)
+    ctx = StageContext(model, stages, 1)         # what a job worker loads: head, tracker, fitter
+    no_temporal = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, w_temporal=0.0))
+    oracle_fitter = Fitter(world.head, FitConfig())
+
+    def job_fit(frames, fov_deg, fitter):
+        clip = fit_frames(frames, ctx.head, ctx.tracker, fov_deg=fov_deg, fitter=fitter, estimator=None)
+        if clip.fit is None:
+            raise RuntimeError(f"the job's path found no usable face: {clip.status} {clip.reason}")
+        return clip
+
+    rows = {k: [] for k in ROWS}
+    timing, dyn_oracle, mp_dev = [], [], []
     with tempfile.TemporaryDirectory() as corpus:
         generate_corpus(corpus, WorldConfig(identities=args.clips, clips_per_identity=1, frames=args.frames,
                                             size=args.size, seed=args.seed), model, progress=False)
         clip_ids = [f"id{i:03d}_clip00" for i in range(args.clips)]
-        targets = {c: clip_targets(world, corpus, c) for c in clip_ids}
-        inputs = lambda tg: FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K,
-                                      depth=tg.depth, normals=tg.normals)
-        fitter = Fitter(world.head, FitConfig())
+        item = lambda c: ClipItem(clip_id=c, path=f"{corpus}/clips/{c}.mp4", identity_id=c.split("_")[0])
         t0 = time.perf_counter()
-        fitter.fit(inputs(targets[clip_ids[0]]))                       # warm-up
+        job_fit(decode_clip(item(clip_ids[0]), stages)[0], stages.fov_deg, ctx.fitter)   # warm-up
         cold = time.perf_counter() - t0
         for c in clip_ids:
-            tg = targets[c]
+            tg = clip_targets(world, corpus, c)
             t0 = time.perf_counter()
-            fit = fitter.fit(inputs(tg))
-            sec = time.perf_counter() - t0
-            timing.append({"seconds": sec, "fps": args.frames / sec, **fit.stage_seconds})
-            rows["temporal"].append(score(world, fit, tg, fitter))
-            nt = Fitter(world.head, FitConfig(w_temporal=0.0)).fit(inputs(tg))
-            rows["no_temporal"].append(score(world, nt, tg, fitter))
-            oracle.append(oracle_dynamic(world, corpus, c, tg, fitter))
-            frames = open_video(f"{corpus}/clips/{c}.mp4").read_all()
-            track = FaceTracker().track(frames, crop=False)
-            lm = np.load(f"{corpus}/clips/{c}.npz")["landmarks_2d"]
-            width = np.linalg.norm(lm[:, 16] - lm[:, 0], axis=-1)[:, None]
-            mp_dev.append(float(np.nanmedian(np.linalg.norm(track.landmarks68 - lm, axis=-1) / width) * 100))
+            frames, _, _ = decode_clip(item(c), stages)
+            t_decode = time.perf_counter() - t0
+            runs = [job_fit(frames, stages.fov_deg, ctx.fitter) for _ in range(2)]   # best of 2 (shared host)
+            clip = min(runs, key=lambda r: sum(r.seconds.values()))
+            total = t_decode + sum(clip.seconds.values())
+            timing.append({"seconds": total, "frames": len(frames), "fit": clip.seconds["fit"],
+                           "decode": t_decode, "track": clip.seconds["track"], **clip.fit.stage_seconds})
+            if len(frames) != args.frames:
+                raise RuntimeError(f"decoded {len(frames)} frames, expected {args.frames}")
+            rows["job"].append(score(world.head, clip.fit, tg))
+            tr = clip.track
+            lm = tr.landmarks68 * (tr.boxes[:, 2:3, None] / stages.crop_size) + tr.boxes[:, None, :2]
+            true2d = np.load(f"{corpus}/clips/{c}.npz")["landmarks_2d"]
+            width = np.linalg.norm(true2d[:, 16] - true2d[:, 0], axis=-1)[:, None]
+            mp_dev.append(float(np.nanmedian(np.linalg.norm(lm - true2d, axis=-1) / width) * 100))
+            rows["job_no_temporal"].append(score(world.head, job_fit(frames, stages.fov_deg, no_temporal).fit, tg))
+            true_fov = math.degrees(2 * math.atan(0.5 * tg.image_size[0] / float(tg.K[0, 1, 1])))
+            rows["oracle_trueK"].append(score(world.head, job_fit(frames, true_fov, ctx.fitter).fit, tg))
+            lmk_only = FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K)
+            rows["oracle_truelmk"].append(score(world.head, oracle_fitter.fit(lmk_only), tg))
+            exact = FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K, depth=tg.depth,
+                              normals=tg.normals)
+            rows["oracle_truelmk_exactmaps"].append(score(world.head, oracle_fitter.fit(exact), tg))
+            dyn_oracle.append(oracle_dynamic(world, corpus, c, tg, oracle_fitter))
+            ex = rows["oracle_truelmk_exactmaps"][-1]
+            print(f"  {c}: job path {rows['job'][-1]['vertex_err_pct']:.3f} %; ORACLE true landmarks + exact "
+                  f"maps {ex['vertex_err_pct']:.3f} % (camera space {ex['vertex_err_pct_camera']:.3f} %)", flush=True)
+
     mean = lambda rs, k: float(np.mean([r[k] for r in rs]))
-    print(f"{args.clips} synthetic clips x {args.frames} frames at {args.size}^2; landmarks: projected "
-          "truth + 1 % noise (MediaPipe deviates from the synthetic definitions by a median "
-          f"{np.mean(mp_dev):.1f} % of face width)")
-    for name, rs in rows.items():
-        print(f"[{name}] " + ", ".join(f"{k}={mean(rs, k):.3f}" for k in rs[0]))
-    print("speed (warm): " + ", ".join(f"{k}={np.mean([t[k] for t in timing]):.2f}" for k in timing[0]))
-    print(f"dynamic offsets with the true parametric part (oracle): {np.mean(oracle):.3f} mm vs zero "
-          f"baseline {mean(rows['temporal'], 'dynamic_zero_baseline_mm'):.3f} mm")
-    t = rows["temporal"]
-    headline = {
-        "vertex_err_pct": round(mean(t, "vertex_err_pct"), 3),
-        "fps": round(float(np.mean([x["fps"] for x in timing])), 2),
-        "jitter_ratio": round(mean(t, "jitter_ratio"), 3),
-        "jitter_ratio_no_temporal": round(mean(rows["no_temporal"], "jitter_ratio"), 3),
-        "vertex_err_pct_no_temporal": round(mean(rows["no_temporal"], "vertex_err_pct"), 3),
-        "beta_corr": round(mean(t, "beta_corr"), 3), "psi_corr": round(mean(t, "psi_corr"), 3),
-        "psi_corr_no_temporal": round(mean(rows["no_temporal"], "psi_corr"), 3),
-        "dynamic_err_mm": round(mean(t, "dynamic_err_mm"), 4),
-        "dynamic_zero_baseline_mm": round(mean(t, "dynamic_zero_baseline_mm"), 4),
-        "dynamic_err_oracle_mm": round(float(np.mean(oracle)), 4),
-        "landmark_err_pct": round(mean(t, "landmark_err_pct"), 3),
-        "stage_seconds": {k: round(float(np.mean([x[k] for x in timing])), 3)
-                          for k in timing[0] if k not in ("seconds", "fps")},
-        "cold_seconds": round(cold, 2), "landmark_source": "truth+1%noise",
+    print(f"{args.clips} synthetic clips x {args.frames} frames at {args.size}^2 (rendered at 22 deg FOV); "
+          f"MediaPipe deviates from the synthetic landmark definitions by a median {np.mean(mp_dev):.1f} % "
+          "of face width")
+    print("vertex error: face region, per-frame similarity alignment, % of 0.22 m head height")
+    cols = {"vertex_err_pct": "err_%", "vertex_err_mm": "err_mm", "vertex_err_pct_camera": "cam_err_%",
+            "vertex_err_pct_clip_aligned": "clip_al_%", "align_scale": "scale", "jitter_ratio": "jitter",
+            "beta_corr": "beta_r", "psi_corr": "psi_r", "dynamic_err_mm": "dyn_mm", "landmark_err_pct": "lmk_%"}
+    print(f"{'row':<26}{'kind':<21}" + "".join(f"{c:>10}" for c in cols.values()))
+    for name, (label, what) in ROWS.items():
+        camera_ok = name.startswith("oracle_truelmk")
+        vals = [mean(rows[name], k) if (k != "vertex_err_pct_camera" or camera_ok) else float("nan")
+                for k in cols]
+        print(f"{name:<26}{label:<21}" + "".join(f"{v:>10.3f}" for v in vals))
+    for name, (label, what) in ROWS.items():
+        print(f"  {name}: {label.lower()}: {what}")
+    print("  err_%: per-frame similarity-aligned (the headline metric); cam_err_%: camera space, no "
+          "alignment (only where the camera is the true one); clip_al_%: one similarity per clip; "
+          "scale: per-frame alignment scale; jitter: fitted / true mean |2nd difference| after one "
+          "similarity per clip; beta_r / psi_r: correlation with the true beta (20) / psi (10); "
+          "dyn_mm: dynamic-offset error where the truth has detail; lmk_%: median landmark error "
+          "against the fitter's own 2D targets")
+    n_frames, n_sec = sum(t["frames"] for t in timing), sum(t["seconds"] for t in timing)
+    fps = n_frames / n_sec
+    fit_fps = n_frames / sum(t["fit"] for t in timing)
+    print(f"job path speed (warm, best of 2 per clip): {fps:.2f} frames/s decode + track + fit "
+          f"({fit_fps:.2f} fit alone); mean seconds per clip: "
+          + ", ".join(f"{k}={np.mean([t[k] for t in timing]):.2f}" for k in timing[0] if k != "frames"))
+    print(f"dynamic offsets: job {mean(rows['job'], 'dynamic_err_mm'):.3f} mm; ORACLE exact maps "
+          f"{mean(rows['oracle_truelmk_exactmaps'], 'dynamic_err_mm'):.3f} mm; ORACLE offset solver alone "
+          f"(true parametric part) {np.mean(dyn_oracle):.3f} mm; zero baseline "
+          f"{mean(rows['job'], 'dynamic_zero_baseline_mm'):.3f} mm")
+
+    r3 = lambda x: round(float(x), 3)
+    j = rows["job"]
+    out = {
+        "vertex_err_pct": r3(mean(j, "vertex_err_pct")),
+        "vertex_err_mm": r3(mean(j, "vertex_err_mm")),
+        "fps": round(fps, 2),
+        "fit_fps": round(fit_fps, 2),
+        "jitter_ratio": r3(mean(j, "jitter_ratio")),
+        "jitter_ratio_no_temporal": r3(mean(rows["job_no_temporal"], "jitter_ratio")),
+        "vertex_err_pct_no_temporal": r3(mean(rows["job_no_temporal"], "vertex_err_pct")),
+        "vertex_err_pct_clip_aligned": r3(mean(j, "vertex_err_pct_clip_aligned")),
+        "align_scale": r3(mean(j, "align_scale")),
+        "beta_corr": r3(mean(j, "beta_corr")), "psi_corr": r3(mean(j, "psi_corr")),
+        "psi_corr_no_temporal": r3(mean(rows["job_no_temporal"], "psi_corr")),
+        "dynamic_err_mm": round(mean(j, "dynamic_err_mm"), 4),
+        "dynamic_zero_baseline_mm": round(mean(j, "dynamic_zero_baseline_mm"), 4),
+        "landmark_err_pct": r3(mean(j, "landmark_err_pct")),
         "mediapipe_vs_truth_pct": round(float(np.mean(mp_dev)), 2),
-        "targets": {"vertex_err_pct": 1.0, "fps": 5.0},
+        "stage_seconds": {k: r3(np.mean([x[k] for x in timing]))
+                          for k in timing[0] if k not in ("seconds", "frames", "fit")},
+        "cold_seconds": round(cold, 2),
+        "path": {"video": "rendered RGB mp4, job decode_clip", "landmarks": "FaceTracker crop + MediaPipe",
+                 "fov_deg": stages.fov_deg, "dense_targets": None},
+        "metric": "face-region vertex error after per-frame similarity (Umeyama) alignment, % of 0.22 m",
     }
-    print(json.dumps(headline))
+    for name in ROWS:
+        if not name.startswith("oracle_"):
+            continue
+        rs = rows[name]
+        out[f"{name}_vertex_err_pct"] = r3(mean(rs, "vertex_err_pct"))
+        if name.startswith("oracle_truelmk"):
+            out[f"{name}_vertex_err_pct_camera"] = r3(mean(rs, "vertex_err_pct_camera"))
+        out[f"{name}_jitter_ratio"] = r3(mean(rs, "jitter_ratio"))
+        out[f"{name}_psi_corr"] = r3(mean(rs, "psi_corr"))
+        out[f"{name}_beta_corr"] = r3(mean(rs, "beta_corr"))
+        out[f"{name}_dynamic_err_mm"] = round(mean(rs, "dynamic_err_mm"), 4)
+    out["oracle_offsets_only_dynamic_err_mm"] = round(float(np.mean(dyn_oracle)), 4)
+    out["clips"], out["frames"], out["size"] = args.clips, args.frames, args.size
+    out["targets"] = {"vertex_err_pct": 1.0, "fps": 5.0}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

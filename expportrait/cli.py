@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a clear one-line error, not a traceback, for expected failures
         from models.head.smplx_file import HeadModelFileError
         if isinstance(exc, (HeadModelFileError, FileNotFoundError, ValueError)):
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+            # exit 2: bad input or config; ``details`` (e.g. fit's status and source) joins the line
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc),
+                              **getattr(exc, "details", {})}))
             return 2
         raise
     print(json.dumps(result))

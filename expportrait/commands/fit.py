@@ -1,15 +1,29 @@
-"""`expportrait fit --video FILE | --image FILE --out DIR`: fit the personalized head."""
+"""`expportrait fit --video FILE | --image FILE --out DIR`: fit the personalized head.
+
+Exit codes (through :func:`expportrait.cli.main`): 0 when a fit was written (frames whose fit
+diverged are flagged in ``qc.json``, not fatal); 2 for an input that cannot be fitted, with a
+one-line JSON error ``{"error": "FitInputError", "message": ..., "status": ..., "source": ...}``.
+``status`` says why: ``file_not_found``, ``not_a_file``, ``unreadable`` (checked before
+anything is written), the ingest statuses (``not_a_video``, ``corrupt_container``,
+``no_video_stream``, ``zero_duration``, ``too_few_frames``), ``not_an_image``, or a tracking
+status (``no_face``, ``multi_face``, ``face_too_small``); for the latter two groups
+``DIR/summary.json`` records the same status.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit SMPL-X parameters, offsets and camera to a video or image")
+    p = sub.add_parser("fit", help="fit SMPL-X parameters, offsets and camera to a video or image",
+                       epilog="exit codes: 0 fit written; 2 an input that cannot be fitted (missing, "
+                              "unreadable, undecodable, no usable face) or a bad model file, with a "
+                              "one-line JSON error {error, message} (plus status and source for an input)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", type=Path)
     src.add_argument("--image", type=Path, help="a single portrait (the source at inference)")
@@ -53,27 +67,30 @@ def run(args: argparse.Namespace) -> dict:
     from preprocessing.tracking import FaceTracker
     from preprocessing.video import write_video
 
-    args.out.mkdir(parents=True, exist_ok=True)
     source = args.video or args.image
+    kind = "video" if args.video else "image"
+    _check_readable(source, kind)                   # before anything is written
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.video:
         reader = open_video(args.video, target_fps=args.fps, max_side=1280)
         if not reader.probe.ok:
-            return _write_status(args.out, {"status": reader.status.value, "reason": reader.probe.reason,
-                                            "source": str(source)})
+            _fail(args.out, reader.status.value, f"video {source}: {reader.probe.reason}", source)
         frames = []
         for i, _, f in reader:
             if args.max_frames and i >= args.max_frames:
                 break
             frames.append(f)
+        if not frames:
+            _fail(args.out, "too_few_frames", f"video {source}: no frame could be decoded", source)
         frames = np.stack(frames)
         fps = reader.plan.fps
     else:
         from PIL import Image
         try:
-            frames = np.asarray(Image.open(args.image).convert("RGB"))[None]
-        except Exception as exc:  # noqa: BLE001 - a bad image is a status, not a crash
-            return _write_status(args.out, {"status": "not_an_image", "reason": str(exc),
-                                            "source": str(source)})
+            with Image.open(source) as img:
+                frames = np.asarray(img.convert("RGB"))[None]
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
+            _fail(args.out, "not_an_image", f"image {source}: cannot decode: {exc}", source)
         fps = None
     head, model_path = _head(args.model)
     fitter = Fitter(head, FitConfig(seed=args.seed))
@@ -91,7 +108,9 @@ def run(args: argparse.Namespace) -> dict:
     summary = {"source": str(source), "model": str(model_path), "identity": args.identity,
                **clip.summary()}
     if clip.fit is None:
-        return _write_status(args.out, summary)
+        _write_status(args.out, summary)
+        raise FitInputError(f"{kind} {source}: {clip.status}" + (f": {clip.reason}" if clip.reason else ""),
+                            clip.status, source)
     fit = clip.fit
     p = fit.params
     np.savez(args.out / "fit.npz",
@@ -120,6 +139,30 @@ def run(args: argparse.Namespace) -> dict:
     summary["outputs"] = str(args.out)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class FitInputError(ValueError):
+    """An input that cannot be fitted; ``details`` goes into the CLI's JSON error line."""
+
+    def __init__(self, message: str, status: str, source: Path | str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.details = {"status": status, "source": str(source)}
+
+
+def _check_readable(path: Path, kind: str) -> None:
+    if not path.exists():
+        raise FitInputError(f"{kind} not found: {path}", "file_not_found", path)
+    if not path.is_file():
+        raise FitInputError(f"{kind} is not a file: {path}", "not_a_file", path)
+    if not os.access(path, os.R_OK):
+        raise FitInputError(f"{kind} is not readable (permission denied): {path}", "unreadable", path)
+
+
+def _fail(out: Path, status: str, message: str, source: Path):
+    """Record the status in ``out/summary.json`` and raise it as a bad input (exit 2)."""
+    _write_status(out, {"status": status, "reason": message, "source": str(source)})
+    raise FitInputError(message, status, source)
 
 
 def _write_status(out: Path, summary: dict) -> dict:

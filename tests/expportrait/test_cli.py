@@ -1,7 +1,10 @@
 import json
+import os
+from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 from PIL import Image
 
 from expportrait.cli import main
@@ -47,3 +50,85 @@ def test_synth_corpus_command(tmp_path, synthetic_model_path, capsys):
     assert list(manifest["clip_id"]) == ["id000_clip00", "id001_clip00"]
     with av.open(str(tmp_path / "c" / manifest["video"][0])) as container:
         assert sum(1 for _ in container.decode(video=0)) == 6
+
+
+# `expportrait fit`: an input that cannot be fitted exits 2 with a one-line JSON error.
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("flag", ["--video", "--image"])
+def test_fit_missing_input_exits_2_naming_the_file(tmp_path, capsys, flag):
+    missing = tmp_path / ("missing.mp4" if flag == "--video" else "missing.png")
+    out = tmp_path / "out"
+    code = main(["fit", flag, str(missing), "--out", str(out)])
+    assert code == 2
+    err = _last_json(capsys)
+    assert err["error"] == "FitInputError" and err["status"] == "file_not_found"
+    assert str(missing) in err["message"] and err["source"] == str(missing)
+    assert not out.exists()                       # nothing written for an input that is not there
+
+
+def test_fit_directory_and_unreadable_input_exit_2(tmp_path, capsys, monkeypatch):
+    assert main(["fit", "--video", str(tmp_path), "--out", str(tmp_path / "o1")]) == 2
+    assert _last_json(capsys)["status"] == "not_a_file"
+    locked = tmp_path / "locked.mp4"
+    locked.write_bytes(b"\x00" * 64)
+    real_access = os.access
+    # Tests may run as root, which reads any file whatever its mode: deny access for this file.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert main(["fit", "--video", str(locked), "--out", str(tmp_path / "o2")]) == 2
+    err = _last_json(capsys)
+    assert err["status"] == "unreadable" and str(locked) in err["message"]
+
+
+@pytest.fixture(scope="module")
+def broken_videos(tmp_path_factory):
+    import video_fixtures as vf
+    d = tmp_path_factory.mktemp("broken")
+    good = vf.write(d / "good.mp4", n=60)
+    data = good.read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) * 2 // 5])
+    (d / "zero.mp4").write_bytes(b"")
+    (d / "text.mp4").write_text("this is not a video\n" * 20)
+    return {"zero_byte": d / "zero.mp4", "truncated": d / "truncated.mp4", "text": d / "text.mp4",
+            "audio_only": vf.audio_only(d / "audio.m4a"), "no_frames": vf.no_frames(d / "no_frames.mp4"),
+            "no_face": good}
+
+
+@pytest.mark.parametrize("name,status", [
+    ("zero_byte", "not_a_video"), ("text", "not_a_video"), ("truncated", "corrupt_container"),
+    ("audio_only", "no_video_stream"), ("no_frames", "zero_duration"), ("no_face", "no_face")])
+def test_fit_unusable_video_exits_2_with_its_status(broken_videos, name, status, tmp_path, capsys,
+                                                     synthetic_model_path):
+    out = tmp_path / "out"
+    code = main(["fit", "--video", str(broken_videos[name]), "--out", str(out),
+                 "--model", str(synthetic_model_path)])
+    assert code == 2
+    err = _last_json(capsys)
+    assert err["error"] == "FitInputError" and err["status"] == status
+    assert str(broken_videos[name]) in err["message"]
+    recorded = json.loads((out / "summary.json").read_text())
+    assert recorded["status"] == status and not (out / "fit.npz").exists()
+
+
+def test_fit_undecodable_image_exits_2(tmp_path, capsys):
+    bad = tmp_path / "photo.png"
+    bad.write_text("not an image")
+    assert main(["fit", "--image", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = _last_json(capsys)
+    assert err["status"] == "not_an_image" and str(bad) in err["message"]
+
+
+def test_fit_image_ok_exits_0(tmp_path, capsys, synthetic_model_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    out = tmp_path / "out"
+    code = main(["fit", "--image", str(photo), "--out", str(out), "--model", str(synthetic_model_path),
+                 "--no-overlay"])
+    assert code == 0
+    summary = _last_json(capsys)
+    assert summary["status"] == "ok" and summary["frames"] == 1 and "error" not in summary
+    assert (out / "fit.npz").exists() and json.loads((out / "summary.json").read_text())["status"] == "ok"
