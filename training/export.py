@@ -46,7 +46,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = T
     """Rebuild the task from the checkpoint's hyperparameters and export (EMA) weights."""
     from training.tasks.transfer import TransferTask
     state = load_checkpoint_state(checkpoint)
-    task = TransferTask(**state["hyper_parameters"])
+    hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}   # CLI's _class_path
+    task = TransferTask(**hparams)
     weights = state.get("state_dict") or state.get("module")
     if weights is not None:
         task.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()}, strict=False)

@@ -1,0 +1,33 @@
+"""Test-only callbacks that training subprocesses load by class path (tests/training is put
+on their PYTHONPATH)."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class KillAtStep(Callback):
+    """SIGKILL this process (no cleanup, like a lost node) once ``step`` optimizer steps ran."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveRankWeights(Callback):
+    """Each rank writes its final weights to ``<folder>/rank<r>.safetensors``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from safetensors.torch import save_file
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in pl_module.model.state_dict().items()}
+        save_file(state, str(Path(self.folder) / f"rank{trainer.global_rank}.safetensors"))
