@@ -6,7 +6,7 @@ import json
 import sys
 import warnings
 
-from .commands import demo, fit, head, synth, video
+from .commands import demo, fit, head, synth, transfer, video
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_parser(sub)
     video.add_parser(sub)
     fit.add_parser(sub)
+    transfer.add_parser(sub)
     demo.add_parser(sub)
     return parser
 
