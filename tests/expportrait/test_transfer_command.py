@@ -76,7 +76,8 @@ def test_edit_scales_regions_and_exports_ply(tmp_path, corpus, model_dir, capsys
                                 for i in range(4)])
     moved = np.linalg.norm(edited_vertices - plain_vertices, axis=-1).max(0)     # per vertex, metres
     assert moved.max() > 1e-3                                                  # the mouth closed
-    assert (moved > 1e-4).mean() < 0.3                                         # most of the head stayed
+    crown = plain_vertices[0, :, 1] > np.quantile(plain_vertices[0, :, 1], 0.95)  # top of the head
+    assert moved[crown].max() < 1e-4                                           # far from the edit: still
     assert edited["edit"]["mouth"] == 0.0 and edited["edit"]["jaw"] == 0.5
 
 
