@@ -1,33 +1,84 @@
 """Plain records of the preprocessing job: what travels between its tasks and into the
-manifest. Only numpy here, so a process that merely moves records (the shard writer) stays
-light to start."""
+manifest. Only numpy and pydantic here, so a process that merely moves records stays light
+to start."""
 from __future__ import annotations
 
 import copy
+import errno
+import re
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 
-@dataclass
-class StageConfig:
-    """Everything a worker needs to process clips; plain data (travels to Ray workers)."""
+#: frame codecs of the shard schema (``preprocessing.sample_schema.FRAME_CODECS`` checks the same)
+FrameCodec = Literal["lossless", "h264"]
+_STRICT = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
-    fps: float | None = 25.0          # decode rate (None: the source's own)
-    max_side: int = 720               # decode size cap (long side)
-    min_frames: int = 8
-    max_frames: int | None = 300      # longer clips are cut (first frames kept)
-    crop_size: int = 256
-    fov_deg: float = 20.0             # assumed vertical FOV of real footage
-    segment_frames: int = 24          # frames per shard sample (shorter clips: one sample)
-    max_bad_frames: float = 0.5       # more frames not ok than this: the clip fails
+
+class StageConfig(BaseModel):
+    """Everything a worker needs to process clips: validated once in the driver (unknown keys,
+    wrong types, out-of-range values and unknown codecs are errors naming the key), then
+    plain data that travels to the Ray workers."""
+
+    model_config = _STRICT
+
+    fps: Annotated[float, Field(gt=0, le=240)] | None = 25.0   # decode rate (None: the source's)
+    max_side: Annotated[int, Field(ge=64)] = 720          # decode size cap (long side)
+    min_frames: Annotated[int, Field(ge=1)] = 8
+    max_frames: Annotated[int, Field(ge=1)] | None = 300  # longer clips are cut (first frames kept)
+    crop_size: Annotated[int, Field(ge=32, le=4096)] = 256
+    fov_deg: Annotated[float, Field(gt=1, lt=179)] = 20.0  # assumed vertical FOV of real footage
+    segment_frames: Annotated[int, Field(ge=1)] = 24      # frames per shard sample
+    max_bad_frames: Annotated[float, Field(ge=0, le=1)] = 0.5   # more frames not ok: the clip fails
     render_depth: bool = True
-    frame_codec: str = "lossless"
-    frame_crf: int = 18
+    frame_codec: FrameCodec = "lossless"
+    frame_crf: Annotated[int, Field(ge=0, le=51)] = 18
     licence: str = "unknown"
-    fit: dict = field(default_factory=dict)   # FitConfig overrides
-    estimator: str | None = None      # "package.module:factory" (see preprocessing/estimators.py)
+    fit: dict[str, Any] = Field(default_factory=dict)     # FitConfig overrides (checked by name and type)
+    estimator: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
+    #                                   "package.module:factory" (see preprocessing/estimators.py)
     estimator_weights: str | None = None
+
+    @field_validator("fit")
+    @classmethod
+    def _fit_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """The overrides must name fields of :class:`preprocessing.fitting.FitConfig` with
+        values of their type and range; they stay the overrides given (the shard fingerprint
+        covers what the user set)."""
+        fit_options_model().model_validate(value)
+        return value
+
+    @model_validator(mode="after")
+    def _frames(self) -> "StageConfig":
+        if self.max_frames is not None and self.max_frames < self.min_frames:
+            raise ValueError(f"max_frames ({self.max_frames}) is below min_frames ({self.min_frames})")
+        return self
+
+
+@lru_cache(maxsize=1)
+def fit_options_model() -> type[BaseModel]:
+    """A strict pydantic model of :class:`FitConfig`'s fields (names, types, non-negative
+    numbers, defaults), generated so the field list has one definition. ``fov_deg`` is not
+    among them: the stage's ``fov_deg`` sets it."""
+    import dataclasses
+    import typing
+
+    from .fitting import FitConfig
+
+    hints = typing.get_type_hints(FitConfig)
+    spec = {}
+    for f in dataclasses.fields(FitConfig):
+        if f.name == "fov_deg":
+            continue
+        kind = hints[f.name]
+        if kind in (int, float):
+            kind = Annotated[kind, Field(ge=0)]
+        spec[f.name] = (kind, f.default)
+    return create_model("FitOptions", __config__=_STRICT, **spec)
 
 
 @dataclass
@@ -68,7 +119,9 @@ class ClipOutcome:
     node: str = ""                    # where it ran (filled in by the job driver's task)
     started_at: float = 0.0           # wall clock (epoch seconds) on that node
     finished_at: float = 0.0
-    fit: object = None                # transient: the anchor clip's FitResult (not serialised)
+    error_type: str = ""              # the exception's class name for stage_error / worker_lost
+    transient: bool = False           # the failure may pass when tried again (not in the row)
+    fit: object = None                # the anchor clip's FitResult while in its worker (not in the row)
 
     @property
     def ok(self) -> bool:
@@ -77,7 +130,7 @@ class ClipOutcome:
     def row(self) -> dict:
         """The manifest row (everything but the sample bytes)."""
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
-             if f.name not in ("samples", "fit")}
+             if f.name not in ("samples", "fit", "transient")}
         d["samples"] = len(self.samples)
         return d
 
@@ -90,3 +143,25 @@ def identity_failure_outcome(item: ClipItem, identity: IdentityFit) -> ClipOutco
     if item.clip_id in identity.clip_failures:
         out.status, out.stage, out.reason = identity.clip_failures[item.clip_id]
     return out
+
+
+# -- failure classes ----------------------------------------------------------------------
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+#: OSError numbers that say a failure may go away when tried again
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE,
+                              errno.ECONNRESET, errno.ECONNABORTED, errno.EINTR})
+
+
+def one_line(exc: BaseException | str, limit: int = 500) -> str:
+    """``Type: message`` on one line, without terminal colour codes (a manifest ``reason``)."""
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return " ".join(_ANSI.sub("", text).split())[:limit]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection resets, timeouts and I/O errors that come and go: worth a retry in place.
+    Anything else a stage raises is deterministic for its input and is not retried."""
+    if isinstance(exc, (ConnectionError, TimeoutError, InterruptedError, BlockingIOError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS

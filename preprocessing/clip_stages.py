@@ -9,6 +9,7 @@ with a status, the stage that failed and a reason.
 """
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +25,8 @@ from .clip_fit import ClipFit, fit_frames
 from .files import file_digest
 from .fitting import FitConfig, Fitter
 from .ingest import open_video
-from .clip_records import ClipItem, ClipOutcome, IdentityFit, StageConfig, identity_failure_outcome
+from .clip_records import (ClipItem, ClipOutcome, IdentityFit, StageConfig, identity_failure_outcome,
+                           is_transient, one_line)
 from .sample_schema import ShardSample, encode_sample, sample_key
 from .tracking import FaceTracker
 
@@ -155,7 +157,8 @@ def run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = N
         out.status, out.stage, out.reason = exc.status, exc.stage, exc.reason
     except Exception as exc:  # noqa: BLE001 - a crashing stage is a status row, not a dead job
         out.status, out.stage = "stage_error", "process"
-        out.reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        out.reason, out.error_type, out.transient = one_line(exc), type(exc).__name__, is_transient(exc)
+        traceback.print_exc(limit=12, file=sys.stderr)      # the worker's log keeps the traceback
     if not out.ok:
         out.samples, out.fit = [], None
     out.finished_at = time.time()

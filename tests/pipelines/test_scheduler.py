@@ -1,28 +1,33 @@
-"""The preprocessing driver's scheduler against a fake, in-process Ray: what it submits, in
-which order, and how much it keeps in flight (the real Ray runs in test_preprocess_job.py)."""
+"""The preprocessing driver's scheduler and worker pool against a fake, in-process Ray: what
+they ask of the actors, in which order, how much runs at once, and what a dead worker or a
+failed writer does (the real Ray runs in test_preprocess_job.py)."""
+import errno
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ray import exceptions as rex
 
 from pipelines.job_io import plan_shards
-from pipelines.preprocess import WorkerConfig, _Scheduler
+from pipelines.preprocess import WorkerConfig
+from pipelines.preprocess import scheduler as sched_mod
+from pipelines.preprocess.scheduler import Scheduler, WorkerPool, WorkerSetupError
 from preprocessing.clip_records import ClipItem, ClipOutcome, IdentityFit
 
 
 class Ref:
-    def __init__(self, value=None, error: Exception | None = None, ready: bool = True) -> None:
+    def __init__(self, value=None, error: BaseException | None = None, ready: bool = True) -> None:
         self.value, self.error, self.ready = value, error, ready
 
 
 class FakeRay:
-    """Tasks finish one per ``wait``, oldest first; ``cpus`` decides the cluster's size."""
+    """Calls finish one per ``wait``, oldest first; ``cpus`` decides the cluster's size."""
 
-    def __init__(self, cpus: int, lost_identities: tuple[str, ...] = (), grow_to: int | None = None) -> None:
-        self.cpus, self.lost, self.grow_to = cpus, set(lost_identities), grow_to
+    def __init__(self, cpus: int, grow_to: int | None = None) -> None:
+        self.cpus, self.grow_to = cpus, grow_to
         self.running: list[tuple[Ref, ...]] = []
-        self.log: list[tuple[str, str]] = []           # (kind, id) in submission order
-        self.max_running = 0
+        self.log: list[tuple[str, str]] = []           # (method, key) in submission order
+        self.killed = 0
         self.util = SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1")
 
     def cluster_resources(self) -> dict:
@@ -38,58 +43,78 @@ class FakeRay:
             raise refs.error
         return refs.value
 
+    def kill(self, actor) -> None:
+        self.killed += 1
+
     def wait(self, refs, num_returns=1, timeout=None, fetch_local=True):
         if len({id(r) for r in refs}) != len(refs):
             raise ValueError("ray.wait got a duplicate ref")
         if self.running and not any(r.ready for r in refs):
             for ref in self.running.pop(0):
                 ref.ready = True
-            if self.grow_to and self.cpus != self.grow_to:   # nodes join after a task finished
-                self.max_before_growth, self.cpus = self.max_running, self.grow_to
+            if self.grow_to:                                 # nodes join after a call finished
+                self.cpus = self.grow_to
         ready = [r for r in refs if r.ready][:num_returns]
         return ready, [r for r in refs if r not in ready]
 
-    def submit(self, kind: str, key: str, *values, error: Exception | None = None) -> tuple[Ref, ...]:
+    def submit(self, method: str, key: str, *values, error: BaseException | None = None) -> tuple[Ref, ...]:
         refs = tuple(Ref(v, error, ready=False) for v in values)
         self.running.append(refs)
-        self.log.append((kind, key))
-        self.max_running = max(self.max_running, len(self.running))
+        self.log.append((method, key))
         return refs
 
 
-def _outcome(clip: ClipItem) -> ClipOutcome:
-    return ClipOutcome(clip.clip_id, clip.identity_id, clip.split, clip.path, status="ok",
-                       samples=[{"__key__": clip.clip_id}])
+class FakeActor:
+    """Methods answer like ClipWorker's; ``behaviour`` says which keys die or fail."""
 
+    def __init__(self, ray: FakeRay, behaviour: dict, written: list) -> None:
+        self.ray, self.behaviour, self.written = ray, behaviour, written
+        self.ready = SimpleNamespace(remote=self._ready)
+        self.fit_identity = SimpleNamespace(options=lambda num_returns: SimpleNamespace(remote=self._identity))
+        self.process_clip = SimpleNamespace(options=lambda num_returns: SimpleNamespace(remote=self._clip))
+        self.write_shard = SimpleNamespace(remote=self._write)
 
-def _tasks(ray: FakeRay, written: list) -> dict:
-    def identity(iid, items, spec):
+    def _error(self, key: str, lost: int) -> BaseException | None:
+        if key in self.behaviour.get("die_always", ()) or (key in self.behaviour.get("die_once", ()) and lost == 0):
+            return rex.ActorDiedError()
+        return None
+
+    def _ready(self):
+        error = self.behaviour.get("init_error")
+        return self.ray.submit("ready", "", "127.0.0.1", error=error)[0]
+
+    def _identity(self, iid, items, lost):
         anchor = items[0]
         fit = IdentityFit(iid, "ok", anchor_clip_id=anchor.clip_id, betas=np.zeros(3, np.float32),
                           static_offsets=np.zeros((4, 3), np.float32))
-        error = RuntimeError("worker died 4 times") if iid in ray.lost else None
-        return ray.submit("identity", iid, fit, {}, _outcome(anchor), error=error)
+        return self.ray.submit("identity", iid, fit, {}, _outcome(anchor, lost), error=self._error(iid, lost))
 
-    def clip(item, fit_ref, spec):
+    def _clip(self, item, fit_ref, lost):
         assert fit_ref.ready and fit_ref.value.status == "ok"      # only known identities
-        return ray.submit("clip", item.clip_id, _outcome(item))[0]
+        outcome = _outcome(item, lost)
+        return self.ray.submit("clip", item.clip_id, outcome, outcome.status,
+                               error=self._error(item.clip_id, lost))
 
-    def write(root, shard, refs):
+    def _write(self, root, shard, refs):
         assert all(r.ready for r in refs)                           # writers never wait
-        outcomes = []
+        if shard.name in self.behaviour.get("enospc", ()):
+            return self.ray.submit("write", shard.name, None,
+                                   error=OSError(errno.ENOSPC, "No space left on device"))[0]
+        rows = []
         for c, r in zip(shard.clips, refs):
-            try:
-                outcomes.append(ray.get(r))
-            except RuntimeError:
-                outcomes.append(ClipOutcome(c.clip_id, c.identity_id, c.split, c.path, status="worker_lost"))
-        written.append((shard.name, [(o.clip_id, o.status) for o in outcomes]))
-        return Ref({"name": shard.name})                            # written at once
-
-    return {k: SimpleNamespace(remote=f) for k, f in
-            (("identity", identity), ("clip", clip), ("write", write))}
+            o = self.ray.get(r) if r.error is None else None
+            rows.append((c.clip_id, o.status if o else "error", o.attempts if o else 0))
+        self.written.append((shard.name, rows))
+        return self.ray.submit("write", shard.name, {"name": shard.name})[0]
 
 
-def _run(ray: FakeRay, identities: int, clips: int, clips_per_shard: int, **workers):
+def _outcome(clip: ClipItem, lost: int = 0) -> ClipOutcome:
+    return ClipOutcome(clip.clip_id, clip.identity_id, clip.split, clip.path, status="ok",
+                       samples=[{"__key__": clip.clip_id}], attempts=lost + 1)
+
+
+def _run(ray: FakeRay, identities: int, clips: int, clips_per_shard: int, behaviour: dict | None = None,
+         **workers):
     items = [ClipItem(f"id{i}_c{k}", f"/v/{i}_{k}.mp4", f"id{i}") for i in range(identities) for k in range(clips)]
     plan = plan_shards(items, clips_per_shard, "fp")
     by_identity: dict = {}
@@ -97,53 +122,87 @@ def _run(ray: FakeRay, identities: int, clips: int, clips_per_shard: int, **work
         by_identity.setdefault(item.identity_id, []).append(item)
     out = SimpleNamespace(root="/out", load_identity=lambda iid, fp: None, save_identity=lambda fit, fp: None)
     written: list = []
-    sched = _Scheduler(_tasks(ray, written), None, out, "fp", plan, by_identity,
-                       WorkerConfig(**workers), clips_per_shard, SimpleNamespace(update=lambda n: None), ray=ray)
-    open_max = 0
+    actor_class = SimpleNamespace(remote=lambda spec: FakeActor(ray, behaviour or {}, written))
+    cfg = WorkerConfig(**workers)
+    pool = WorkerPool(ray, actor_class, None, cfg)
+    sched = Scheduler(ray, pool, out, "fp", plan, by_identity, clips_per_shard, cfg.max_pending_shards,
+                      SimpleNamespace(update=lambda n: None), max_retries=cfg.max_retries)
+    open_max = in_flight_max = 0
     while sched.busy:
         sched.fill()
         open_max = max(open_max, len(sched.shards))
+        in_flight_max = max(in_flight_max, len(sched.calls))
+        assert len({id(c.actor) for c in sched.calls.values()}) == len(sched.calls)   # one call per actor
         sched.step()
-    return sched, plan, written, open_max
+    return sched, plan, written, open_max, in_flight_max
 
 
 def test_identities_first_bounded_in_flight_and_every_shard_written_once():
     ray = FakeRay(cpus=2)
-    sched, plan, written, open_max = _run(ray, identities=5, clips=3, clips_per_shard=2)
+    sched, plan, written, open_max, in_flight = _run(ray, identities=5, clips=3, clips_per_shard=2)
     assert sorted(name for name, _ in written) == sorted(s.name for s in plan)      # each once
-    assert all(status == "ok" for _, rows in written for _, status in rows)
-    assert {c for _, rows in written for c, _ in rows} == {c.clip_id for s in plan for c in s.clips}
-    # anchors come from the identity tasks: one task per identity, one per other clip
-    kinds = [k for k, _ in ray.log]
-    assert kinds.count("identity") == 5 and kinds.count("clip") == 10
-    # the first identity fits go out before any clip task (the clips wait on them)
-    assert kinds[:2] == ["identity", "identity"]
-    assert ray.max_running <= sched.slots + 1 == 3
+    assert all(status == "ok" for _, rows in written for _, status, _ in rows)
+    assert {c for _, rows in written for c, _, _ in rows} == {c.clip_id for s in plan for c in s.clips}
+    # anchors come from the identity calls: one call per identity, one per other clip
+    kinds = [k for k, _ in ray.log if k != "ready"]
+    assert kinds.count("identity") == 5 and kinds.count("clip") == 10 and kinds.count("write") == len(plan)
+    assert kinds[:2] == ["identity", "identity"]        # the clips wait on them
+    assert len(sched.pool.actors) == sched.pool.slots == 2 and in_flight <= 2
     assert open_max <= sched.window == 3
 
 
-def test_a_lost_identity_turns_its_clips_into_rows():
-    ray = FakeRay(cpus=2, lost_identities=("id1",))
-    _, _, written, _ = _run(ray, identities=3, clips=2, clips_per_shard=3)
-    rows = dict(r for _, rows in written for r in rows)
-    assert rows["id1_c0"] == rows["id1_c1"] == "worker_lost"
-    assert all(s == "ok" for c, s in rows.items() if not c.startswith("id1"))
-    assert ("clip", "id1_c1") not in ray.log
+def test_a_dead_worker_is_retried_and_then_lost():
+    ray = FakeRay(cpus=2)
+    behaviour = {"die_once": ("id0_c1", "id2"), "die_always": ("id1_c1",)}
+    sched, _, written, _, _ = _run(ray, identities=3, clips=2, clips_per_shard=3, behaviour=behaviour,
+                                   max_retries=2)
+    rows = {c: (s, a) for _, rs in written for c, s, a in rs}
+    assert rows["id0_c1"] == ("ok", 2)                        # died once, ran again
+    assert rows["id2_c0"] == ("ok", 2) and rows["id2_c1"][0] == "ok"   # the identity call too
+    assert rows["id1_c1"] == ("worker_lost", 3)               # 1 + max_retries runs
+    assert ray.log.count(("clip", "id1_c1")) == 3
+    assert ray.log.count(("ready", "")) == 2 + 1 + 1 + 3       # start + a restart per death
 
 
-@pytest.mark.parametrize("depth", [1, 4])
-def test_queue_depth_bounds_what_waits_in_ray(depth):
+def test_writer_fault_stops_the_job():
+    ray = FakeRay(cpus=2)
+    sched, plan, written, _, _ = _run(ray, identities=4, clips=2, clips_per_shard=2,
+                                      behaviour={"enospc": ("train-000001",)})
+    assert isinstance(sched.fault, OSError) and sched.fault.errno == errno.ENOSPC
+    assert not sched.busy and len(written) < len(plan)
+    assert "train-000001" not in {n for n, _ in written}
+
+
+def test_a_worker_that_cannot_start_is_a_setup_error():
     ray = FakeRay(cpus=1)
-    _, plan, written, _ = _run(ray, identities=2, clips=4, clips_per_shard=2, queue_depth=depth)
-    assert ray.max_running == 1 + depth and len(written) == len(plan)
+    with pytest.raises(WorkerSetupError, match="ValueError"):
+        _run(ray, identities=1, clips=1, clips_per_shard=1,
+             behaviour={"init_error": rex.RayTaskError("ready", "tb", ValueError("bad estimator"))})
 
 
-def test_a_growing_cluster_gets_more_work(monkeypatch):
-    import pipelines.preprocess as job
-
+def test_a_growing_cluster_gets_more_workers(monkeypatch):
     clock = iter(range(0, 10_000, 10))                      # 10 s per look at the clock
-    monkeypatch.setattr(job.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(sched_mod.time, "monotonic", lambda: next(clock))
     ray = FakeRay(cpus=2, grow_to=6)
-    sched, plan, written, _ = _run(ray, identities=4, clips=4, clips_per_shard=2)
-    assert ray.max_before_growth == 3 and ray.max_running == 7 and sched.slots == 6
+    sched, plan, written, _, in_flight = _run(ray, identities=6, clips=4, clips_per_shard=2)
+    assert sched.pool.slots == 6 and len(sched.pool.actors) == 6 and in_flight == 6
     assert len(written) == len(plan)
+
+
+def test_autoscaler_is_asked_for_what_the_work_can_use(monkeypatch):
+    asked = []
+    ray = FakeRay(cpus=2)
+    pool = WorkerPool(ray, SimpleNamespace(remote=lambda spec: FakeActor(ray, {}, [])), None,
+                      WorkerConfig(num_cpus=1, autoscale_extra_workers=4), autoscale=True)
+    monkeypatch.setattr(pool, "_request", lambda bundles: (asked.append(len(bundles)),
+                                                           setattr(pool, "_requested", len(bundles))))
+    pool.resize(remaining=100)
+    assert asked == [6] and pool.bundle() == {"CPU": 1.0}
+    pool._sized_at = -1e9
+    pool.resize(remaining=3)                               # the tail: only what the work can use
+    assert asked == [6, 3]
+    pool._sized_at = -1e9
+    pool.resize(remaining=1)                               # never below the cluster's own slots
+    assert asked == [6, 3, 2]
+    pool.shutdown()                                        # the standing request ends with the job
+    assert asked == [6, 3, 2, 0]

@@ -1,0 +1,250 @@
+"""The preprocessing job's driver: plan, run the pending shards on the worker pool, write the
+manifest and summary. Clip logic lives in :mod:`preprocessing.clip_stages`, file formats in
+:mod:`pipelines.job_io`, scheduling in :mod:`.scheduler`, the worker actor in :mod:`.workers`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from preprocessing.clip_records import ClipItem, one_line
+
+from ..job_io import (JobInputError, OutputDir, ShardSpec, fingerprint, list_inputs, manifest_frame,
+                      parquet_bytes, plan_shards, retryable_clips, write_if_changed)
+from .config import ConfigError, PreprocessConfig, RayConfig
+from .workers import FAULTS_ENV, ClipWorker, WorkerSpec, is_environment_fault
+
+#: clips listed per shard in a dry run's plan (a million-clip plan is not printed whole)
+DRY_RUN_SHARDS_SHOWN = 20
+
+
+class EnvironmentFault(RuntimeError):
+    """The machine, not the input: disk full, permission denied, read-only output, cluster
+    unreachable. Exit code 3."""
+
+
+class InternalError(RuntimeError):
+    """A failure that is neither the input's nor the machine's (a bug). Exit code 4."""
+
+
+def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str) -> str:
+    """What a shard's content depends on besides its clips."""
+    return fingerprint(cfg.stages.model_dump(), cfg.subdivision, model_sha1)
+
+
+def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:
+    """Load and check the head model once in the driver (also for a dry run): its path and
+    sha1; :class:`ConfigError` naming the file and the problem."""
+    from expportrait.assets import synthetic_model_file
+    from models.head.smplx_file import HeadModelFileError, load_smplx_model
+    from preprocessing.files import file_digest
+
+    path = str(Path(cfg.head_model).resolve()) if cfg.head_model else str(synthetic_model_file())
+    try:
+        load_smplx_model(path)
+    except (HeadModelFileError, FileNotFoundError) as exc:
+        raise ConfigError(f"head_model: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a non-model file makes numpy raise
+        raise ConfigError(f"head_model: {path} is not an SMPL-X-format .npz ({type(exc).__name__}: {exc})") from None
+    return path, file_digest(path)
+
+
+def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
+        retry_failed: bool = False) -> dict:
+    """Run the job; returns the summary (also written to OUT/summary.json).
+
+    Raises :class:`ConfigError` / :class:`JobInputError` (nothing ran) and
+    :class:`EnvironmentFault` when the output cannot be used at all. A fault while clips run
+    (a full disk, workers that cannot start) stops the job; the manifest and summary of what
+    finished are still written and the summary's ``fault`` says what happened.
+    ``retry_failed``: also redo done shards whose clips failed for reasons that are not the
+    clip's (``worker_lost``, ``stage_error``)."""
+    started, t_start = time.time(), time.perf_counter()
+    model_path, model_sha1 = check_head_model(cfg)
+    stage_fp = stage_fingerprint(cfg, model_sha1)
+    items = list_inputs(cfg.input, cfg.limit)
+    if not items:
+        raise JobInputError(f"no video found in {cfg.input}")
+    plan = plan_shards(items, cfg.clips_per_shard, stage_fp)
+    out = OutputDir(cfg.output)
+    done = {s.name: out.read_marker(s) for s in plan} if out.shards.is_dir() else {}
+    if retry_failed:          # done shards holding lost or crashed clips are done again
+        done = {k: m for k, m in done.items() if m is None or not retryable_clips(m)}
+    pending = [s for s in plan if not done.get(s.name)]
+    pending_items = [c for s in pending for c in s.clips]
+    by_identity: dict[str, list[ClipItem]] = {}
+    for item in items:
+        by_identity.setdefault(item.identity_id, []).append(item)
+    if dry_run:
+        needed = sorted({c.identity_id for c in pending_items})
+        return {"dry_run": True, "inputs": len(items), "shards": len(plan), "pending_shards": len(pending),
+                "pending_clips": len(pending_items), "identities": len(by_identity),
+                "identities_needed": len(needed), "head_model": model_path, "output": str(out.root),
+                "seconds": round(time.perf_counter() - t_start, 3),
+                "plan_head": [{"shard": s.name, "clips": [c.clip_id for c in s.clips],
+                               "done": bool(done.get(s.name))} for s in plan[:DRY_RUN_SHARDS_SHOWN]]}
+    try:
+        with out.locked():
+            orphans = out.prepare()
+            stats = {"started": started, "orphans_removed": [p.name for p in orphans],
+                     "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
+            fault = None
+            if pending:
+                try:
+                    stats.update(_run_pending(cfg, out, pending, pending_items, by_identity,
+                                              model_path, model_sha1, stage_fp, progress))
+                except (EnvironmentFault, InternalError, ConfigError) as exc:
+                    fault = exc
+                except Exception as exc:  # noqa: BLE001 - stop, but keep what finished
+                    fault = _as_fault(exc, out)
+            return _finish(cfg, out, plan, by_identity, stage_fp, model_path, stats, t_start, fault)
+    except OSError as exc:
+        if is_environment_fault(exc):
+            raise EnvironmentFault(f"output {out.root}: {exc.strerror or exc}"
+                                   + (f" ({exc.filename})" if exc.filename else "")) from None
+        raise
+
+
+def _as_fault(exc: Exception, out: OutputDir) -> Exception:
+    if is_environment_fault(exc):
+        return EnvironmentFault(f"{exc.strerror or exc}: {exc.filename or out.root}")
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return InternalError(one_line(exc))
+
+
+def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_identity: dict,
+            stage_fp: str, model_path: str, stats: dict, t_start: float, fault: Exception | None) -> dict:
+    """Manifest, errors and summary from the done markers of the plan's shards (those that
+    finished, also when a fault stopped the job)."""
+    markers = [m for m in (out.read_marker(s) for s in plan) if m is not None]
+    unfinished = len(plan) - len(markers)
+    if unfinished and fault is None:              # only when a writer kept failing silently
+        fault = InternalError(f"{unfinished} shard(s) without a done marker after the run")
+    manifest = manifest_frame(markers)
+    errors = manifest[manifest["status"] != "ok"].reset_index(drop=True)
+    stats["seconds"] = round(time.perf_counter() - t_start, 3)
+    failed = int((manifest["status"] != "ok").sum())
+    summary = {
+        "inputs": sum(len(s.clips) for s in plan), "finished": len(manifest),
+        "ok": len(manifest) - failed, "failed": failed,
+        "failure_ratio": round(failed / max(1, len(manifest)), 4),
+        "max_failure_ratio": cfg.max_failure_ratio,
+        "statuses": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
+        "samples": int(sum(m["samples"] for m in markers)),
+        "complete": unfinished == 0,
+        "unfinished_shards": unfinished,
+        "shards": [{"name": m["name"], "tar": m["tar"], "samples": m["samples"], "sha256": m["sha256"],
+                    "bytes": m["bytes"]} for m in markers],
+        "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
+        "output": str(out.root.resolve()), "last_run": stats,
+    }
+    if fault is not None:
+        summary["fault"] = {"error": type(fault).__name__, "message": str(fault)}
+    try:
+        stats["manifest_written"] = write_if_changed(out.root / "manifest.parquet", parquet_bytes(manifest))
+        stats["errors_written"] = write_if_changed(out.root / "errors.parquet", parquet_bytes(errors))
+        (out.root / "summary.json").write_text(json.dumps(summary, indent=1))
+    except OSError as exc:
+        if not is_environment_fault(exc) and fault is None:
+            raise
+        stats["manifest_written"] = False
+        summary.setdefault("fault", {"error": "EnvironmentFault", "message": ""})
+        summary["fault"]["message"] += (f"; the manifest and summary could not be written either "
+                                        f"({exc.strerror or exc})")
+    return summary
+
+
+def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec],
+                 pending_items: list[ClipItem], by_identity: dict,
+                 model_path: str, model_sha1: str, stage_fp: str, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from .scheduler import Scheduler, WorkerPool, WorkerSetupError
+
+    t0 = time.perf_counter()
+    mode = init_ray(cfg.ray)                      # first: it sets what `import ray` reads
+    import ray
+    ray_init_seconds = time.perf_counter() - t0
+    pool = None
+    try:
+        w = cfg.workers
+        spec = WorkerSpec(model_path=model_path, model_sha1=model_sha1, stages=cfg.stages,
+                          subdivision=cfg.subdivision, threads=w.torch_threads or max(1, round(w.num_cpus)),
+                          clip_retries=w.clip_retries, fault_dir=str(out.root / "_faults"),
+                          faults=test_faults())
+        # A dead worker process: Ray restarts the actor, the scheduler runs the call again on
+        # a live worker (max_retries; Ray's own max_task_retries answers ActorUnavailableError
+        # for a process that died mid-call); an exception raised by the code is not retried.
+        actor_class = ray.remote(ClipWorker).options(num_cpus=w.num_cpus, num_gpus=w.num_gpus,
+                                                     max_restarts=-1, max_task_retries=0)
+        pool = WorkerPool(ray, actor_class, spec, w, autoscale=mode == "cluster")   # spec by value: restarts need it
+        bar = tqdm(total=len(pending_items), desc="clips", unit="clip", disable=not progress,
+                   file=sys.stdout, mininterval=1.0)
+        sched = Scheduler(ray, pool, out, stage_fp, pending, by_identity, cfg.clips_per_shard,
+                          w.max_pending_shards, bar, max_retries=w.max_retries)
+        try:
+            while sched.busy:
+                sched.fill()
+                sched.step()
+        except WorkerSetupError as exc:
+            raise ConfigError(str(exc)) from None
+        finally:
+            bar.close()
+        if sched.fault is not None:
+            if is_environment_fault(sched.fault):
+                f = sched.fault
+                raise EnvironmentFault(f"{f.strerror or f}" + (f": {f.filename}" if getattr(f, "filename", None) else ""))
+            raise InternalError(f"a shard writer failed: {type(sched.fault).__name__}: {sched.fault}")
+        return {"ray_init_seconds": round(ray_init_seconds, 3),
+                "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode,
+                "nodes": node_addresses(), "clips_processed": len(pending_items),
+                "shards_written": sched.written, "identities_fitted": sched.fitted,
+                "workers": pool.slots}
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        ray.shutdown()
+
+
+def test_faults() -> dict:
+    """The test hook's faults (``EXPPORTRAIT_TEST_FAULTS``, JSON); empty in normal runs."""
+    raw = os.environ.get(FAULTS_ENV)
+    return json.loads(raw) if raw else {}
+
+
+def init_ray(cfg: RayConfig) -> str:
+    """Join the configured cluster, else start an embedded Ray bound to loopback;
+    :class:`EnvironmentFault` when the cluster cannot be reached."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Embedded: keep every Ray socket on loopback (read when ray is imported; measured in
+        # ../shared/deps-notes.md). It also forbids other nodes joining, which is what we want.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=cfg.log_to_driver)
+            return "cluster"
+        kwargs = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
+                      dashboard_host=cfg.dashboard_host, log_to_driver=cfg.log_to_driver)
+        if cfg.dashboard_port:
+            kwargs["dashboard_port"] = cfg.dashboard_port
+        if cfg.object_store_mb:
+            kwargs["object_store_memory"] = int(cfg.object_store_mb) << 20
+        ray.init(**kwargs)
+        return "embedded"
+    except (ConnectionError, TimeoutError, RuntimeError, OSError) as exc:
+        where = f"the Ray cluster at {address}" if address else "an embedded Ray"
+        raise EnvironmentFault(f"cannot reach {where}: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:300]}") from None
+
+
+def node_addresses() -> list[str]:
+    import ray
+    return sorted(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))
