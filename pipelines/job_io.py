@@ -131,7 +131,8 @@ def plan_shards(items: list[ClipItem], clips_per_shard: int, config_fingerprint:
         for k in range(0, len(group), clips_per_shard):
             clips = group[k:k + clips_per_shard]
             shards.append(ShardSpec(f"{split}-{k // clips_per_shard:06d}", split, clips,
-                                    fingerprint(config_fingerprint, clips)))
+                                    fingerprint(config_fingerprint,
+                                                [[c.clip_id, c.path, c.identity_id, c.split] for c in clips])))
     return shards
 
 

@@ -229,6 +229,7 @@ def init_ray(cfg: RayConfig) -> str:
 
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=cfg.log_to_driver)
             return "cluster"
         kwargs = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.include_dashboard,
@@ -243,6 +244,18 @@ def init_ray(cfg: RayConfig) -> str:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         raise EnvironmentFault(f"cannot reach {where}: {type(exc).__name__}: "
                                f"{' '.join(str(exc).split())[:300]}") from None
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a GCS address nothing answers on (``ray.init`` itself retries for minutes).
+    ``auto`` and ``ray://`` client addresses are left to Ray."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout):
+        pass
 
 
 def node_addresses() -> list[str]:

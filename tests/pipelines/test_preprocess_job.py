@@ -39,8 +39,10 @@ def job_config(tmp: Path, model: Path, **extra) -> Path:
     return path
 
 
-def run_job(config: Path, inputs: Path, output: Path, *args: str) -> tuple[int, dict]:
+def run_job(config: Path, inputs: Path, output: Path, *args: str, faults: dict | None = None) -> tuple[int, dict]:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    if faults:
+        env["EXPPORTRAIT_TEST_FAULTS"] = json.dumps(faults)     # the test hook (never in a config)
     proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config", str(config),
                            "--input", str(inputs), "--output", str(output), "--no-progress", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -70,6 +72,15 @@ def inputs(tmp_path_factory, synthetic_model_path, video_fixtures, carphone, sin
     manifest = root / "inputs.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return root, manifest, rows
+
+
+@pytest.fixture(scope="module")
+def synthetic_only(inputs) -> Path:
+    """The synthetic clips alone (2 identities x 2 clips): what the fault tests run on."""
+    root, _, rows = inputs
+    path = root / "synthetic.csv"
+    pd.DataFrame([r for r in rows if r["clip_id"].startswith("id0")]).to_csv(path, index=False)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +202,13 @@ def test_killed_worker_and_crashing_stage_give_the_identical_shard_set(inputs, f
     root, manifest, _ = inputs
     out_a, _ = first_run
     out = tmp_path / "job_b"
-    faults = {"kill_worker": ["id000_clip01"], "crash_stage": ["id001_clip00"]}
-    code, result = run_job(job_config(root, synthetic_model_path, fault_injection=faults), manifest, out)
+    faults = {"kill_worker": ["id000_clip01"], "transient_error": ["id001_clip00"]}
+    code, result = run_job(job_config(root, synthetic_model_path), manifest, out, faults=faults)
     assert code == 0, result
     assert (out / "_faults" / "kill_worker-id000_clip01").is_file()      # the kill did happen
     rows = pd.read_parquet(out / "manifest.parquet").set_index("clip_id")
-    assert rows.loc["id001_clip00", "attempts"] == 2
-    assert rows.loc["id000_clip01", "status"] == "ok"
+    assert rows.loc["id001_clip00", "attempts"] == 2                     # transient: retried in place
+    assert rows.loc["id000_clip01", "status"] == "ok" and rows.loc["id000_clip01", "attempts"] == 2
     assert _hashes(out) == _hashes(out_a)
     assert not list(out.rglob("*.tmp-*"))
     # a run killed mid-shard: half-written temp file, shard without its marker
@@ -211,3 +222,82 @@ def test_killed_worker_and_crashing_stage_give_the_identical_shard_set(inputs, f
     assert not list(out.rglob("*.tmp-*"))
     assert _hashes(out) == _hashes(out_a)
     assert {k: v for k, v in _tree(out).items() if k in untouched} == untouched
+
+
+def test_stage_errors_are_not_retried_and_dead_workers_are_lost(inputs, synthetic_only, synthetic_model_path,
+                                                               tmp_path):
+    """A deterministic error in a stage is a ``stage_error`` row at once (type and clean
+    message, one attempt); a clip that kills its worker every time runs 1 + max_retries times
+    and is ``worker_lost``; the other clips are unaffected."""
+    root, _, _ = inputs
+    faults = {"stage_error": ["id000_clip01"], "kill_worker_always": ["id001_clip01"]}
+    config = job_config(root, synthetic_model_path, clips_per_shard=2,
+                        workers={"num_cpus": 1, "max_retries": 1, "clip_retries": 2})
+    code, result = run_job(config, synthetic_only, tmp_path / "out", faults=faults)
+    assert code == 0 and result["statuses"] == {"ok": 2, "stage_error": 1, "worker_lost": 1}, result
+    rows = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("clip_id")
+    err = rows.loc["id000_clip01"]
+    assert (err.status, err.attempts, err.error_type) == ("stage_error", 1, "ValueError")
+    assert err.reason == "ValueError: injected deterministic error"
+    lost = rows.loc["id001_clip01"]
+    assert lost.status == "worker_lost" and lost.attempts == 2 and lost.error_type.startswith("Actor")
+    assert "\x1b" not in lost.reason and "\n" not in lost.reason
+    assert (rows.loc[["id000_clip00", "id001_clip00"], "status"] == "ok").all()
+
+
+def test_a_full_disk_stops_the_job_and_keeps_what_finished(inputs, synthetic_only, synthetic_model_path,
+                                                           tmp_path):
+    """A writer that hits ENOSPC: exit 3, the one-line JSON says so, the manifest and summary
+    hold the shards that finished before it."""
+    root, _, _ = inputs
+    out = tmp_path / "out"
+    config = job_config(root, synthetic_model_path, clips_per_shard=2)
+    code, result = run_job(config, synthetic_only, out, faults={"writer_enospc": ["train-000001"]})
+    assert code == 3 and result["exit_code"] == 3 and result["error"] == "EnvironmentFault", result
+    assert "No space left on device" in result["message"] and result["complete"] is False
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    markers = sorted(p.name for p in (out / "shards").glob("*.done.json"))
+    assert "train-000001.done.json" not in markers and len(markers) >= 1
+    assert len(manifest) == 2 * len(markers) == result["finished"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fault"]["error"] == "EnvironmentFault" and summary["unfinished_shards"] >= 1
+    # the next run (disk freed) finishes the job and gives the same shards as a clean run
+    code, result = run_job(config, synthetic_only, out)
+    assert code == 0 and result["complete"] is True and result["last_run"]["shards_written"] >= 1
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs (real ENOSPC), remountable read-only; needs root (CI runs as root)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_read_only_and_full_output_are_environment_faults(inputs, synthetic_only, synthetic_model_path,
+                                                          small_tmpfs):
+    root, _, _ = inputs
+    config = job_config(root, synthetic_model_path, clips_per_shard=2)
+    # full: the job starts, the first identity's Δg (~0.5 MB) does not fit
+    code, result = run_job(config, synthetic_only, small_tmpfs / "out")
+    assert code == 3 and result["error"] == "EnvironmentFault", result
+    assert "No space left on device" in result["message"]
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    code, result = run_job(config, synthetic_only, small_tmpfs / "other")
+    assert code == 3 and result["error"] == "EnvironmentFault" and "Read-only file system" in result["message"]
+
+
+def test_an_unreachable_cluster_is_an_environment_fault(inputs, synthetic_only, synthetic_model_path):
+    import socket
+
+    root, _, _ = inputs
+    with socket.socket() as s:                      # a loopback port nothing listens on
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    code, result = run_job(job_config(root, synthetic_model_path), synthetic_only, root / "unreached",
+                           "--address", f"127.0.0.2:{port}")
+    assert code == 3 and result["error"] == "EnvironmentFault" and "cannot reach" in result["message"]

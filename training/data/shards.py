@@ -1,28 +1,36 @@
-"""Training reader of the preprocessing job's WebDataset shards.
+"""Training reader of the preprocessing job's WebDataset shards, on webdataset's own pipeline.
 
 Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer uses.
 
 * ``resampled=True`` (training): every (rank, worker) draws shards with replacement from its
-  own seeded stream, so no rank ever runs out;
+  own seeded stream (``wds.ResampledShards``, deterministic), so no rank ever runs out;
 * ``resampled=False`` (evaluation): shards are split by rank, then by worker, and cycled;
-* either way each rank yields exactly ``samples_per_rank`` samples per epoch (spread over its
-  DataLoader workers), so uneven shards cannot leave one DDP rank waiting for another;
+* either way each rank yields the same number of samples per epoch (``with_epoch``), so uneven
+  shards cannot leave one DDP rank waiting for another;
 * ``fields`` picks what is decoded (default all; a generator step needs ``("frames",
   "normals")``, which decodes in half the time), see ``sample_schema.FIELDS``;
 * a corrupt shard or member (bad tar, truncated file, undecodable member) is skipped and
-  counted (:class:`SkipCounter`); a run of ``max_empty_shards`` shards in a row without one
-  good sample is an error rather than a silent spin.
+  counted (:class:`SkipCounter`, the pipeline's ``handler``); ``max_empty_shards`` shards in a
+  row without one good sample is an error rather than a silent spin.
+
+Skips across DataLoader workers: each worker counts its own, and every sample carries its
+worker's running count (``reader_skipped``, ``reader_worker``); :class:`ShardLoader` sums the
+latest count of each worker as batches arrive (``loader.skipped``), and :class:`SkipTally`
+does the same for any consumer of the batches.
+
+Why a ``wds.DataPipeline`` of webdataset's public stages rather than the ``wds.WebDataset``
+class: that class's resampled mode seeds from the process id and the clock (not reproducible),
+and its splitters give a worker with no shard an empty stream that ``with_epoch`` ends early.
 """
 from __future__ import annotations
 
 import glob
-import itertools
 import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -47,10 +55,13 @@ def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) 
 
 @dataclass
 class SkipCounter:
-    """Counts what was skipped, by exception type; use as a webdataset ``handler``."""
+    """Counts what was skipped, by exception type; the pipeline's ``handler``. It also
+    guards against a stream with nothing readable (see :meth:`shard_started`)."""
 
+    max_empty_shards: int = 50
     counts: Counter = field(default_factory=Counter)
     last: str = ""
+    since_good: int = 0               # shards started since the last good sample
 
     def __call__(self, exc: BaseException) -> bool:
         self.counts[type(exc).__name__] += 1
@@ -60,6 +71,30 @@ class SkipCounter:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def shard_started(self) -> None:
+        self.since_good += 1
+        if self.since_good > self.max_empty_shards:
+            raise RuntimeError(f"{self.max_empty_shards} shards in a row gave no readable sample "
+                               f"(skipped {dict(self.counts)}; last: {self.last})")
+
+
+class SkipTally:
+    """Skips summed over DataLoader workers from the batches themselves: each worker's
+    latest running count (samples carry ``reader_worker`` and ``reader_skipped``)."""
+
+    def __init__(self) -> None:
+        self.by_worker: dict[str, int] = {}
+
+    def update(self, batch: dict) -> None:
+        for worker, count in zip(batch.get("reader_worker", ()), batch.get("reader_skipped", ())):
+            count = int(count)
+            if count > self.by_worker.get(worker, -1):
+                self.by_worker[worker] = count
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_worker.values())
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -75,7 +110,7 @@ TENSOR_FIELDS = {"frames": None, "normals": None, "silhouette": None, "face_mask
                  "face_vertex_ids": np.int64}
 
 
-def to_torch(sample: ShardSample, skipped: int = 0) -> dict:
+def to_torch(sample: ShardSample) -> dict:
     """Schema sample -> tensors a training step takes. Fields the reader did not decode are
     left out."""
     out = {"key": sample.key}
@@ -86,8 +121,13 @@ def to_torch(sample: ShardSample, skipped: int = 0) -> dict:
     if sample.smplx is not None:
         out["smplx"] = {k: torch.from_numpy(v) for k, v in sample.smplx.items()}
     out["identity_id"] = sample.meta.get("identity_id", "")
-    out["reader_skipped"] = skipped
     return out
+
+
+def _split(items: list, index: int, count: int) -> list:
+    """Every ``count``-th item from ``index``; all of them when that leaves none (more ranks or
+    workers than shards: they share rather than stall)."""
+    return items[index::count] or items
 
 
 class ShardDataset(IterableDataset):
@@ -106,10 +146,9 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.convert = convert
-        self.max_empty_shards = max_empty_shards
         self._rank, self._world = rank, world_size
         self.epoch = 0
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(max_empty_shards)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -124,50 +163,54 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
-    def _shards(self, rank: int, world: int, worker: int, workers: int) -> Iterator[str]:
-        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
-        if self.resampled:
-            while True:
-                yield self.urls[int(rng.integers(len(self.urls)))]
-        mine = self.urls[rank::world] or self.urls            # more ranks than shards: share
-        mine = mine[worker::workers] or mine
-        while True:
-            yield from mine
-
-    def _source(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict]:
-        """Shard urls; an error once ``max_empty_shards`` in a row gave no good sample."""
-        for url in self._shards(rank, world, worker, workers):
-            self._since_good += 1
-            if self._since_good > self.max_empty_shards:
-                raise RuntimeError(f"{self.max_empty_shards} shards in a row gave no readable sample "
-                                   f"(skipped {dict(self.skipped.counts)}; last: {self.skipped.last})")
-            yield {"url": url}
-
-    def __iter__(self) -> Iterator:
+    def pipeline(self):
+        """This (rank, worker)'s ``wds.DataPipeline``: shard urls -> tar members -> decoded
+        samples -> shuffled -> converted, ``with_epoch`` its share of the rank's samples."""
         import webdataset as wds
-        from webdataset.tariterators import tarfile_samples
 
         rank, world, worker, workers = self._topology()
         quota = self.samples_per_rank // workers + (worker < self.samples_per_rank % workers)
-        if quota == 0:
-            return
-        self._since_good = 0
-        samples = tarfile_samples(self._source(rank, world, worker, workers), handler=self.skipped)
-        samples = self._decoded(samples)
+        if self.resampled:
+            worker_seed = rank * 1000 + worker
+            shards = wds.ResampledShards(self.urls, seed=self.seed * 100_003 + self.epoch,
+                                         worker_seed=lambda: worker_seed, deterministic=True)
+            stages = [shards]
+        else:
+            mine = _split(_split(self.urls, rank, world), worker, workers)
+            stages = [wds.SimpleShardList(mine)]
+        worker_id = f"{rank}-{worker}"
+        stages += [self._guard, wds.tarfile_to_samples(handler=self.skipped),
+                   wds.map(self._decode, handler=self.skipped)]
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer // 2,
-                                           random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}"))
-        yield from itertools.islice(samples, quota)
+            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 2,
+                                      rng=random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")))
+        stages.append(wds.map(lambda sample: self._tag(sample, worker_id)))
+        return wds.DataPipeline(*stages).with_epoch(quota), quota
 
-    def _decoded(self, raw: Iterator[dict]) -> Iterator:
-        for sample in raw:
-            try:
-                decoded = decode_sample(sample, self.fields)
-            except Exception as exc:  # noqa: BLE001 - skipped and counted
-                self.skipped(exc)
-                continue
-            self._since_good = 0
-            yield self.convert(decoded, self.skipped.total) if self.convert else decoded
+    def __iter__(self) -> Iterator:
+        pipeline, quota = self.pipeline()
+        if quota == 0:
+            return iter(())
+        self.skipped.since_good = 0
+        return iter(pipeline)
+
+    def _guard(self, urls: Iterable[dict]) -> Iterator[dict]:
+        for url in urls:
+            self.skipped.shard_started()
+            yield url
+
+    def _decode(self, raw: dict) -> ShardSample:
+        sample = decode_sample(raw, self.fields)
+        self.skipped.since_good = 0
+        return sample
+
+    def _tag(self, sample: ShardSample, worker_id: str):
+        if self.convert is None:
+            return sample
+        out = self.convert(sample)
+        if isinstance(out, dict):
+            out["reader_worker"], out["reader_skipped"] = worker_id, self.skipped.total
+        return out
 
 
 def collate(samples: list[dict]) -> dict:
@@ -183,12 +226,32 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
+class ShardLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose ``skipped`` is right across its worker processes: it reads the
+    per-worker counts that each batch carries (see :class:`SkipTally`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tally = SkipTally()
+
+    @property
+    def skipped(self) -> int:
+        in_process = self.dataset.skipped.total if self.num_workers == 0 else 0
+        return max(self.tally.total, in_process)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, dict):
+                self.tally.update(batch)
+            yield batch
+
+
 def make_loader(source, samples_per_rank: int, batch_size: int, num_workers: int = 2,
-                split: str | None = "train", **kwargs) -> torch.utils.data.DataLoader:
+                split: str | None = "train", **kwargs) -> ShardLoader:
     dataset = ShardDataset(shard_urls(source, split), samples_per_rank, **kwargs)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                       collate_fn=collate, persistent_workers=num_workers > 0,
-                                       drop_last=True)
+    return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                       persistent_workers=num_workers > 0, drop_last=True)
 
 
-__all__ = ["ShardDataset", "SkipCounter", "collate", "make_loader", "shard_urls", "to_torch"]
+__all__ = ["ShardDataset", "ShardLoader", "SkipCounter", "SkipTally", "collate", "make_loader", "shard_urls",
+           "to_torch"]

@@ -128,3 +128,22 @@ def test_all_corrupt_is_an_error_not_a_spin(shards, tmp_path):
     ds = ShardDataset(bad[1:2], 5, convert=None, max_empty_shards=20, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match="no readable sample"):
         list(ds)
+
+
+def test_skips_are_counted_across_dataloader_workers(shards, tmp_path):
+    """Each worker counts its own skips; the loader sums them from the batches (the dataset
+    object in the main process never sees a worker's count)."""
+    root, _ = shards
+    urls, bad = _corrupt_copies(root, tmp_path)
+    in_process = ShardDataset(bad + urls, 16, resampled=False, rank=0, world_size=1)
+    list(in_process)
+    loader = make_loader(bad + urls, samples_per_rank=16, batch_size=2, num_workers=2, resampled=False)
+    batches = list(loader)
+    assert len(batches) == 8 and loader.dataset.skipped.total == 0     # the workers' copies counted
+    per_worker = {}
+    for b in batches:
+        for w, n in zip(b["reader_worker"], b["reader_skipped"]):
+            per_worker[w] = max(per_worker.get(w, 0), n)
+    assert set(per_worker) == {"0-0", "0-1"}
+    assert loader.skipped == sum(per_worker.values()) >= 3
+    assert in_process.skipped.total >= 3
