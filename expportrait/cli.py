@@ -33,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": type(exc).__name__, "message": str(exc),
                               **getattr(exc, "details", {})}))
             return 2
-        raise
+        import errno
+        import traceback
+        traceback.print_exc(file=sys.stderr)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
+                                                      errno.EACCES, errno.EPERM):
+            print(json.dumps({"error": "EnvironmentFault", "message": f"{exc.strerror}: {exc.filename}"}))
+            return 3          # the machine, not the input: disk full, permission denied
+        print(json.dumps({"error": "InternalError", "message": f"{type(exc).__name__}: {exc}"}))
+        return 4              # a bug: the traceback is on stderr
     print(json.dumps(result))
     return 0
 

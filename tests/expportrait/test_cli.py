@@ -132,3 +132,25 @@ def test_fit_image_ok_exits_0(tmp_path, capsys, synthetic_model_path):
     summary = _last_json(capsys)
     assert summary["status"] == "ok" and summary["frames"] == 1 and "error" not in summary
     assert (out / "fit.npz").exists() and json.loads((out / "summary.json").read_text())["status"] == "ok"
+
+
+def test_environment_faults_and_bugs_have_their_own_exit_codes(tmp_path, capsys, monkeypatch):
+    """A full disk is exit 3, an unexpected exception exit 4, each with its one-line JSON."""
+    import errno
+    import json
+
+    from expportrait import cli
+    from expportrait.commands import synth
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path))
+
+    def bug(args):
+        raise KeyError("oops")
+
+    for func, code, error in ((full, 3, "EnvironmentFault"), (bug, 4, "InternalError")):
+        monkeypatch.setattr(synth, "corpus", func)          # what `synth corpus` runs
+        assert cli.main(["synth", "corpus", "--out", str(tmp_path / "c")]) == code
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["error"] == error
+    assert "KeyError" in line["message"]
