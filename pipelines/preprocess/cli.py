@@ -32,9 +32,18 @@ exit codes (every exit ends with a one-line JSON summary on stdout):
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors end with the JSON line and exit 2 too (after argparse's usage text)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(json.dumps({"error": "UsageError", "message": message, "exit_code": EXIT_BAD_INPUT}))
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.preprocess", description=USAGE, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m pipelines.preprocess", description=USAGE, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/preprocess/local.yaml)")
     p.add_argument("--input", help="folder of videos or manifest (.parquet/.csv)")
     p.add_argument("--output", help="output folder")

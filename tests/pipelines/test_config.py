@@ -118,6 +118,14 @@ def test_dry_run_checks_and_plans(tmp_path, capsys, videos):
     assert result["plan_head"][0]["clips"] == ["person_a"] and not (tmp_path / "o").exists()
 
 
+def test_argument_errors_are_exit_2_with_the_json_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--limit", "many", "--dry-run"])
+    assert stop.value.code == EXIT_BAD_INPUT
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["error"] == "UsageError" and "--limit" in line["message"]
+
+
 def test_help_documents_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
