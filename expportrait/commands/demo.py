@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> dict:
                        "head_model": str(model)})
     print(f"[demo] preprocessing job (embedded Ray) -> {cfg.output}", flush=True)
     job = run_job(cfg)
+    if job.get("fault"):                      # e.g. a full disk: say so rather than read a partial output
+        raise RuntimeError(f"preprocessing job stopped: {job['fault']['error']}: {job['fault']['message']}")
     print(f"[demo] job: {job['ok']}/{job['inputs']} clips ok, {job['samples']} samples in "
           f"{len([s for s in job['shards'] if s['tar']])} shard(s); manifest {cfg.output}/manifest.parquet")
     from training.data.shards import make_loader
