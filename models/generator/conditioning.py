@@ -15,6 +15,8 @@ Both encoders' last layers are zero-initialised: at step 0 the generator is the 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -88,6 +90,24 @@ class GeneratorConditioning(ModelMixin, ConfigMixin):
             raise ValueError(f"context must be (tokens, {self.config.text_dim}), got {tuple(context.shape)}")
         self.context = nn.Parameter(context.detach().to(self.context.dtype).clone(), requires_grad=trainable)
         self.register_to_config(context_tokens=context.shape[0])
+
+    def load_context(self, path: str | Path, trainable: bool = False) -> None:
+        """``set_context`` from a local safetensors file holding one tensor ``context`` (tokens, text_dim),
+        e.g. umT5 of a fixed prompt computed elsewhere; errors name the file and the problem."""
+        from safetensors.torch import load_file
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"context file {path} does not exist")
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:   # noqa: BLE001 - any unreadable file
+            raise ValueError(f"context file {path} is not a readable safetensors file ({err})") from err
+        if "context" not in tensors:
+            raise ValueError(f"context file {path} holds {sorted(tensors)}, not 'context'")
+        try:
+            self.set_context(tensors["context"].float(), trainable)
+        except ValueError as err:
+            raise ValueError(f"context file {path}: {err}") from err
 
     def context_batch(self, batch_size: int) -> Tensor:
         return self.context.unsqueeze(0).expand(batch_size, -1, -1)

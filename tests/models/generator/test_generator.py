@@ -293,3 +293,45 @@ def test_gradient_checkpointing_gives_the_same_gradients(model):
         grads.append(model.conditioning.driving.net[0].weight.grad.clone())
     assert model.transformer.gradient_checkpointing
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_precomputed_context_from_a_file(model, tmp_path):
+    from safetensors.torch import save_file
+    ctx = torch.randn(5, model.flavor.text_dim)
+    save_file({"context": ctx}, str(tmp_path / "ctx.safetensors"))
+    model.conditioning.load_context(tmp_path / "ctx.safetensors")
+    assert torch.equal(model.conditioning.context.data, ctx) and not model.conditioning.context.requires_grad
+    latents, cond = _batch()
+    assert model(latents, torch.tensor([10.0, 20.0]), **cond).shape == latents.shape
+    model.save_pretrained(tmp_path / "gen")
+    loaded = NormalDrivenWan.from_pretrained(tmp_path / "gen")
+    assert torch.equal(loaded.conditioning.context.data, ctx)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        model.conditioning.load_context(tmp_path / "nope.safetensors")
+    save_file({"context": torch.randn(5, 7)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"bad.safetensors: context must be \(tokens, 32\)"):
+        model.conditioning.load_context(tmp_path / "bad.safetensors")
+
+
+def test_clip_path_only_when_given():
+    torch.manual_seed(0)
+    m = NormalDrivenWan(flavor("tiny_cpu", clip=True, context_tokens=512))
+    latents, cond = _batch(b=1)
+    out = m(latents, torch.tensor([400.0]), **cond, image_embeds=torch.randn(1, 257, 1280))
+    assert out.shape == latents.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="image_embeds"):
+        m(latents, torch.tensor([400.0]), **cond)
+    with pytest.raises(ValueError, match="image_embeds"):
+        NormalDrivenWan("tiny_cpu")(latents, torch.tensor([400.0]), **cond, image_embeds=torch.randn(1, 257, 1280))
+    with pytest.raises(ValueError, match="context_tokens=512"):
+        flavor("tiny_cpu", clip=True)
+
+
+def test_bf16_model_and_batch_keep_the_loss_in_fp32(model):
+    model.to(torch.bfloat16)   # what a bf16 DeepSpeed plugin does to every parameter and batch tensor
+    latents, cond = _batch()
+    cond = {k: v.to(torch.bfloat16) for k, v in cond.items()}
+    loss, _ = flow_matching_loss(model, latents.to(torch.bfloat16), cond)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert model.conditioning.driving.proj.weight.grad.dtype == torch.bfloat16
