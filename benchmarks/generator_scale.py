@@ -106,16 +106,19 @@ def zero_memory(params: int, trainable: int, gpus: int) -> dict[str, float]:
             "frozen_params": frozen}
 
 
-def activation_gib(name: str, frames: int, height: int, width: int) -> float:
-    """With block checkpointing: each block's input (bf16) kept, plus one block recomputed
-    (≈ 34·N·d bytes for attention/norm activations with a fused attention kernel, and the
-    FFN's 2·N·f·2 bytes). A rough guide, not a measurement."""
+def activation_gib(name: str, frames: int, height: int, width: int) -> tuple[float, float]:
+    """(with, without) checkpointing, GiB, bf16; a rough guide, not a measurement. With block and
+    encoder checkpointing: each block's input kept, plus the larger of one block recomputed
+    (≈ 34·N·d bytes for attention/norm activations with a fused attention kernel, + the FFN's
+    2·N·f·2 bytes) and the driving encoder recomputed (≈ 4 full-resolution and 4 half-resolution
+    (F+3)·H·W·width tensors). Without: every block's and the encoder's activations."""
     f = flavor(name)
-    n = token_grid(frames, height, width)
-    n = n[0] * n[1] * n[2]
+    t, h, w = token_grid(frames, height, width)
+    n = t * h * w
     kept = f.num_layers * n * f.dim * 2
     block = 34 * n * f.dim + 4 * n * f.ffn_dim
-    return (kept + block) / GiB
+    encoder = (4 + 4 / 4) * (frames + 3) * height * width * f.normal_width * 2
+    return (kept + max(block, encoder)) / GiB, (f.num_layers * block + encoder) / GiB
 
 
 def smooth_sample(clip_id: str, frames: int, size: int, seed: int):
@@ -224,7 +227,8 @@ def main() -> None:
               f"{mem['zero3_offload_gpu']:11.1f} {mem['zero3_offload_cpu_per_gpu']:8.1f}")
     for name in ("wan1.3b", "wan14b"):
         for label, shape in SHAPES.items():
-            print(f"activations with block checkpointing, {name} {label}: ~{activation_gib(name, *shape):.1f} GiB")
+            ckpt, full = activation_gib(name, *shape)
+            print(f"activations per sample, {name} {label}: ~{ckpt:.1f} GiB with checkpointing, ~{full:.0f} GiB without")
     print("-> wan1.3b: ZeRO-2 fits 80 GB; wan14b full fine-tune: ZeRO-3 (+ optimizer offload to be safe);"
           " wan14b_lora: ZeRO-2/3 with the frozen base in bf16")
 

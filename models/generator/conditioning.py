@@ -35,8 +35,9 @@ class DrivingNormalEncoder(nn.Module):
     """3D-conv encoder of the driving normal video onto the patch-token grid."""
 
     def __init__(self, dim: int, width: int = 16, in_channels: int = 3) -> None:
+        """``width``: hidden channels (UniAnimate-DiT: 16; at full resolution, so keep it small)."""
         super().__init__()
-        w = 4 * width
+        w = width
         conv = lambda a, b, stride: nn.Conv3d(a, b, 3, stride=stride, padding=1)   # noqa: E731
         self.net = nn.Sequential(
             conv(in_channels, w, 1), nn.SiLU(),
@@ -57,7 +58,7 @@ class ReferenceNormalEncoder(nn.Module):
 
     def __init__(self, width: int = 16, in_channels: int = 3) -> None:
         super().__init__()
-        w = 4 * width
+        w = width
         conv = lambda a, b, stride: nn.Conv2d(a, b, 3, stride=stride, padding=1)   # noqa: E731
         self.net = nn.Sequential(
             conv(in_channels, w, 1), nn.SiLU(),

@@ -30,7 +30,7 @@ class GeneratorFlavor:
     freq_dim: int = 256
     context_tokens: int = 512       # learned context: tokens x text_dim (Wan: 512 text tokens)
     clip: bool = False              # CLIP image embedding path (image_dim 1280, added k/v)
-    normal_width: int = 16          # hidden width of the normal encoders (UniAnimate-DiT: 16)
+    normal_width: int = 16          # hidden channels of the normal encoders (UniAnimate-DiT: 16)
     codec: str = "wan"              # "wan": the Wan2.1 VAE; "tiny": a small AutoencoderKLWan
     lora_rank: int = 0              # 0: full fine-tune; > 0: LoRA (peft) on q/k/v/o/ffn
     lora_alpha: int = 0             # 0: = rank
@@ -64,7 +64,7 @@ class GeneratorFlavor:
 
 FLAVORS: dict[str, GeneratorFlavor] = {
     "tiny_cpu": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
-                                context_tokens=8, normal_width=4, codec="tiny", rope_max_seq_len=64),
+                                context_tokens=8, normal_width=8, codec="tiny", rope_max_seq_len=64),
     "wan1.3b": GeneratorFlavor(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
     "wan14b": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
     "wan14b_lora": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40,

@@ -29,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 
@@ -131,7 +132,12 @@ class NormalDrivenWan(nn.Module):
             if driving_normals.shape[2] != VAE_TIME * (t - 1) + 1:
                 raise ValueError(f"{driving_normals.shape[2]} driving frames do not match {t} latent frames "
                                  f"(needs {VAE_TIME * (t - 1) + 1})")
-            tokens = self.conditioning.driving(driving_normals.to(self.dtype))
+            if self.transformer.gradient_checkpointing and torch.is_grad_enabled():
+                # its full-resolution activations would outweigh the checkpointed blocks' inputs
+                tokens = torch.utils.checkpoint.checkpoint(self.conditioning.driving, driving_normals.to(self.dtype),
+                                                           use_reentrant=False)
+            else:
+                tokens = self.conditioning.driving(driving_normals.to(self.dtype))
             if "driving" in keep:
                 tokens = tokens * keep["driving"].view(b, 1, 1, 1, 1).to(tokens.dtype)
         if context is None:
@@ -147,7 +153,7 @@ class NormalDrivenWan(nn.Module):
         return self.transformer.patch_embedding.weight.dtype
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each Wan block in the backward pass (diffusers' own switch)."""
+        """Recompute each Wan block (diffusers' own switch) and the driving-normal encoder in the backward pass."""
         if enabled:
             self.transformer.enable_gradient_checkpointing()
         else:

@@ -78,14 +78,14 @@ def test_loss_falls_when_overfitting_one_batch(model):
     latents, cond = _batch(b=1, frames=5, h=16, w=16)
     opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(25):
         g = torch.Generator().manual_seed(1)   # same σ and noise each step: a fixed objective
         loss, _ = flow_matching_loss(model, latents, cond, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.1 * losses[0], losses
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 17])
