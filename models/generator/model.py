@@ -232,11 +232,10 @@ class NormalDrivenWan(nn.Module):
         path = Path(wan_folder) / "transformer"
         if not path.is_dir() and (Path(wan_folder) / "config.json").is_file():
             path = Path(wan_folder)
-        shapes = {k: v for k, v in _shape_entries(f).items() if k != "in_channels"}
-        ignore = () if f.clip else ("condition_embedder.image_embedder",) + tuple(
-            f"blocks.{i}.attn2.{n}" for i in range(f.num_layers) for n in ("add_k_proj", "add_v_proj",
-                                                                              "norm_added_k", "norm_added_q"))
-        config = check_weights_folder(path, WanTransformer3DModel, expected=shapes, ignore_unexpected=ignore)
+        # in_channels may differ (T2V: 16, widened below); without CLIP an I2V folder's image path is dropped
+        skip = {"in_channels"} if f.clip else {"in_channels", "image_dim", "added_kv_proj_dim"}
+        shapes = {k: v for k, v in _shape_entries(f).items() if k not in skip}
+        config = check_weights_folder(path, WanTransformer3DModel, expected=shapes)
         overrides = {} if f.clip else {"image_dim": None, "added_kv_proj_dim": None}
         transformer = WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, **overrides)
         if config["in_channels"] != f.in_channels:

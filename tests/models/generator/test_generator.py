@@ -335,3 +335,34 @@ def test_bf16_model_and_batch_keep_the_loss_in_fp32(model):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert model.conditioning.driving.proj.weight.grad.dtype == torch.bfloat16
+
+
+def test_from_wan_drops_the_clip_path_of_an_i2v_checkpoint(tmp_path):
+    f = flavor("tiny_cpu", clip=True, context_tokens=512)
+    torch.manual_seed(0)
+    i2v = WanTransformer3DModel(**f.transformer_config())
+    i2v.save_pretrained(tmp_path / "wan" / "transformer")
+    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu", dtype=torch.float32)
+    assert m.transformer.config.image_dim is None and m.transformer.config.added_kv_proj_dim is None
+    torch.testing.assert_close(m.transformer.blocks[0].attn1.to_q.weight, i2v.blocks[0].attn1.to_q.weight)
+    latents, cond = _batch(b=1)
+    assert m(latents, torch.tensor([500.0]), **cond).shape == latents.shape
+    with_clip = NormalDrivenWan.from_wan(tmp_path / "wan", f, dtype=torch.float32)
+    torch.testing.assert_close(with_clip.transformer.condition_embedder.image_embedder.ff.net[0].proj.weight,
+                               i2v.condition_embedder.image_embedder.ff.net[0].proj.weight)
+
+
+def test_deepcopy_keeps_its_own_hook(model):
+    import copy
+    with torch.no_grad():
+        for p in model.conditioning.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    twin = copy.deepcopy(model)            # what an EMA copy does
+    with torch.no_grad():
+        twin.conditioning.driving.proj.weight.zero_()
+        twin.conditioning.driving.proj.bias.zero_()
+    latents, cond = _batch()
+    ts = torch.tensor([500.0, 500.0])
+    bare = model(latents, ts, reference_latent=cond["reference_latent"])
+    torch.testing.assert_close(twin(latents, ts, **{**cond, "reference_normal": None}), bare)
+    assert not torch.allclose(model(latents, ts, **{**cond, "reference_normal": None}), bare)
