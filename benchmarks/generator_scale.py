@@ -200,7 +200,7 @@ def main() -> None:
 
     print("\n== training FLOPs per sample (1 clip): analytic DiT formula vs torch's FlopCounterMode ==")
     print(f"{'flavor':8s} {'shape':12s} {'tokens':>7s} {'attn share':>10s} {'DiT fwd TF':>10s} "
-          f"{'counted fwd':>11s} {'counted f+b':>11s} {'train TF (3x)':>13s} {'+ckpt TF':>9s} {'s/sample@40%':>12s}")
+          f"{'counted fwd':>11s} {'counted f+b':>11s} {'3x fwd TF':>13s} {'+ckpt TF':>9s} {'s/sample@40%':>12s}")
     flops: dict = {}
     for name in ("wan1.3b", "wan14b"):
         for label, shape in SHAPES.items():
