@@ -35,11 +35,12 @@ class LatentCodec(nn.Module):
         self.vae = vae
 
     @classmethod
-    def tiny(cls, seed: int | None = 0) -> "LatentCodec":
-        """The tiny Wan VAE of ``tiny_cpu`` (random weights unless trained; see the module doc)."""
+    def tiny(cls, seed: int | None = 0, **overrides) -> "LatentCodec":
+        """The tiny Wan VAE of ``tiny_cpu`` (random weights unless trained; see the module doc).
+        ``overrides``: ``AutoencoderKLWan`` arguments, e.g. ``base_dim=8`` for a cheaper one."""
         if seed is not None:
             torch.manual_seed(seed)
-        return cls(AutoencoderKLWan(**TINY_VAE))
+        return cls(AutoencoderKLWan(**{**TINY_VAE, **overrides}))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, subfolder: str | None = None,
@@ -86,12 +87,23 @@ class LatentCodec(nn.Module):
         return self.encode(video)
 
 
-def vae_loss(vae: AutoencoderKLWan, video: Tensor, kl_weight: float = 1e-6) -> tuple[Tensor, dict[str, Tensor]]:
-    """Objective to train the tiny codec on the corpus: L1 + MSE reconstruction + small KL (fp32)."""
+def vae_loss(vae: AutoencoderKLWan, video: Tensor, kl_weight: float = 1e-4) -> tuple[Tensor, dict[str, Tensor]]:
+    """Objective to train the tiny codec on the corpus (fp32): L1 + MSE reconstruction of a
+    sampled latent + ``kl_weight`` x the KL to N(0, 1), each a mean per element."""
     dist = vae.encode(video).latent_dist
     recon = vae.decode(dist.sample()).sample.float()
     l1 = (recon - video.float()).abs().mean()
     mse = ((recon - video.float()) ** 2).mean()
-    kl = dist.kl().float().mean() / video[0].numel()
+    kl = 0.5 * (dist.mean.float() ** 2 + dist.var.float() - 1.0 - dist.logvar.float()).mean()
     loss = l1 + mse + kl_weight * kl
     return loss, {"l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
+
+
+def to_unit_video(frames: Tensor) -> Tensor:
+    """Reader layout (B, T, H, W, 3) uint8 -> model layout (B, 3, T, H, W) float32 in [-1, 1]."""
+    return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def to_pixels(video: Tensor) -> Tensor:
+    """Model layout (B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
+    return video.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)

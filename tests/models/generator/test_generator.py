@@ -16,6 +16,15 @@ from models.generator.conditioning import GeneratorConditioning
 F, H, W = 5, 32, 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: one intra-op thread (on a loaded 2-core host, two threads spin ~10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _batch(b: int = 2, frames: int = F, h: int = H, w: int = W, seed: int = 0) -> tuple[torch.Tensor, dict]:
     g = torch.Generator().manual_seed(seed)
     t, lh, lw = latent_shape(frames, h, w)
@@ -366,3 +375,23 @@ def test_deepcopy_keeps_its_own_hook(model):
     bare = model(latents, ts, reference_latent=cond["reference_latent"])
     torch.testing.assert_close(twin(latents, ts, **{**cond, "reference_normal": None}), bare)
     assert not torch.allclose(model(latents, ts, **{**cond, "reference_normal": None}), bare)
+
+
+def test_tiny_codec_trains_and_pixel_layout_round_trips():
+    from models.generator import to_pixels, to_unit_video, vae_loss
+    codec = LatentCodec.tiny(base_dim=8)
+    x = torch.linspace(-1, 1, 16)
+    video = (torch.sin(3 * x)[:, None] * torch.cos(2 * x)[None, :]).expand(1, 3, 1, 16, 16).clone()
+    opt = torch.optim.Adam(codec.vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss, logs = vae_loss(codec.vae, video)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(v) for v in logs.values()) and losses[-1] < 0.8 * losses[0], losses
+    pixels = torch.randint(0, 256, (2, 5, 16, 16, 3), dtype=torch.uint8)
+    unit = to_unit_video(pixels)
+    assert unit.shape == (2, 3, 5, 16, 16) and unit.min() >= -1 and unit.max() <= 1
+    assert torch.equal(to_pixels(unit), pixels)
