@@ -143,7 +143,8 @@ class NormalDrivenWan(nn.Module):
         if context is None:
             context = self.conditioning.context_batch(b)
         with self._driving_tokens(tokens):
-            out = self.transformer(x, timestep, context.to(self.dtype), encoder_hidden_states_image=image_embeds,
+            image = image_embeds.to(self.dtype) if image_embeds is not None else None
+            out = self.transformer(x, timestep, context.to(self.dtype), encoder_hidden_states_image=image,
                                    return_dict=False)[0]
         return out
 

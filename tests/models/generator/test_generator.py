@@ -395,3 +395,21 @@ def test_tiny_codec_trains_and_pixel_layout_round_trips():
     unit = to_unit_video(pixels)
     assert unit.shape == (2, 3, 5, 16, 16) and unit.min() >= -1 and unit.max() <= 1
     assert torch.equal(to_pixels(unit), pixels)
+
+
+def test_lora_with_checkpointing_trains_the_adapters_only():
+    torch.manual_seed(0)
+    m = NormalDrivenWan(flavor("tiny_cpu", lora_rank=4))
+    m.enable_gradient_checkpointing()
+    latents, cond = _batch(b=1)
+    before = m.transformer.blocks[0].attn1.to_q.base_layer.weight.clone()
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        loss, _ = flow_matching_loss(m, latents, cond, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lora_b = m.transformer.blocks[0].attn1.to_q.lora_B["default"].weight
+    assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
+    assert m.transformer.blocks[1].ffn.net[2].lora_A["default"].weight.grad.abs().sum() > 0
+    assert torch.equal(m.transformer.blocks[0].attn1.to_q.base_layer.weight, before)
