@@ -80,19 +80,24 @@ def sample(model: Callable[..., Tensor], shape: tuple[int, ...], conditions: dic
            device=None, progress: bool = False) -> Tensor:
     """Euler sampling with diffusers' ``FlowMatchEulerDiscreteScheduler``; clean latents (fp32).
 
-    ``guidance`` > 1: classifier-free guidance over the normal conditions (the unconditional pass
-    drops driving and reference normals and keeps the reference image)."""
+    ``guidance`` != 1: classifier-free guidance over the normal conditions, v = v_u + g (v_c − v_u),
+    where the unconditional pass drops driving and reference normals and keeps the reference
+    image; both passes run as one batch of 2B."""
     from tqdm.auto import tqdm
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps, device=device)
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     b = shape[0]
-    drop = {"driving": torch.zeros(b, device=device), "reference_normal": torch.zeros(b, device=device)}
+    guided = guidance != 1.0
+    if guided:
+        conditions = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in conditions.items()}
+        on = torch.cat([torch.ones(b, device=device), torch.zeros(b, device=device)])
+        conditions["keep"] = {"driving": on, "reference_normal": on}
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling", unit="step"):
-        ts = t.expand(b).float()
-        v = model(x, ts, **conditions).float()
-        if guidance != 1.0:
-            v_u = model(x, ts, **conditions, keep=drop).float()
-            v = v_u + guidance * (v - v_u)
+        if guided:
+            v_c, v_u = model(torch.cat([x, x]), t.expand(2 * b).float(), **conditions).float().chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = model(x, t.expand(b).float(), **conditions).float()
         x = scheduler.step(v, t, x).prev_sample
     return x

@@ -286,6 +286,16 @@ def test_sampler_with_guidance(model):
     b = sample(model, latents.shape, cond, steps=3, guidance=3.0, generator=torch.Generator().manual_seed(0))
     assert a.shape == latents.shape and torch.isfinite(a).all()
     torch.testing.assert_close(a, b)
+    with torch.no_grad():   # make the normals matter
+        for p in model.conditioning.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seed = lambda: torch.Generator().manual_seed(0)   # noqa: E731
+    # guidance 0 is the unconditional branch alone: sampling without the normals
+    g0 = sample(model, latents.shape, cond, steps=3, guidance=0.0, generator=seed())
+    bare = sample(model, latents.shape, {"reference_latent": cond["reference_latent"]}, steps=3, generator=seed())
+    torch.testing.assert_close(g0, bare, atol=1e-5, rtol=1e-5)
+    full = sample(model, latents.shape, cond, steps=3, generator=seed())
+    assert not torch.allclose(full, bare, atol=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model):
