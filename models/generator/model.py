@@ -221,6 +221,8 @@ class NormalDrivenWan(nn.Module):
             model.transformer.requires_grad_(False)
             model.transformer.load_lora_adapter(str(folder / "lora"), prefix=None, adapter_name="default",
                                                 weight_name="pytorch_lora_weights.safetensors")
+            for name, p in model.transformer.named_parameters():   # the same trainable set as add_lora
+                p.requires_grad_("lora_" in name or name.startswith("patch_embedding."))
         return model
 
     @classmethod

@@ -178,6 +178,8 @@ def test_lora_round_trip(tmp_path):
     m.save_pretrained(tmp_path / "gen")
     loaded = NormalDrivenWan.from_pretrained(tmp_path / "gen")
     assert loaded.has_lora
+    trainable = lambda model: {n for n, p in model.named_parameters() if p.requires_grad}   # noqa: E731
+    assert trainable(loaded) == trainable(m)
     latents, cond = _batch()
     ts = torch.tensor([300.0, 700.0])
     torch.testing.assert_close(loaded(latents, ts, **cond), m(latents, ts, **cond))
