@@ -34,7 +34,8 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 
 from .conditioning import GeneratorConditioning
-from .flavors import LATENT_CHANNELS, MASK_CHANNELS, VAE_TIME, GeneratorFlavor, flavor as get_flavor
+from .flavors import (LATENT_CHANNELS, MASK_CHANNELS, VAE_SPACE, VAE_TIME, GeneratorFlavor, check_video_shape,
+                      flavor as get_flavor)
 from .weights import WeightsFolderError, check_weights_folder
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -120,7 +121,8 @@ class NormalDrivenWan(nn.Module):
         text_dim) instead of the learned one; keep: condition-dropout masks from
         ``flow.condition_keep`` (keys ``driving``, ``reference``, ``reference_normal``)."""
         keep = keep or {}
-        b = noisy_latents.shape[0]
+        b, _, t, h, w = noisy_latents.shape
+        check_video_shape(VAE_TIME * (t - 1) + 1, VAE_SPACE * h, VAE_SPACE * w)   # the video these latents code
         if (image_embeds is None) != (self.transformer.config.image_dim is None):
             raise ValueError("image_embeds must be given exactly when the flavor has the CLIP path (clip=True)")
         cond = self.i2v_condition(reference_latent, reference_normal, keep.get("reference"),
@@ -128,7 +130,6 @@ class NormalDrivenWan(nn.Module):
         x = torch.cat([noisy_latents, cond.to(noisy_latents.dtype)], 1).to(self.dtype)
         tokens = None
         if driving_normals is not None:
-            t = noisy_latents.shape[2]
             if driving_normals.shape[2] != VAE_TIME * (t - 1) + 1:
                 raise ValueError(f"{driving_normals.shape[2]} driving frames do not match {t} latent frames "
                                  f"(needs {VAE_TIME * (t - 1) + 1})")

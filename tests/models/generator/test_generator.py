@@ -236,6 +236,9 @@ def test_model_and_codec_reject_bad_shapes(model):
     cond["driving_normals"] = cond["driving_normals"][:, :, :4]
     with pytest.raises(ValueError, match="4 driving frames do not match 2 latent frames"):
         model(latents, torch.tensor([1.0, 1.0]), **cond)
+    odd = torch.zeros(2, 16, 2, 3, 4)        # a 24-pixel-high video: not a multiple of 16
+    with pytest.raises(ValueError, match="height 24 .*multiple of 16"):
+        model(odd, torch.tensor([1.0, 1.0]), reference_latent=odd)
     codec = LatentCodec.tiny()
     with pytest.raises(ValueError, match="frame count 6"):
         codec.encode(torch.zeros(1, 3, 6, 32, 32))
