@@ -85,16 +85,29 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
         t0 = time.perf_counter()
         est = estimator(track.crops)
         seconds["estimate"] = time.perf_counter() - t0
-        dense = {"depth": None if est.depth is None else torch.as_tensor(est.depth).float(),
-                 "normals": None if est.normals is None else torch.as_tensor(est.normals).float(),
+        inside = torch.as_tensor(track.valid)            # targets outside the source frame: unknown
+        dense = {"depth": None if est.depth is None else torch.as_tensor(est.depth).float() * inside,
+                 "normals": None if est.normals is None else torch.as_tensor(est.normals).float() * inside[..., None],
                  "depth_is_metric": est.metric}
     inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size),
-                       landmark_weights=torch.as_tensor(track.detected, dtype=torch.float32)[:, None].expand(-1, 68).clone(),
-                       K=K, **dense)
+                       landmark_weights=landmark_weights(track), K=K, **dense)
     t0 = time.perf_counter()
     result = fitter.fit(inputs, betas=betas, static_offsets=static_offsets)
     seconds["fit"] = time.perf_counter() - t0
     return ClipFit(status="ok", track=track, fit=result, seconds=seconds)
+
+
+def landmark_weights(track: FaceTrack) -> torch.Tensor:
+    """(T, 68) weights: 0 for frames without landmarks and for landmarks that fall on crop
+    pixels outside the source frame (there MediaPipe can only guess)."""
+    t, size = track.landmarks68.shape[0], track.valid.shape[1]
+    xy = np.nan_to_num(np.rint(track.landmarks68), nan=-1).astype(np.int64)
+    on_crop = (xy >= 0).all(-1) & (xy < size).all(-1)
+    inside = np.zeros(xy.shape[:2], bool)
+    frames = np.broadcast_to(np.arange(t)[:, None], xy.shape[:2])
+    inside[on_crop] = track.valid[frames[on_crop], xy[..., 1][on_crop], xy[..., 0][on_crop]]
+    w = track.detected[:, None] & (inside | ~on_crop)        # off the crop: the fitter's own call
+    return torch.as_tensor(w, dtype=torch.float32)
 
 
 def overlay_frames(clip: ClipFit, head: PersonalizedHead, alpha: float = 0.55) -> np.ndarray:

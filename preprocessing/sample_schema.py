@@ -10,7 +10,8 @@ rgb.mp4        aligned crop frames (T, H, W, 3) uint8; codec ``lossless`` (H.264
                decodes bit-exactly) or ``h264`` (yuv420p at a CRF: small, lossy)
 cond.npz       ``normals`` (T, H, W, 3) uint8 (view-convention RGB, 0 = background),
                ``silhouette`` / ``face_mask`` (T, H, W) bool, optional ``depth`` (T, H, W)
-               float16 metres (0 = background)
+               float16 metres (0 = background), ``valid`` (T, H, W) bool: crop pixels inside
+               the source frame (outside: constant fill in the frames; since version 2)
 smplx.npz      ``betas`` (300,), per frame ``expression`` (T, 100) and ``global_orient``,
                ``neck_pose``, ``head_pose``, ``jaw_pose``, ``leye_pose``, ``reye_pose``,
                ``transl`` (T, 3) axis-angle / metres; camera ``camera_K`` (T, 3, 3),
@@ -44,14 +45,17 @@ import numpy as np
 
 from .video import encode_into
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions the reader decodes (1: no ``valid`` mask, read as all True: crops were padded
+#: with the frame's edge pixels then)
+READABLE_VERSIONS = (1, 2)
 MEMBERS = ("rgb.mp4", "cond.npz", "smplx.npz", "offsets.npz", "qc.json", "meta.json")
 FRAME_CODECS = ("lossless", "h264")
 SMPLX_PER_FRAME = ("expression", "global_orient", "neck_pose", "head_pose", "jaw_pose",
                    "leye_pose", "reye_pose", "transl", "camera_K", "camera_R", "camera_t")
 #: field of :class:`ShardSample` -> the member that holds it (``meta`` is always decoded)
 FIELDS = {"frames": "rgb.mp4", "normals": "cond.npz", "silhouette": "cond.npz",
-          "face_mask": "cond.npz", "depth": "cond.npz", "smplx": "smplx.npz",
+          "face_mask": "cond.npz", "depth": "cond.npz", "valid": "cond.npz", "smplx": "smplx.npz",
           "dynamic_offsets": "offsets.npz", "face_vertex_ids": "offsets.npz",
           "static_offsets": "offsets.npz", "qc": "qc.json"}
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
@@ -78,10 +82,12 @@ class ShardSample:
     qc: dict | None = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     depth: np.ndarray | None = None          # (T, H, W) float16 (optional in the schema)
+    valid: np.ndarray | None = None          # (T, H, W) bool; None when written: every pixel inside
 
     @property
     def num_frames(self) -> int:
-        for arr in (self.frames, self.normals, self.silhouette, self.face_mask, self.dynamic_offsets):
+        for arr in (self.frames, self.normals, self.silhouette, self.face_mask, self.depth, self.valid,
+                    self.dynamic_offsets):
             if arr is not None:
                 return int(arr.shape[0])
         return int(self.smplx["expression"].shape[0]) if self.smplx else 0
@@ -92,16 +98,16 @@ class ShardSample:
         if not self.key or _KEY_SAFE.search(self.key):
             raise SchemaError(f"sample key {self.key!r} must be non-empty [A-Za-z0-9_-]")
         if not partial:
-            absent = [f for f in FIELDS if f != "depth" and getattr(self, f) is None]
+            absent = [f for f in FIELDS if f not in ("depth", "valid") and getattr(self, f) is None]
             if absent:
                 raise SchemaError(f"sample {self.key!r} lacks {absent}")
         t = self.num_frames
-        image = next((a for a in (self.frames, self.normals, self.silhouette, self.face_mask, self.depth)
-                      if a is not None), None)
+        image = next((a for a in (self.frames, self.normals, self.silhouette, self.face_mask, self.depth,
+                                  self.valid) if a is not None), None)
         h, w = image.shape[1:3] if image is not None else (None, None)
         for name, dtype, shape in (("frames", np.uint8, (t, h, w, 3)), ("normals", np.uint8, (t, h, w, 3)),
                                    ("silhouette", np.bool_, (t, h, w)), ("face_mask", np.bool_, (t, h, w)),
-                                   ("depth", np.float16, (t, h, w))):
+                                   ("depth", np.float16, (t, h, w)), ("valid", np.bool_, (t, h, w))):
             if getattr(self, name) is not None:
                 _check(getattr(self, name), name, dtype, shape)
         if self.smplx is not None:
@@ -136,7 +142,9 @@ def encode_sample(sample: ShardSample, frame_codec: str = "lossless", crf: int =
                   fps: float = 25.0) -> dict[str, bytes]:
     """A sample -> ``{"__key__": key, member: bytes}`` for ``webdataset.TarWriter``."""
     sample.validate()
-    cond = {"normals": sample.normals, "silhouette": sample.silhouette, "face_mask": sample.face_mask}
+    valid = sample.valid if sample.valid is not None else np.ones(sample.silhouette.shape, bool)
+    cond = {"normals": sample.normals, "silhouette": sample.silhouette, "face_mask": sample.face_mask,
+            "valid": valid}
     if sample.depth is not None:
         cond["depth"] = sample.depth
     meta = dict(sample.meta, schema_version=SCHEMA_VERSION, frame_codec=frame_codec)
@@ -169,17 +177,23 @@ def decode_sample(raw: dict[str, bytes], fields: Collection[str] | None = None) 
     try:
         meta = json.loads(raw["meta.json"])
         version = meta.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SchemaError(f"sample {key!r} has schema version {version}, reader expects {SCHEMA_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise SchemaError(f"sample {key!r} has schema version {version}, reader decodes {READABLE_VERSIONS}")
         arrays: dict = {}
         for member in ("cond.npz", "offsets.npz"):
             names = [f for f in wanted if FIELDS[f] == member]
+            if member == "cond.npz" and "valid" in names and version == 1:
+                names.append("silhouette")                    # its shape for the all-True mask
             if names:
                 arrays.update(load_npz(raw[member], names))
+        if "valid" in wanted and version == 1:
+            arrays["valid"] = np.ones(arrays["silhouette"].shape, bool)
+            if "silhouette" not in wanted:
+                del arrays["silhouette"]
         sample = ShardSample(
             key=key, frames=decode_frames(raw["rgb.mp4"]) if "frames" in wanted else None,
             normals=arrays.get("normals"), silhouette=arrays.get("silhouette"),
-            face_mask=arrays.get("face_mask"), depth=arrays.get("depth"),
+            face_mask=arrays.get("face_mask"), depth=arrays.get("depth"), valid=arrays.get("valid"),
             smplx=load_npz(raw["smplx.npz"]) if "smplx" in wanted else None,
             dynamic_offsets=arrays.get("dynamic_offsets"), face_vertex_ids=arrays.get("face_vertex_ids"),
             static_offsets=arrays.get("static_offsets"),

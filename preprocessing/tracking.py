@@ -107,7 +107,8 @@ def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
 class FaceTrack:
     status: TrackStatus
     reason: str = ""
-    crops: np.ndarray | None = None        # (T, S, S, 3) uint8 aligned crops
+    crops: np.ndarray | None = None        # (T, S, S, 3) uint8 aligned crops (CROP_FILL outside the frame)
+    valid: np.ndarray | None = None        # (T, S, S) bool: crop pixels that lie inside the source frame
     boxes: np.ndarray | None = None        # (T, 3) crop x0, y0, side in frame pixels
     landmarks478: np.ndarray | None = None  # (T, 478, 3) crop pixels (x, y) and MediaPipe z
     landmarks68: np.ndarray | None = None   # (T, 68, 2) crop pixels
@@ -144,20 +145,22 @@ class FaceTracker:
             if status != TrackStatus.OK:
                 return FaceTrack(status=status, reason=reason, frame_status=[status.value] * t)
             crops = np.stack([_cut(f, b, self.crop_size) for f, b in zip(frames, boxes)])
+            valid = crop_validity(boxes, (w, h), self.crop_size)
         else:
             if h != w:
                 raise ValueError("crop=False needs square frames")
             boxes = np.tile(np.array([0.0, 0.0, float(w)]), (t, 1))
             crops = frames
+            valid = np.ones((t, h, w), bool)
         lm478, detected = _mediapipe_landmarks(crops)
         missing = 1.0 - detected.mean()
         frame_status = ["ok" if d else TrackStatus.NO_FACE.value for d in detected]
         if missing > self.max_missing:
-            return FaceTrack(status=TrackStatus.NO_FACE, crops=crops, boxes=boxes,
+            return FaceTrack(status=TrackStatus.NO_FACE, crops=crops, valid=valid, boxes=boxes,
                              reason=f"landmarks missing in {missing:.0%} of frames",
                              frame_status=frame_status, detected=detected)
         lm68 = lm478[:, MEDIAPIPE_TO_IBUG68, :2]
-        return FaceTrack(status=TrackStatus.OK, crops=crops, boxes=boxes, landmarks478=lm478,
+        return FaceTrack(status=TrackStatus.OK, crops=crops, valid=valid, boxes=boxes, landmarks478=lm478,
                          landmarks68=lm68, detected=detected, frame_status=frame_status)
 
     def _crop_boxes(self, frames: np.ndarray):
@@ -196,14 +199,37 @@ class FaceTracker:
         return boxes, TrackStatus.OK, ""
 
 
-def _cut(frame: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
-    """Crop a square box (x0, y0, side) with replicated borders and resize to ``size``."""
-    import cv2
+#: value of crop pixels outside the source frame (a constant, never the frame's edge pixels
+#: smeared outwards); the crop's validity mask says which pixels these are
+CROP_FILL = 0
+
+
+def _affine(box: np.ndarray, size: int) -> np.ndarray:
+    """Frame -> crop pixel map of a square box (x0, y0, side) resized to ``size``."""
     x0, y0, side = box
     s = size / side
-    m = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float32)
-    return cv2.warpAffine(frame, m, (size, size), flags=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+    return np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float32)
+
+
+def _cut(frame: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
+    """Crop a square box (x0, y0, side), resized to ``size``; outside the frame: CROP_FILL."""
+    import cv2
+    m = _affine(box, size)
+    return cv2.warpAffine(frame, m, (size, size), flags=cv2.INTER_AREA if m[0, 0] < 1 else cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(CROP_FILL,) * 3)
+
+
+def crop_validity(boxes: np.ndarray, frame_size: tuple[int, int], size: int) -> np.ndarray:
+    """(T, S, S) bool: the crop pixels whose source point lies inside the (W, H) frame (the
+    same map as :func:`_cut`: crop pixel u samples frame x = x0 + u * side / size)."""
+    w, h = frame_size
+    u = np.arange(size, dtype=np.float64)
+    scale = boxes[:, 2:3] / size
+    x = boxes[:, 0:1] + u * scale                      # (T, S)
+    y = boxes[:, 1:2] + u * scale
+    inside_x = (x >= -0.5) & (x <= w - 0.5)
+    inside_y = (y >= -0.5) & (y <= h - 0.5)
+    return inside_y[:, :, None] & inside_x[:, None, :]
 
 
 def _mediapipe_landmarks(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

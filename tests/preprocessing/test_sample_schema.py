@@ -25,7 +25,7 @@ def test_lossless_round_trip_is_bit_exact_and_bytes_reproducible():
     assert set(raw) == {"__key__", *MEMBERS}
     back = decode_sample(raw)
     _assert_same(sample, back)
-    assert back.meta["schema_version"] == 1 and back.meta["frame_codec"] == "lossless"
+    assert back.meta["schema_version"] == 2 and back.meta["frame_codec"] == "lossless"
     again = encode_sample(random_sample(frames=5, size=34))
     assert again == raw                                # same sample -> same bytes
 
@@ -80,7 +80,7 @@ def test_decoding_a_subset_of_fields():
     part = decode_sample(raw, fields=("frames", "normals"))
     assert np.array_equal(part.frames, sample.frames) and np.array_equal(part.normals, sample.normals)
     assert all(getattr(part, f) is None for f in FIELDS if f not in ("frames", "normals"))
-    assert part.meta["schema_version"] == 1 and part.num_frames == 4
+    assert part.meta["schema_version"] == 2 and part.num_frames == 4
     only_offsets = decode_sample(raw, fields=("dynamic_offsets",))
     assert np.array_equal(only_offsets.dynamic_offsets, sample.dynamic_offsets)
     assert only_offsets.num_frames == 4
@@ -98,3 +98,28 @@ def test_decoding_a_subset_of_fields():
 
 def test_sample_key_is_dot_free_and_stable():
     assert sample_key("a.b/c d", 3) == "a_b_c_d_s003"
+
+
+def test_validity_mask_round_trips_and_version_1_reads_as_all_valid():
+    sample = random_sample(frames=3, size=16)
+    sample.valid = np.ones((3, 16, 16), bool)
+    sample.valid[:, :, :5] = False                    # a face at the left border of its frame
+    back = decode_sample(encode_sample(sample))
+    assert back.valid.dtype == np.bool_ and np.array_equal(back.valid, sample.valid)
+    only = decode_sample(encode_sample(sample), fields=("valid",))
+    assert np.array_equal(only.valid, sample.valid) and only.silhouette is None
+    # a version-1 sample (written before the mask existed): all True, same shape
+    import io
+    import json
+    import zipfile
+    raw = encode_sample(random_sample(frames=3, size=16))
+    meta = json.loads(raw["meta.json"])
+    meta["schema_version"] = 1
+    cond = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw["cond.npz"])) as src, zipfile.ZipFile(cond, "w") as dst:
+        for name in src.namelist():
+            if name != "valid.npy":
+                dst.writestr(name, src.read(name))
+    old = dict(raw, **{"meta.json": json.dumps(meta).encode(), "cond.npz": cond.getvalue()})
+    v1 = decode_sample(old, fields=("valid", "normals"))
+    assert v1.valid.shape == (3, 16, 16) and v1.valid.all() and v1.silhouette is None

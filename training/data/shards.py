@@ -105,7 +105,7 @@ def rank_and_world() -> tuple[int, int]:
 
 #: sample field -> the dtype its tensor gets (None: as stored; frames and normals stay uint8
 #: until the GPU)
-TENSOR_FIELDS = {"frames": None, "normals": None, "silhouette": None, "face_mask": None,
+TENSOR_FIELDS = {"frames": None, "normals": None, "silhouette": None, "face_mask": None, "valid": None,
                  "depth": np.float32, "dynamic_offsets": np.float32, "static_offsets": np.float32,
                  "face_vertex_ids": np.int64}
 

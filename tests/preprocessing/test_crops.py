@@ -1,0 +1,36 @@
+"""Crops of a face near the frame border: a constant fill and a validity mask, not smeared
+edge pixels; the fitter gives no weight to landmarks that fall outside the source frame."""
+import numpy as np
+import torch
+
+from preprocessing.clip_fit import landmark_weights
+from preprocessing.tracking import CROP_FILL, FaceTrack, TrackStatus, _cut, crop_validity
+
+
+def test_border_crop_is_filled_and_masked():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(1, 256, (60, 80, 3), dtype=np.uint8)      # no pixel equals the fill
+    box = np.array([-20.0, 30.0, 40.0])                             # 20 px left of, 10 px below the frame
+    crop = _cut(frame, box, 40)
+    valid = crop_validity(box[None], (80, 60), 40)[0]
+    assert valid[:, 20:].any() and not valid[:, :20].any()         # left half lies outside
+    assert not valid[30:].any() and valid[:30, 20:].all()          # bottom quarter too
+    assert (crop[~valid] == CROP_FILL).all()                        # constant fill, no streaks
+    assert (crop[valid] != CROP_FILL).all()
+    inner = crop[5:25, 25:35].astype(int)
+    assert np.array_equal(inner, frame[35:55, 5:15].astype(int))   # 1:1 scale: the pixels themselves
+
+
+def test_landmarks_outside_the_frame_get_no_weight():
+    t, size = 2, 40
+    valid = np.ones((t, size, size), bool)
+    valid[:, :, :10] = False
+    lm = np.full((t, 68, 2), 20.0, np.float32)
+    lm[0, :5, 0] = 3.0                     # five points of frame 0 on the filled strip
+    lm[1, 0] = np.nan                      # a missing point
+    track = FaceTrack(TrackStatus.OK, crops=np.zeros((t, size, size, 3), np.uint8), valid=valid,
+                      landmarks68=lm, detected=np.array([True, False]))
+    w = landmark_weights(track)
+    assert w.shape == (t, 68) and w.dtype == torch.float32
+    assert (w[0, :5] == 0).all() and (w[0, 5:] == 1).all()
+    assert (w[1] == 0).all()               # no landmarks in that frame
