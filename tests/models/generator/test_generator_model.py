@@ -428,3 +428,19 @@ def test_lora_with_checkpointing_trains_the_adapters_only():
     assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
     assert m.transformer.blocks[1].ffn.net[2].lora_A["default"].weight.grad.abs().sum() > 0
     assert torch.equal(m.transformer.blocks[0].attn1.to_q.base_layer.weight, before)
+
+
+def test_sharded_weights_folder_is_checked_shard_by_shard(tmp_path):
+    from models.generator import check_weights_folder
+    torch.manual_seed(0)
+    wan = WanTransformer3DModel(**flavor("tiny_cpu").transformer_config())
+    folder = tmp_path / "wan" / "transformer"
+    wan.save_pretrained(folder, max_shard_size="100KB")           # how the 14B checkpoints are stored
+    shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert check_weights_folder(folder, WanTransformer3DModel)["num_layers"] == 2
+    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu", dtype=torch.bfloat16)
+    assert m.dtype == torch.bfloat16 and m.conditioning.context.dtype == torch.bfloat16
+    shards[-1].unlink()
+    with pytest.raises(WeightsFolderError, match=f"{folder}: shard {shards[-1].name} .* is missing"):
+        NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu")
