@@ -18,6 +18,12 @@ worker's running count (``reader_skipped``, ``reader_worker``); :class:`ShardLoa
 latest count of each worker as batches arrive (``loader.skipped``), and :class:`SkipTally`
 does the same for any consumer of the batches.
 
+Precomputed latents (``latents=LATENTS_DIR/<codec_id>/shards``, written by
+``pipelines.encode_latents``): a shard whose sidecar is there and was made from the same bytes
+(the markers' sha256) is read in lockstep with it, and its samples carry ``latents`` and
+``reference_latent``; other shards' samples come without them (the trainer encodes those on the
+fly). A sidecar out of step with its shard is skipped and counted (``LatentSidecarMismatch``).
+
 Why a ``wds.DataPipeline`` of webdataset's public stages rather than the ``wds.WebDataset``
 class: that class's resampled mode seeds from the process id and the clock (not reproducible),
 and its splitters give a worker with no shard an empty stream that ``with_epoch`` ends early.
@@ -37,6 +43,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.job_io import MARKER_SUFFIX
+from preprocessing.latent_schema import MEMBERS as LATENT_MEMBERS
+from preprocessing.latent_schema import LatentSample, decode_latent_sample
 from preprocessing.sample_schema import ShardSample, decode_sample
 
 
@@ -110,10 +118,13 @@ TENSOR_FIELDS = {"frames": None, "normals": None, "silhouette": None, "face_mask
                  "face_vertex_ids": np.int64}
 
 
-def to_torch(sample: ShardSample) -> dict:
-    """Schema sample -> tensors a training step takes. Fields the reader did not decode are
-    left out."""
+def to_torch(sample: ShardSample, latents: LatentSample | None = None) -> dict:
+    """Schema sample (and its precomputed latents) -> tensors a training step takes. Fields
+    the reader did not decode are left out."""
     out = {"key": sample.key}
+    if latents is not None:
+        out["latents"] = torch.from_numpy(latents.video)
+        out["reference_latent"] = torch.from_numpy(latents.reference)
     for name, dtype in TENSOR_FIELDS.items():
         value = getattr(sample, name)
         if value is not None:
@@ -122,6 +133,29 @@ def to_torch(sample: ShardSample) -> dict:
         out["smplx"] = {k: torch.from_numpy(v) for k, v in sample.smplx.items()}
     out["identity_id"] = sample.meta.get("identity_id", "")
     return out
+
+
+class LatentSidecarMismatch(ValueError):
+    """A latent sidecar whose keys do not follow its shard's."""
+
+
+def matching_sidecars(urls: list[str], latents: str | os.PathLike) -> dict[str, str]:
+    """url -> sidecar tar, for the shards whose sidecar was made from the same shard bytes
+    (the sidecar marker's ``source_sha256`` equals the shard marker's ``sha256``)."""
+    import json
+
+    found = {}
+    for url in urls:
+        tar = Path(url)
+        side = Path(latents) / tar.name
+        try:
+            source = json.loads(tar.with_name(tar.stem + MARKER_SUFFIX).read_text())
+            marker = json.loads(side.with_name(side.stem + MARKER_SUFFIX).read_text())
+        except (OSError, ValueError):
+            continue
+        if marker.get("source_sha256") == source.get("sha256") and side.is_file():
+            found[url] = str(side)
+    return found
 
 
 def _split(items: list, index: int, count: int) -> list:
@@ -136,10 +170,11 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: list[str], samples_per_rank: int, resampled: bool = True,
                  shuffle_buffer: int = 0, seed: int = 0, convert: Callable | None = to_torch,
                  max_empty_shards: int = 50, rank: int | None = None, world_size: int | None = None,
-                 fields: Collection[str] | None = None) -> None:
+                 fields: Collection[str] | None = None, latents: str | os.PathLike | None = None) -> None:
         if not urls:
             raise ValueError("no shard to read (did the preprocessing job finish any?)")
         self.urls = list(urls)
+        self.sidecars = matching_sidecars(self.urls, latents) if latents is not None else {}
         self.fields = tuple(fields) if fields is not None else None     # None: every field
         self.samples_per_rank = int(samples_per_rank)
         self.resampled = resampled
@@ -179,7 +214,7 @@ class ShardDataset(IterableDataset):
             mine = _split(_split(self.urls, rank, world), worker, workers)
             stages = [wds.SimpleShardList(mine)]
         worker_id = f"{rank}-{worker}"
-        stages += [self._guard, wds.tarfile_to_samples(handler=self.skipped),
+        stages += [self._guard, self._paired if self.sidecars else wds.tarfile_to_samples(handler=self.skipped),
                    wds.map(self._decode, handler=self.skipped)]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 2,
@@ -199,15 +234,38 @@ class ShardDataset(IterableDataset):
             self.skipped.shard_started()
             yield url
 
-    def _decode(self, raw: dict) -> ShardSample:
-        sample = decode_sample(raw, self.fields)
-        self.skipped.since_good = 0
-        return sample
+    def _paired(self, urls: Iterable[dict]) -> Iterator[dict]:
+        """Tar members of each shard, merged with its latent sidecar's (same keys, same order)."""
+        import webdataset as wds
 
-    def _tag(self, sample: ShardSample, worker_id: str):
+        for entry in urls:
+            side = self.sidecars.get(entry["url"])
+            expand = wds.tarfile_to_samples(handler=self.skipped)     # a stage: applied to a url stream
+            samples = expand([entry])
+            if side is None:
+                yield from samples
+                continue
+            latents = iter(expand([{"url": side}]))
+            in_step = True
+            for raw in samples:
+                lat = next(latents, None) if in_step else None
+                if in_step and (lat is None or lat["__key__"] != raw["__key__"]):
+                    self.skipped(LatentSidecarMismatch(f"{side} is out of step with {entry['url']} at "
+                                                       f"{raw['__key__']}"))
+                    in_step, lat = False, None
+                yield {**raw, **{k: v for k, v in (lat or {}).items() if k in LATENT_MEMBERS}}
+
+    def _decode(self, raw: dict):
+        sample = decode_sample(raw, self.fields)
+        latents = decode_latent_sample(raw) if LATENT_MEMBERS[0] in raw else None
+        self.skipped.since_good = 0
+        return (sample, latents) if self.sidecars else sample
+
+    def _tag(self, item, worker_id: str):
+        sample, latents = item if self.sidecars else (item, None)
         if self.convert is None:
-            return sample
-        out = self.convert(sample)
+            return item
+        out = self.convert(sample, latents) if latents is not None else self.convert(sample)
         if isinstance(out, dict):
             out["reader_worker"], out["reader_skipped"] = worker_id, self.skipped.total
         return out
@@ -253,5 +311,5 @@ def make_loader(source, samples_per_rank: int, batch_size: int, num_workers: int
                        persistent_workers=num_workers > 0, drop_last=True)
 
 
-__all__ = ["ShardDataset", "ShardLoader", "SkipCounter", "SkipTally", "collate", "make_loader", "shard_urls",
-           "to_torch"]
+__all__ = ["LatentSidecarMismatch", "ShardDataset", "ShardLoader", "SkipCounter", "SkipTally", "collate",
+           "make_loader", "matching_sidecars", "shard_urls", "to_torch"]

@@ -1,0 +1,256 @@
+"""Latent precomputation: VAE latents of a preprocessing output's shards, as sidecar shards.
+
+    python -m pipelines.encode_latents --input PREPROCESS_OUT --output LATENTS_DIR \
+        [--codec tiny | WAN_FOLDER [--codec-subfolder vae]] [--workers N] [--num-gpus G] [--batch B]
+        [--address RAY_ADDRESS] [--dry-run]
+
+Writes ``LATENTS_DIR/<codec_id>/shards/<name>.tar`` (+ ``.done.json``) per finished source shard
+(format: :mod:`preprocessing.latent_schema`), a ``manifest.parquet`` with a row per source shard
+and a ``summary.json``. ``codec_id`` hashes the codec's config and weights, so another VAE
+writes elsewhere. Resumable: a sidecar whose marker names the same source sha256, codec and
+frame rule is skipped; a rerun writes nothing. Real-scale training does this once (encoding
+dominates a step otherwise); the reader picks the sidecars up (``ShardDataset(latents=...)``).
+
+Workers are Ray actors that load the codec once (``--num-gpus`` puts them on GPUs: the codec
+runs on ``cuda`` there). Exit codes as the preprocessing job: 0 done, 1 a shard failed,
+2 bad input, 3 environment fault, 4 internal error; the last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from .job_io import JobInputError, MARKER_SUFFIX, TMP_TAG, atomic_write, parquet_bytes, write_if_changed
+from .preprocess.job import EnvironmentFault, init_ray
+from .preprocess.config import RayConfig
+from .preprocess.workers import classify_call_error, is_environment_fault
+
+FRAMES_RULE = "first-4k+1"
+
+
+def load_codec(spec: str, subfolder: str | None = None):
+    """``tiny`` (the tiny Wan VAE of ``tiny_cpu``, seed 0: only for tests and the tiny world)
+    or a local diffusers folder of a Wan VAE."""
+    from models.generator import LatentCodec, WeightsFolderError
+    if spec == "tiny":
+        return LatentCodec.tiny(seed=0)
+    if not Path(spec).is_dir():
+        raise JobInputError(f"codec folder {spec} does not exist (a local diffusers folder of a Wan VAE, "
+                            "or 'tiny')")
+    try:
+        return LatentCodec.from_pretrained(spec, subfolder)
+    except WeightsFolderError as exc:
+        raise JobInputError(f"codec: {exc}") from None
+
+
+def codec_id_of(codec) -> str:
+    from preprocessing.latent_schema import codec_id
+    return codec_id(dict(codec.vae.config), codec.vae.state_dict())
+
+
+def source_shards(source: str | Path) -> list[dict]:
+    """The finished shards of a preprocessing output: their done markers (with samples)."""
+    shards = Path(source) / "shards"
+    if not shards.is_dir():
+        raise JobInputError(f"{source} is not a preprocessing output (no shards/ folder)")
+    markers = []
+    for path in sorted(shards.glob(f"*{MARKER_SUFFIX}")):
+        marker = json.loads(path.read_text())
+        if marker.get("tar") and (shards / marker["tar"]).is_file():
+            markers.append({"name": marker["name"], "tar": str(shards / marker["tar"]),
+                            "sha256": marker["sha256"], "samples": marker["samples"]})
+    if not markers:
+        raise JobInputError(f"no finished shard in {shards}")
+    return markers
+
+
+class LatentEncoder:
+    """A Ray actor: loads the codec once, encodes shard after shard."""
+
+    def __init__(self, codec: str, subfolder: str | None, threads: int) -> None:
+        import torch
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.codec = load_codec(codec, subfolder).to(self.device).eval()
+        self.codec_id = codec_id_of(self.codec)
+
+    def ready(self) -> str:
+        return self.codec_id
+
+    def encode_shard(self, source: dict, out_dir: str, batch: int) -> dict:
+        """Encode one source shard into its sidecar (temp name, fsync, rename, marker)."""
+        import torch
+        import webdataset as wds
+
+        from models.generator import to_unit_video
+        from preprocessing.files import file_digest
+        from preprocessing.latent_schema import LatentSample, encode_latent_sample, latent_frames
+        from preprocessing.sample_schema import decode_sample
+
+        t0 = time.perf_counter()
+        raws = list(wds.DataPipeline(wds.SimpleShardList([source["tar"]]), wds.tarfile_to_samples()))
+        samples, pending = [], []
+
+        def flush() -> None:
+            frames = torch.from_numpy(__import__("numpy").stack([p.frames[:latent_frames(len(p.frames))]
+                                                                 for p in pending]))
+            video = to_unit_video(frames).to(self.device)
+            with torch.no_grad():
+                lat = self.codec.encode(video).half().cpu().numpy()
+                ref = self.codec.encode_reference(video[:, :, 0], video.shape[2]).half().cpu().numpy()
+            for p, v, r in zip(pending, lat, ref):
+                samples.append(LatentSample(p.key, v, r, {
+                    "source_shard": source["name"], "source_sha256": source["sha256"],
+                    "source_schema_version": p.meta.get("schema_version"), "codec_id": self.codec_id,
+                    "frames": int(video.shape[2])}))
+            pending.clear()
+
+        for raw in raws:
+            sample = decode_sample(raw, fields=("frames",))
+            if pending and pending[0].frames.shape != sample.frames.shape:
+                flush()
+            pending.append(sample)
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
+        out = Path(out_dir)
+        final = out / f"{source['name']}.tar"
+        tmp = final.with_name(f".{final.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as fh:
+            with wds.TarWriter(fh, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
+                for s in samples:
+                    sink.write(encode_latent_sample(s))
+        digest = file_digest(tmp, "sha256")
+        tmp.replace(final)
+        marker = {"name": source["name"], "tar": final.name, "sha256": digest, "samples": len(samples),
+                  "keys": [s.key for s in samples], "source_sha256": source["sha256"],
+                  "codec_id": self.codec_id, "frames_rule": FRAMES_RULE}
+        atomic_write(out / f"{source['name']}{MARKER_SUFFIX}", json.dumps(marker, indent=1).encode())
+        return {"shard": source["name"], "status": "ok", "samples": len(samples),
+                "seconds": round(time.perf_counter() - t0, 3), "reason": ""}
+
+
+def pending_shards(sources: list[dict], out: Path, codec_id: str) -> list[dict]:
+    """Source shards whose sidecar is missing or stale (another source sha256 or frame rule)."""
+    todo = []
+    for s in sources:
+        try:
+            marker = json.loads((out / f"{s['name']}{MARKER_SUFFIX}").read_text())
+            fresh = (marker["source_sha256"] == s["sha256"] and marker["codec_id"] == codec_id
+                     and marker["frames_rule"] == FRAMES_RULE and (out / marker["tar"]).is_file())
+        except (OSError, ValueError, KeyError):
+            fresh = False
+        if not fresh:
+            todo.append(s)
+    return todo
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    sources = source_shards(args.input)
+    codec = load_codec(args.codec, args.codec_subfolder)
+    cid = codec_id_of(codec)
+    del codec
+    out = Path(args.output) / cid / "shards"
+    todo = pending_shards(sources, out, cid) if out.is_dir() else list(sources)
+    summary = {"codec_id": cid, "output": str(out.parent), "source_shards": len(sources), "pending": len(todo)}
+    if args.dry_run or not todo:
+        return {**summary, "written": 0, "failed": 0, "dry_run": args.dry_run}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnvironmentFault(f"output {out}: {exc.strerror}") from None
+    for orphan in out.glob(f"*{TMP_TAG}*"):
+        orphan.unlink(missing_ok=True)
+    init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus))
+    import ray
+    rows = []
+    try:
+        actor = ray.remote(LatentEncoder).options(num_cpus=args.cpus_per_worker, num_gpus=args.num_gpus,
+                                                  max_restarts=1)
+        workers = [actor.remote(args.codec, args.codec_subfolder, max(1, int(args.cpus_per_worker)))
+                   for _ in range(min(args.workers, len(todo)))]
+        ids = set(ray.get([w.ready.remote() for w in workers]))
+        if ids != {cid}:
+            raise EnvironmentFault(f"the workers loaded another codec ({sorted(ids)}) than the driver ({cid})")
+        queue, running = list(todo), {}
+        bar = tqdm(total=len(todo), desc="shards", unit="shard", file=sys.stdout, disable=args.no_progress)
+        idle = list(workers)
+        while queue or running:
+            while queue and idle:
+                w, src = idle.pop(), queue.pop(0)
+                running[w.encode_shard.remote(src, str(out), args.batch)] = (w, src)
+            done, _ = ray.wait(list(running), num_returns=1)
+            w, src = running.pop(done[0])
+            idle.append(w)
+            try:
+                rows.append(ray.get(done[0]))
+            except Exception as exc:  # noqa: BLE001 - a row, not a crashed job
+                status, _, cause = classify_call_error(exc)
+                if is_environment_fault(cause):
+                    raise EnvironmentFault(f"{cause.strerror}: {getattr(cause, 'filename', '')}") from None
+                rows.append({"shard": src["name"], "status": status, "samples": 0, "seconds": 0.0,
+                             "reason": f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"})
+            bar.update(1)
+        bar.close()
+    finally:
+        ray.shutdown()
+        if rows:
+            import pandas as pd
+            write_if_changed(out.parent / "manifest.parquet", parquet_bytes(pd.DataFrame(rows)))
+    failed = sum(r["status"] != "ok" for r in rows)
+    summary.update(written=len(rows) - failed, failed=failed, samples=sum(r["samples"] for r in rows),
+                   seconds=round(time.perf_counter() - started, 2))
+    (out.parent / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipelines.encode_latents", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a preprocessing job's output folder")
+    p.add_argument("--output", required=True, help="folder of latent sidecars (a subfolder per codec)")
+    p.add_argument("--codec", default="tiny", help="'tiny' or a local diffusers folder of a Wan VAE")
+    p.add_argument("--codec-subfolder", default=None, help="e.g. 'vae' in a Wan Diffusers checkpoint")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per worker")
+    p.add_argument("--num-cpus", type=int, default=None, help="embedded Ray only")
+    p.add_argument("--batch", type=int, default=4, help="samples encoded together")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except JobInputError as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc), "exit_code": 2}))
+        return 2
+    except EnvironmentFault as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc), "exit_code": 3}))
+        return 3
+    except Exception as exc:  # noqa: BLE001 - a bug: traceback on stderr, the JSON line still
+        traceback.print_exc(file=sys.stderr)
+        print(json.dumps({"error": "InternalError", "message": f"{type(exc).__name__}: {exc}", "exit_code": 4}))
+        return 4
+    code = 1 if summary.get("failed") else 0
+    print(json.dumps({**summary, "exit_code": code}))
+    return code
+
+
+if __name__ == "__main__":
+    from pipelines import encode_latents   # run from the importable module (Ray pickles __main__ by value)
+
+    sys.exit(encode_latents.main())
