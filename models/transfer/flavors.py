@@ -20,6 +20,7 @@ class TransferFlavor:
     decoder_layers: int           # hidden layers of 𝓖 after the conditioning layer
     canonical_frequencies: int    # Fourier octaves of the canonical vertex position
     neutral_frequencies: int      # Fourier octaves of the target's neutral vertex position
+    vertex_basis: bool = True     # a learned per-vertex basis beside the MLP's, see module.py
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -87,7 +87,7 @@ class ExpressionTransfer(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_face_vertices: int, flavor: str = "tiny_cpu", num_expression: int = 100,
-                 position_scale: float = 10.0, offset_scale: float = 200.0,
+                 position_scale: float = 10.0, offset_scale: float = 2000.0,
                  output_scale: float = 1e-3) -> None:
         super().__init__()
         f = get_flavor(flavor)
@@ -96,12 +96,15 @@ class ExpressionTransfer(ModelMixin, ConfigMixin):
         canon_dim = 3 * (1 + 2 * f.canonical_frequencies)
         neutral_dim = 3 * (1 + 2 * f.neutral_frequencies)
         self.identity_point = mlp([canon_dim + 3, f.identity_hidden, f.identity_hidden], last_act=True)
-        self.identity_head = nn.Linear(f.identity_hidden, f.identity_dim)
+        self.identity_head = nn.Linear(2 * f.identity_hidden, f.identity_dim)
         h = f.vertex_hidden
-        self.vertex_net = mlp([canon_dim + neutral_dim + f.identity_dim, h, 2 * h])
-        self.code_net = nn.Linear(f.code_dim, 2 * h)
-        self.decoder = mlp([h] * (f.decoder_layers + 1) + [3], last_act=False)
-        self.act = nn.SiLU()
+        in_dim = canon_dim + neutral_dim + 3 + f.identity_dim
+        self.vertex_net = mlp([in_dim] + [h] * (f.decoder_layers + 1) + [3 * f.code_dim])
+        self.vertex_basis = (nn.Parameter(torch.zeros(num_face_vertices, 3 * f.code_dim))
+                             if f.vertex_basis else None)
+        self.identity_gain = nn.Linear(f.identity_dim, f.code_dim)
+        nn.init.zeros_(self.identity_gain.weight)
+        nn.init.zeros_(self.identity_gain.bias)
         self.register_buffer("canonical_vertices", torch.zeros(num_face_vertices, 3))
 
     # -- setup ----------------------------------------------------------------------------
@@ -121,31 +124,34 @@ class ExpressionTransfer(ModelMixin, ConfigMixin):
         canon = fourier_features(self._normalised(self.canonical_vertices), f.canonical_frequencies)
         x = torch.cat([canon.expand(static_offsets.shape[0], -1, -1),
                        static_offsets * self.config.offset_scale], -1)
-        return self.identity_head(self.identity_point(x).mean(1))
+        h = self.identity_point(x)                       # mean: overall shape; max: local detail
+        return self.identity_head(torch.cat([h.mean(1), h.amax(1)], -1))
 
-    def vertex_features(self, neutral: Tensor, static_offsets: Tensor,
-                        vertex_ids: Tensor | None = None) -> Tensor:
-        """Per-identity vertex features (B, S, 2H) of 𝓖's conditioning layer (S = N_face or
-        ``len(vertex_ids)``): compute once per target, reuse for any number of frames."""
+    def vertex_features(self, neutral: Tensor, static_offsets: Tensor, vertex_ids: Tensor | None = None,
+                        z: Tensor | None = None) -> Tensor:
+        """Per-identity vertex bases (B, S, 3·K) (S = N_face or ``len(vertex_ids)``): computed
+        once per target, reused for any number of frames."""
         f = get_flavor(self.config.flavor)
-        z = self.identity_code(static_offsets)
+        z = self.identity_code(static_offsets) if z is None else z
         canon = self.canonical_vertices if vertex_ids is None else self.canonical_vertices[vertex_ids]
         if vertex_ids is not None:
-            neutral = neutral[:, vertex_ids]
+            neutral, static_offsets = neutral[:, vertex_ids], static_offsets[:, vertex_ids]
         b, s = neutral.shape[:2]
-        feats = torch.cat([
-            fourier_features(self._normalised(canon), f.canonical_frequencies).expand(b, -1, -1),
-            fourier_features(self._normalised(neutral), f.neutral_frequencies),
-            z[:, None].expand(b, s, -1)], -1)
-        return self.vertex_net(feats)
+        parts = [fourier_features(self._normalised(canon), f.canonical_frequencies).expand(b, -1, -1),
+                 fourier_features(self._normalised(neutral), f.neutral_frequencies),
+                 static_offsets * self.config.offset_scale,
+                 z[:, None].expand(b, s, -1)]
+        bases = self.vertex_net(torch.cat(parts, -1))
+        if self.vertex_basis is not None:
+            bases = bases + (self.vertex_basis if vertex_ids is None else self.vertex_basis[vertex_ids])
+        return bases
 
     def decode(self, vertex_features: Tensor, codes: Tensor) -> Tensor:
-        """𝓖's per-(frame, vertex) part: (B, S, 2H) and q (B, T, D) -> (B, T, S, 3), metres."""
-        vm, va = vertex_features.unsqueeze(1).chunk(2, -1)             # (B, 1, S, H)
-        cm, ca = self.code_net(codes).unsqueeze(2).chunk(2, -1)        # (B, T, 1, H)
-        h = self.act(vm * cm + va + ca)
-        return self.decoder(h) * self.config.output_scale
-
+        """𝓖's per-(frame, vertex) part: bases (B, S, 3·K) and codes (B, T, K) -> (B, T, S, 3),
+        metres. Linear in the code: each vertex carries K displacement directions."""
+        b, s, _ = vertex_features.shape
+        bases = vertex_features.view(b, s, 3, -1)
+        return torch.einsum("bsck,btk->btsc", bases, codes) * self.config.output_scale
     # -- forward --------------------------------------------------------------------------
     def forward(self, expression: Tensor, jaw_pose: Tensor, neutral: Tensor, static_offsets: Tensor,
                 vertex_ids: Tensor | None = None) -> Tensor:
@@ -155,10 +161,11 @@ class ExpressionTransfer(ModelMixin, ConfigMixin):
         (B, N_face, 3) V_neutral and ``static_offsets`` (B, N_face, 3) Δg of the target, both
         on the face region; ``vertex_ids`` (S,) picks face vertices (training samples a
         subset; default all)."""
-        feats = self.vertex_features(neutral, static_offsets, vertex_ids)
+        z = self.identity_code(static_offsets)
+        bases = self.vertex_features(neutral, static_offsets, vertex_ids, z)
         q = self.encoder(expression, jaw_pose)
         q0 = self.encoder(torch.zeros_like(expression[:, :1]), torch.zeros_like(jaw_pose[:, :1]))
-        return self.decode(feats, q) - self.decode(feats, q0)
+        return self.decode(bases, (q - q0) * (1 + self.identity_gain(z))[:, None])
 
     @property
     def num_face_vertices(self) -> int:

@@ -4,9 +4,9 @@ Each sample is a segment of one identity's clip: its (ψ, jaw) per frame, its β
 its Δf (fitted by the preprocessing job, or exact in the synthetic world's truth shards). The
 module predicts Δf from (ψ, jaw) and the identity's neutral mesh; the loss is the mean squared
 error in mm² of frame-centred Δf (fitted Δf is zero-mean over a clip, so only the centred
-part is data; the module's zero-at-neutral anchor fixes the level). A training step draws a
-random subset of face vertices (the MLP is per vertex, so any subset is an unbiased sample);
-validation uses all of them.
+part is data; the module's zero-at-neutral anchor fixes the level). A step uses every face
+vertex by default (``vertex_samples``: a random subset instead, an unbiased sample since 𝓖 is
+per vertex); the per-vertex basis learns at ``basis_lr_scale`` × the learning rate.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ class TransferTask(pl.LightningModule):
     """Trains :class:`ExpressionTransfer` of flavor ``flavor`` on shards."""
 
     def __init__(self, flavor: str = "tiny_cpu", head_model: str | None = None, subdivision: int = 1,
-                 lr: float = 3e-3, weight_decay: float = 1e-4, warmup_steps: int = 20,
-                 vertex_samples: int = 2048, seed: int = 0) -> None:
+                 lr: float = 3e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
+                 vertex_samples: int | None = None, basis_lr_scale: float = 3.0, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         head = build_head(head_model, subdivision)
@@ -74,10 +74,12 @@ class TransferTask(pl.LightningModule):
         neutral, static = neutral_inputs(self.head, sm["betas"].float(), batch["static_offsets"].float())
         return sm["expression"].float(), sm["jaw_pose"].float(), neutral, static
 
-    def vertex_subset(self) -> Tensor:
-        """Face vertices of this step: a function of (seed, step, rank), so a resumed run
-        draws what the uninterrupted one would have."""
+    def vertex_subset(self) -> Tensor | None:
+        """Face vertices of this step (None: all): a function of (seed, step, rank), so a
+        resumed run draws what the uninterrupted one would have."""
         n = self.model.num_face_vertices
+        if self.hparams.vertex_samples is None or self.hparams.vertex_samples >= n:
+            return None
         g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
         return torch.randperm(n, generator=g)[:min(self.hparams.vertex_samples, n)].to(self.device)
 
@@ -86,7 +88,8 @@ class TransferTask(pl.LightningModule):
         expr, jaw, neutral, static = self.inputs(batch)
         ids = self.vertex_subset()
         pred = self.model(expr, jaw, neutral, static, ids)
-        loss = centred_mse_mm(pred.float(), batch["dynamic_offsets"][:, :, ids].float())
+        target = batch["dynamic_offsets"] if ids is None else batch["dynamic_offsets"][:, :, ids]
+        loss = centred_mse_mm(pred.float(), target.float())
         bs = expr.shape[0]
         self.log("train/loss_mm2", loss, prog_bar=True, batch_size=bs)
         self.log("data/reader_skipped", float(max(batch["reader_skipped"])), batch_size=bs, reduce_fx="max")
@@ -103,8 +106,11 @@ class TransferTask(pl.LightningModule):
                  sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr,
-                                weight_decay=self.hparams.weight_decay)
+        basis = [p for n, p in self.model.named_parameters() if n == "vertex_basis"]
+        rest = [p for n, p in self.model.named_parameters() if n != "vertex_basis"]
+        groups = [{"params": rest}] + ([{"params": basis, "lr": self.hparams.lr * self.hparams.basis_lr_scale}]
+                                       if basis else [])
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = min(self.hparams.warmup_steps, total // 2)
 
