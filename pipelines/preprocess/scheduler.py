@@ -98,6 +98,7 @@ class WorkerPool:
         self.slots = 0
         self._sized_at = -1e9
         self._requested = 0
+        self.start_failures = 0
 
     def bundle(self) -> dict:
         return {"CPU": self.cfg.num_cpus, **({"GPU": self.cfg.num_gpus} if self.cfg.num_gpus else {})}
@@ -140,6 +141,10 @@ class WorkerPool:
             if status == "worker_lost":         # died while starting: ask for another one
                 self.actors.remove(actor)
                 self._sized_at = -1e9
+                self.start_failures += 1
+                if self.start_failures > max(3, self.cfg.max_retries * max(1, self.slots)):
+                    raise WorkerSetupError(f"workers keep dying while they start ({self.start_failures} "
+                                           f"times; last: {type(cause).__name__}: {cause})") from None
                 return
             raise WorkerSetupError(f"a worker could not start: {type(cause).__name__}: {cause}") from None
         self.idle.append(actor)

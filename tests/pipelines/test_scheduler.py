@@ -206,3 +206,9 @@ def test_autoscaler_is_asked_for_what_the_work_can_use(monkeypatch):
     assert asked == [6, 3, 2]
     pool.shutdown()                                        # the standing request ends with the job
     assert asked == [6, 3, 2, 0]
+
+
+def test_workers_that_keep_dying_at_start_stop_the_job():
+    ray = FakeRay(cpus=1)
+    with pytest.raises(WorkerSetupError, match="keep dying"):
+        _run(ray, identities=1, clips=1, clips_per_shard=1, behaviour={"init_error": rex.ActorDiedError()})
