@@ -92,7 +92,7 @@ def make_fitted_shards(work: Path, corpus: Path) -> Path:
 
 
 # -- training ---------------------------------------------------------------------------------
-def train(work: Path, source: str, shards: Path, epochs: int, reuse: bool) -> tuple[Path, float]:
+def train(work: Path, source: str, shards: Path, epochs: int, reuse: bool, extra: list[str]) -> tuple[Path, float]:
     out = work / f"train_{source}"
     export = out / "export" / "ema"
     if reuse and (export / "config.json").is_file():
@@ -102,7 +102,7 @@ def train(work: Path, source: str, shards: Path, epochs: int, reuse: bool) -> tu
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml",
            "--data.init_args.root", str(shards), "--out", str(out), "--trainer.max_epochs", str(epochs),
-           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", f"transfer_tiny_{source}"]
+           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", f"transfer_tiny_{source}", *extra]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     minutes = (time.perf_counter() - t0) / 60
@@ -261,6 +261,8 @@ def main() -> None:
     ap.add_argument("--render-frames", type=int, default=8)
     ap.add_argument("--skip-fitted", action="store_true", help="exact offsets only (no preprocessing job)")
     ap.add_argument("--reuse-models", action="store_true", help="evaluate existing exports (no training)")
+    ap.add_argument("--train-arg", action="append", default=[],
+                    help="extra argument for the training CLI (repeat), e.g. --train-arg=--model.init_args.lr=0.01")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import pandas as pd
@@ -283,7 +285,7 @@ def main() -> None:
 
     results, minutes = {}, {}
     for name, shards in sources.items():
-        model_dir, minutes[name] = train(work, name, shards, args.epochs, args.reuse_models)
+        model_dir, minutes[name] = train(work, name, shards, args.epochs, args.reuse_models, args.train_arg)
         if name == "exact":
             clips, ids = exact_inputs(corpus, set(pairs.driver_clip_id), set(pairs.target_identity_id) | set(pairs.driver_identity_id))
         else:

@@ -45,7 +45,8 @@ class TransferTask(pl.LightningModule):
 
     def __init__(self, flavor: str = "tiny_cpu", head_model: str | None = None, subdivision: int = 1,
                  lr: float = 3e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
-                 vertex_samples: int | None = None, basis_lr_scale: float = 3.0, seed: int = 0) -> None:
+                 vertex_samples: int | None = None, basis_lr_scale: float = 3.0,
+                 laplacian_weight: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         head = build_head(head_model, subdivision)
@@ -53,6 +54,7 @@ class TransferTask(pl.LightningModule):
         self.model = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor=flavor)
         self.model.set_canonical(canonical_face(head))
         self._checked_ids = False
+        self._face_laplacian: Tensor | None = None
 
     @property
     def head(self) -> PersonalizedHead:
@@ -90,6 +92,10 @@ class TransferTask(pl.LightningModule):
         pred = self.model(expr, jaw, neutral, static, ids)
         target = batch["dynamic_offsets"] if ids is None else batch["dynamic_offsets"][:, :, ids]
         loss = centred_mse_mm(pred.float(), target.float())
+        if self.hparams.laplacian_weight > 0 and ids is None:
+            lap = self.laplacian_mse_mm(pred.float(), target.float())
+            self.log("train/laplacian_mm2", lap, batch_size=expr.shape[0])
+            loss = loss + self.hparams.laplacian_weight * lap
         bs = expr.shape[0]
         self.log("train/loss_mm2", loss, prog_bar=True, batch_size=bs)
         self.log("data/reader_skipped", float(max(batch["reader_skipped"])), batch_size=bs, reduce_fx="max")
@@ -104,6 +110,18 @@ class TransferTask(pl.LightningModule):
         self.log("val/rel_err", relative_error(pred, target), batch_size=bs, sync_dist=True)
         self.log("val/rel_err_zero", relative_error(torch.zeros_like(target), target), batch_size=bs,
                  sync_dist=True)
+
+    def laplacian_mse_mm(self, pred: Tensor, target: Tensor) -> Tensor:
+        """MSE (mm²) of the uniform Laplacian of the frame-centred Δf error over the face
+        region: weighs fine detail (what normal maps show) beside the deep folds."""
+        if self._face_laplacian is None:
+            ids = self.head.face_vertex_ids.cpu()
+            lap = self.head.laplacian().cpu().index_select(0, ids).index_select(1, ids).coalesce()
+            self._face_laplacian = lap.to(pred.device)
+        d = (pred - pred.mean(1, keepdim=True)) - (target - target.mean(1, keepdim=True))   # (B, T, N, 3)
+        b, t, n, _ = d.shape
+        ld = torch.sparse.mm(self._face_laplacian, d.permute(2, 0, 1, 3).reshape(n, -1))
+        return (ld * 1000.0).square().mean()
 
     def configure_optimizers(self):
         basis = [p for n, p in self.model.named_parameters() if n == "vertex_basis"]
