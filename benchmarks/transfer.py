@@ -97,7 +97,7 @@ def train(work: Path, source: str, shards: Path, epochs: int, reuse: bool, extra
     export = out / "export" / "ema"
     if reuse and (export / "config.json").is_file():
         log(f"{source}: reusing {export}")
-        return export, float("nan")
+        return export, None
     import shutil
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml",
@@ -278,8 +278,9 @@ def main() -> None:
         sources["fitted"] = make_fitted_shards(work, corpus)
     world = json.loads((corpus / "world.json").read_text())
     splits = {s: sorted(i for i, v in world["identities"].items() if v["split"] == s) for s in ("train", "val", "test")}
-    pairs = pd.read_parquet(corpus / "pairs.parquet")
-    pairs = pairs[pairs.split == "test"].reset_index(drop=True)
+    all_pairs = pd.read_parquet(corpus / "pairs.parquet")
+    pairs = all_pairs[all_pairs.split == "test"].reset_index(drop=True)
+    val_pairs = all_pairs[all_pairs.split == "val"].reset_index(drop=True)   # held out too (no selection on val)
     assert not set(pairs.target_identity_id) & set(splits["train"]), "test targets must be held out"
     head = PersonalizedHead.from_file(synthetic_model_file(0), subdivision_levels=world["config"]["subdivision"])
 
@@ -293,6 +294,11 @@ def main() -> None:
         results[name] = evaluate(corpus, model_dir, clips, ids, pairs, head, args.render_pairs,
                                  args.render_size, args.render_frames)
         log(f"{name}: {json.dumps(results[name])}")
+        if name == "exact":
+            vclips, vids = exact_inputs(corpus, set(val_pairs.driver_clip_id),
+                                        set(val_pairs.target_identity_id) | set(val_pairs.driver_identity_id))
+            results["exact_val"] = evaluate(corpus, model_dir, vclips, vids, val_pairs, head, 0, 0, 0)
+            log(f"exact, val pairs: {json.dumps(results['exact_val'])}")
 
     ex = results["exact"]
     out = {
@@ -306,6 +312,7 @@ def main() -> None:
         "normal_deg_zero": ex["normal_deg"]["zero"],
         "normal_module_vs_copy": ex["normal_deg"]["module"] / ex["normal_deg"]["copy"],
         "train_minutes": minutes["exact"],
+        "module_vs_copy_val_pairs": results["exact_val"]["rmse_mm"]["module"] / results["exact_val"]["rmse_mm"]["copy"],
     }
     if "fitted" in results:
         fi = results["fitted"]
@@ -324,7 +331,8 @@ def main() -> None:
     width = max(len(k) for k in out)
     for k, v in out.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) and v == v else (None if isinstance(v, float) else v)
+                      for k, v in out.items()}
                      | {"targets": {"module_vs_copy": "<= 0.5", "train_minutes": "<= 10"}}))
 
 

@@ -10,14 +10,14 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class TransferFlavor:
-    code_dim: int                 # per-frame expression code q
+    code_dim: int                 # per-frame expression code q = K displacement directions per vertex
     encoder_hidden: int
     encoder_layers: int
     temporal_window: int          # 0: q_i sees frame i only; w > 0: frames i-w..i+w
     identity_dim: int             # global code of the target's personal detail
     identity_hidden: int
     vertex_hidden: int            # width of the per-vertex MLP 𝓖
-    decoder_layers: int           # hidden layers of 𝓖 after the conditioning layer
+    decoder_layers: int           # hidden layers of 𝓖 beyond the first
     canonical_frequencies: int    # Fourier octaves of the canonical vertex position
     neutral_frequencies: int      # Fourier octaves of the target's neutral vertex position
     vertex_basis: bool = True     # a learned per-vertex basis beside the MLP's, see module.py

@@ -1,24 +1,29 @@
 """The expression transfer module: (ψ, jaw) of a driver + the target's neutral mesh -> Δf.
 
-    q_i   = 𝓔(ψ_i, jaw_i)                               per-frame expression code
+    q_i   = 𝓔(ψ_i, jaw_i)                               per-frame expression code (K)
     z     = 𝓘(Δg on the face region)                     global code of the target's detail
-    Δf_iv = 𝓖(V_neutral,v, q_i, z) - 𝓖(V_neutral,v, q_0, z)
+    W_v   = MLP(γ(canonical_v), γ(V_neutral,v), Δg_v, z) + D_v      K displacement directions
+    Δf_iv = W_v · [(q_i − q_0) ⊙ (1 + A z)]                          per vertex v, frame i
 
-- 𝓔 is an MLP per frame. With ``temporal_window`` w > 0 a depthwise-free 1-D convolution
-  over frames i-w..i+w follows (replicate padding). The shipped small flavors use w = 0: in
-  the head model Δf(i) is a per-frame quantity fitted against frame i alone (temporal
-  smoothness is the fitter's job), so a per-frame code cannot leak clip-level information
-  and can stream; larger flavors may look at neighbours for effects that lag the expression.
-- 𝓖 is a vertex-level MLP, batched over frames and vertices. Per vertex it sees Fourier
-  features of the vertex's canonical position (a fixed per-vertex coordinate of the template,
-  like a UV coordinate: where a wrinkle sits is defined relative to the face, not in metres)
-  and of the target's neutral position V_neutral = B(V(β)) + Δg, plus the identity code z. The
-  frame code enters through one multiplicative + additive conditioning layer, so the cost per
-  (frame, vertex) is the decoder's hidden layers only.
-- 𝓘 is a PointNet over the face region (canonical position + Δg per vertex, mean-pooled):
-  the personal detail that tells how deep an identity's expression wrinkles run (in the
-  synthetic world, age shows in Δg) is not visible from a single vertex.
-- Subtracting the neutral frame's output makes Δf exactly zero at a neutral face (ψ = 0,
+- 𝓔 is an MLP per frame. With ``temporal_window`` w > 0 a 1-D convolution over frames
+  i-w..i+w follows (replicate padding, zero-initialised). The shipped small flavors use
+  w = 0: in the head model Δf(i) is a per-frame quantity fitted against frame i alone
+  (temporal smoothness is the fitter's job), so a per-frame code cannot leak clip-level
+  information and can stream; larger flavors may look at neighbours for effects that lag.
+- 𝓖 is a vertex-level MLP, batched over frames and vertices: per vertex it sees Fourier
+  features γ of the vertex's canonical position (a fixed per-vertex coordinate of the
+  template, like a UV coordinate: where a wrinkle sits is defined on the face, not in metres)
+  and of the target's neutral position V_neutral = B(V(β)) + Δg, the vertex's Δg and the
+  identity code z, and emits K displacement directions W_v (3 × K), plus a learned
+  per-vertex basis D_v (``vertex_basis``: localized detail such as a fold a vertex or two
+  wide is learned directly instead of through high Fourier frequencies). 𝓖 is linear in the
+  code: the nonlinearity in (ψ, jaw) lives in 𝓔, the cost per (frame, vertex) is 3K
+  multiply-adds, and the bases are computed once per target for any number of frames.
+- 𝓘 is a PointNet over the face region (canonical position + Δg per vertex, mean- and
+  max-pooled); its code shapes the bases and scales the expression code per identity
+  (1 + A z, A zero-initialised): how deep an identity's wrinkles run (in the synthetic world
+  age shows in Δg) is not visible from a single vertex.
+- Subtracting the neutral frame's code makes Δf exactly zero at a neutral face (ψ = 0,
   jaw = 0): the static field owns the rest shape. Fitted Δf is zero-mean over a clip, so
   training compares frame-centred Δf and this anchor fixes the level.
 - Face region only: the output is (…, N_face, 3) on the head model's ``face_vertex_ids``;
