@@ -248,3 +248,33 @@ def test_two_process_runs_end_with_identical_weights(tmp_path, truth_shards, str
             assert torch.equal(value, state["callbacks"]["EMA"]["shadow"]["model." + name])
     else:
         assert last.is_file() and "checkpoints/last.ckpt" in files
+
+
+@pytest.mark.slow
+def test_stock_weight_averaging_loses_its_average_in_deepspeed_checkpoints(tmp_path):
+    """Why the platform keeps its own EMA: Lightning's EMAWeightAveraging moves the average
+    into checkpoint["state_dict"], which DeepSpeed's save drops, and resuming then fails.
+    (It also deep-copies the LightningModule, which the transfer task's head model, with
+    sparse buffers, does not survive; a tiny task shows the checkpoint problem alone.) Ours
+    survives DeepSpeed: test_two_process_runs_end_with_identical_weights."""
+    cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+                       "enable_progress_bar": False,
+                       "strategy": {"class_path": "training.strategies.CPUDeepSpeedStrategy",
+                                    "init_args": {"stage": 2}},
+                       "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                      "init_args": {"dirpath": None, "save_last": True}},
+                                     {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+                                      "init_args": {"decay": 0.9}}]},
+           "model": {"class_path": "train_probes.TinyTask"}, "data": {"class_path": "train_probes.TinyData"}}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = run_subprocess(["fit", "--config", str(config), "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from training.export import load_checkpoint_state
+    state = load_checkpoint_state(out / "checkpoints" / "last.ckpt")
+    assert "state_dict" not in state                       # the average is gone ...
+    assert "current_model_state" in state                  # ... only the live weights' copy remains
+    r = run_subprocess(["fit", "--config", str(config), "--out", str(out), "--ckpt_path", "last",
+                        "--trainer.max_epochs", "2"])
+    assert r.returncode != 0 and "state_dict" in r.stderr[-3000:]

@@ -31,3 +31,29 @@ class SaveRankWeights(Callback):
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in pl_module.model.state_dict().items()}
         save_file(state, str(Path(self.folder) / f"rank{trainer.global_rank}.safetensors"))
+
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+
+class TinyTask(pl.LightningModule):
+    """A linear regression: the smallest LightningModule a strategy can train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyData(pl.LightningDataModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 4, generator=g)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
