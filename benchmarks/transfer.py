@@ -1,7 +1,7 @@
 """Expression transfer on identities held out of training, two training sources side by side.
 
-    python benchmarks/transfer.py [--work outputs/bench/transfer] [--identities 24 --clips 2
-        --frames 24 --size 128] [--epochs 20] [--skip-fitted] [--reuse-models]
+    python benchmarks/transfer.py [--work outputs/bench/transfer] [--identities 32 --clips 3
+        --frames 24 --size 128] [--epochs 80] [--skip-fitted] [--reuse-models]
 
 1. A synthetic corpus (split by identity: train / val / test) with exact truth.
 2. Two shard sets of the same clips: the exact truth (``training.data.truth_shards``) and the
@@ -57,6 +57,9 @@ def make_corpus(work: Path, args) -> Path:
         if all(saved[k] == getattr(config, k) for k in ("identities", "clips_per_identity", "frames", "size", "seed")):
             log(f"corpus: reusing {corpus}")
             return corpus
+    import shutil
+    for stale in (corpus, work / "exact", work / "fitted"):         # shards of another corpus
+        shutil.rmtree(stale, ignore_errors=True)
     t0 = time.perf_counter()
     generate_corpus(corpus, config, synthetic_model_file(0), progress=False)
     log(f"corpus: {args.identities} identities x {args.clips} clips x {args.frames} frames in "
@@ -250,12 +253,12 @@ def evaluate(corpus: Path, model_dir: Path, clips: dict, ids: dict, pairs, head,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / "outputs" / "bench" / "transfer")
-    ap.add_argument("--identities", type=int, default=24)
-    ap.add_argument("--clips", type=int, default=2)
+    ap.add_argument("--identities", type=int, default=32)
+    ap.add_argument("--clips", type=int, default=3)
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=20, help="epochs of 64 samples (16 steps of 4)")
+    ap.add_argument("--epochs", type=int, default=80, help="epochs of 64 samples (16 steps of 4)")
     ap.add_argument("--render-pairs", type=int, default=6)
     ap.add_argument("--render-size", type=int, default=160)
     ap.add_argument("--render-frames", type=int, default=8)
