@@ -9,12 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sample_factory import random_sample
+from sample_factory import write_random_shards
 
-from pipelines.job_io import OutputDir, plan_shards, write_shard
-from preprocessing.clip_records import ClipItem, ClipOutcome
 from preprocessing.latent_schema import latent_frames
-from preprocessing.sample_schema import encode_sample
 from training.data.shards import ShardDataset, make_loader, shard_urls
 
 pytestmark = pytest.mark.slow
@@ -35,20 +32,8 @@ def _job(*args: str) -> tuple[int, dict]:
 def shards(tmp_path_factory):
     """2 shards: 2 clips x 2 samples of 6 frames at 32^2 (5 = 4k+1 are encoded)."""
     root = tmp_path_factory.mktemp("source")
-    out = OutputDir(root)
-    out.prepare()
-    items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i}") for i in range(4)]
-    frames = {}
-    for spec in plan_shards(items, 2, "cfg"):
-        outcomes = []
-        for item in spec.clips:
-            samples = [random_sample(item.clip_id, s, frames=6, size=32, seed=int(item.clip_id[1:]) * 2 + s)
-                       for s in range(2)]
-            frames.update({s.key: s.frames for s in samples})
-            outcomes.append(ClipOutcome(item.clip_id, item.identity_id, "train", item.path, "ok",
-                                        samples=[encode_sample(s) for s in samples]))
-        write_shard(out, spec, outcomes)
-    return root, frames
+    originals = write_random_shards(root, clips=4, frames=6, size=32)
+    return root, {k: s.frames for k, s in originals.items()}
 
 
 def test_sidecars_match_in_process_encoding_and_resume(shards, tmp_path):

@@ -27,3 +27,26 @@ def random_sample(clip_id: str = "clip", segment: int = 0, frames: int = 4, size
         static_offsets=(rng.standard_normal((n, 3)) * 1e-3).astype(np.float16),
         qc={"status": ["ok"] * t, "landmark_error_pct": [1.5] * t},
         meta={"clip_id": clip_id, "identity_id": "idA", "segment": segment, "split": "train"})
+
+
+def write_random_shards(root, clips: int, clips_per_shard: int = 2, **sample_args) -> dict[str, ShardSample]:
+    """A preprocessing output under ``root``: ``clips`` clips of 2 random samples each, cut into
+    shards of ``clips_per_shard`` by the job's own plan and writer; returns key -> sample."""
+    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from preprocessing.clip_records import ClipItem, ClipOutcome
+    from preprocessing.sample_schema import encode_sample
+
+    out = OutputDir(root)
+    out.prepare()
+    items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i}") for i in range(clips)]
+    originals = {}
+    for spec in plan_shards(items, clips_per_shard, "cfg"):
+        outcomes = []
+        for item in spec.clips:
+            samples = [random_sample(item.clip_id, s, seed=int(item.clip_id[1:]) * 2 + s, **sample_args)
+                       for s in range(2)]
+            originals.update({s.key: s for s in samples})
+            outcomes.append(ClipOutcome(item.clip_id, item.identity_id, "train", item.path, "ok",
+                                        samples=[encode_sample(s) for s in samples]))
+        write_shard(out, spec, outcomes)
+    return originals

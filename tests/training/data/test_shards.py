@@ -6,10 +6,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from sample_factory import random_sample
+from sample_factory import random_sample, write_random_shards
 
-from pipelines.job_io import OutputDir, plan_shards, write_shard
-from preprocessing.clip_stages import ClipItem, ClipOutcome
 from preprocessing.sample_schema import encode_sample
 from training.data.shards import ShardDataset, make_loader, shard_urls
 
@@ -18,19 +16,7 @@ from training.data.shards import ShardDataset, make_loader, shard_urls
 def shards(tmp_path_factory):
     """3 shards of uneven size: 4, 4 and 2 samples (2 per clip)."""
     root = tmp_path_factory.mktemp("shards")
-    out = OutputDir(root)
-    out.prepare()
-    items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i}") for i in range(5)]
-    originals = {}
-    for spec in plan_shards(items, 2, "cfg"):
-        outcomes = []
-        for item in spec.clips:
-            samples = [random_sample(item.clip_id, s, seed=int(item.clip_id[1:]) * 2 + s) for s in range(2)]
-            originals.update({s.key: s for s in samples})
-            outcomes.append(ClipOutcome(item.clip_id, item.identity_id, "train", item.path, "ok",
-                                        samples=[encode_sample(s) for s in samples]))
-        write_shard(out, spec, outcomes)
-    return root, originals
+    return root, write_random_shards(root, clips=5)
 
 
 def test_round_trip_is_bit_exact(shards):
