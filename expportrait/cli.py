@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": type(exc).__name__, "message": str(exc),
                               **getattr(exc, "details", {})}))
             return 2
-        import errno
         import traceback
+
+        from preprocessing.clip_records import is_environment_fault
         traceback.print_exc(file=sys.stderr)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                                                      errno.EACCES, errno.EPERM):
+        if is_environment_fault(exc):
             print(json.dumps({"error": "EnvironmentFault", "message": f"{exc.strerror}: {exc.filename}"}))
             return 3          # the machine, not the input: disk full, permission denied
         print(json.dumps({"error": "InternalError", "message": f"{type(exc).__name__}: {exc}"}))

@@ -25,10 +25,12 @@ import traceback
 import uuid
 from pathlib import Path
 
-from .job_io import JobInputError, MARKER_SUFFIX, TMP_TAG, atomic_write, parquet_bytes, write_if_changed
-from .preprocess.job import EnvironmentFault, init_ray
+from preprocessing.clip_records import is_environment_fault
+
+from .job_io import MARKER_SUFFIX, TMP_TAG, JobInputError, atomic_write, parquet_bytes, write_if_changed
 from .preprocess.config import RayConfig
-from .preprocess.workers import classify_call_error, is_environment_fault
+from .preprocess.job import EnvironmentFault, init_ray
+from .preprocess.workers import classify_call_error
 
 FRAMES_RULE = "first-4k+1"
 
@@ -84,6 +86,7 @@ class LatentEncoder:
 
     def encode_shard(self, source: dict, out_dir: str, batch: int) -> dict:
         """Encode one source shard into its sidecar (temp name, fsync, rename, marker)."""
+        import numpy as np
         import torch
         import webdataset as wds
 
@@ -97,8 +100,7 @@ class LatentEncoder:
         samples, pending = [], []
 
         def flush() -> None:
-            frames = torch.from_numpy(__import__("numpy").stack([p.frames[:latent_frames(len(p.frames))]
-                                                                 for p in pending]))
+            frames = torch.from_numpy(np.stack([p.frames[:latent_frames(len(p.frames))] for p in pending]))
             video = to_unit_video(frames).to(self.device)
             with torch.no_grad():
                 lat = self.codec.encode(video).half().cpu().numpy()

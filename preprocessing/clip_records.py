@@ -159,6 +159,15 @@ def one_line(exc: BaseException | str, limit: int = 500) -> str:
     return " ".join(_ANSI.sub("", text).split())[:limit]
 
 
+#: OSError numbers of a machine fault, not the input's (disk full, read-only, no permission)
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_environment_fault(exc: BaseException) -> bool:
+    """A disk, filesystem or permission fault: the job stops (exit 3) rather than record rows."""
+    return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
+
+
 def is_transient(exc: BaseException) -> bool:
     """Connection resets, timeouts and I/O errors that come and go: worth a retry in place.
     Anything else a stage raises is deterministic for its input and is not retried."""

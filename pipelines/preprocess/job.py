@@ -11,12 +11,12 @@ import time
 import traceback
 from pathlib import Path
 
-from preprocessing.clip_records import ClipItem, one_line
+from preprocessing.clip_records import ClipItem, is_environment_fault, one_line
 
 from ..job_io import (JobInputError, OutputDir, ShardSpec, fingerprint, list_inputs, manifest_frame,
                       parquet_bytes, plan_shards, retryable_clips, write_if_changed)
 from .config import ConfigError, PreprocessConfig, RayConfig
-from .workers import FAULTS_ENV, ClipWorker, WorkerSpec, is_environment_fault
+from .workers import FAULTS_ENV, ClipWorker, WorkerSpec
 
 #: clips listed per shard in a dry run's plan (a million-clip plan is not printed whole)
 DRY_RUN_SHARDS_SHOWN = 20

@@ -30,14 +30,6 @@ from preprocessing.clip_records import (ClipItem, ClipOutcome, IdentityFit, Stag
                                         one_line)
 
 FAULTS_ENV = "EXPPORTRAIT_TEST_FAULTS"
-#: OSError numbers of a machine fault (the job stops: exit 3)
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-def is_environment_fault(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
-
-
 @dataclass
 class WorkerSpec:
     """What every worker actor is built from (one object, put in the store once)."""
