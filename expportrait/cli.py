@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from .commands import demo, fit, head, synth, transfer, video
+from .commands import promote, register
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     transfer.add_parser(sub)
     demo.add_parser(sub)
+    for command in (register, promote):      # registry handoff
+        command.add_parser(sub)
     return parser
 
 

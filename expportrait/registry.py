@@ -1,0 +1,332 @@
+"""Registry handoff: the transfer module, the generator and its codec, the head model's hash and
+the preprocessing/inference settings packed as one MLflow pyfunc model, registered by name with
+tags and aliases; promotion gated by evaluation thresholds in a config file.
+
+    register(run_id, name, alias)   exports of a training run (``export/*`` artifacts, or local
+                                     folders) -> package -> pyfunc logged into that run ->
+                                     registered version (tags: data, code commit, metrics) -> alias
+    promote(name, version, alias)   moves the alias only when the version's evaluation (tags
+                                     ``eval.<protocol>.<metric>`` written by ``expportrait evaluate``)
+                                     passes ``configs/registry/gate.yaml``; else GateRefused
+                                     naming the failing metric
+    load(uri)                       ``mlflow.pyfunc.load_model("models:/expportrait@champion")``
+
+The pyfunc takes a table of (source, driving, out) paths and returns a row per pair with its
+status (``ok`` or ``failed`` with the message), so one bad pair never fails the batch. The
+licensed SMPL-X file is never packed: ``package.json`` holds its sha256 (over its arrays) and
+the model refuses to load against a different local file (:class:`HeadModelMismatchError`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+
+from expportrait.reenactment import (InferenceSettings, PreprocessSettings, Reenactor, SubjectError,
+                                     head_model_reference, paste_back, read_package_meta, side_by_side,
+                                     write_package)
+
+EVAL_TAG = "eval"                       # version tags eval.<protocol>.<metric>
+DEFAULT_GATE = Path(__file__).resolve().parent.parent / "configs" / "registry" / "gate.yaml"
+
+
+class GateRefused(ValueError):
+    """A promotion refused by the gate; the message names the failing metric(s)."""
+
+
+# -- the pyfunc ---------------------------------------------------------------------------------
+class ExpPortraitModel(mlflow.pyfunc.PythonModel):
+    """Reenactment as a pyfunc: rows (source, driving, out) -> rows (out, status, frames, ...)."""
+
+    def load_context(self, context) -> None:
+        self.reenactor = Reenactor.from_package(context.artifacts["package"],
+                                                device=os.environ.get("EXPPORTRAIT_DEVICE"))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        params = params or {}
+        return pd.DataFrame([run_pair(self.reenactor, row, params) for row in model_input.to_dict("records")],
+                            columns=OUTPUT_COLUMNS)
+
+
+OUTPUT_COLUMNS = ["source", "driving", "out", "status", "frames", "seconds", "message"]
+
+
+def run_pair(reenactor: Reenactor, row: dict, params: dict) -> dict:
+    """Reenact one (source, driving) pair into ``row["out"]``; failures become a ``failed`` row."""
+    from preprocessing.video import write_video
+    t0 = time.perf_counter()
+    out = {"source": str(row.get("source")), "driving": str(row.get("driving")), "out": str(row.get("out")),
+           "status": "ok", "frames": 0, "seconds": 0.0, "message": ""}
+    try:
+        st = reenactor.settings
+        if int(params.get("steps", -1) or -1) > 0:
+            st.steps = int(params["steps"])
+        if int(params.get("seed", -1)) >= 0:
+            st.seed = int(params["seed"])
+        max_frames = int(params.get("max_frames", 0) or 0) or None
+        source = reenactor.subject(row["source"], max_frames=1)
+        driving = reenactor.subject(row["driving"], max_frames=max_frames)
+        res = reenactor.reenact(source, driving)
+        frames = res.frames
+        if params.get("paste_back"):
+            frames = paste_back(res, source)
+        Path(row["out"]).parent.mkdir(parents=True, exist_ok=True)
+        write_video(row["out"], frames, driving.fps or st.fps)
+        if params.get("side_by_side"):
+            write_video(Path(row["out"]).with_name(Path(row["out"]).stem + "_side_by_side.mp4"),
+                        side_by_side(res), driving.fps or st.fps)
+        out["frames"] = int(len(frames))
+    except (SubjectError, FileNotFoundError, ValueError, OSError) as exc:
+        out.update(status="failed", message=f"{type(exc).__name__}: {exc}")
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    inputs = Schema([ColSpec("string", "source"), ColSpec("string", "driving"), ColSpec("string", "out")])
+    outputs = Schema([ColSpec("string", "source"), ColSpec("string", "driving"), ColSpec("string", "out"),
+                      ColSpec("string", "status"), ColSpec("long", "frames"), ColSpec("double", "seconds"),
+                      ColSpec("string", "message")])
+    params = ParamSchema([ParamSpec("steps", "long", -1), ParamSpec("seed", "long", -1),
+                          ParamSpec("max_frames", "long", 0), ParamSpec("side_by_side", "boolean", False),
+                          ParamSpec("paste_back", "boolean", False)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+INPUT_EXAMPLE = pd.DataFrame([{"source": "portrait.jpg", "driving": "driving.mp4", "out": "reenacted.mp4"}])
+
+
+# -- finding the exports of a run ---------------------------------------------------------------
+def classify_exports(root: str | os.PathLike) -> dict[str, Path]:
+    """Model folders under ``root``: ``generator`` (generator.json), ``transfer``
+    (ExpressionTransfer config), ``codec`` (AutoencoderKLWan config); the first of each kind."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file():
+            continue
+        kind = None
+        if path.name == "generator.json":
+            kind = "generator"
+        elif path.name == "config.json":
+            try:
+                cls = json.loads(path.read_text()).get("_class_name")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            kind = {"ExpressionTransfer": "transfer", "AutoencoderKLWan": "codec"}.get(cls)
+        if kind and kind not in found:
+            found[kind] = path.parent
+    return found
+
+
+def _download_exports(client, run_id: str, dst: Path) -> dict[str, Path]:
+    names = [a.path for a in client.list_artifacts(run_id)]
+    if "export" not in names:
+        raise FileNotFoundError(f"run {run_id} has no export/ artifacts (its artifacts: {names})")
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="export", dst_path=str(dst),
+                                                tracking_uri=mlflow.get_tracking_uri())
+    return classify_exports(local)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _param(params: dict, suffix: str):
+    for k, v in params.items():
+        if k == suffix or k.endswith("." + suffix) or k.endswith("/" + suffix):
+            return None if v in ("None", "null", "") else v
+    return None
+
+
+PIP_REQUIREMENTS = ["torch", "diffusers", "mlflow", "numpy", "pandas", "opencv-python-headless", "av",
+                    "scipy", "pyyaml", "mediapipe"]
+
+
+def register(run_id: str, name: str = "expportrait", alias: str | None = "candidate",
+             transfer_run: str | None = None, generator: str | None = None, codec: str | None = None,
+             transfer: str | None = None, head_model: str | None = None,
+             inference: InferenceSettings | None = None, prep: PreprocessSettings | None = None,
+             data: str | None = None) -> dict:
+    """Package the exports of ``run_id`` (and ``transfer_run``; local folders override) as a
+    pyfunc logged into that run, register it as a version of ``name`` and set ``alias``."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        found = _download_exports(client, run_id, tmp / "run")
+        runs = {"generator_run": run_id}
+        if transfer_run:
+            t = _download_exports(client, transfer_run, tmp / "transfer_run")
+            if "transfer" not in t:
+                raise FileNotFoundError(f"run {transfer_run} exports no transfer module")
+            found["transfer"] = t["transfer"]
+            runs["transfer_run"] = transfer_run
+        for kind, local in (("generator", generator), ("codec", codec), ("transfer", transfer)):
+            if local:
+                found[kind] = Path(local)
+        for kind in ("generator", "codec"):
+            if kind not in found:
+                raise FileNotFoundError(f"run {run_id}: no {kind} export found under export/ "
+                                        f"(found {sorted(found)}); give --{kind} DIR")
+        params = dict(run.data.params)
+        subdivision = int(_param(params, "subdivision") or 1)
+        head_path = head_model or _param(params, "head_model")
+        reference = head_model_reference(head_path, subdivision)
+        data = data or _param(params, "root") or run.data.tags.get("data")
+        commit = _git_commit()
+        provenance = {**runs, "code_commit": commit, "data": data, "transfer_folder": str(found.get("transfer"))}
+        package = write_package(tmp / "package", found["generator"], found["codec"], found.get("transfer"),
+                                reference, inference, prep, provenance)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="expportrait", python_model=ExpPortraitModel(),
+                                           artifacts={"package": str(package)}, signature=signature(),
+                                           input_example=INPUT_EXAMPLE, pip_requirements=PIP_REQUIREMENTS)
+    tags = {"data": str(data), "code_commit": str(commit), "head_model_sha256": reference["sha256"],
+            "head_model_kind": reference["kind"], **{k: v for k, v in runs.items()},
+            "has_transfer": str("transfer" in found)}
+    tags.update({f"metrics.{k}": f"{v:.6g}" for k, v in run.data.metrics.items()})
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": int(version.version), "alias": alias, "model_uri": info.model_uri,
+            "registered_uri": f"models:/{name}/{version.version}", "run_id": run_id, "tags": tags}
+
+
+# -- promotion ----------------------------------------------------------------------------------
+def load_gate(path: str | os.PathLike | None = None) -> dict:
+    """The gate config: ``protocol`` and ``thresholds`` {metric: {min: x} | {max: x}}."""
+    path = Path(path) if path else DEFAULT_GATE
+    if not path.is_file():
+        raise FileNotFoundError(f"gate config not found: {path}")
+    gate = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(gate.get("thresholds"), dict) or not gate["thresholds"]:
+        raise ValueError(f"gate config {path}: needs a non-empty 'thresholds' mapping")
+    for metric, rule in gate["thresholds"].items():
+        if not isinstance(rule, dict) or not set(rule) <= {"min", "max"} or not rule:
+            raise ValueError(f"gate config {path}: threshold {metric!r} must be {{min: x}} and/or {{max: x}}")
+    gate.setdefault("protocol", "self")
+    return gate
+
+
+def check_gate(metrics: dict[str, float], gate: dict) -> list[str]:
+    """The failures (empty: passes): one line per metric that is missing, NaN, or out of bounds."""
+    failures = []
+    for metric, rule in gate["thresholds"].items():
+        value = metrics.get(metric)
+        if value is None or not np.isfinite(value):
+            failures.append(f"{metric}: no value (evaluate this version with protocol {gate['protocol']!r})")
+            continue
+        if "min" in rule and value < rule["min"]:
+            failures.append(f"{metric} = {value:.4g} < min {rule['min']}")
+        if "max" in rule and value > rule["max"]:
+            failures.append(f"{metric} = {value:.4g} > max {rule['max']}")
+    return failures
+
+
+def version_metrics(name: str, version: int | str, protocol: str) -> dict[str, float]:
+    """Evaluation metrics stored on a version (tags ``eval.<protocol>.<metric>``)."""
+    mv = mlflow.MlflowClient().get_model_version(name, str(version))
+    prefix = f"{EVAL_TAG}.{protocol}."
+    out = {}
+    for k, v in mv.tags.items():
+        if k.startswith(prefix):
+            try:
+                out[k[len(prefix):]] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
+def promote(name: str, version: int | str, alias: str = "champion", gate_path: str | os.PathLike | None = None) -> dict:
+    """Move ``alias`` to ``version`` when its evaluation passes the gate; GateRefused otherwise."""
+    client = mlflow.MlflowClient()
+    gate = load_gate(gate_path)
+    client.get_model_version(name, str(version))            # raises when it does not exist
+    metrics = version_metrics(name, version, gate["protocol"])
+    failures = check_gate(metrics, gate)
+    if failures:
+        client.set_model_version_tag(name, str(version), f"gate.{alias}", "refused: " + "; ".join(failures))
+        raise GateRefused(f"{name} version {version} not promoted to @{alias}: " + "; ".join(failures))
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), f"gate.{alias}", "passed")
+    return {"name": name, "version": int(version), "alias": alias, "protocol": gate["protocol"],
+            "checked": {m: metrics[m] for m in gate["thresholds"]}}
+
+
+def record_evaluation(name: str, version: int | str, protocol: str, metrics: dict[str, float], run_id: str) -> None:
+    """Store an evaluation's metrics on a model version (what the gate reads)."""
+    client = mlflow.MlflowClient()
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            client.set_model_version_tag(name, str(version), f"{EVAL_TAG}.{protocol}.{k}", f"{v:.6g}")
+    client.set_model_version_tag(name, str(version), f"{EVAL_TAG}.{protocol}.run_id", run_id)
+
+
+def resolve_version(uri: str) -> tuple[str, str] | None:
+    """(name, version) of a ``models:/name/N`` or ``models:/name@alias`` URI; None otherwise."""
+    if not uri.startswith("models:/"):
+        return None
+    rest = uri[len("models:/"):]
+    client = mlflow.MlflowClient()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, client.get_model_version_by_alias(name, alias).version
+    if "/" in rest:
+        name, version = rest.split("/", 1)
+        if version.isdigit():
+            return name, version
+    return None
+
+
+def load_reenactor(model: str, head_model: str | None = None) -> tuple[Reenactor, dict]:
+    """A :class:`Reenactor` from a local package folder or a ``models:/`` URI (its package
+    downloaded), with a description of what was loaded."""
+    if model.startswith(("models:/", "runs:/")):
+        from models.head.smplx_file import ENV_VAR
+        if head_model is not None:
+            os.environ[ENV_VAR] = str(head_model)
+        loaded = mlflow.pyfunc.load_model(model)          # load_context checks the head model
+        desc = {"model": model, "model_id": loaded.metadata.model_id}
+        ver = resolve_version(model)
+        if ver:
+            desc.update(name=ver[0], version=int(ver[1]))
+        return loaded.unwrap_python_model().reenactor, desc
+    folder = Path(model)
+    read_package_meta(folder)
+    return Reenactor.from_package(folder, head_model), {"model": str(folder), "package": str(folder)}
+
+
+def tracking_from(tracking_uri: str | None = None, store: str | None = None) -> str:
+    """Set the tracking (and registry) URI: ``tracking_uri``, else the embedded store of a run
+    folder ``store`` (``sqlite:///STORE/mlflow.db``), else ``$MLFLOW_TRACKING_URI``."""
+    from training.logging import local_store
+    if tracking_uri is None and store is not None:
+        tracking_uri = local_store(store)[0]
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise ValueError("no MLflow store: give --tracking-uri, --store RUN_FOLDER or set MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    return tracking_uri
+
+
+def copy_package(model_uri: str, out: str | os.PathLike) -> Path:
+    """Download a registered model's package folder (for inspection)."""
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri.rstrip("/") + "/artifacts/package")
+    return Path(shutil.copytree(local, out, dirs_exist_ok=True))
