@@ -1,0 +1,136 @@
+"""Registry handoff on a real MLflow sqlite store: register, alias, gate, fresh-process load and
+run, head-model hash check. Tiny untrained models (real classes) stand in for trained ones."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from expportrait.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import log_training_run, tiny_corpus, tiny_exports  # noqa: E402
+
+NAME = "expportrait"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, head, synthetic_model_path):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tiny_exports(root / "train", head)
+    run_id = log_training_run(uri, root / "train")
+    corpus = tiny_corpus(root / "corpus", synthetic_model_path)
+    return {"root": root, "uri": uri, "run_id": run_id, "corpus": corpus}
+
+
+def _cli(capsys, *args) -> tuple[int, dict]:
+    rc = main([str(a) for a in args])
+    return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def registered(store):
+    from expportrait.reenactment import InferenceSettings
+    from expportrait.registry import register, tracking_from
+    tracking_from(store["uri"])
+    return register(store["run_id"], NAME, "candidate", inference=InferenceSettings(size=64, window=5, overlap=2, steps=2))
+
+
+def test_register_sets_alias_tags_signature_and_no_head_model_file(store, registered):
+    import mlflow
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version_by_alias(NAME, "candidate")
+    assert int(mv.version) == registered["version"]
+    assert mv.tags["data"] == "synthetic-test-corpus" and mv.tags["metrics.train_loss"] == "0.5"
+    assert len(mv.tags["code_commit"]) == 40 and len(mv.tags["head_model_sha256"]) == 64
+    info = mlflow.models.get_model_info(f"models:/{NAME}@candidate")
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["source", "driving", "out"]
+    assert {p.name for p in info.signature.params.params} >= {"steps", "side_by_side", "paste_back"}
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate"))
+    assert (local / "input_example.json").is_file()
+    package = local / "artifacts" / "package"
+    meta = json.loads((package / "package.json").read_text())
+    assert meta["head_model"]["sha256"] == mv.tags["head_model_sha256"]
+    assert {"generator", "codec", "transfer"} <= set(meta["parts"])
+    assert not list(package.rglob("*.npz")), "the head model file must never be packed"
+
+
+def test_gate_refuses_and_names_the_metric_then_promotes(store, registered, tmp_path, capsys):
+    from expportrait.registry import record_evaluation
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("protocol: self\nthresholds:\n  psnr: {min: 10.0}\n  jitter_ratio: {max: 3.0}\n")
+    v = registered["version"]
+    rc, out = _cli(capsys, "promote", "--name", NAME, "--version", v, "--alias", "champion", "--gate", gate,
+                   "--tracking-uri", store["uri"])
+    assert rc == 2 and out["error"] == "GateRefused" and "psnr: no value" in out["message"]
+    record_evaluation(NAME, v, "self", {"psnr": 7.5, "jitter_ratio": 1.2}, run_id="r")
+    rc, out = _cli(capsys, "promote", "--name", NAME, "--version", v, "--alias", "champion", "--gate", gate,
+                   "--tracking-uri", store["uri"])
+    assert rc == 2 and "psnr = 7.5 < min 10" in out["message"] and "jitter_ratio" not in out["message"]
+    import mlflow
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")
+    record_evaluation(NAME, v, "self", {"psnr": 12.0, "jitter_ratio": 1.2}, run_id="r")
+    rc, out = _cli(capsys, "promote", "--name", NAME, "--version", v, "--alias", "champion", "--gate", gate,
+                   "--tracking-uri", store["uri"])
+    assert rc == 0 and out["checked"] == {"psnr": 12.0, "jitter_ratio": 1.2}
+    assert str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version) == str(v)
+
+
+FRESH = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/expportrait@champion")
+rows = pd.DataFrame([{"source": sys.argv[1], "driving": sys.argv[2], "out": sys.argv[3]},
+                     {"source": sys.argv[1], "driving": sys.argv[4], "out": sys.argv[5]}])
+out = model.predict(rows, params={"side_by_side": True})
+print(json.dumps(out.to_dict("records")))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_process_loads_champion_and_runs_on_cpu(store, registered, tmp_path):
+    from expportrait.registry import promote
+    import mlflow
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("protocol: cross\nthresholds:\n  csim_sface: {min: -1.0}\n")
+    from expportrait.registry import record_evaluation
+    record_evaluation(NAME, registered["version"], "cross", {"csim_sface": 0.1}, run_id="r")
+    promote(NAME, registered["version"], "champion", gate)
+    clips = store["corpus"] / "clips"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", FRESH, clips / "id000_clip00.npz", clips / "id001_clip00.npz",
+                           tmp_path / "out.mp4", tmp_path / "missing.mp4", tmp_path / "bad.mp4"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok, bad = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ok["status"] == "ok" and ok["frames"] == 9, ok
+    import av
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+    assert (tmp_path / "out_side_by_side.mp4").is_file()
+    assert bad["status"] == "failed" and "missing.mp4" in bad["message"]
+    assert str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version) == str(registered["version"])
+
+
+def test_mismatched_head_model_refuses_to_load(store, registered, tmp_path, synthetic_model_path, monkeypatch):
+    import mlflow
+    from expportrait.reenactment import HeadModelMismatchError
+    with np.load(synthetic_model_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["shapedirs"] = arrays["shapedirs"] * 1.01            # another head model, same layout
+    other = tmp_path / "SMPLX_NEUTRAL.npz"
+    np.savez(other, **arrays)
+    monkeypatch.setenv("EXPPORTRAIT_SMPLX_PATH", str(other))
+    with pytest.raises(HeadModelMismatchError, match="is not the one this model was trained with"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
