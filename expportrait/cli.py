@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from .commands import demo, fit, head, synth, transfer, video
-from .commands import promote, register
+from .commands import evaluate, promote, register
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     transfer.add_parser(sub)
     demo.add_parser(sub)
-    for command in (register, promote):      # registry handoff
+    for command in (register, promote, evaluate):      # registry handoff, evaluation
         command.add_parser(sub)
     return parser
 
