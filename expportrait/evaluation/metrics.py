@@ -49,10 +49,10 @@ def temporal_jitter(frames: np.ndarray, reference: np.ndarray | None = None) -> 
     units; steady motion scores 0, frame-to-frame flicker high). With a ``reference`` video of
     the same motion (the ground truth or the driver), also its own score and the ratio."""
     def score(x: np.ndarray) -> float:
-        v = _unit(x)
-        if v.shape[0] < 3:
+        if len(x) < 3:
             return float("nan")
-        return float((v[2:] - 2 * v[1:-1] + v[:-2]).abs().mean())
+        v = x.astype(np.int32)                       # exact on uint8 input
+        return float(np.abs(v[2:] - 2 * v[1:-1] + v[:-2]).mean() / 255.0)
     out = {"jitter": score(frames)}
     if reference is not None:
         out["jitter_reference"] = score(reference)
