@@ -41,6 +41,10 @@ class ClipFit:
                 "max_landmark_error_pct": float(np.nanmax(qc["landmark_error_pct"])),
                 "median_jitter_mm": float(np.median(qc["jitter_mm"])),
             })
+            if "photometric_residual" in qc:
+                out["median_photometric_residual"] = float(np.median(qc["photometric_residual"]))
+                out["median_photometric_residual_no_dynamic"] = float(
+                    np.median(qc["photometric_residual_no_dynamic"]))
         total = sum(self.seconds.values())
         if self.fit is not None and total > 0:
             out["fps"] = len(self.fit.frame_status) / total
@@ -68,7 +72,8 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
                static_offsets=None) -> ClipFit:
     """Track and fit RGB frames (T, H, W, 3). Never raises for a face-less clip: the status
     says what happened. ``estimator`` (see :mod:`preprocessing.estimators`) adds depth and
-    normal targets from the crops; ``betas``/``static_offsets`` reuse an identity."""
+    normal targets from the crops; ``betas``/``static_offsets`` reuse an identity. The crops
+    and their validity masks go to the fitter's photometric stage (no estimator needed)."""
     tracker = tracker or FaceTracker()
     seconds = {}
     t0 = time.perf_counter()
@@ -90,7 +95,8 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
                  "normals": None if est.normals is None else torch.as_tensor(est.normals).float() * inside[..., None],
                  "depth_is_metric": est.metric}
     inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size),
-                       landmark_weights=landmark_weights(track), K=K, **dense)
+                       landmark_weights=landmark_weights(track), K=K,
+                       images=torch.as_tensor(track.crops), valid=torch.as_tensor(track.valid), **dense)
     t0 = time.perf_counter()
     result = fitter.fit(inputs, betas=betas, static_offsets=static_offsets)
     seconds["fit"] = time.perf_counter() - t0

@@ -8,7 +8,13 @@ All frames are optimized jointly and vectorized (no per-frame Python loops in th
 3. static offsets Δg (per identity): Laplacian and magnitude terms, heavier on the face so the
    face detail is left to Δf;
 4. dynamic offsets Δf per frame (face region): zero-mean over the clip by construction,
-   Laplacian, magnitude and temporal terms.
+   Laplacian, magnitude and temporal terms;
+5. photometric (when the frames are given, no estimator needed): shape from shading with
+   per-frame SH lighting and a per-identity albedo refines Δg and Δf as height fields along
+   the normal (:mod:`preprocessing.photometric`), on top of any depth/normal targets.
+
+Device: ``FitConfig.device`` ("auto": cuda when the process sees a GPU, e.g. a Ray worker that
+reserved one, else cpu); the fit runs there and its result comes back on the CPU.
 
 Data terms: iBUG-68 landmarks (robust, contour down-weighted) and, when target maps exist
 (exact ones in the synthetic world; a pluggable estimator for real video), depth and normal
@@ -21,9 +27,12 @@ below the neck stays still in the camera frame except for that translation.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import copy
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,6 +77,15 @@ class FitConfig:
     fov_deg: float = 20.0           # when intrinsics are unknown
     diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
     seed: int = 0
+    photometric: bool = True        # shape from shading for Δg/Δf when frames are given
+    photo_rounds: int = 3
+    photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
 
 @dataclass
@@ -79,6 +97,8 @@ class FitInputs:
     depth: Tensor | None = None       # (T, H, W) target camera depth, 0 where unknown
     normals: Tensor | None = None     # (T, H, W, 3) target camera-space normals (OpenCV)
     depth_is_metric: bool = True      # False: relative depth, scaled to the head after stage 1
+    images: Tensor | None = None      # (T, H, W, 3) frames (uint8 or [0, 1]) for the photometric stage
+    valid: Tensor | None = None       # (T, H, W) pixels inside the source frame (crops)
 
     @property
     def num_frames(self) -> int:
@@ -128,21 +148,41 @@ def face_size(landmarks: Tensor) -> Tensor:
 
 class Fitter:
     def __init__(self, head: PersonalizedHead, config: FitConfig | None = None) -> None:
-        self.head = head
-        self.lm_head = head.landmark_model()
+        from .photometric import PhotometricConfig, PhotometricSolver
         self.config = config or FitConfig()
-        self.lap = head.laplacian()
-        face = torch.zeros(head.num_vertices)
-        face[head.face_vertex_ids] = 1.0
-        self.face_weight = face
-        # Faces around the face region: the normal terms need only these.
-        self.normal_faces = head.faces[(face[head.faces] > 0).any(1)]
+        self.device = self.config.resolved_device()
+        if self.device.type != "cpu":       # the caller's head stays where it is (it also renders)
+            head = copy.deepcopy(head).to(self.device)
+        self.head = head
+        with torch.device(self.device):
+            self.lm_head = head.landmark_model()
+            self.lap = head.laplacian()
+            face = torch.zeros(head.num_vertices)
+            face[head.face_vertex_ids] = 1.0
+            self.face_weight = face
+            # Faces around the face region: the normal terms need only these.
+            self.normal_faces = head.faces[(face[head.faces] > 0).any(1)]
+            self.photometric = PhotometricSolver(head, PhotometricConfig(rounds=self.config.photo_rounds))
 
-    # ------------------------------------------------------------------------------------------
     def fit(self, inputs: FitInputs, betas: Tensor | None = None,
             static_offsets: Tensor | None = None, fit_offsets: bool = True) -> FitResult:
         """Fit a clip. ``betas``/``static_offsets`` from another clip of the same identity are
-        kept fixed when given (the identity is shared)."""
+        kept fixed when given (the identity is shared). Runs on ``config.device`` with every
+        frame batched; the result is on the CPU."""
+        dev = self.device
+        move = lambda x: x.to(dev) if isinstance(x, Tensor) else x
+        inputs = FitInputs(**{k: move(getattr(inputs, k)) for k in inputs.__dataclass_fields__})
+        with torch.device(dev):
+            result = self._fit(inputs, move(betas), move(static_offsets), fit_offsets)
+        if dev.type == "cpu":
+            return result
+        cpu = lambda x: x.cpu()
+        return dataclasses.replace(result, params=result.params.map(cpu), static_offsets=result.static_offsets.cpu(),
+                                   dynamic_offsets=result.dynamic_offsets.cpu(), camera=result.camera.to("cpu"))
+
+    # ------------------------------------------------------------------------------------------
+    def _fit(self, inputs: FitInputs, betas: Tensor | None, static_offsets: Tensor | None,
+             fit_offsets: bool) -> FitResult:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         t = inputs.num_frames
@@ -236,8 +276,17 @@ class Fitter:
             static = static_offsets.clone() if static_offsets is not None else torch.zeros(self.head.num_vertices, 3)
             dynamic = torch.zeros(t, self.head.num_face_vertices, 3)
         params = params.map(lambda x: x.detach())
+        photo = None
+        if fit_offsets and cfg.photometric and inputs.images is not None:
+            t0 = time.perf_counter()
+            static, dynamic, photo = self.fit_photometric(params, camera, inputs, static, dynamic,
+                                                          fit_static=static_offsets is None and cfg.photo_static)
+            timings["photometric"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         qc, status = self._quality(params, static, dynamic, camera, inputs, lmk, w_lmk, size)
+        if photo is not None:
+            qc["photometric_residual"] = photo.residual.cpu().numpy()
+            qc["photometric_residual_no_dynamic"] = photo.residual_no_dynamic.cpu().numpy()
         timings["quality"] = time.perf_counter() - t0
         return FitResult(params=params, static_offsets=static.detach(), dynamic_offsets=dynamic.detach(),
                          camera=camera, qc=qc, frame_status=status, stage_seconds=timings,
@@ -293,6 +342,25 @@ class Fitter:
         history["static"], history["dynamic"] = hist_s, hist_d
         timings["static"], timings["dynamic"] = t_static, t_dynamic
         return static, dyn, timings, history
+
+    def fit_photometric(self, params: HeadParams, camera: Camera, inputs: FitInputs, static: Tensor,
+                        dynamic: Tensor, fit_static: bool = True):
+        """Stage 5: Δg and Δf refined by shape from shading (heights along the neutral normal)
+        with shape, expression and pose fixed. Returns (Δg, Δf zero-mean, PhotometricResult)."""
+        images = inputs.images
+        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        valid = None if inputs.valid is None else inputs.valid.bool()
+        base, rots = self.head.offset_map(params)
+        # The Δf already found (depth targets) is part of the base the shading refines.
+        base = base.clone()
+        ids = self.head.face_vertex_ids
+        base[:, ids] += (rots[:, ids] @ dynamic[..., None])[..., 0]
+        solver = self.photometric
+        res = solver.solve(base, rots, camera, images, valid, params.betas, static, fit_static=fit_static)
+        _, n_can, _ = solver.neutral_frame(params.betas, static)
+        d_static, d_dyn = solver.offsets(res, n_can, self.head.num_vertices)
+        dyn = dynamic + d_dyn
+        return static + d_static, dyn - dyn.mean(0, keepdim=True), res
 
     def _depth_system(self, verts: Tensor, rots: Tensor, camera: Camera, inputs: FitInputs,
                       visible: Tensor):
@@ -399,9 +467,9 @@ class Fitter:
             if inputs.num_frames > 2:
                 acc = (face[2:] - 2 * face[1:-1] + face[:-2]).norm(dim=-1).mean(-1)
                 jitter[1:-1] = acc
-            qc = {"landmark_error_px": err_px.numpy(), "landmark_error_pct": err_pct.numpy(),
-                  "jitter_mm": (jitter * 1000).numpy(),
-                  "landmarks_found": (w_lmk.sum(1) > 0).numpy()}
+            qc = {"landmark_error_px": err_px.cpu().numpy(), "landmark_error_pct": err_pct.cpu().numpy(),
+                  "jitter_mm": (jitter * 1000).cpu().numpy(),
+                  "landmarks_found": (w_lmk.sum(1) > 0).cpu().numpy()}
             if inputs.depth is not None:
                 d, nr = [], []
                 for s in range(0, inputs.num_frames, 16):
@@ -411,9 +479,9 @@ class Fitter:
                     d.append(r["depth"])
                     if "normal" in r:
                         nr.append(r["normal"])
-                qc["depth_residual_mm"] = (torch.cat(d) * 1000).numpy()
+                qc["depth_residual_mm"] = (torch.cat(d) * 1000).cpu().numpy()
                 if nr:
-                    qc["normal_residual"] = torch.cat(nr).numpy()
+                    qc["normal_residual"] = torch.cat(nr).cpu().numpy()
         status = []
         for i in range(inputs.num_frames):
             e = qc["landmark_error_pct"][i]
