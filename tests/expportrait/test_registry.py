@@ -134,3 +134,21 @@ def test_mismatched_head_model_refuses_to_load(store, registered, tmp_path, synt
     monkeypatch.setenv("EXPPORTRAIT_SMPLX_PATH", str(other))
     with pytest.raises(HeadModelMismatchError, match="is not the one this model was trained with"):
         mlflow.pyfunc.load_model(f"models:/{NAME}@candidate")
+
+
+@pytest.mark.slow
+def test_evaluating_a_registered_version_stores_what_the_gate_reads(store, registered, tmp_path, capsys):
+    from expportrait.registry import check_gate, load_gate, version_metrics
+    rc, res = _cli(capsys, "evaluate", "--model", f"models:/{NAME}/{registered['version']}", "--protocol", "self",
+                   "--data", store["corpus"], "--out", tmp_path / "eval", "--max-pairs", 1, "--max-frames", 5,
+                   "--no-dlib", "--no-motion", "--tracking-uri", store["uri"])
+    assert rc == 0, res
+    stored = version_metrics(NAME, registered["version"], "self")
+    assert stored["psnr"] == pytest.approx(res["model"]["psnr"], rel=1e-5)
+    assert stored["l1"] == pytest.approx(res["model"]["l1"], rel=1e-5)
+    gate = load_gate(Path(__file__).parents[2] / "configs" / "registry" / "gate.yaml")
+    failures = check_gate(stored, gate)          # an untrained model cannot pass the production gate
+    assert any(f.startswith("psnr") for f in failures)
+    rc, out = _cli(capsys, "promote", "--name", NAME, "--version", registered["version"], "--alias", "prod",
+                   "--tracking-uri", store["uri"])
+    assert rc == 2 and "psnr" in out["message"]
