@@ -2,7 +2,8 @@
 
 ``python -m training.export --checkpoint CKPT --out DIR`` exports the EMA weights of a
 checkpoint: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder (whose client state
-holds the EMA callback's state). ``ExpressionTransfer.from_pretrained(DIR)`` loads them.
+holds the EMA callback's state), of the task named by the checkpoint's ``_class_path``.
+``ExpressionTransfer.from_pretrained(DIR)`` / ``NormalDrivenWan.from_pretrained(DIR)`` load them.
 """
 from __future__ import annotations
 
@@ -18,15 +19,22 @@ def export_pretrained(module: ModelMixin, weights: dict[str, torch.Tensor] | Non
     """Save a copy of ``module`` with ``weights`` (e.g. the EMA) replacing its parameters;
     buffers (such as the canonical vertices) come from ``module``."""
     out = Path(out)
-    copy = type(module).from_config(module.config)
     state = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
     if weights:
-        missing = set(dict(module.named_parameters())) - set(weights)
+        missing = {n for n, p in module.named_parameters() if p.requires_grad} - set(weights)
         if missing:
             raise KeyError(f"the weights lack {sorted(missing)[:5]}...")
         state.update({k: v.detach().float().cpu() for k, v in weights.items()})
-    copy.load_state_dict(state)
-    copy.save_pretrained(out, safe_serialization=True)
+    if isinstance(module, ModelMixin):
+        copy = type(module).from_config(module.config)
+        copy.load_state_dict(state)
+        copy.save_pretrained(out, safe_serialization=True)
+        return out
+    # a composite module with its own save_pretrained (e.g. the generator's NormalDrivenWan)
+    import copy as _copy
+    clone = _copy.deepcopy(module).float().cpu()
+    clone.load_state_dict(state)
+    clone.save_pretrained(out)
     return out
 
 
@@ -44,10 +52,12 @@ def load_checkpoint_state(path: str | Path) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
     """Rebuild the task from the checkpoint's hyperparameters and export (EMA) weights."""
-    from training.tasks.transfer import TransferTask
+    import importlib
     state = load_checkpoint_state(checkpoint)
-    hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}   # CLI's _class_path
-    task = TransferTask(**hparams)
+    path = state["hyper_parameters"].get("_class_path", "training.tasks.transfer.TransferTask")   # the CLI's
+    module_name, _, cls_name = path.rpartition(".")
+    hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
+    task = getattr(importlib.import_module(module_name), cls_name)(**hparams)
     weights = state.get("state_dict") or state.get("module")
     if weights is not None:
         task.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()}, strict=False)

@@ -6,10 +6,11 @@ from .flavors import FLAVORS, GeneratorFlavor, check_video_shape, flavor, latent
 from .flow import (condition_keep, flow_matching_loss, noisy_and_target, sample, sample_sigmas, shift_sigma,
                    timestep_of)
 from .model import NormalDrivenWan, i2v_mask, widen_patch_embedding
+from .pipeline import generate_video
 from .weights import WeightsFolderError, check_weights_folder
 
 __all__ = ["FLAVORS", "TINY_VAE", "DrivingNormalEncoder", "GeneratorConditioning", "GeneratorFlavor", "LatentCodec",
            "NormalDrivenWan", "ReferenceNormalEncoder", "WeightsFolderError", "check_video_shape",
-           "check_weights_folder", "condition_keep", "flavor", "flow_matching_loss", "i2v_mask", "latent_shape",
+           "check_weights_folder", "condition_keep", "flavor", "flow_matching_loss", "generate_video", "i2v_mask", "latent_shape",
            "noisy_and_target", "sample", "sample_sigmas", "shift_sigma", "timestep_of", "to_pixels", "to_unit_video", "token_grid", "vae_loss",
            "widen_patch_embedding"]

@@ -1,0 +1,266 @@
+"""The generator (``tiny_cpu``) trained on a synthetic corpus, evaluated on held-out identities.
+
+    python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
+        --frames 48 --size 64] [--codec-steps 800] [--train-steps 1500 --train-minutes 20]
+        [--window 5 --stride 5] [--reuse]
+
+1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
+   (``training.data.truth_shards``: frames + the true head's normal maps, 24-frame samples).
+2. The tiny codec: a tiny ``AutoencoderKLWan`` trained on the *training* shards
+   (``python -m training.tasks.generator codec``), timed separately (``codec_minutes``).
+3. The generator through the platform's CLI (``python -m training.train fit --config
+   configs/train/dit_tiny_cpu.yaml``), capped at ``--train-minutes`` (Lightning's ``max_time``);
+   the EMA export is what is evaluated. Driving normals in training: the shards' own (the exact
+   head's; no transfer module in this benchmark, see the config).
+4. On the *test* identities (never read in training), every window of ``--window`` frames
+   every ``--stride`` frames at a few start frames: PSNR and SSIM (torchmetrics, data range
+   [-1, 1]) of frames 1.. against the ground truth for
+   - ``model``: the generator from the reference frame (frame 0) and the window's normals;
+   - ``copy``: the reference frame repeated;
+   - ``shuffled``: the generator driven by another test clip's normals (another identity);
+   - ``codec``: the ground truth through the codec (encode + decode): the ceiling of any
+     generator on this codec.
+
+Last line one JSON object: ``psnr_gain_db`` (model − copy, target ≥ 3), ``shuffled_drop_db``
+(model − shuffled, target ≥ 2), ``train_minutes`` (≤ 20), ``train_samples_per_s``,
+``sample_seconds_per_frame``, the load average of the host during the run, ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def log(msg: str) -> None:
+    print(f"[generator-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# -- data -------------------------------------------------------------------------------------
+def make_corpus(work: Path, args) -> Path:
+    from expportrait.assets import synthetic_model_file
+    from preprocessing.synthetic.world import WorldConfig, generate_corpus
+    corpus = work / "corpus"
+    config = WorldConfig(identities=args.identities, clips_per_identity=args.clips, frames=args.frames,
+                         size=args.size, seed=args.seed)
+    meta = corpus / "world.json"
+    if meta.is_file():
+        saved = json.loads(meta.read_text())["config"]
+        if all(saved[k] == getattr(config, k) for k in ("identities", "clips_per_identity", "frames", "size", "seed")):
+            log(f"corpus: reusing {corpus}")
+            return corpus
+    for stale in (corpus, work / "shards", work / "codec", work / "train"):
+        shutil.rmtree(stale, ignore_errors=True)
+    t0 = time.perf_counter()
+    generate_corpus(corpus, config, synthetic_model_file(0), progress=False)
+    log(f"corpus: {args.identities} identities x {args.clips} clips x {args.frames} frames at {args.size}² "
+        f"in {time.perf_counter() - t0:.0f} s")
+    return corpus
+
+
+def make_shards(work: Path, corpus: Path) -> Path:
+    from training.data.truth_shards import write_truth_shards
+    out = work / "shards"
+    if not ((out / "shards").is_dir() and any((out / "shards").glob("*.done.json"))):
+        t0 = time.perf_counter()
+        counts = write_truth_shards(corpus, out, segment_frames=24, clips_per_shard=2)
+        log(f"truth shards {counts} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def run(cmd: list[str], what: str) -> float:
+    """Run a command from the repo root; its wall time in minutes (process start included)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    minutes = (time.perf_counter() - t0) / 60
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return minutes
+
+
+def train_codec(work: Path, shards: Path, args) -> tuple[Path, float | None]:
+    out = work / "codec"
+    if args.reuse and (out / "config.json").is_file():
+        log(f"codec: reusing {out}")
+        return out, None
+    shutil.rmtree(out, ignore_errors=True)
+    minutes = run([sys.executable, "-m", "training.tasks.generator", "codec", "--shards", str(shards), "--out",
+                   str(out), "--steps", str(args.codec_steps), "--frames", str(args.window), "--frame-stride",
+                   str(args.stride), "--base-dim", str(args.codec_dim), "--lr", str(args.codec_lr)], "codec training")
+    last = json.loads((out / "training.json").read_text())["history"][-1]
+    log(f"codec: {args.codec_steps} steps in {minutes:.1f} min, last train-batch PSNR {last['psnr_db']:.1f} dB")
+    return out, minutes
+
+
+def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, float | None, int]:
+    out = work / "train"
+    export = out / "export" / "ema"
+    if args.reuse and (export / "generator.json").is_file():
+        log(f"generator: reusing {export}")
+        return export, None, 0
+    shutil.rmtree(out, ignore_errors=True)
+    cap = int(args.train_minutes * 60)
+    cmd = [sys.executable, "-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml",
+           "--out", str(out), "--data.init_args.root", str(shards), "--model.init_args.codec", str(codec),
+           "--model.init_args.frames", str(args.window), "--model.init_args.frame_stride", str(args.stride),
+           "--trainer.max_steps", str(args.train_steps),
+           "--trainer.max_time", f"00:00:{cap // 60:02d}:{cap % 60:02d}",
+           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", "dit_tiny_cpu_bench",
+           *args.train_arg]
+    minutes = run(cmd, "generator training")
+    import torch
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    steps, batch = int(ckpt["global_step"]), int(ckpt["datamodule_hyper_parameters"]["batch_size"])
+    log(f"generator: {steps} steps of {batch} samples in {minutes:.1f} min (incl. process start) -> {export}")
+    return export, minutes, steps * batch
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def test_windows(shards: Path, window: int, stride: int, starts: list[int]) -> list[dict]:
+    """Every test sample's windows: frames and normals (3, F, H, W) in [-1, 1], clip id."""
+    import torch
+
+    from training.data.shards import ShardDataset, shard_urls
+    from training.tasks.generator import unit
+    urls = shard_urls(shards, "test")
+    total = sum(json.loads(Path(u).with_name(Path(u).stem + ".done.json").read_text())["samples"] for u in urls)
+    ds = ShardDataset(urls, total, resampled=False, rank=0, world_size=1, fields=("frames", "normals"))
+    out, span = [], (window - 1) * stride + 1
+    for s in ds:
+        for start in starts:
+            if start + span > s["frames"].shape[0]:
+                continue
+            ids = torch.arange(window) * stride + start
+            out.append({"clip": s["key"].rsplit("_s", 1)[0], "identity": s["identity_id"],
+                        "video": unit(s["frames"][ids][None])[0], "normals": unit(s["normals"][ids][None])[0]})
+    return out
+
+
+def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, batch: int, seed: int) -> dict:
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from models.generator import LatentCodec, NormalDrivenWan, generate_video
+
+    model = NormalDrivenWan.from_pretrained(export).eval()
+    codec = LatentCodec.from_pretrained(codec_dir).eval()
+    n = len(windows)
+    # shuffled: each window driven by the normals of a window of another identity (a fixed derangement)
+    if len({w["identity"] for w in windows}) < 2:
+        raise ValueError("the shuffled-normals baseline needs >= 2 test identities (use more --identities)")
+    others = [next(j for k in range(1, n) for j in [(i + k * 7) % n] if windows[j]["identity"] != windows[i]["identity"])
+              for i in range(n)]
+    scores = {k: {"psnr": [], "ssim": []} for k in ("model", "copy", "shuffled", "codec")}
+    sample_seconds, frames_sampled = 0.0, 0
+
+    def score(name: str, pred: torch.Tensor, truth: torch.Tensor) -> None:
+        for p, t in zip(pred, truth):                         # (3, F, H, W): frames 1.. as a batch of images
+            p1, t1 = p[:, 1:].transpose(0, 1).clamp(-1, 1), t[:, 1:].transpose(0, 1)
+            scores[name]["psnr"].append(float(peak_signal_noise_ratio(p1, t1, data_range=2.0)))
+            scores[name]["ssim"].append(float(structural_similarity_index_measure(p1, t1, data_range=2.0)))
+
+    for b0 in range(0, n, batch):
+        idx = list(range(b0, min(n, b0 + batch)))
+        video = torch.stack([windows[i]["video"] for i in idx])
+        normals = torch.stack([windows[i]["normals"] for i in idx])
+        shuffled = torch.stack([windows[others[i]]["normals"] for i in idx])
+        ref = video[:, :, 0]
+        g = torch.Generator().manual_seed(seed + b0)
+        t0 = time.perf_counter()
+        gen = generate_video(model, codec, ref, normals, normals[:, :, 0], steps=steps, generator=g)
+        sample_seconds += time.perf_counter() - t0
+        frames_sampled += gen.shape[0] * gen.shape[2]
+        g = torch.Generator().manual_seed(seed + b0)
+        shuf = generate_video(model, codec, ref, shuffled, normals[:, :, 0], steps=steps, generator=g)
+        with torch.no_grad():
+            recon = codec.decode(codec.encode(video))
+        score("model", gen, video)
+        score("shuffled", shuf, video)
+        score("copy", ref[:, :, None].expand_as(video), video)
+        score("codec", recon, video)
+    mean = lambda v: sum(v) / len(v)   # noqa: E731
+    return {"windows": n, "identities": sorted({w["identity"] for w in windows}),
+            "psnr_db": {k: mean(v["psnr"]) for k, v in scores.items()},
+            "ssim": {k: mean(v["ssim"]) for k, v in scores.items()},
+            "sample_seconds_per_frame": sample_seconds / max(frames_sampled, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="outputs/bench/generator")
+    p.add_argument("--identities", type=int, default=24)
+    p.add_argument("--clips", type=int, default=2)
+    p.add_argument("--frames", type=int, default=48)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
+    p.add_argument("--stride", type=int, default=5, help="every stride-th frame")
+    p.add_argument("--codec-steps", type=int, default=800)
+    p.add_argument("--codec-dim", type=int, default=8)
+    p.add_argument("--codec-lr", type=float, default=3e-3)
+    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock cap of the generator's training")
+    p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")
+    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("--starts", default="0,3", help="window start frames within each 24-frame test sample")
+    p.add_argument("--reuse", action="store_true", help="reuse a trained codec / generator in --work")
+    args = p.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    work = (REPO / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    load_start, t_start = load(), time.perf_counter()
+    corpus = make_corpus(work, args)
+    shards = make_shards(work, corpus)
+    codec, codec_minutes = train_codec(work, shards, args)
+    load_mid = load()
+    export, train_minutes, samples = train_generator(work, shards, codec, args)
+    load_train = load()
+    windows = test_windows(shards, args.window, args.stride, [int(s) for s in args.starts.split(",")])
+    log(f"evaluating {len(windows)} test windows")
+    ev = evaluate(export, codec, windows, args.sample_steps, batch=8, seed=args.seed)
+    ps, ss = ev["psnr_db"], ev["ssim"]
+    print(f"\n{'':<10}{'PSNR dB':>9}{'SSIM':>8}   held-out identities {ev['identities']}, {ev['windows']} windows "
+          f"of {args.window} frames every {args.stride}")
+    for k in ("model", "copy", "shuffled", "codec"):
+        print(f"{k:<10}{ps[k]:>9.2f}{ss[k]:>8.3f}")
+    result = {
+        "psnr_gain_db": round(ps["model"] - ps["copy"], 3),
+        "shuffled_drop_db": round(ps["model"] - ps["shuffled"], 3),
+        "psnr_model_db": round(ps["model"], 3), "psnr_copy_db": round(ps["copy"], 3),
+        "psnr_shuffled_db": round(ps["shuffled"], 3), "psnr_codec_db": round(ps["codec"], 3),
+        "ssim_model": round(ss["model"], 4), "ssim_copy": round(ss["copy"], 4),
+        "ssim_shuffled": round(ss["shuffled"], 4), "ssim_codec": round(ss["codec"], 4),
+        "train_minutes": round(train_minutes, 2) if train_minutes is not None else None,
+        "train_samples": samples,
+        "train_samples_per_s": round(samples / (train_minutes * 60), 3) if train_minutes else None,
+        "codec_minutes": round(codec_minutes, 2) if codec_minutes is not None else None,
+        "sample_seconds_per_frame": round(ev["sample_seconds_per_frame"], 4),
+        "sample_steps": args.sample_steps, "test_windows": ev["windows"],
+        "load_avg_1min": {"start": round(load_start, 2), "after_codec": round(load_mid, 2),
+                          "after_train": round(load_train, 2), "end": round(load(), 2)},
+        "cpu_cores": os.cpu_count(), "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "targets": {"psnr_gain_db": ">= 3", "shuffled_drop_db": ">= 2", "train_minutes": "<= 20"},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

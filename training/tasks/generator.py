@@ -1,0 +1,373 @@
+"""LightningModule of the generator (the model itself: models/generator), and the tiny codec's training.
+
+A step, as the paper trains (ExpPortrait §3.3):
+
+1. a window of ``frames`` = 4k+1 frames of a shard sample, every ``frame_stride``-th frame,
+   starting at a random frame (training) or at 0 (validation); its first frame is the
+   reference image, the rest is what the model learns to generate;
+2. the **driving normals**: with ``transfer_module`` (an exported expression-transfer folder,
+   frozen), the head is re-posed with the sample's (ψ, jaw, pose, camera, β, Δg) and the Δf
+   *that module predicts* from (ψ, jaw) and the identity's neutral mesh, and rendered to normal
+   maps in the sample's cameras: the normals the generator sees at inference, where Δf always
+   comes from the module. Without one, the shards' own normal maps (rendered from the
+   fitted/true Δf) are used and the task says so in its log;
+3. clean latents: the latent sidecar's (``ShardDataModule(latents=...)``) when the batch
+   carries them and the window is the sidecar's (stride 1, start 0), else encoded on the fly by
+   the frozen codec (``codec``: a local diffusers folder of an ``AutoencoderKLWan``);
+4. flow matching: noise, σ and the target v = ε − x0 built in fp32 inside the step
+   (``models.generator.flow``), whatever dtype the precision plugin gave the batch; per-sample
+   condition dropout for guidance; the loss in fp32.
+
+Frozen parts (codec, head model, transfer module) are kept out of the module tree: they are not
+trained, not wrapped by DeepSpeed, not cast by the precision plugin, and not saved in checkpoints
+(their folders are hyperparameters). Noise, σ, dropout and the window are drawn from a generator
+seeded by (seed, step, rank), so a resumed run draws what the uninterrupted one would have.
+
+The tiny codec (``tiny_cpu``): no Wan VAE weights exist here, so :func:`train_codec` trains a
+tiny ``AutoencoderKLWan`` (``models.generator.codec.TINY_VAE``: same class, z 16, 4x time, 8x
+space) on the corpus's training shards, sets its per-channel latent statistics and saves it
+as a diffusers folder; the generator then loads it exactly as it loads the real Wan VAE::
+
+    python -m training.tasks.generator codec --shards SHARDS --out CODEC_DIR [--steps 600]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.generator import (LatentCodec, NormalDrivenWan, condition_keep, flavor as get_flavor,
+                              flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
+from models.generator.flavors import check_video_shape
+
+#: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
+GENERATOR_FIELDS = ("frames", "normals")
+RENDER_FIELDS = ("smplx", "static_offsets", "face_vertex_ids")
+
+
+def unit(images: Tensor) -> Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (video: (B, T, H, W, 3) ->
+    (B, 3, T, H, W))."""
+    x = images.float().div(127.5).sub(1.0)
+    return x.permute(0, 4, 1, 2, 3) if x.ndim == 5 else x.permute(0, 3, 1, 2)
+
+
+def resize_video(video: Tensor, size: int | None) -> Tensor:
+    """(B, 3, T, H, W) -> (B, 3, T, size, size) (antialiased bilinear); unchanged if None or equal."""
+    if size is None or video.shape[-1] == size and video.shape[-2] == size:
+        return video
+    b, c, t, h, w = video.shape
+    flat = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    flat = F.interpolate(flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return flat.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)
+
+
+class GeneratorTask(pl.LightningModule):
+    """Trains :class:`NormalDrivenWan` of flavor ``flavor`` on shards (see the module docstring).
+
+    Weights: ``pretrained`` (a ``NormalDrivenWan.save_pretrained`` folder) or ``wan_folder``
+    (an official Wan2.1 Diffusers checkpoint, ``NormalDrivenWan.from_wan``), else random.
+    ``codec``: a local ``AutoencoderKLWan`` folder (the Wan VAE, or the tiny one from
+    :func:`train_codec`; ``codec_subfolder`` e.g. ``vae``); None: a *random* tiny codec (shape
+    tests only; warns)."""
+
+    def __init__(self, flavor: str = "tiny_cpu", flavor_overrides: dict | None = None,
+                 pretrained: str | None = None, wan_folder: str | None = None,
+                 codec: str | None = None, codec_subfolder: str | None = None,
+                 transfer_module: str | None = None, head_model: str | None = None, subdivision: int = 1,
+                 frames: int = 5, frame_stride: int = 1, size: int | None = None, random_start: bool = True,
+                 lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 100, min_lr_ratio: float = 0.1,
+                 optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 5.0,
+                 p_drop_driving: float = 0.05, p_drop_reference: float = 0.05,
+                 p_drop_reference_normal: float = 0.05, gradient_checkpointing: bool = False,
+                 sample_steps: int = 20, guidance: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        overrides = dict(flavor_overrides or {})
+        f = get_flavor(flavor, **overrides)
+        if pretrained:
+            self.model = NormalDrivenWan.from_pretrained(pretrained)
+        elif wan_folder:
+            self.model = NormalDrivenWan.from_wan(wan_folder, f, dtype=torch.float32)
+        else:
+            self.model = NormalDrivenWan(f, flavor_name=flavor)
+        if gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self._frozen: dict = {"codec": None, "head": None, "transfer": None}   # out of the module tree
+        self._warned: set[str] = set()
+
+    # -- frozen parts -----------------------------------------------------------------------
+    @property
+    def codec(self) -> LatentCodec:
+        if self._frozen["codec"] is None:
+            if self.hparams.codec:
+                codec = LatentCodec.from_pretrained(self.hparams.codec, self.hparams.codec_subfolder)
+            else:
+                self._warn("codec", "no codec folder given: a random tiny Wan VAE (shape tests only; train one "
+                                    "with `python -m training.tasks.generator codec`)")
+                codec = LatentCodec.tiny(seed=0)
+            self._frozen["codec"] = codec.requires_grad_(False).eval().to(self.device)
+        return self._frozen["codec"]
+
+    def _transfer(self):
+        """(head, transfer module) when ``transfer_module`` is given, else None."""
+        if not self.hparams.transfer_module:
+            return None
+        if self._frozen["transfer"] is None:
+            from models.transfer import ExpressionTransfer
+            from training.tasks.transfer import build_head
+            self._frozen["head"] = build_head(self.hparams.head_model, self.hparams.subdivision)
+            self._frozen["transfer"] = ExpressionTransfer.from_pretrained(self.hparams.transfer_module).eval()
+            self._frozen["transfer"].requires_grad_(False)
+        return self._frozen["head"], self._frozen["transfer"]
+
+    def setup(self, stage: str) -> None:
+        if not self.hparams.transfer_module:
+            self._warn("normals", "no transfer_module: driving normals are the shards' own (rendered from the "
+                                  "fitted/true Δf), not the transfer module's Δf as the paper trains")
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=2)
+
+    @property
+    def needs_render_fields(self) -> bool:
+        return bool(self.hparams.transfer_module)
+
+    # -- batch -> model inputs --------------------------------------------------------------
+    def window(self, total: int, batch: int, generator: torch.Generator | None, training: bool) -> Tensor:
+        """Start frame per sample (B,) of a window of ``frames`` frames every ``frame_stride``."""
+        span = (self.hparams.frames - 1) * self.hparams.frame_stride + 1
+        if span > total:
+            raise ValueError(f"a window of {self.hparams.frames} frames every {self.hparams.frame_stride} spans "
+                             f"{span} frames, the samples have {total}: cut longer segments or lower frame_stride")
+        if not (training and self.hparams.random_start) or span == total:
+            return torch.zeros(batch, dtype=torch.long)
+        return torch.randint(0, total - span + 1, (batch,), generator=generator)
+
+    def frame_ids(self, starts: Tensor) -> Tensor:
+        """(B, frames) frame indices of each sample's window."""
+        return starts[:, None] + torch.arange(self.hparams.frames)[None] * self.hparams.frame_stride
+
+    def driving_normals(self, batch: dict, ids: Tensor) -> Tensor:
+        """Normal maps (B, T, H, W, 3) uint8 of the window: rendered from the transfer module's
+        Δf when it is given, else the shards' own."""
+        pair = self._transfer()
+        if pair is None:
+            return torch.stack([n[i] for n, i in zip(batch["normals"], ids.to(batch["normals"].device))])
+        head, module = pair
+        from models.transfer.inputs import head_params, neutral_inputs, render_normal_maps, scaled_camera
+        size = batch["frames"].shape[-2]
+        out = []
+        for b in range(ids.shape[0]):
+            sm = {k: v[b].detach().float().cpu() for k, v in batch["smplx"].items()}
+            sel = {k: (v if k == "betas" else v[ids[b]]) for k, v in sm.items()}
+            params = head_params(sel)
+            static = batch["static_offsets"][b].detach().float().cpu()
+            with torch.no_grad():
+                neutral, static_face = neutral_inputs(head, params.betas, static[None])
+                delta = module(params.expression[None], params.jaw_pose[None], neutral, static_face)[0]
+            cam = scaled_camera(sel["camera_K"], sel["camera_R"], sel["camera_t"], size)
+            out.append(render_normal_maps(head, params, static, delta.float(), cam))
+        return torch.stack(out).to(batch["frames"].device)
+
+    def inputs(self, batch: dict, generator: torch.Generator | None, training: bool) -> dict:
+        """Model inputs of a batch: ``video`` (B, 3, F, H, W) in [-1, 1], ``normals`` (same),
+        ``reference_image`` (B, 3, H, W), ``reference_normal``, ``latents`` and
+        ``reference_latent`` (normalised, fp32)."""
+        frames = batch["frames"]
+        b, total = frames.shape[:2]
+        starts = self.window(total, b, generator, training)
+        use_sidecar = "latents" in batch and self.hparams.frame_stride == 1 and self.hparams.size is None \
+            and not starts.any()
+        ids = self.frame_ids(starts)
+        video = unit(torch.stack([v[i] for v, i in zip(frames, ids.to(frames.device))]))
+        normals = unit(self.driving_normals(batch, ids))
+        video, normals = resize_video(video, self.hparams.size), resize_video(normals, self.hparams.size)
+        check_video_shape(*video.shape[2:])
+        out = {"video": video, "normals": normals, "reference_image": video[:, :, 0],
+               "reference_normal": normals[:, :, 0]}
+        t = (self.hparams.frames - 1) // 4 + 1
+        if use_sidecar and batch["latents"].shape[2] >= t:
+            # the Wan VAE is causal in time: the first k+1 latents code exactly the first 4k+1 frames
+            out["latents"] = batch["latents"][:, :, :t].float()
+            out["reference_latent"] = batch["reference_latent"][:, :, :t].float()
+        else:
+            with torch.no_grad():
+                out["latents"] = self.codec.encode(video)
+                out["reference_latent"] = self.codec.encode_reference(video[:, :, 0], video.shape[2])
+        return out
+
+    def _generator(self, offset: int = 0) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.hparams.seed * 1_000_003 + (self.global_step + offset) * 101 + self.global_rank)
+        return g
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        g = self._generator()
+        cpu_g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=self.device)))
+        x = self.inputs(batch, cpu_g, training=True)
+        b = x["latents"].shape[0]
+        keep = condition_keep(b, self.hparams.p_drop_driving, self.hparams.p_drop_reference,
+                              self.hparams.p_drop_reference_normal, generator=g, device=self.device)
+        conditions = {"reference_latent": x["reference_latent"], "driving_normals": x["normals"],
+                      "reference_normal": x["reference_normal"]}
+        loss, stats = flow_matching_loss(self.model, x["latents"], conditions, self.hparams.sigma_kind,
+                                         self.hparams.shift, keep=keep, generator=g)
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/sigma_mean", stats["sigma_mean"], batch_size=b)
+        if "reader_skipped" in batch:
+            self.log("data/reader_skipped", float(max(batch["reader_skipped"])), batch_size=b, reduce_fx="max")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Flow-matching loss at fixed σ (0.1 .. 0.9) with fixed noise: comparable across epochs."""
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed + 7 * batch_idx)
+        x = self.inputs(batch, None, training=False)
+        b = x["latents"].shape[0]
+        conditions = {"reference_latent": x["reference_latent"], "driving_normals": x["normals"],
+                      "reference_normal": x["reference_normal"]}
+        losses = []
+        for s in (0.1, 0.3, 0.5, 0.7, 0.9):
+            sigma = torch.full((b,), s, device=self.device)
+            x_t, target = noisy_and_target(x["latents"], sigma, generator=g)
+            pred = self.model(x_t, timestep_of(sigma), **conditions)
+            losses.append(((pred.float() - target) ** 2).mean())
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b, sync_dist=True)
+
+    @torch.no_grad()
+    def generate(self, x: dict, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 driving: Tensor | None = None) -> Tensor:
+        """A video (B, 3, F, H, W) in [-1, 1] for inputs from :meth:`inputs` (``driving``:
+        other normals instead of ``x["normals"]``)."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return generate_video(self.model, self.codec, x["reference_image"],
+                              x["normals"] if driving is None else driving, x["reference_normal"],
+                              steps=steps or self.hparams.sample_steps,
+                              guidance=self.hparams.guidance if guidance is None else guidance,
+                              shift=self.hparams.shift, generator=g, reference_latent=x["reference_latent"])
+
+    def configure_optimizers(self):
+        params = self.model.trainable_parameters()
+        kind = self.hparams.optimizer
+        if kind == "adamw":
+            opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                    betas=(0.9, 0.99))
+        elif kind == "cpu_adam":                    # DeepSpeed's, for ZeRO-Offload of the optimizer
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            opt = DeepSpeedCPUAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                   betas=(0.9, 0.99), adamw_mode=True)
+        elif kind == "fused_adam":                  # DeepSpeed's fused CUDA Adam
+            from deepspeed.ops.adam import FusedAdam
+            opt = FusedAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99),
+                            adam_w_mode=True)
+        else:
+            raise ValueError(f"unknown optimizer {kind!r}; known: adamw, cpu_adam, fused_adam")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = min(self.hparams.warmup_steps, total // 2)
+        floor = self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- export -----------------------------------------------------------------------------
+    def export_module(self) -> NormalDrivenWan:
+        """The module that is exported (``save_pretrained`` folder) with the EMA weights."""
+        return self.model
+
+
+# -- the tiny codec -----------------------------------------------------------------------------
+def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int = 4, frames: int = 5,
+                frame_stride: int = 1, lr: float = 1e-3, base_dim: int = 16, kl_weight: float = 1e-4,
+                stat_batches: int = 8, seed: int = 0, log_every: int = 50) -> dict:
+    """Train the tiny Wan VAE on the training shards of ``shards`` (random windows of
+    ``frames`` frames every ``frame_stride``), set its per-channel latent mean/std, save it to
+    ``out`` (diffusers folder: ``LatentCodec.from_pretrained(out)``). Returns a summary."""
+    from training.data.shards import ShardDataset, collate, shard_urls
+    torch.manual_seed(seed)
+    codec = LatentCodec.tiny(seed=seed, base_dim=base_dim)
+    vae = codec.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    urls = shard_urls(shards, "train")
+    ds = ShardDataset(urls, steps * batch_size, resampled=True, shuffle_buffer=32, seed=seed, rank=0, world_size=1,
+                      fields=("frames",))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+    g = torch.Generator().manual_seed(seed)
+    span = (frames - 1) * frame_stride + 1
+    t0, history = time.perf_counter(), []
+
+    def clip(batch: dict) -> Tensor:
+        v = batch["frames"]
+        starts = torch.randint(0, v.shape[1] - span + 1, (v.shape[0],), generator=g)
+        ids = starts[:, None] + torch.arange(frames)[None] * frame_stride
+        return unit(torch.stack([x[i] for x, i in zip(v, ids)]))
+
+    for step, batch in enumerate(loader):
+        loss, stats = vae_loss(vae, clip(batch), kl_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            psnr = float(10 * torch.log10(4.0 / stats["mse"].clamp(min=1e-10)))
+            history.append({"step": step, "loss": float(loss), "psnr_db": psnr})
+            print(f"[codec] step {step} loss {float(loss):.4f} psnr {psnr:.2f} dB "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    vae.eval()
+    zs = []
+    with torch.no_grad():
+        for k, batch in enumerate(loader):
+            if k >= stat_batches:
+                break
+            zs.append(vae.encode(clip(batch)).latent_dist.mode().float())
+    z = torch.cat(zs).transpose(0, 1).reshape(zs[0].shape[1], -1)
+    codec.set_latent_stats(z.mean(1), z.std(1).clamp(min=1e-3))
+    out = Path(out)
+    codec.save_pretrained(out)
+    summary = {"codec": str(out), "steps": steps, "seconds": time.perf_counter() - t0,
+               "params": sum(p.numel() for p in vae.parameters()), "history": history}
+    (out / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train the tiny Wan VAE of tiny_cpu on shards.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("codec", help="train the tiny codec")
+    c.add_argument("--shards", required=True, help="a preprocessing output (or truth shards) folder")
+    c.add_argument("--out", required=True)
+    c.add_argument("--steps", type=int, default=600)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--frames", type=int, default=5)
+    c.add_argument("--frame-stride", type=int, default=1)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--base-dim", type=int, default=16)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    summary = train_codec(args.shards, args.out, args.steps, args.batch_size, args.frames, args.frame_stride,
+                          args.lr, args.base_dim, seed=args.seed)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
