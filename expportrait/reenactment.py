@@ -335,7 +335,7 @@ class Reenactor:
         if t < st.window:                                   # pad with the last frame, trimmed later
             normals = np.concatenate([normals, np.repeat(normals[-1:], st.window - t, 0)])
         dev = self.device
-        ref_img = _unit(reference[None])[:, :, 0].to(dev)
+        ref_img = _unit(_resize(reference[None], st.size))[:, :, 0].to(dev)
         ref_latent = self.codec.encode_reference(ref_img, st.window)
         ref_normal = _unit(reference_normal[None])[:, :, 0].to(dev)
         shape = (1, *ref_latent.shape[1:])

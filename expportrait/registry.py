@@ -60,33 +60,43 @@ class ExpPortraitModel(mlflow.pyfunc.PythonModel):
 OUTPUT_COLUMNS = ["source", "driving", "out", "status", "frames", "seconds", "message"]
 
 
-def run_pair(reenactor: Reenactor, row: dict, params: dict) -> dict:
-    """Reenact one (source, driving) pair into ``row["out"]``; failures become a ``failed`` row."""
+def reenact_to_file(reenactor: Reenactor, source: str, driving: str, out: str | os.PathLike,
+                    params: dict | None = None) -> dict:
+    """Reenact ``source`` with ``driving`` into the mp4 ``out`` (and ``out``_side_by_side.mp4 when
+    asked); raises :class:`SubjectError` (with its ``status``) for an input that cannot be used."""
     from preprocessing.video import write_video
+    params = params or {}
+    st = reenactor.settings
+    if int(params.get("steps", -1) or -1) > 0:
+        st.steps = int(params["steps"])
+    if int(params.get("seed", -1)) >= 0:
+        st.seed = int(params["seed"])
+    max_frames = int(params.get("max_frames", 0) or 0) or None
+    src = reenactor.subject(source, max_frames=1)
+    drv = reenactor.subject(driving, max_frames=max_frames)
+    res = reenactor.reenact(src, drv)
+    frames = paste_back(res, src) if params.get("paste_back") else res.frames
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = {"out": str(write_video(out, frames, drv.fps or st.fps)), "frames": int(len(frames)),
+               "windows": res.windows, "seconds_by_stage": {k: round(v, 3) for k, v in res.seconds.items()}}
+    if params.get("side_by_side"):
+        written["side_by_side"] = str(write_video(out.with_name(out.stem + "_side_by_side.mp4"),
+                                                  side_by_side(res), drv.fps or st.fps))
+    return written
+
+
+def run_pair(reenactor: Reenactor, row: dict, params: dict) -> dict:
+    """:func:`reenact_to_file` for one table row; a failure becomes a ``failed`` row (message
+    ``Type[status]: reason``), never an exception."""
     t0 = time.perf_counter()
     out = {"source": str(row.get("source")), "driving": str(row.get("driving")), "out": str(row.get("out")),
            "status": "ok", "frames": 0, "seconds": 0.0, "message": ""}
     try:
-        st = reenactor.settings
-        if int(params.get("steps", -1) or -1) > 0:
-            st.steps = int(params["steps"])
-        if int(params.get("seed", -1)) >= 0:
-            st.seed = int(params["seed"])
-        max_frames = int(params.get("max_frames", 0) or 0) or None
-        source = reenactor.subject(row["source"], max_frames=1)
-        driving = reenactor.subject(row["driving"], max_frames=max_frames)
-        res = reenactor.reenact(source, driving)
-        frames = res.frames
-        if params.get("paste_back"):
-            frames = paste_back(res, source)
-        Path(row["out"]).parent.mkdir(parents=True, exist_ok=True)
-        write_video(row["out"], frames, driving.fps or st.fps)
-        if params.get("side_by_side"):
-            write_video(Path(row["out"]).with_name(Path(row["out"]).stem + "_side_by_side.mp4"),
-                        side_by_side(res), driving.fps or st.fps)
-        out["frames"] = int(len(frames))
+        out["frames"] = reenact_to_file(reenactor, row["source"], row["driving"], row["out"], params)["frames"]
     except (SubjectError, FileNotFoundError, ValueError, OSError) as exc:
-        out.update(status="failed", message=f"{type(exc).__name__}: {exc}")
+        status = f"[{exc.status}]" if isinstance(exc, SubjectError) else ""
+        out.update(status="failed", message=f"{type(exc).__name__}{status}: {exc}")
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
 

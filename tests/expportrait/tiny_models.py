@@ -40,3 +40,11 @@ def tiny_corpus(out: Path, model_path: Path, frames: int = 9, identities: int = 
     generate_corpus(out, WorldConfig(identities=identities, clips_per_identity=1, frames=frames, size=64),
                     model_path, progress=False)
     return out
+
+
+def tiny_package(root: Path, head, **settings) -> Path:
+    """A package folder (expportrait/reenactment.py) of the tiny exports."""
+    from expportrait.reenactment import InferenceSettings, head_model_reference, write_package
+    ex = tiny_exports(root, head)
+    return write_package(Path(root) / "package", ex["generator"], ex["codec"], ex["transfer"],
+                         head_model_reference(None), InferenceSettings(**settings))

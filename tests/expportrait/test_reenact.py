@@ -1,0 +1,129 @@
+"""`expportrait reenact`: windows without seams, single runs, and the Ray batch with a failed row."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from expportrait.cli import main
+from expportrait.reenactment import generate_windows, window_starts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import tiny_corpus, tiny_package  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, head):
+    return tiny_package(tmp_path_factory.mktemp("reenactpkg"), head, size=64, window=9, overlap=4, steps=2)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, synthetic_model_path):
+    return tiny_corpus(tmp_path_factory.mktemp("reenactcorpus"), synthetic_model_path, frames=21, identities=2)
+
+
+def _frames(path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def test_window_starts_cover_every_frame_and_end_aligned():
+    assert window_starts(5, 9, 4) == [0]
+    assert window_starts(9, 9, 4) == [0]
+    assert window_starts(21, 9, 4) == [0, 5, 10, 12]
+    for t in (10, 17, 33, 50):
+        s = window_starts(t, 9, 3)
+        assert s[0] == 0 and s[-1] + 9 == t and all(b - a <= 6 for a, b in zip(s, s[1:]))
+
+
+def test_cross_fade_spreads_a_disagreement_over_the_overlap():
+    """Windows that disagree by a constant: the blend moves between them in overlap+1 equal steps
+    (a hard cut would jump by the whole difference in one frame)."""
+    value = {0: 0.0, 5: 100.0, 10: 40.0, 12: 40.0}
+    out = generate_windows(lambda s: np.full((9, 2, 2, 3), value[s]), 21, 9, 4)[:, 0, 0, 0]
+    steps = np.abs(np.diff(out))
+    assert out[0] == 0 and out[-1] == 40 and steps.max() <= 100 / 5 + 1e-9
+
+
+@pytest.mark.slow
+def test_long_video_windows_join_without_a_seam(package, corpus):
+    """The tiny (untrained) generator on a 21-frame driver, windows of 9 overlapping by 4: the
+    frame difference across each join is no larger than the largest inside a window."""
+    from expportrait.reenactment import Reenactor
+    torch.set_num_threads(1)
+    r = Reenactor.from_package(package)
+    clips = corpus / "clips"
+    src, drv = r.subject(clips / "id000_clip00.npz", 1), r.subject(clips / "id001_clip00.npz")
+    normals, ref_normal = r.driving_normals(src, drv)
+    raw = {}
+    import expportrait.reenactment as reen
+    original = reen.generate_windows
+
+    def spy(fn, t, window, overlap):
+        return original(lambda s: raw.setdefault(s, fn(s)), t, window, overlap)
+
+    reen.generate_windows = spy
+    try:
+        frames, starts = r.generate(src.frames[0], ref_normal, normals)
+    finally:
+        reen.generate_windows = original
+    assert starts == [0, 5, 10, 12] and frames.shape == (21, 64, 64, 3)
+    diff = lambda a, b: float(np.abs(a.astype(float) - b.astype(float)).mean())
+    inside = max(diff(w[i], w[i + 1]) for w in raw.values() for i in range(len(w) - 1))
+    joins = []
+    for prev, s in zip(starts, starts[1:]):
+        joins += [(s - 1, s), (prev + 8, prev + 9)]          # where a window enters and where one leaves
+    across = max(diff(frames[a], frames[b]) for a, b in joins if b < len(frames))
+    assert across <= inside, (across, inside)
+    assert diff(frames[0], frames[-1]) < 3 * inside           # anchored to the reference: no runaway drift
+
+
+@pytest.mark.slow
+def test_reenact_command_writes_video_and_side_by_side(package, corpus, tmp_path, capsys):
+    clips = corpus / "clips"
+    rc = main(["reenact", "--model", str(package), "--source", str(clips / "id000_clip00.npz"), "--driving",
+               str(clips / "id001_clip00.npz"), "--out", str(tmp_path / "o.mp4"), "--side-by-side",
+               "--max-frames", "12"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0, res
+    assert res["frames"] == 12 and len(_frames(tmp_path / "o.mp4")) == 12
+    assert _frames(res["side_by_side"])[0].shape == (64, 4 * 64, 3)
+    rc = main(["reenact", "--model", str(package), "--source", str(tmp_path / "missing.png"), "--driving",
+               str(clips / "id001_clip00.npz"), "--out", str(tmp_path / "x.mp4")])
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 2 and err["status"] == "file_not_found" and "missing.png" in err["message"]
+    rc = main(["reenact", "--model", str(package), "--source", str(clips / "id000_clip00.npz"), "--driving",
+               str(clips / "id001_clip00.npz"), "--out", str(tmp_path / "p.mp4"), "--paste-back"])
+    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 2 and "paste-back needs a raw image or video source" in err["message"]
+
+
+@pytest.mark.slow
+def test_ray_batch_finishes_with_a_failed_row_for_an_unreadable_driver(package, corpus, tmp_path):
+    clips = corpus / "clips"
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    pairs = pd.DataFrame({"source": [clips / "id000_clip00.npz", clips / "id001_clip00.npz", clips / "id000_clip00.npz"],
+                          "driving": [clips / "id001_clip00.npz", bad, clips / "id000_clip00.npz"]}).astype(str)
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "expportrait.cli", "reenact", "--model", str(package), "--pairs",
+                           str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "batch"), "--workers", "2",
+                           "--max-frames", "9"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res == {**res, "pairs": 3, "ok": 2, "failed": 1}
+    m = pd.read_parquet(tmp_path / "batch" / "manifest.parquet")
+    assert list(m["status"]) == ["ok", "failed", "ok"]
+    assert "broken.mp4" in m.loc[1, "message"] and "SubjectError[" in m.loc[1, "message"]
+    for out in m.loc[m["status"] == "ok", "out"]:
+        assert len(_frames(out)) == 9
+    assert not Path(m.loc[1, "out"]).exists()
