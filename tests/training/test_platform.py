@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -159,12 +160,25 @@ def test_ema_is_the_running_average_and_trails_the_weights(tmp_path, truth_shard
     assert 0 < lag < moved                      # differs from the weights, behind them
 
 
-def test_corrupt_shard_is_skipped_and_counted(tmp_path, truth_shards):
-    import lightning.pytorch as pl
+class RecordReaderCounts(pl.Callback):
+    """Each training batch's (epoch, reader_worker, reader_skipped)."""
 
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list, list]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, list(batch["reader_worker"]),
+                          [int(n) for n in batch["reader_skipped"]]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_is_skipped_and_counted(tmp_path, truth_shards, workers):
+    """Corrupt shards are skipped, not fatal; the logged count sums every loader worker's
+    latest running count over both epochs (workers start over each epoch)."""
     from training.data.datamodule import ShardDataModule
     from training.tasks.transfer import TransferTask
 
+    torch.set_num_threads(1)
     shards = tmp_path / "shards"
     shutil.copytree(truth_shards / "shards", shards)
     good = sorted(shards.glob("train-*.tar"))
@@ -172,13 +186,25 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path, truth_shards):
         bad = shards / f"train-{90 + k:06d}.tar"
         bad.write_bytes(src.read_bytes()[: src.stat().st_size // 3])
         shutil.copy(src.with_name(src.stem + ".done.json"), bad.with_name(bad.stem + ".done.json"))
-    dm = ShardDataModule(str(shards), batch_size=2, samples_per_epoch=8)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+    dm = ShardDataModule(str(shards), batch_size=2, samples_per_epoch=8, num_workers=workers)
+    record = RecordReaderCounts()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         default_root_dir=tmp_path)
-    trainer.fit(TransferTask(vertex_samples=256), dm)
-    assert trainer.global_step == 4                                   # the epoch completed
-    assert trainer.callback_metrics["data/reader_skipped"] >= 1
+                         default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(TransferTask(vertex_samples=64), dm)
+    assert trainer.global_step == 8                                   # both epochs completed
+    latest: dict[tuple[int, str], int] = {}
+    for epoch, ids, counts in record.seen:
+        for w, n in zip(ids, counts):
+            latest[epoch, w] = max(latest.get((epoch, w), 0), n)
+    if workers:                                      # fresh worker processes each epoch
+        expected = sum(latest.values())
+        assert len({w for _, w in latest}) == 2 and expected > max(latest.values())
+    else:                                            # one in-process reader, a running count
+        expected = max(latest.values())
+    assert expected >= 2
+    assert trainer.lightning_module.reader_skipped == expected
+    assert trainer.callback_metrics["data/reader_skipped"] == expected
 
 
 @pytest.mark.slow
