@@ -1,0 +1,190 @@
+"""`expportrait generate`: reference image + normal-map video -> mp4, with the trained generator.
+
+    expportrait generate --weights EXPORT_DIR --codec CODEC_DIR --reference IMAGE
+        --normals NORMALS.mp4 --out OUT.mp4 [--reference-normal IMAGE] [--size 64] [--window 5]
+        [--overlap 1] [--steps 20] [--guidance 1.0] [--seed 0] [--max-frames N] [--side-by-side]
+    expportrait generate --checkpoint CKPT ...        # a training checkpoint (file or DeepSpeed folder)
+
+Weights: ``--weights`` is a ``NormalDrivenWan.save_pretrained`` folder (the EMA export of a
+run, ``OUT/export/ema``) or a package folder holding ``generator/`` and ``codec/``;
+``--checkpoint`` rebuilds the run's task from its hyperparameters and takes the EMA weights
+(``--no-ema``: the live ones). The codec is ``--codec``, else the package's ``codec/``, else
+the checkpoint's ``codec`` hyperparameter. The normal-map video (view-convention RGB, as
+``expportrait transfer`` writes ``normals.mp4``) is resized to ``--size``² and cut into
+overlapping windows of ``--window`` = 4k+1 frames, cross-faded (expportrait/reenactment.py);
+the reference normal defaults to the first normal frame. A progress bar counts windows.
+Writes OUT.mp4 (and ``OUT_side_by_side.mp4``: reference | normals | generated, with
+``--side-by-side``).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="reference image + normal-map video -> mp4 with the generator")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", type=Path, help="exported generator folder (or a package with generator/, codec/)")
+    src.add_argument("--checkpoint", type=Path, help="training checkpoint: a .ckpt file or a DeepSpeed folder")
+    p.add_argument("--codec", type=Path, default=None, help="AutoencoderKLWan folder (default: package / checkpoint's)")
+    p.add_argument("--codec-subfolder", default=None, help="e.g. vae for a Wan Diffusers folder")
+    p.add_argument("--no-ema", action="store_true", help="with --checkpoint: the live weights, not the EMA")
+    p.add_argument("--reference", type=Path, required=True, help="reference image (png/jpg)")
+    p.add_argument("--normals", type=Path, required=True, help="normal-map video (mp4)")
+    p.add_argument("--reference-normal", type=Path, default=None, help="reference normal map (default: first normal frame)")
+    p.add_argument("--out", type=Path, required=True, help="output mp4")
+    p.add_argument("--size", type=int, default=64, help="generated frame size (a multiple of 16)")
+    p.add_argument("--window", type=int, default=5, help="frames per generator window (4k+1)")
+    p.add_argument("--overlap", type=int, default=1, help="frames shared by consecutive windows")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=1.0)
+    p.add_argument("--shift", type=float, default=None, help="sampler shift (default: the checkpoint's, else 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-frames", type=int, default=0, help="normal frames to use (0: all)")
+    p.add_argument("--fps", type=float, default=0.0, help="output fps (0: the normal video's)")
+    p.add_argument("--side-by-side", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | None, codec_subfolder: str | None,
+                   use_ema: bool = True):
+    """(NormalDrivenWan, LatentCodec, settings) from an export/package folder or a checkpoint."""
+    import torch
+
+    from models.generator import LatentCodec, NormalDrivenWan
+    settings: dict = {}
+    if weights is not None:
+        if not weights.is_dir():
+            raise FileNotFoundError(f"generator weights folder {weights} does not exist")
+        folder = weights / "generator" if (weights / "generator").is_dir() else weights
+        model = NormalDrivenWan.from_pretrained(folder)
+        if codec is None and (weights / "codec").is_dir():
+            codec = weights / "codec"
+    else:
+        from training.export import load_checkpoint_state
+        from training.tasks.generator import GeneratorTask
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        state = load_checkpoint_state(checkpoint)
+        hp = {k: v for k, v in state.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        if "flavor" not in hp:
+            raise ValueError(f"{checkpoint} is not a generator checkpoint (no generator hyperparameters)")
+        task = GeneratorTask(**{**hp, "pretrained": None, "wan_folder": None})
+        weights_sd = state.get("state_dict") or state.get("module") or {}
+        task.load_state_dict({k.removeprefix("module."): v for k, v in weights_sd.items()}, strict=False)
+        if use_ema:
+            ema = state.get("callbacks", {}).get("EMA")
+            if ema is None:
+                raise ValueError(f"{checkpoint} holds no EMA state (use --no-ema for the live weights)")
+            params = dict(task.named_parameters())
+            with torch.no_grad():
+                for name, value in ema["shadow"].items():
+                    params[name].copy_(value)
+        model = task.model
+        settings = {"shift": hp.get("shift"), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
+        if codec is None and hp.get("codec"):
+            codec, codec_subfolder = Path(hp["codec"]), codec_subfolder or hp.get("codec_subfolder")
+    if codec is None:
+        raise ValueError("no codec: give --codec (the AutoencoderKLWan folder the generator was trained with)")
+    return model.eval(), LatentCodec.from_pretrained(codec, codec_subfolder).eval(), settings
+
+
+def read_video(path: Path, max_frames: int = 0) -> tuple[np.ndarray, float]:
+    """(T, H, W, 3) uint8 and fps of a video file."""
+    import av
+    if not path.is_file():
+        raise FileNotFoundError(f"normal-map video {path} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 25)
+            frames = []
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames and len(frames) >= max_frames:
+                    break
+    except (av.error.FFmpegError, IndexError) as err:
+        raise ValueError(f"{path} is not a readable video ({err})") from err
+    if not frames:
+        raise ValueError(f"{path} holds no frame")
+    return np.stack(frames), fps
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path} is not a readable image") from err
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def _unit(frames: np.ndarray):
+    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float in [-1, 1]."""
+    import torch
+    return torch.from_numpy(np.array(frames, copy=True)).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)
+
+
+# -- the command --------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from expportrait.reenactment import generate_windows, window_starts
+    from models.generator import check_video_shape, generate_video
+    from preprocessing.video import write_video
+
+    check_video_shape(args.window, args.size, args.size)
+    if not 0 <= args.overlap < args.window:
+        raise ValueError(f"--overlap {args.overlap} must be in [0, --window {args.window})")
+    t0 = time.perf_counter()
+    reference = _resize(read_image(args.reference)[None], args.size)
+    normals, fps = read_video(args.normals, args.max_frames)
+    normals = _resize(normals, args.size)
+    ref_normal = _resize((read_image(args.reference_normal) if args.reference_normal else normals[0])[None], args.size)
+    model, codec, settings = load_generator(args.weights, args.checkpoint, args.codec, args.codec_subfolder,
+                                            use_ema=not args.no_ema)
+    shift = args.shift if args.shift is not None else (settings.get("shift") or 5.0)
+    t = len(normals)
+    padded = normals if t >= args.window else np.concatenate([normals, np.repeat(normals[-1:], args.window - t, 0)])
+    ref_img, ref_nrm = _unit(reference)[:, :, 0], _unit(ref_normal)[:, :, 0]
+    ref_latent = codec.encode_reference(ref_img, args.window)
+    starts = window_starts(len(padded), args.window, args.overlap)
+    bar = tqdm(total=len(starts), desc="generate", unit="window", disable=args.no_progress)
+
+    def window(start: int) -> np.ndarray:
+        drive = _unit(padded[start:start + args.window])
+        g = torch.Generator().manual_seed(args.seed)            # the same noise in every window
+        video = generate_video(model, codec, ref_img, drive, ref_nrm, steps=args.steps, guidance=args.guidance,
+                               shift=shift, generator=g, reference_latent=ref_latent)[0]
+        bar.update(1)
+        return video.add(1).mul(127.5).permute(1, 2, 3, 0).numpy()
+
+    t1 = time.perf_counter()
+    frames = generate_windows(window, len(padded), args.window, args.overlap)[:t]
+    bar.close()
+    seconds = time.perf_counter() - t1
+    frames = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+    out_fps = args.fps or fps
+    out = write_video(args.out, frames, out_fps)
+    result = {"out": str(out), "frames": int(t), "size": args.size, "windows": len(starts), "steps": args.steps,
+              "fps": out_fps, "seconds_per_frame": round(seconds / max(t, 1), 4),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if args.side_by_side:
+        side = np.concatenate([np.repeat(reference, t, 0), normals, frames], axis=2)
+        result["side_by_side"] = str(write_video(args.out.with_name(args.out.stem + "_side_by_side.mp4"), side, out_fps))
+    return result
