@@ -12,11 +12,14 @@
     generator/     NormalDrivenWan (generator.json, transformer/, conditioning/)
     codec/         the latent codec (AutoencoderKLWan folder)
 
-**Windows.** A driving video longer than the generator's window (4k+1 frames) is cut into
-windows of ``window`` frames overlapping by ``overlap``. Every window is conditioned on the same
-source reference image and reference normal map and starts from the same noise (anchored to
-the reference, not to the previous window's output, so errors do not accumulate: no drift);
-overlapping frames are cross-faded with linear weights, so no window boundary is a hard cut.
+**Windows.** The generator makes ``window`` = 4k+1 frames per call in Wan I2V's layout, as it
+was trained: frame 0 is the reference (the source image and its normal map), frames 1..4k are
+driven. A longer driving video is cut into spans of 4k driven frames overlapping by
+``overlap``; every call is conditioned on the same source reference and starts from the same
+noise (anchored to the reference, not to the previous window's output, so errors do not
+accumulate: no drift); overlapping frames are cross-faded with linear weights, so no window
+boundary is a hard cut. ``frame_stride`` n drives with every n-th frame (the tiny generator is
+trained on strided windows) and the video is written at fps / n.
 
 Subjects: a raw image or video (tracked and fitted on the fly, the aligned crops are the
 frames, the crop boxes allow paste-back) or a synthetic corpus clip ``clips/<id>.npz`` with its
@@ -47,8 +50,9 @@ class InferenceSettings:
     """How the generator is run (saved in the package; overridable per call)."""
 
     size: int = 64              # generated frame size (multiple of 16)
-    window: int = 9             # frames per generator window (4k+1)
-    overlap: int = 4            # frames shared by consecutive windows (cross-faded)
+    window: int = 9             # frames per generator call (4k+1): the reference + window-1 driven
+    overlap: int = 4            # driven frames shared by consecutive windows (cross-faded)
+    frame_stride: int = 1       # drive with every n-th frame (as trained); output fps = fps / n
     steps: int = 8              # sampler steps
     guidance: float = 1.0       # classifier-free guidance over the normal conditions (1: off)
     shift: float = 5.0          # flow-matching sigma shift
@@ -58,8 +62,13 @@ class InferenceSettings:
     def check(self) -> None:
         from models.generator.flavors import check_video_shape
         check_video_shape(self.window, self.size, self.size)
-        if not 0 <= self.overlap < self.window:
-            raise ValueError(f"overlap {self.overlap} must be in [0, window={self.window})")
+        if self.window < 5:
+            raise ValueError(f"window {self.window}: needs at least 5 frames (a reference + 4 driven)")
+        if not 0 <= self.overlap < self.window - 1:
+            raise ValueError(f"overlap {self.overlap} must be in [0, window - 1 = {self.window - 1}) "
+                             f"(frame 0 of a window is the reference)")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride {self.frame_stride} must be >= 1")
 
 
 @dataclass
@@ -328,30 +337,36 @@ class Reenactor:
     def generate(self, reference: np.ndarray, reference_normal: np.ndarray, normals: np.ndarray,
                  progress: bool = False) -> tuple[np.ndarray, list[int]]:
         """Frames (T, S, S, 3) uint8 from the reference image, its normal map and driving normals,
-        in overlapping windows (module doc)."""
+        in overlapping windows (module doc). Each generator call is Wan I2V's layout as trained:
+        frame 0 is the reference (image + its normal map), frames 1..F-1 are driven; the driven
+        frames of overlapping windows are cross-faded. Returns the windows' first driven frames."""
         from models.generator import sample
         st = self.settings
+        span = st.window - 1                                # driven frames per call
         t = len(normals)
-        if t < st.window:                                   # pad with the last frame, trimmed later
-            normals = np.concatenate([normals, np.repeat(normals[-1:], st.window - t, 0)])
+        if t < span:                                        # pad with the last frame, trimmed later
+            normals = np.concatenate([normals, np.repeat(normals[-1:], span - t, 0)])
         dev = self.device
         ref_img = _unit(_resize(reference[None], st.size))[:, :, 0].to(dev)
         ref_latent = self.codec.encode_reference(ref_img, st.window)
-        ref_normal = _unit(reference_normal[None])[:, :, 0].to(dev)
+        ref_normal_u8 = _resize(reference_normal[None], st.size)
+        ref_normal = _unit(ref_normal_u8)[:, :, 0].to(dev)
         shape = (1, *ref_latent.shape[1:])
         generator = self.generator
 
         def window(start: int) -> np.ndarray:
-            drive = _unit(normals[start:start + st.window]).to(dev)
+            drive = _unit(np.concatenate([ref_normal_u8, normals[start:start + span]])).to(dev)
             g = torch.Generator(device=dev).manual_seed(st.seed)       # same noise in every window
             x0 = sample(generator, shape, {"reference_latent": ref_latent, "driving_normals": drive,
                                            "reference_normal": ref_normal},
-                        steps=st.steps, guidance=st.guidance, shift=st.shift, generator=g, device=dev)
-            video = self.codec.decode(x0)[0]                           # (3, F, S, S) in [-1, 1]
+                        steps=st.steps, guidance=st.guidance, shift=st.shift, generator=g, device=dev,
+                        progress=progress)
+            video = self.codec.decode(x0)[0, :, 1:]                    # driven frames (3, F-1, S, S)
             return video.clamp(-1, 1).add(1).mul(127.5).permute(1, 2, 3, 0).cpu().numpy()
 
-        starts = window_starts(max(t, st.window), st.window, st.overlap)
-        frames = generate_windows(window, max(t, st.window), st.window, st.overlap)[:t]
+        n = max(t, span)
+        starts = window_starts(n, span, st.overlap)
+        frames = generate_windows(window, n, span, st.overlap)[:t]
         return np.clip(np.rint(frames), 0, 255).astype(np.uint8), starts
 
     def reenact(self, source: Subject, driving: Subject, max_frames: int | None = None) -> Reenactment:
@@ -359,9 +374,12 @@ class Reenactor:
         s = self.settings.size
         sec = {}
         t0 = time.perf_counter()
-        if max_frames:
-            driving.clip.arrays = {k: v[:max_frames] for k, v in driving.clip.arrays.items()}
-            driving.frames = driving.frames[:max_frames]
+        stride = self.settings.frame_stride
+        keep = slice(0, max_frames or None, stride)
+        if max_frames or stride > 1:
+            driving.clip.arrays = {k: v[keep] for k, v in driving.clip.arrays.items()}
+            driving.frames = driving.frames[keep]
+            driving.fps = driving.fps / stride
         normals, ref_normal = self.driving_normals(source, driving)
         sec["normals"] = time.perf_counter() - t0
         reference = _resize(source.frames[:1], s)[0]

@@ -167,10 +167,30 @@ PIP_REQUIREMENTS = ["torch", "diffusers", "mlflow", "numpy", "pandas", "opencv-p
                     "scipy", "pyyaml", "mediapipe"]
 
 
+def inference_from_run(params: dict, overrides: dict | None = None) -> InferenceSettings:
+    """Inference settings as the generator was trained (the run's ``frames``, ``frame_stride``,
+    ``size``, ``shift``, ``sample_steps``, ``guidance`` params), then ``overrides``."""
+    from dataclasses import fields
+    st = {}
+    for field_name, param, cast in (("window", "frames", int), ("frame_stride", "frame_stride", int),
+                                    ("size", "size", int), ("shift", "shift", float),
+                                    ("steps", "sample_steps", int), ("guidance", "guidance", float)):
+        value = _param(params, param)
+        if value is not None:
+            st[field_name] = cast(float(value))
+    if "window" in st:
+        st.setdefault("overlap", max(0, min(InferenceSettings.overlap, st["window"] - 2) // 2 * 2))
+    st.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(st) - {f.name for f in fields(InferenceSettings)}
+    if unknown:
+        raise ValueError(f"unknown inference settings {sorted(unknown)}")
+    return InferenceSettings(**st)
+
+
 def register(run_id: str, name: str = "expportrait", alias: str | None = "candidate",
              transfer_run: str | None = None, generator: str | None = None, codec: str | None = None,
              transfer: str | None = None, head_model: str | None = None,
-             inference: InferenceSettings | None = None, prep: PreprocessSettings | None = None,
+             inference_overrides: dict | None = None, prep: PreprocessSettings | None = None,
              data: str | None = None) -> dict:
     """Package the exports of ``run_id`` (and ``transfer_run``; local folders override) as a
     pyfunc logged into that run, register it as a version of ``name`` and set ``alias``."""
@@ -186,6 +206,11 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
                 raise FileNotFoundError(f"run {transfer_run} exports no transfer module")
             found["transfer"] = t["transfer"]
             runs["transfer_run"] = transfer_run
+        params = dict(run.data.params)
+        for kind, param in (("codec", "codec"), ("transfer", "transfer_module")):   # local paths the run used
+            value = _param(params, param)
+            if kind not in found and value and Path(value).is_dir():
+                found[kind] = Path(value)
         for kind, local in (("generator", generator), ("codec", codec), ("transfer", transfer)):
             if local:
                 found[kind] = Path(local)
@@ -193,7 +218,7 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
             if kind not in found:
                 raise FileNotFoundError(f"run {run_id}: no {kind} export found under export/ "
                                         f"(found {sorted(found)}); give --{kind} DIR")
-        params = dict(run.data.params)
+        inference = inference_from_run(params, inference_overrides)
         subdivision = int(_param(params, "subdivision") or 1)
         head_path = head_model or _param(params, "head_model")
         reference = head_model_reference(head_path, subdivision)

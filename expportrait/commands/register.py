@@ -4,7 +4,7 @@ preprocessing/inference settings as one MLflow pyfunc, register a version, set t
 
     expportrait register --store outputs/train/dit_tiny_cpu --run RUN_ID [--transfer-run ID]
         [--generator DIR --codec DIR --transfer DIR] [--head-model SMPLX.npz]
-        [--size 64 --window 9 --overlap 4 --steps 8]
+        [--size 64 --window 9 --overlap 4 --frame-stride 1 --steps 8]   (default: the run's params)
 """
 from __future__ import annotations
 
@@ -31,19 +31,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the SMPL-X-format .npz the models were trained with (default: the run's "
                         "head_model param, else the synthetic model); only its hash is packed")
     p.add_argument("--data", default=None, help="data tag (default: the run's data root param)")
-    for name, typ, default in (("size", int, 64), ("window", int, 9), ("overlap", int, 4), ("steps", int, 8),
-                               ("guidance", float, 1.0), ("fps", float, 25.0)):
-        p.add_argument(f"--{name}", type=typ, default=default, help=f"inference {name} packed with the model")
+    for name, typ in (("size", int), ("window", int), ("overlap", int), ("frame_stride", int), ("steps", int),
+                      ("guidance", float), ("shift", float), ("fps", float)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
+                       help=f"inference {name} packed with the model (default: the run's, else the package default)")
     add_store_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from expportrait.reenactment import InferenceSettings
     from expportrait.registry import register, tracking_from
     tracking_from(args.tracking_uri, args.store)
-    inference = InferenceSettings(size=args.size, window=args.window, overlap=args.overlap, steps=args.steps,
-                                  guidance=args.guidance, fps=args.fps)
+    overrides = {k: getattr(args, k) for k in ("size", "window", "overlap", "frame_stride", "steps", "guidance",
+                                               "shift", "fps")}
     return register(args.run, args.name, args.alias or None, transfer_run=args.transfer_run,
                     generator=args.generator, codec=args.codec, transfer=args.transfer,
-                    head_model=args.head_model, inference=inference, data=args.data)
+                    head_model=args.head_model, inference_overrides=overrides, data=args.data)

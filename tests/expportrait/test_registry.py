@@ -38,10 +38,9 @@ def _cli(capsys, *args) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def registered(store):
-    from expportrait.reenactment import InferenceSettings
     from expportrait.registry import register, tracking_from
     tracking_from(store["uri"])
-    return register(store["run_id"], NAME, "candidate", inference=InferenceSettings(size=64, window=5, overlap=2, steps=2))
+    return register(store["run_id"], NAME, "candidate", inference_overrides={"size": 64, "overlap": 2, "steps": 2})
 
 
 def test_register_sets_alias_tags_signature_and_no_head_model_file(store, registered):
@@ -60,6 +59,9 @@ def test_register_sets_alias_tags_signature_and_no_head_model_file(store, regist
     meta = json.loads((package / "package.json").read_text())
     assert meta["head_model"]["sha256"] == mv.tags["head_model_sha256"]
     assert {"generator", "codec", "transfer"} <= set(meta["parts"])
+    # inference as trained (the run's frames, shift, frame_stride), then the register overrides
+    assert meta["inference"] == {**meta["inference"], "window": 5, "shift": 1.0, "frame_stride": 1, "steps": 2,
+                                 "size": 64, "overlap": 2}
     assert not list(package.rglob("*.npz")), "the head model file must never be packed"
 
 
