@@ -1,11 +1,11 @@
 """The generator (``tiny_cpu``) trained on a synthetic corpus, evaluated on held-out identities.
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
-        --frames 48 --size 64] [--codec-steps 800] [--train-steps 1500 --train-minutes 20]
-        [--window 5 --stride 5] [--reuse]
+        --frames 48 --size 32] [--codec-steps 1000] [--train-steps 3000 --train-minutes 20]
+        [--window 5 --stride 8] [--reuse]
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
-   (``training.data.truth_shards``: frames + the true head's normal maps, 24-frame samples).
+   (``training.data.truth_shards``: frames + the true head's normal maps, one sample per clip).
 2. The tiny codec: a tiny ``AutoencoderKLWan`` trained on the *training* shards
    (``python -m training.tasks.generator codec``), timed separately (``codec_minutes``).
 3. The generator through the platform's CLI (``python -m training.train fit --config
@@ -72,12 +72,12 @@ def make_corpus(work: Path, args) -> Path:
     return corpus
 
 
-def make_shards(work: Path, corpus: Path) -> Path:
+def make_shards(work: Path, corpus: Path, segment: int) -> Path:
     from training.data.truth_shards import write_truth_shards
     out = work / "shards"
     if not ((out / "shards").is_dir() and any((out / "shards").glob("*.done.json"))):
         t0 = time.perf_counter()
-        counts = write_truth_shards(corpus, out, segment_frames=24, clips_per_shard=2)
+        counts = write_truth_shards(corpus, out, segment_frames=segment, clips_per_shard=2)
         log(f"truth shards {counts} in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -205,18 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identities", type=int, default=24)
     p.add_argument("--clips", type=int, default=2)
     p.add_argument("--frames", type=int, default=48)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
-    p.add_argument("--stride", type=int, default=5, help="every stride-th frame")
-    p.add_argument("--codec-steps", type=int, default=800)
+    p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
+    p.add_argument("--codec-steps", type=int, default=1000)
     p.add_argument("--codec-dim", type=int, default=8)
     p.add_argument("--codec-lr", type=float, default=3e-3)
-    p.add_argument("--train-steps", type=int, default=1500)
+    p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock cap of the generator's training")
     p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")
     p.add_argument("--sample-steps", type=int, default=10)
-    p.add_argument("--starts", default="0,3", help="window start frames within each 24-frame test sample")
+    p.add_argument("--starts", default="0,7,14", help="window start frames within each test clip")
     p.add_argument("--reuse", action="store_true", help="reuse a trained codec / generator in --work")
     args = p.parse_args(argv)
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     load_start, t_start = load(), time.perf_counter()
     corpus = make_corpus(work, args)
-    shards = make_shards(work, corpus)
+    shards = make_shards(work, corpus, args.frames)
     codec, codec_minutes = train_codec(work, shards, args)
     load_mid = load()
     export, train_minutes, samples = train_generator(work, shards, codec, args)

@@ -77,7 +77,8 @@ class GeneratorTask(pl.LightningModule):
     (an official Wan2.1 Diffusers checkpoint, ``NormalDrivenWan.from_wan``), else random.
     ``codec``: a local ``AutoencoderKLWan`` folder (the Wan VAE, or the tiny one from
     :func:`train_codec`; ``codec_subfolder`` e.g. ``vae``); None: a *random* tiny codec (shape
-    tests only; warns)."""
+    tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
+    ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``."""
 
     def __init__(self, flavor: str = "tiny_cpu", flavor_overrides: dict | None = None,
                  pretrained: str | None = None, wan_folder: str | None = None,
@@ -88,15 +89,16 @@ class GeneratorTask(pl.LightningModule):
                  optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 5.0,
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.05,
                  p_drop_reference_normal: float = 0.05, gradient_checkpointing: bool = False,
-                 sample_steps: int = 20, guidance: float = 1.0, seed: int = 0) -> None:
+                 sample_steps: int = 20, guidance: float = 1.0, seed: int = 0, dtype: str = "float32") -> None:
         super().__init__()
         self.save_hyperparameters()
         overrides = dict(flavor_overrides or {})
         f = get_flavor(flavor, **overrides)
+        weights_dtype = getattr(torch, dtype)       # bfloat16: load real-scale weights at half the host memory
         if pretrained:
-            self.model = NormalDrivenWan.from_pretrained(pretrained)
+            self.model = NormalDrivenWan.from_pretrained(pretrained, dtype=weights_dtype)
         elif wan_folder:
-            self.model = NormalDrivenWan.from_wan(wan_folder, f, dtype=torch.float32)
+            self.model = NormalDrivenWan.from_wan(wan_folder, f if overrides else flavor, dtype=weights_dtype)
         else:
             self.model = NormalDrivenWan(f, flavor_name=flavor)
         if gradient_checkpointing:
