@@ -27,6 +27,7 @@ frames, the crop boxes allow paste-back) or a synthetic corpus clip ``clips/<id>
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -324,10 +325,12 @@ class Reenactor:
         res = transfer(driving.clip, source.clip, head, model, "both")
         normals = render_normal_maps(head, res["params"], res["static_offsets"], res["dynamic_offsets"],
                                      camera(res["camera"], source.clip.image_size)).numpy()
-        own = transfer(source.clip, source.clip, head, None, "pose")       # the source's reference frame
-        own_params = own["params"].map(lambda v: v[:1] if v.shape[0] > 1 else v)
-        ref = render_normal_maps(head, own_params, own["static_offsets"], None,
-                                 camera(own["camera"].select([0]), source.clip.image_size)).numpy()[0]
+        # the source's reference frame driven by itself: its own expression through the same
+        # module, so the reference normal map and the driving ones share one Δf source (as trained)
+        first = dataclasses.replace(source.clip, arrays={k: v[:1] for k, v in source.clip.arrays.items()})
+        own = transfer(first, first, head, model, "both")
+        ref = render_normal_maps(head, own["params"], own["static_offsets"], own["dynamic_offsets"],
+                                 camera(own["camera"], source.clip.image_size)).numpy()[0]
         if self.transfer is not None:
             self.transfer.to(self.device)
         self.head.to(self.device)

@@ -235,6 +235,8 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
             "head_model_kind": reference["kind"], **{k: v for k, v in runs.items()},
             "has_transfer": str("transfer" in found)}
     tags.update({f"metrics.{k}": f"{v:.6g}" for k, v in run.data.metrics.items()})
+    if transfer_run:
+        tags.update({f"metrics.transfer.{k}": f"{v:.6g}" for k, v in client.get_run(transfer_run).data.metrics.items()})
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
@@ -263,8 +265,12 @@ def check_gate(metrics: dict[str, float], gate: dict) -> list[str]:
     failures = []
     for metric, rule in gate["thresholds"].items():
         value = metrics.get(metric)
-        if value is None or not np.isfinite(value):
-            failures.append(f"{metric}: no value (evaluate this version with protocol {gate['protocol']!r})")
+        if value is None:
+            failures.append(f"{metric}: not evaluated (run expportrait evaluate on this version with "
+                            f"protocol {gate['protocol']!r})")
+            continue
+        if not np.isfinite(value):
+            failures.append(f"{metric}: not measurable in the evaluation (NaN, e.g. no face found)")
             continue
         if "min" in rule and value < rule["min"]:
             failures.append(f"{metric} = {value:.4g} < min {rule['min']}")

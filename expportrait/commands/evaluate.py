@@ -102,7 +102,7 @@ def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_p
         run_id = run.info.run_id
     if "name" in desc and "version" in desc:
         record_evaluation(desc["name"], desc["version"], protocol,
-                          {k: v for k, v in summary["model"].items() if isinstance(v, float) and math.isfinite(v)},
+                          {k: v for k, v in summary["model"].items() if isinstance(v, float)},
                           run_id)
     from expportrait.evaluation.harness import finite
     return {"protocol": protocol, "report": str(report), "metrics": str(out / "metrics.json"),

@@ -72,7 +72,7 @@ def test_gate_refuses_and_names_the_metric_then_promotes(store, registered, tmp_
     v = registered["version"]
     rc, out = _cli(capsys, "promote", "--name", NAME, "--version", v, "--alias", "champion", "--gate", gate,
                    "--tracking-uri", store["uri"])
-    assert rc == 2 and out["error"] == "GateRefused" and "psnr: no value" in out["message"]
+    assert rc == 2 and out["error"] == "GateRefused" and "psnr: not evaluated" in out["message"]
     record_evaluation(NAME, v, "self", {"psnr": 7.5, "jitter_ratio": 1.2}, run_id="r")
     rc, out = _cli(capsys, "promote", "--name", NAME, "--version", v, "--alias", "champion", "--gate", gate,
                    "--tracking-uri", store["uri"])
@@ -154,3 +154,17 @@ def test_evaluating_a_registered_version_stores_what_the_gate_reads(store, regis
     rc, out = _cli(capsys, "promote", "--name", NAME, "--version", registered["version"], "--alias", "prod",
                    "--tracking-uri", store["uri"])
     assert rc == 2 and "psnr" in out["message"]
+
+
+def test_gate_config_and_checks(tmp_path):
+    from expportrait.registry import check_gate, load_gate
+    gate = load_gate(Path(__file__).parents[2] / "configs" / "registry" / "gate.yaml")
+    assert gate["protocol"] == "self" and "psnr" in gate["thresholds"]
+    rules = {"protocol": "self", "thresholds": {"psnr": {"min": 20}, "jitter_ratio": {"max": 2}, "csim_sface": {"min": 0.4}}}
+    assert check_gate({"psnr": 25.0, "jitter_ratio": 1.0, "csim_sface": 0.5}, rules) == []
+    fails = check_gate({"psnr": 25.0, "jitter_ratio": 2.5, "csim_sface": float("nan")}, rules)
+    assert fails == ["jitter_ratio = 2.5 > max 2", "csim_sface: not measurable in the evaluation (NaN, e.g. no face found)"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("thresholds:\n  psnr: {above: 3}\n")
+    with pytest.raises(ValueError, match="psnr"):
+        load_gate(bad)
