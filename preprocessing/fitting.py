@@ -78,7 +78,7 @@ class FitConfig:
     diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
     seed: int = 0
     photometric: bool = True        # shape from shading for Δg/Δf when frames are given
-    photo_rounds: int = 3
+    photo_rounds: int = 2
     photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -170,7 +170,8 @@ class Fitter:
         kept fixed when given (the identity is shared). Runs on ``config.device`` with every
         frame batched; the result is on the CPU."""
         dev = self.device
-        move = lambda x: x.to(dev) if isinstance(x, Tensor) else x
+        move = lambda x: (x.to(dev, torch.float32) if x.is_floating_point() else x.to(dev)) \
+            if isinstance(x, Tensor) else x
         inputs = FitInputs(**{k: move(getattr(inputs, k)) for k in inputs.__dataclass_fields__})
         with torch.device(dev):
             result = self._fit(inputs, move(betas), move(static_offsets), fit_offsets)

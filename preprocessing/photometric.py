@@ -60,7 +60,7 @@ def sh_basis_jacobian(n: Tensor) -> Tensor:
 def shade_vertices(albedo: Tensor, light: Tensor, normals: Tensor) -> Tensor:
     """Lambertian SH shading: albedo (N, 3) or (T, N, 3), light (T, 9, 3), unit normals
     (T, N, 3) -> RGB (T, N, 3)."""
-    return albedo * torch.einsum("tnk,tkc->tnc", sh_basis(normals), light)
+    return albedo * (sh_basis(normals) @ light)
 
 
 def gradient_operator(verts: Tensor, faces: Tensor, ids: Tensor) -> Tensor:
@@ -96,10 +96,11 @@ def gradient_operator(verts: Tensor, faces: Tensor, ids: Tensor) -> Tensor:
 
 @dataclass
 class PhotometricConfig:
-    rounds: int = 3                  # Gauss-Newton rounds (normals, colours, light, albedo, offsets)
-    light_albedo_iters: int = 3      # alternations of the closed-form light and albedo solves
-    cg_iters: int = 30
-    robust_sigma: float = 0.06       # RGB residual scale of the Geman-McClure weights
+    rounds: int = 2                  # Gauss-Newton rounds (normals, colours, light, albedo, offsets)
+    static_rounds: int = 1           # of which the first ones also update Δg
+    light_albedo_iters: int = 2      # alternations of the closed-form light and albedo solves
+    cg_iters: int = 20
+    robust_sigma: float = 0.1        # RGB residual scale of the Cauchy weights
     w_dynamic: float = 1.0           # 0 disables the photometric Δf
     w_static: float = 1.0            # 0 disables the photometric Δg
     dyn_magnitude: float = 5e-4      # per mm² of height
@@ -141,7 +142,9 @@ class PhotometricSolver:
         self.local_faces = local[head.faces[inner]]          # faces inside the face region, local ids
         self.near_faces = head.faces[(local[head.faces] >= 0).any(1)]
         from .fitting import _sub_laplacian
-        self.lap = _sub_laplacian(head.laplacian(), self.ids.cpu()).to(self.ids.device)
+        lap = _sub_laplacian(head.laplacian(), self.ids.cpu())
+        self.lap = lap.to_sparse_csr().to(self.ids.device)
+        self.lap2 = torch.sparse.mm(lap.t().coalesce(), lap).coalesce().to_sparse_csr().to(self.ids.device)   # LᵀL
         self._expr_cache: dict = {}
 
     # ------------------------------------------------------------------------------------------
@@ -197,14 +200,13 @@ class PhotometricSolver:
         albedo = light = None
         for round_ in range(cfg.rounds):
             colours, normals, w = self._observe(base, camera, images, visible, disp, h_s, h_d)
-            albedo, light = self._light_albedo(colours, normals, w, albedo, light)
-            if fit_static and cfg.w_static > 0:
-                smooth = self._smooth_albedo(colours, normals, light, w)
+            albedo, light, smooth = self._light_albedo(colours, normals, w, albedo, light)
+            if fit_static and cfg.w_static > 0 and round_ < cfg.static_rounds:
                 w_s = w * self._chroma_weight(albedo, smooth)[None]
                 h_s = h_s + self._solve_static(colours, normals, light, smooth, w_s, r_cam, g)
                 h_s = h_s.clamp(-cfg.max_height_mm, cfg.max_height_mm)
                 colours, normals, w = self._observe(base, camera, images, visible, disp, h_s, h_d)
-                albedo, light = self._light_albedo(colours, normals, w, albedo, light)
+                albedo, light, smooth = self._light_albedo(colours, normals, w, albedo, light)
             if cfg.w_dynamic > 0:
                 h_d = h_d + self._solve_dynamic(colours, normals, light, albedo, w, r_cam, g, q)
                 h_d = (h_d - h_d.mean(0, keepdim=True)).clamp(-cfg.max_height_mm, cfg.max_height_mm)
@@ -263,31 +265,43 @@ class PhotometricSolver:
         return colours, normals, w
 
     def _light_albedo(self, colours, normals, w, albedo, light):
-        """Closed-form alternation: per-frame SH light (9, 3) given the albedo, per-vertex
-        albedo given the light, with robust weights on the residual."""
+        """Per-frame SH light (9, 3) and albedo. The light is solved against a smooth albedo
+        (a constant one at first, then one under a strong Laplacian prior): a free per-vertex
+        albedo would explain all shading and leave the light flat. The free per-vertex albedo
+        is solved last, given the light. Returns (free albedo, light, smooth albedo)."""
         cfg = self.config
         y = sh_basis(normals)                                                        # (T, M, 9)
-        if albedo is None:
-            albedo = (colours * w[..., None]).sum(0) / w.sum(0).clamp(min=1e-6)[:, None]
-            albedo = albedo.clamp(min=0.02)
-        for _ in range(cfg.light_albedo_iters):
-            wr = w * self._robust(colours, normals, albedo, light) if light is not None else w
-            a = y[..., None, :] * albedo[None, :, :, None]                             # (T, M, 3, 9)
-            wa = a * wr[..., None, None]
-            ata = torch.einsum("tmck,tmcl->tckl", wa, a) + 1e-4 * torch.eye(9)
-            atb = torch.einsum("tmck,tmc->tck", wa, colours)
-            light = torch.linalg.solve(ata, atb[..., None])[..., 0].transpose(1, 2)   # (T, 9, 3)
-            s = torch.einsum("tmk,tkc->tmc", y, light)                                  # shading
-            albedo = ((wr[..., None] * s * colours).sum(0) /
-                      (wr[..., None] * s * s).sum(0).clamp(min=1e-6)).clamp(0.0, 1.5)
-            seen = w.sum(0) > 0
-            albedo[~seen] = albedo[seen].mean(0) if seen.any() else 0.5
-        return albedo, light
+        seen = w.sum(0) > 0
+        if light is None:
+            med = colours[w > 0].median(0).values if (w > 0).any() else colours.new_full((3,), 0.5)
+            smooth = med.expand(colours.shape[1], 3).clone()
+        else:
+            smooth = self._smooth_albedo(colours, normals, light, w)
+        for it in range(cfg.light_albedo_iters):
+            wr = w * self._robust(colours, normals, smooth, light) if light is not None else w
+            light = self._solve_light(y, colours, smooth, wr)
+            smooth = self._smooth_albedo(colours, normals, light, wr)
+        wr = w * self._robust(colours, normals, smooth, light)
+        s = y @ light                                                                   # shading (T, M, 3)
+        albedo = ((wr[..., None] * s * colours).sum(0) /
+                  (wr[..., None] * s * s).sum(0).clamp(min=1e-6)).clamp(0.0, 1.5)
+        albedo[~seen] = smooth[~seen]
+        return albedo, light, smooth
+
+    @staticmethod
+    def _solve_light(y, colours, albedo, wr):
+        """Weighted least squares for the per-frame SH light (T, 9, 3) given the albedo."""
+        wc = wr[..., None] * albedo[None]                                              # (T, M, 3)
+        yt = y.transpose(1, 2)                                                          # (T, 9, M)
+        ata = torch.stack([(yt * (wc[..., c] * albedo[None, :, c])[:, None]) @ y for c in range(3)], 1)
+        atb = yt @ (wc * colours)                                                       # (T, 9, 3)
+        ata = ata + 1e-4 * torch.eye(9, dtype=ata.dtype, device=ata.device)
+        return torch.linalg.solve(ata, atb.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)
 
     def _robust(self, colours, normals, albedo, light) -> Tensor:
         r = (shade_vertices(albedo, light, normals) - colours).norm(dim=-1)
         s = self.config.robust_sigma
-        return (s * s / (s * s + r * r)) ** 2
+        return s * s / (s * s + r * r)                  # Cauchy IRLS weights
 
     def _residual(self, colours, normals, w, albedo, light) -> Tensor:
         r = (shade_vertices(albedo, light, normals) - colours).abs().mean(-1)
@@ -297,12 +311,11 @@ class PhotometricSolver:
     def _smooth_albedo(self, colours, normals, light, w) -> Tensor:
         """Albedo under a strong Laplacian prior: what it cannot explain of the static
         shading is left to Δg."""
-        s = torch.einsum("tmk,tkc->tmc", sh_basis(normals), light)
+        s = sh_basis(normals) @ light
         d = (w[..., None] * s * s).sum(0)                                              # (M, 3)
         b = (w[..., None] * s * colours).sum(0)
         lam = self.config.albedo_smooth * w.sum(0).mean().clamp(min=1e-3)
-        lap = self.lap
-        mv = lambda x: d * x + lam * _lap(lap, _lap(lap, x))
+        mv = lambda x: d * x + lam * (self.lap2 @ x)
         x0 = b / d.clamp(min=1e-6)
         return x0 + _cg(mv, b - mv(x0), self.config.cg_iters * 2, d + lam * 4.0)
 
@@ -335,42 +348,43 @@ class PhotometricSolver:
         def mv(x):
             gx = (g @ x).view(m, 3)
             data = gt @ (blocks @ gx[..., None]).reshape(-1, 1)
-            return data + cfg.static_magnitude * x + cfg.static_laplacian * _lap(self.lap, _lap(self.lap, x))
+            return data + cfg.static_magnitude * x + cfg.static_laplacian * (self.lap2 @ x)
 
         diag = _gtdg_diag(g, blocks.diagonal(dim1=-2, dim2=-1)) + cfg.static_magnitude + cfg.static_laplacian * 4.0
         return _cg(mv, b, cfg.cg_iters, diag[:, None])[:, 0]
 
     def _solve_dynamic(self, colours, normals, light, albedo, w, r_cam, g, q) -> Tensor:
+        """One Gauss-Newton step for the per-frame heights (T, M): shading data term,
+        magnitude, Laplacian, temporal and expression-basis penalties (vertex-major (M, T)
+        layout inside CG: no transposes in the matrix-vector product)."""
         cfg = self.config
         j, r, wr = self._linear_system(colours, normals, light, albedo, w, r_cam)
         t, m = wr.shape
         wj = j * wr[..., None, None] * cfg.w_dynamic
-        blocks = torch.einsum("tmci,tmcj->tmij", wj, j)                              # (T, M, 3, 3)
-        rhs = -torch.einsum("tmci,tmc->tmi", wj, r)                                  # (T, M, 3)
+        blocks = torch.einsum("tmci,tmcj->mijt", wj, j).contiguous()                 # (M, 3, 3, T)
+        rhs = -torch.einsum("tmci,tmc->mit", wj, r).reshape(m * 3, t)                # (3M, T)
         gt = _transpose(g)
-        b = (gt @ rhs.permute(1, 2, 0).reshape(m * 3, t)).T                          # (T, M)
+        b = gt @ rhs                                                                 # (M, T)
         gam = cfg.dyn_temporal
 
-        def temporal(x):
-            if x.shape[0] < 2:
+        def temporal(x):                                                             # DᵀD along time
+            if x.shape[1] < 2:
                 return torch.zeros_like(x)
-            d = x[1:] - x[:-1]
+            d = x[:, 1:] - x[:, :-1]
             out = torch.zeros_like(x)
-            out[1:] += d
-            out[:-1] -= d
+            out[:, 1:] += d
+            out[:, :-1] -= d
             return out
 
-        def mv(x):                                                                   # x (T, M)
-            gx = (g @ x.T).T.reshape(t, m, 3)
-            data = (gt @ (blocks @ gx[..., None])[..., 0].permute(1, 2, 0).reshape(m * 3, t)).T
-            lap = _lap(self.lap, _lap(self.lap, x.T)).T
-            expr = (x @ q) @ q.T
-            return data + cfg.dyn_magnitude * x + cfg.dyn_laplacian * lap + gam * temporal(x) \
-                + cfg.dyn_expression * expr
+        def mv(x):                                                                   # x (M, T)
+            gx = (g @ x).view(m, 1, 3, t)
+            data = gt @ (blocks * gx).sum(2).view(m * 3, t)
+            return data + cfg.dyn_magnitude * x + cfg.dyn_laplacian * (self.lap2 @ x) + gam * temporal(x) \
+                + cfg.dyn_expression * (q @ (q.T @ x))
 
-        diag = _gtdg_diag(g, blocks.diagonal(dim1=-2, dim2=-1)) \
+        diag = _gtdg_diag(g, blocks.diagonal(dim1=1, dim2=2).permute(1, 0, 2)).T \
             + cfg.dyn_magnitude + cfg.dyn_laplacian * 4.0 + 2 * gam
-        return _cg(mv, b, cfg.cg_iters, diag)
+        return _cg(mv, b, cfg.cg_iters, diag).T
 
 
 # ----------------------------------------------------------------------------------------------
