@@ -163,8 +163,21 @@ def _param(params: dict, suffix: str):
     return None
 
 
-PIP_REQUIREMENTS = ["torch", "diffusers", "mlflow", "numpy", "pandas", "opencv-python-headless", "av",
-                    "scipy", "pyyaml", "mediapipe"]
+_REQUIREMENTS = ("torch", "diffusers", "mlflow", "numpy", "pandas", "opencv-python-headless", "av", "scipy",
+                 "pyyaml", "mediapipe")
+
+
+def pip_requirements() -> list[str]:
+    """The inference dependencies pinned to the versions installed here (the project itself,
+    ``expportrait``, is installed from its commit, tagged on the version)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
 
 
 def inference_from_run(params: dict, overrides: dict | None = None) -> InferenceSettings:
@@ -230,7 +243,7 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="expportrait", python_model=ExpPortraitModel(),
                                            artifacts={"package": str(package)}, signature=signature(),
-                                           input_example=INPUT_EXAMPLE, pip_requirements=PIP_REQUIREMENTS)
+                                           input_example=INPUT_EXAMPLE, pip_requirements=pip_requirements())
     tags = {"data": str(data), "code_commit": str(commit), "head_model_sha256": reference["sha256"],
             "head_model_kind": reference["kind"], **{k: v for k, v in runs.items()},
             "has_transfer": str("transfer" in found)}

@@ -74,6 +74,8 @@ def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_p
              "comparable with papers' ArcFace CSIM.",
              "AED/APD are measured with this project's own fitter (MediaPipe landmarks + the head model); "
              "a generated video in which no face is tracked gives no value."]
+    if protocol == "self":
+        notes.append("Self-reenactment is scored from frame 1 on: frame 0 is the source reference itself.")
     if lpips_backbone is None:
         notes.append("LPIPS skipped: no local backbone given (--lpips-backbone); nothing is downloaded.")
     if summary.get("psnr_capped"):

@@ -2,8 +2,8 @@
 run on each, metrics per pair and overall, side-by-side videos.
 
 Protocols
-- ``self``: a clip drives its own first frame; the clip is the ground truth. PSNR, SSIM, L1
-  (LPIPS with a local backbone) against it, CSIM to the source, AED/APD against the ground
+- ``self``: a clip drives its own first frame; the clip is the ground truth, scored from frame 1
+  on (frame 0 is the reference itself). PSNR, SSIM, L1 (LPIPS with a local backbone) against it, CSIM to the source, AED/APD against the ground
   truth's fit, jitter relative to the ground truth's own, identity drift.
 - ``cross``: the first frame of one identity's clip driven by another identity's clip; no
   ground truth: CSIM to the source, AED/APD against the driver's fit, jitter relative to the
@@ -146,11 +146,15 @@ def evaluate_pairs(reenactor, pairs: list[Pair], protocol: str, out: str | Path,
             results.append(r)
             continue
         truth = res.driving if protocol == "self" else None
-        copy = np.repeat(res.reference[None], len(res.frames), 0)
-        r.model, r.curves, ref_fit = score_video(res.frames, res.reference, protocol, truth, res.driving, head,
-                                                 opts, driving.fps)
-        r.copy, copy_curves, _ = score_video(copy, res.reference, protocol, truth, res.driving, head, opts,
-                                             driving.fps, ref_fit)
+        # self: the clip's frame 0 is the source reference itself (copying it is exact there): scored
+        # from frame 1 on, for the model and the baseline alike
+        first = 1 if protocol == "self" and len(res.frames) > 3 else 0
+        gen, drv = res.frames[first:], res.driving[first:]
+        copy = np.repeat(res.reference[None], len(gen), 0)
+        r.model, r.curves, ref_fit = score_video(gen, res.reference, protocol, None if truth is None else drv, drv,
+                                                 head, opts, driving.fps)
+        r.copy, copy_curves, _ = score_video(copy, res.reference, protocol, None if truth is None else drv, drv,
+                                             head, opts, driving.fps, ref_fit)
         r.curves = {"model": r.curves, "copy": copy_curves}
         panels = side_by_side(res)
         if truth is not None:
