@@ -80,6 +80,8 @@ class FitConfig:
     photometric: bool = True        # shape from shading for Δg/Δf when frames are given
     photo_rounds: int = 2
     photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
+    photo_cg_iters: int = 20
+    photo_regularization: float = 1.0   # scales the photometric Δf priors (magnitude, Laplacian, time, ψ basis)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def resolved_device(self) -> torch.device:
@@ -162,7 +164,12 @@ class Fitter:
             self.face_weight = face
             # Faces around the face region: the normal terms need only these.
             self.normal_faces = head.faces[(face[head.faces] > 0).any(1)]
-            self.photometric = PhotometricSolver(head, PhotometricConfig(rounds=self.config.photo_rounds))
+            c, k = self.config, self.config.photo_regularization
+            base = PhotometricConfig()
+            self.photometric = PhotometricSolver(head, dataclasses.replace(
+                base, rounds=c.photo_rounds, cg_iters=c.photo_cg_iters, dyn_magnitude=base.dyn_magnitude * k,
+                dyn_laplacian=base.dyn_laplacian * k, dyn_temporal=base.dyn_temporal * k,
+                dyn_expression=base.dyn_expression * k))
 
     def fit(self, inputs: FitInputs, betas: Tensor | None = None,
             static_offsets: Tensor | None = None, fit_offsets: bool = True) -> FitResult:
