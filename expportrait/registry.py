@@ -347,9 +347,11 @@ def resolve_version(uri: str) -> tuple[str, str] | None:
     return None
 
 
-def load_reenactor(model: str, head_model: str | None = None) -> tuple[Reenactor, dict]:
-    """A :class:`Reenactor` from a local package folder or a ``models:/`` URI (its package
-    downloaded), with a description of what was loaded."""
+def load_reenactor(model: str, head_model: str | None = None,
+                   parts: dict[str, str | None] | None = None) -> tuple[Reenactor, dict]:
+    """A :class:`Reenactor` from a package folder, a folder of exports (``parts`` may name the
+    ``generator``, ``codec``, ``transfer`` folders; default inference settings) or a ``models:/``
+    URI (its package downloaded), with a description of what was loaded."""
     if model.startswith(("models:/", "runs:/")):
         from models.head.smplx_file import ENV_VAR
         if head_model is not None:
@@ -361,8 +363,28 @@ def load_reenactor(model: str, head_model: str | None = None) -> tuple[Reenactor
             desc.update(name=ver[0], version=int(ver[1]))
         return loaded.unwrap_python_model().reenactor, desc
     folder = Path(model)
-    read_package_meta(folder)
-    return Reenactor.from_package(folder, head_model), {"model": str(folder), "package": str(folder)}
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model not found: {model} (a package or export folder, or a models:/ URI)")
+    if (folder / "package.json").is_file() and not any((parts or {}).values()):
+        read_package_meta(folder)
+        return Reenactor.from_package(folder, head_model), {"model": str(folder), "package": str(folder)}
+    return _from_exports(folder, head_model, parts or {})
+
+
+def _from_exports(folder: Path, head_model: str | None, parts: dict[str, str | None]) -> tuple[Reenactor, dict]:
+    """A package assembled on the fly from exported model folders (e.g. a run's ``export/``):
+    whatever ``parts`` names, else what :func:`classify_exports` finds under ``folder``."""
+    found = classify_exports(folder)
+    found.update({k: Path(v) for k, v in parts.items() if v})
+    for kind in ("generator", "codec"):
+        if kind not in found:
+            raise FileNotFoundError(f"{folder} is not a package (no package.json) and holds no {kind} export "
+                                    f"(found {sorted(found)}); give --{kind} DIR")
+    cache = Path(tempfile.mkdtemp(prefix="expportrait_package_"))
+    package = write_package(cache / "package", found["generator"], found["codec"], found.get("transfer"),
+                            head_model_reference(head_model))
+    return Reenactor.from_package(package, head_model), {"model": str(folder), "package": str(package),
+                                                          "parts": {k: str(v) for k, v in found.items()}}
 
 
 def tracking_from(tracking_uri: str | None = None, store: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """`expportrait evaluate --model MODEL --protocol self|cross --data DIR --out DIR`.
 
-MODEL: a package folder or a ``models:/name/N`` / ``models:/name@alias`` URI. Runs the model and
+MODEL: a package folder, a folder of exports (generator/codec/transfer found inside, or named
+by --codec/--transfer) or a ``models:/name/N`` / ``models:/name@alias`` URI. Runs the model and
 the copy-reference baseline on the data's pairs (expportrait/evaluation/harness.py), writes
 ``OUT/report.html`` (open it in a browser), ``OUT/metrics.json``, ``OUT/pairs.csv``, side-by-side
 videos and plots; logs params, metrics (``model.*``, ``copy.*``) and the report folder to MLflow
@@ -30,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-motion", action="store_true", help="skip AED/APD (fits every generated video)")
     p.add_argument("--head-model", default=None, help="local SMPL-X-format .npz (checked against the model's hash)")
     p.add_argument("--experiment", default="evaluation")
+    p.add_argument("--codec", default=None, help="codec folder, when --model is a folder of exports")
+    p.add_argument("--transfer", default=None, help="transfer-module folder, when --model is a folder of exports")
     add_store_args(p)
     p.set_defaults(func=run)
 
@@ -38,13 +41,15 @@ def run(args: argparse.Namespace) -> dict:
     return evaluate(args.model, args.protocol, args.data, args.out, max_pairs=args.max_pairs,
                     max_frames=args.max_frames, lpips_backbone=args.lpips_backbone, dlib=not args.no_dlib,
                     motion=not args.no_motion, head_model=args.head_model, experiment=args.experiment,
-                    tracking_uri=args.tracking_uri, store=args.store)
+                    tracking_uri=args.tracking_uri, store=args.store,
+                    parts={"codec": args.codec, "transfer": args.transfer})
 
 
 def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_pairs: int = 4,
              max_frames: int | None = None, lpips_backbone: str | None = None, dlib: bool = True,
              motion: bool = True, head_model: str | None = None, experiment: str = "evaluation",
-             tracking_uri: str | None = None, store: str | Path | None = None) -> dict:
+             tracking_uri: str | None = None, store: str | Path | None = None,
+             parts: dict[str, str | None] | None = None) -> dict:
     """Evaluate, report, log; returns the summary (model and copy means) and where things are."""
     import os
 
@@ -63,7 +68,7 @@ def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_p
         store = out / "mlflow"                            # embedded store beside the report
     uri = tracking_from(tracking_uri, str(store) if store else None)
     t0 = time.perf_counter()
-    reenactor, desc = load_reenactor(str(model), head_model)
+    reenactor, desc = load_reenactor(str(model), head_model, parts)
     pairs = make_pairs(data, protocol, max_pairs)
     opts = EvalOptions(max_pairs=max_pairs, max_frames=max_frames, lpips_backbone=lpips_backbone, dlib=dlib,
                        motion=motion)

@@ -4,7 +4,7 @@
         --driving VIDEO --out OUT.mp4 [--side-by-side] [--paste-back] [--max-frames N]
     expportrait reenact --model MODEL --pairs PAIRS.csv --out-dir DIR [--workers 2]   # Ray batch
 
-MODEL: a package folder or a ``models:/`` URI (with --tracking-uri/--store or
+MODEL: a package folder, a folder of exports (with --codec/--transfer) or a ``models:/`` URI (with --tracking-uri/--store or
 $MLFLOW_TRACKING_URI). Sources and drivers: images or videos (tracked and fitted here) or
 synthetic corpus clips (``clips/<id>.npz``). ``--side-by-side`` also writes
 ``OUT_side_by_side.mp4`` (reference | driving | driving normals | generated); ``--paste-back``
@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=-1, help="sampler steps (-1: the model's)")
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--head-model", default=None, help="local SMPL-X-format .npz (checked against the model's hash)")
+    p.add_argument("--codec", default=None, help="codec folder, when --model is a folder of exports")
+    p.add_argument("--transfer", default=None, help="transfer-module folder, when --model is a folder of exports")
     add_store_args(p)
     p.set_defaults(func=run)
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from expportrait.registry import load_reenactor, reenact_to_file
     t0 = time.perf_counter()
-    reenactor, desc = load_reenactor(args.model, args.head_model)
+    reenactor, desc = load_reenactor(args.model, args.head_model, {"codec": args.codec, "transfer": args.transfer})
     out = reenact_to_file(reenactor, args.source, args.driving, args.out, params)
     return {"source": args.source, "driving": args.driving, **out,
             **{k: v for k, v in desc.items() if k in ("model", "name", "version")},

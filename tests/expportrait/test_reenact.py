@@ -128,3 +128,15 @@ def test_ray_batch_finishes_with_a_failed_row_for_an_unreadable_driver(package, 
     for out in m.loc[m["status"] == "ok", "out"]:
         assert len(_frames(out)) == 9
     assert not Path(m.loc[1, "out"]).exists()
+
+
+def test_model_from_a_folder_of_exports(package):
+    """--model may be a run's export folder (no package.json): its parts are found by content."""
+    from expportrait.registry import load_reenactor
+    exports = package.parent / "export"
+    r, desc = load_reenactor(str(exports))
+    assert set(desc["parts"]) == {"generator", "codec", "transfer"} and r.transfer is not None
+    with pytest.raises(FileNotFoundError, match="no codec export"):
+        load_reenactor(str(exports / "generator"))
+    r2, desc2 = load_reenactor(str(exports / "generator"), parts={"codec": str(exports / "codec")})
+    assert desc2["parts"]["codec"] == str(exports / "codec") and r2.transfer is None
