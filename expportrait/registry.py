@@ -180,9 +180,33 @@ def pip_requirements() -> list[str]:
     return out
 
 
+def shard_crop_size(root: str | None) -> int | None:
+    """The crop size of the first sample of a shard folder (``crop_size`` in its ``.meta.json``,
+    else its frames' height); None if unknown."""
+    import tarfile
+    if not root or not Path(root).is_dir():
+        return None
+    import av
+    for tar in sorted(Path(root).rglob("*.tar"))[:3]:
+        try:
+            with tarfile.open(tar) as t:
+                for m in t:
+                    if m.name.endswith(".meta.json"):
+                        meta = json.loads(t.extractfile(m).read())
+                        if "crop_size" in meta:
+                            return int(meta["crop_size"])
+                    elif m.name.endswith(".rgb.mp4"):        # no crop_size recorded: the frames' size
+                        with av.open(t.extractfile(m)) as c:
+                            return int(c.streams.video[0].codec_context.height)
+        except (tarfile.TarError, OSError, KeyError, ValueError, TypeError, av.FFmpegError):
+            continue
+    return None
+
+
 def inference_from_run(params: dict, overrides: dict | None = None) -> InferenceSettings:
     """Inference settings as the generator was trained (the run's ``frames``, ``frame_stride``,
-    ``size``, ``shift``, ``sample_steps``, ``guidance`` params), then ``overrides``."""
+    ``size`` (null: its shards' crop size), ``shift``, ``sample_steps``, ``guidance`` params),
+    then ``overrides``."""
     from dataclasses import fields
     st = {}
     for field_name, param, cast in (("window", "frames", int), ("frame_stride", "frame_stride", int),
@@ -191,13 +215,19 @@ def inference_from_run(params: dict, overrides: dict | None = None) -> Inference
         value = _param(params, param)
         if value is not None:
             st[field_name] = cast(float(value))
+    if "size" not in st:                  # size null: the generator trained at its shards' crop size
+        crop = shard_crop_size(_param(params, "root"))
+        if crop:
+            st["size"] = crop
     if "window" in st:
         st.setdefault("overlap", max(0, min(InferenceSettings.overlap, st["window"] - 2) // 2 * 2))
     st.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = set(st) - {f.name for f in fields(InferenceSettings)}
     if unknown:
         raise ValueError(f"unknown inference settings {sorted(unknown)}")
-    return InferenceSettings(**st)
+    settings = InferenceSettings(**st)
+    settings.check()
+    return settings
 
 
 def register(run_id: str, name: str = "expportrait", alias: str | None = "candidate",

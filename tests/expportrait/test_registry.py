@@ -168,3 +168,17 @@ def test_gate_config_and_checks(tmp_path):
     bad.write_text("thresholds:\n  psnr: {above: 3}\n")
     with pytest.raises(ValueError, match="psnr"):
         load_gate(bad)
+
+
+def test_inference_settings_follow_the_generator_run(tmp_path):
+    """Window, stride, shift, steps as trained; size null -> the crop size of the run's shards."""
+    from sample_factory import write_random_shards
+    from expportrait.registry import inference_from_run
+    write_random_shards(tmp_path / "shards", clips=2, size=48)
+    params = {"model.frames": "5", "frame_stride": "5", "size": "None", "shift": "1.0", "sample_steps": "10",
+              "root": str(tmp_path / "shards")}
+    st = inference_from_run(params)
+    assert (st.window, st.frame_stride, st.size, st.shift, st.steps, st.overlap) == (5, 5, 48, 1.0, 10, 2)
+    assert inference_from_run(params, {"size": 64, "steps": None}).size == 64
+    with pytest.raises(ValueError, match="overlap"):
+        inference_from_run(params, {"overlap": 4})
