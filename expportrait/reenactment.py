@@ -184,6 +184,9 @@ def load_subject(path: str | os.PathLike, head, prep: PreprocessSettings | None 
     if path.suffix == ".npz":
         clip = load_fitted(path)
         video = path.with_suffix(".mp4")
+        if not video.is_file():
+            raise SubjectError(f"{path}: a fitted clip is used with its frames, {video} is missing (give the "
+                               f"image or video itself: it is fitted here)", "file_not_found", str(video))
         frames, fps = read_frames(video, max_frames)
         t = min(len(frames), clip.num_frames, max_frames or 10**9)
         clip.arrays = {k: v[:t] for k, v in clip.arrays.items()}
