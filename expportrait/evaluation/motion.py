@@ -25,15 +25,22 @@ class MotionFit:
     head_rotation: np.ndarray | None = None   # (T, 3, 3) in camera space
 
 
-def fit_motion(frames: np.ndarray, head, iters_scale: float = 0.5, seed: int = 0) -> MotionFit:
-    """Fit ``frames`` (T, H, W, 3) RGB; fewer iterations than a training fit (``iters_scale``)."""
+def fit_motion(frames: np.ndarray, head, iters_scale: float = 0.5, seed: int = 0, min_side: int = 256) -> MotionFit:
+    """Fit ``frames`` (T, H, W, 3) RGB, upscaled to ``min_side`` first (the tracker drops faces
+    under 40 px); fewer iterations than a training fit (``iters_scale``)."""
     from preprocessing.clip_fit import fit_frames
     from preprocessing.fitting import FitConfig
 
+    frames = np.ascontiguousarray(frames)
+    if min(frames.shape[1:3]) < min_side:       # small generated frames: the tracker's face-size floor
+        import cv2
+        r = min_side / min(frames.shape[1:3])
+        frames = np.stack([cv2.resize(f, (round(f.shape[1] * r), round(f.shape[0] * r)),
+                                      interpolation=cv2.INTER_CUBIC) for f in frames])
     cfg = FitConfig(seed=seed)
     cfg.iters_rigid = max(10, int(cfg.iters_rigid * iters_scale))
     cfg.iters_expression = max(20, int(cfg.iters_expression * iters_scale))
-    clip = fit_frames(np.ascontiguousarray(frames), head, config=cfg)
+    clip = fit_frames(frames, head, config=cfg)
     if clip.fit is None:
         return MotionFit(status=clip.status)
     p = clip.fit.params
