@@ -4,7 +4,6 @@ the CLI end to end (MLflow video, EMA export, `expportrait generate`), and a 2-p
 DeepSpeed ZeRO-2 run that resumes to the uninterrupted run's weights."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -219,30 +218,35 @@ def _run_cli(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes_resume_to_the_uninterrupted_weights(gen_shards, codec_dir, tmp_path):
-    """2 CPU processes under DeepSpeed ZeRO-2: an uninterrupted 4-step run and a 2-step run
-    resumed (`--ckpt_path last`) to 4 steps end with the same weights and EMA, equal on both ranks."""
+    """2 CPU processes under DeepSpeed ZeRO-2: an uninterrupted 4-step run, and a run SIGKILLed
+    (both ranks) at step 3 then resumed (`--ckpt_path last`) from its step-2 checkpoint folder,
+    end with the same weights and EMA, equal on both ranks."""
     from safetensors.torch import load_file
+
+    from training.export import load_checkpoint_state
     strategy = str(REPO / "configs" / "train" / "strategy" / "deepspeed_cpu.yaml")
-    outs = {}
-    for name, steps, resume in (("full", 4, False), ("split", 2, False), ("split", 4, True)):
-        ranks = tmp_path / f"ranks_{name}"
-        probe = [{"class_path": "train_probes.SaveRankWeights", "init_args": {"folder": str(ranks)}}]
-        cfg = _cli_config(tmp_path / f"cfg_{name}_{steps}", gen_shards, codec_dir, steps, probe)
-        args = ["fit", "--config", str(BASE), "--config", strategy, "--config", str(cfg), "--out", str(tmp_path / name)]
+    kill = [{"class_path": "train_probes.KillAtStep", "init_args": {"step": 3}}]
+    for name, out, probes, resume in (("full", "full", True, False), ("killed", "split", False, False),
+                                      ("resumed", "split", True, True)):
+        extra = [{"class_path": "train_probes.SaveRankWeights", "init_args": {"folder": str(tmp_path / f"w_{name}")}}] \
+            if probes else kill
+        cfg = _cli_config(tmp_path / f"cfg_{name}", gen_shards, codec_dir, 4, extra)
+        args = ["fit", "--config", str(BASE), "--config", strategy, "--config", str(cfg), "--out", str(tmp_path / out)]
         r = _run_cli(args + (["--ckpt_path", "last"] if resume else []))
-        assert r.returncode == 0, r.stderr[-4000:]
-        outs[name] = ranks
-    w = {n: [load_file(str(outs[n] / f"rank{r}.safetensors")) for r in range(2)] for n in outs}
+        if name == "killed":
+            assert r.returncode != 0, r.stderr[-3000:]
+            assert load_checkpoint_state(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 2
+        else:
+            assert r.returncode == 0, r.stderr[-4000:]
+    w = {n: [load_file(str(tmp_path / f"w_{n}" / f"rank{r}.safetensors")) for r in range(2)] for n in ("full", "resumed")}
     for k in w["full"][0]:
         assert torch.equal(w["full"][0][k], w["full"][1][k]), k              # ranks agree
-        assert torch.equal(w["split"][0][k], w["split"][1][k]), k
-        assert torch.equal(w["full"][0][k], w["split"][0][k]), k             # resume = uninterrupted
+        assert torch.equal(w["resumed"][0][k], w["resumed"][1][k]), k
+        assert torch.equal(w["full"][0][k], w["resumed"][0][k]), k           # resume = uninterrupted
     ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir()                                                    # a DeepSpeed folder
-    from training.export import load_checkpoint_state
     state = load_checkpoint_state(ckpt)
     assert state["global_step"] == 4 and state["callbacks"]["EMA"]["updates"] == 4
     full = load_checkpoint_state(tmp_path / "full" / "checkpoints" / "last.ckpt")["callbacks"]["EMA"]["shadow"]
     for k, v in state["callbacks"]["EMA"]["shadow"].items():
         assert torch.equal(v, full[k]), k
-    print(json.dumps({"ok": True}))
