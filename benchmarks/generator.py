@@ -1,7 +1,7 @@
 """The generator (``tiny_cpu``) trained on a synthetic corpus, evaluated on held-out identities.
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
-        --frames 48 --size 32] [--codec-steps 1000] [--train-steps 3000 --train-minutes 20]
+        --frames 48 --size 32] [--codec-steps 2000 | --codec-dir DIR] [--train-steps 3000 --train-minutes 20]
         [--window 5 --stride 8] [--reuse]
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
@@ -93,8 +93,13 @@ def run(cmd: list[str], what: str) -> float:
 
 
 def train_codec(work: Path, shards: Path, args) -> tuple[Path, float | None]:
+    if args.codec_dir:                         # a codec trained earlier on these shards' train split
+        out = Path(args.codec_dir)
+        summary = json.loads((out / "training.json").read_text())
+        log(f"codec: using {out} ({summary['steps']} steps, {summary['seconds'] / 60:.1f} min when trained)")
+        return out, summary["seconds"] / 60
     out = work / "codec"
-    if args.reuse and (out / "config.json").is_file():
+    if args.reuse and (out / "training.json").is_file():
         log(f"codec: reusing {out}")
         return out, None
     shutil.rmtree(out, ignore_errors=True)
@@ -209,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
     p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
-    p.add_argument("--codec-steps", type=int, default=1000)
+    p.add_argument("--codec-steps", type=int, default=2000)
     p.add_argument("--codec-dim", type=int, default=8)
-    p.add_argument("--codec-lr", type=float, default=3e-3)
+    p.add_argument("--codec-lr", type=float, default=2e-3)
+    p.add_argument("--codec-dir", default=None, help="use this trained codec folder (train_codec output)")
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock cap of the generator's training")
     p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")

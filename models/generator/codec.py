@@ -87,11 +87,13 @@ class LatentCodec(nn.Module):
         return self.encode(video)
 
 
-def vae_loss(vae: AutoencoderKLWan, video: Tensor, kl_weight: float = 1e-4) -> tuple[Tensor, dict[str, Tensor]]:
+def vae_loss(vae: AutoencoderKLWan, video: Tensor, kl_weight: float = 1e-4,
+             sample: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """Objective to train the tiny codec on the corpus (fp32): L1 + MSE reconstruction of a
-    sampled latent + ``kl_weight`` x the KL to N(0, 1), each a mean per element."""
+    sampled latent (``sample=False``: of the posterior mean, what ``LatentCodec.encode``
+    gives) + ``kl_weight`` x the KL to N(0, 1), each a mean per element."""
     dist = vae.encode(video).latent_dist
-    recon = vae.decode(dist.sample()).sample.float()
+    recon = vae.decode(dist.sample() if sample else dist.mode()).sample.float()
     l1 = (recon - video.float()).abs().mean()
     mse = ((recon - video.float()) ** 2).mean()
     kl = 0.5 * (dist.mean.float() ** 2 + dist.var.float() - 1.0 - dist.logvar.float()).mean()

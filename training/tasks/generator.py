@@ -296,10 +296,16 @@ class GeneratorTask(pl.LightningModule):
 # -- the tiny codec -----------------------------------------------------------------------------
 def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int = 4, frames: int = 5,
                 frame_stride: int = 1, lr: float = 1e-3, base_dim: int = 16, kl_weight: float = 1e-4,
-                stat_batches: int = 8, seed: int = 0, log_every: int = 50) -> dict:
+                stat_batches: int = 8, seed: int = 0, log_every: int = 50, sample_posterior: bool = False,
+                flip: bool = True, clip_grad: float | None = None) -> dict:
     """Train the tiny Wan VAE on the training shards of ``shards`` (random windows of
-    ``frames`` frames every ``frame_stride``), set its per-channel latent mean/std, save it to
-    ``out`` (diffusers folder: ``LatentCodec.from_pretrained(out)``). Returns a summary."""
+    ``frames`` frames every ``frame_stride``, mirrored at random with ``flip``), set its
+    per-channel latent mean/std, save it to ``out`` (diffusers folder:
+    ``LatentCodec.from_pretrained(out)``). Returns a summary.
+
+    ``sample_posterior=False`` (default) reconstructs from the posterior mean, the latent the
+    generator is trained on (``LatentCodec.encode``); the small KL term keeps the latents near
+    N(0, 1)."""
     from training.data.shards import ShardDataset, collate, shard_urls
     torch.manual_seed(seed)
     codec = LatentCodec.tiny(seed=seed, base_dim=base_dim)
@@ -318,13 +324,18 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
         v = batch["frames"]
         starts = torch.randint(0, v.shape[1] - span + 1, (v.shape[0],), generator=g)
         ids = starts[:, None] + torch.arange(frames)[None] * frame_stride
-        return unit(torch.stack([x[i] for x, i in zip(v, ids)]))
+        video = unit(torch.stack([x[i] for x, i in zip(v, ids)]))
+        if flip:
+            mirror = torch.rand(video.shape[0], generator=g) < 0.5
+            video[mirror] = video[mirror].flip(-1)
+        return video
 
     for step, batch in enumerate(loader):
-        loss, stats = vae_loss(vae, clip(batch), kl_weight)
+        loss, stats = vae_loss(vae, clip(batch), kl_weight, sample=sample_posterior)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), clip_grad)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
