@@ -297,7 +297,7 @@ class GeneratorTask(pl.LightningModule):
 def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int = 4, frames: int = 5,
                 frame_stride: int = 1, lr: float = 1e-3, base_dim: int = 16, kl_weight: float = 1e-4,
                 stat_batches: int = 8, seed: int = 0, log_every: int = 50, sample_posterior: bool = False,
-                flip: bool = True, clip_grad: float | None = None) -> dict:
+                flip: bool = True, clip_grad: float | None = None, size: int | None = None) -> dict:
     """Train the tiny Wan VAE on the training shards of ``shards`` (random windows of
     ``frames`` frames every ``frame_stride``, mirrored at random with ``flip``), set its
     per-channel latent mean/std, save it to ``out`` (diffusers folder:
@@ -305,7 +305,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
 
     ``sample_posterior=False`` (default) reconstructs from the posterior mean, the latent the
     generator is trained on (``LatentCodec.encode``); the small KL term keeps the latents near
-    N(0, 1)."""
+    N(0, 1). ``size``: frames resized to this side first (the generator task's ``size``)."""
     from training.data.shards import ShardDataset, collate, shard_urls
     torch.manual_seed(seed)
     codec = LatentCodec.tiny(seed=seed, base_dim=base_dim)
@@ -324,7 +324,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
         v = batch["frames"]
         starts = torch.randint(0, v.shape[1] - span + 1, (v.shape[0],), generator=g)
         ids = starts[:, None] + torch.arange(frames)[None] * frame_stride
-        video = unit(torch.stack([x[i] for x, i in zip(v, ids)]))
+        video = resize_video(unit(torch.stack([x[i] for x, i in zip(v, ids)])), size)
         if flip:
             mirror = torch.rand(video.shape[0], generator=g) < 0.5
             video[mirror] = video[mirror].flip(-1)
@@ -374,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--base-dim", type=int, default=16)
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--size", type=int, default=None, help="resize frames to this side (the generator's size)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     summary = train_codec(args.shards, args.out, args.steps, args.batch_size, args.frames, args.frame_stride,
-                          args.lr, args.base_dim, seed=args.seed)
+                          args.lr, args.base_dim, seed=args.seed, size=args.size)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1]}))
     return 0
 
