@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec-lr", type=float, default=2e-3)
     p.add_argument("--codec-dir", default=None, help="use this trained codec folder (train_codec output)")
     p.add_argument("--train-steps", type=int, default=3000)
-    p.add_argument("--train-minutes", type=float, default=20.0, help="wall-clock cap of the generator's training")
+    p.add_argument("--train-minutes", type=float, default=19.0, help="wall-clock cap of the generator's training (process start and export come on top)")
     p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--starts", default="0,7,14", help="window start frames within each test clip")
