@@ -77,7 +77,9 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
             raise ValueError(f"{checkpoint} is not a generator checkpoint (no generator hyperparameters)")
         task = GeneratorTask(**{**hp, "pretrained": None, "wan_folder": None})
         weights_sd = state.get("state_dict") or state.get("module") or {}
-        task.load_state_dict({k.removeprefix("module."): v for k, v in weights_sd.items()}, strict=False)
+        missing, _ = task.load_state_dict({k.removeprefix("module."): v for k, v in weights_sd.items()}, strict=False)
+        if [k for k in missing if k.startswith("model.")]:
+            raise ValueError(f"{checkpoint}: its weights lack {len(missing)} generator tensors, e.g. {missing[:2]}")
         if use_ema:
             ema = state.get("callbacks", {}).get("EMA")
             if ema is None:
