@@ -8,7 +8,8 @@ the clip's rendered RGB mp4 decoded by the job's own ``decode_clip`` (``StageCon
 defaults: 25 fps, long side <= 720), the face tracked and cropped by the job's ``FaceTracker``
 (YuNet box, 256 px crop, MediaPipe landmarks mapped to iBUG-68), the intrinsics from the
 20 degree field-of-view assumption (the renders were made at 22 degrees), no dense depth or
-normal targets (the job ships no estimator), fitted by ``preprocessing.clip_fit.fit_frames``
+normal targets (the job ships no estimator; the fitter's photometric stage reads the crops
+and their validity masks), fitted by ``preprocessing.clip_fit.fit_frames``
 with the job's ``StageContext`` (its head, tracker and fitter), exactly as
 ``preprocessing/clip_stages.py`` calls it.
 
@@ -20,8 +21,8 @@ the mean vertex distance is reported as % of the 0.22 m head height (``vertex_er
 ``jitter_ratio`` compares the fitted face vertices' mean |second difference| with the truth's
 after one similarity for the whole clip (a per-frame alignment would hide jitter).
 ``dynamic_err_mm`` is the Δf error where the truth has detail, against the zero-Δf baseline
-(``dynamic_zero_baseline_mm``); without dense targets the job leaves Δf at zero, so the two
-are equal. β/ψ recovery: correlation with the truth (first 20 / 10 components).
+(``dynamic_zero_baseline_mm``); with no estimator, the job's Δf and Δg come from the
+photometric stage (shape from shading on the crops). β/ψ recovery: correlation with the truth (first 20 / 10 components).
 
 Rows printed beside it (keys prefixed with the row name), to show what each part buys:
 - ``job_no_photometric``: the job's path without the photometric stage (Δg = Δf = 0 then);
@@ -51,7 +52,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import tempfile
 import time
 import warnings

@@ -29,13 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from models.render.camera import Camera
 from models.render.conditions import vertex_normals
-from models.render.rasterizer import rasterize_torch, interpolate
+from models.render.rasterizer import interpolate, rasterize_torch
 
 # Real SH basis constants (order 2).
 _C0, _C1, _C2, _C3, _C4 = 0.282095, 0.488603, 1.092548, 0.315392, 0.546274
@@ -143,7 +142,6 @@ class PhotometricSolver:
         self.near_faces = head.faces[(local[head.faces] >= 0).any(1)]
         from .fitting import _sub_laplacian
         lap = _sub_laplacian(head.laplacian(), self.ids.cpu())
-        self.lap = lap.to_sparse_csr().to(self.ids.device)
         self.lap2 = torch.sparse.mm(lap.t().coalesce(), lap).coalesce().to_sparse_csr().to(self.ids.device)   # LᵀL
         self._expr_cache: dict = {}
 
@@ -416,11 +414,6 @@ def _gtdg_diag(g: Tensor, d: Tensor) -> Tensor:
     flat = d.reshape(*d.shape[:-2], -1)
     out = torch.zeros(*d.shape[:-2], g.shape[1], dtype=d.dtype, device=d.device)
     return out.index_add_(-1, cols, vals * vals * flat[..., rows])
-
-
-def _lap(lap: Tensor, x: Tensor) -> Tensor:
-    n = x.shape[0]
-    return torch.sparse.mm(lap, x.reshape(n, -1)).view_as(x)
 
 
 def _cg(matvec, b: Tensor, iters: int, diag: Tensor) -> Tensor:

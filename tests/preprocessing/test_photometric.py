@@ -8,8 +8,7 @@ from models.head.head_model import HeadParams
 from models.render.conditions import render_conditions, vertex_normals
 from models.render.shading import Lighting, shade
 from preprocessing.fitting import FitConfig, Fitter, FitInputs
-from preprocessing.photometric import (PhotometricSolver, gradient_operator, sh_basis, sh_basis_jacobian,
-                                       shade_vertices)
+from preprocessing.photometric import PhotometricSolver, sh_basis, sh_basis_jacobian, shade_vertices
 from preprocessing.synthetic.world import SyntheticWorld
 
 
