@@ -176,8 +176,9 @@ def read_frames(path: str | os.PathLike, max_frames: int | None = None) -> tuple
 
 
 def load_subject(path: str | os.PathLike, head, prep: PreprocessSettings | None = None,
-                 max_frames: int | None = None) -> Subject:
-    """A corpus clip (``.npz`` beside its ``.mp4``) or a raw image/video, fitted (see module doc)."""
+                 max_frames: int | None = None, stride: int = 1) -> Subject:
+    """A corpus clip (``.npz`` beside its ``.mp4``) or a raw image/video, fitted (see module doc);
+    the first ``max_frames`` frames, every ``stride``-th of them (fps / stride)."""
     from expportrait.commands.transfer import FittedClip, load_fitted
     prep = prep or PreprocessSettings()
     path = Path(path)
@@ -189,9 +190,10 @@ def load_subject(path: str | os.PathLike, head, prep: PreprocessSettings | None 
                                f"image or video itself: it is fitted here)", "file_not_found", str(video))
         frames, fps = read_frames(video, max_frames)
         t = min(len(frames), clip.num_frames, max_frames or 10**9)
-        clip.arrays = {k: v[:t] for k, v in clip.arrays.items()}
-        return Subject(clip, frames[:t], str(path), fps=fps)
+        clip.arrays = {k: v[:t:stride] for k, v in clip.arrays.items()}
+        return Subject(clip, frames[:t:stride], str(path), fps=fps / stride)
     full, fps = read_frames(path, max_frames)
+    full, fps = full[::stride], fps / stride                  # fitted as the generator will see it
     from preprocessing.clip_fit import fit_frames
     from preprocessing.fitting import FitConfig
     from preprocessing.tracking import FaceTracker
@@ -304,8 +306,15 @@ class Reenactor:
                    InferenceSettings(**meta.get("inference", {})), PreprocessSettings(**meta.get("preprocessing", {})),
                    device)
 
-    def subject(self, path: str | os.PathLike, max_frames: int | None = None) -> Subject:
-        return load_subject(path, self.head.cpu() if self.device.type != "cpu" else self.head, self.prep, max_frames)
+    def subject(self, path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> Subject:
+        """A source (or any subject): its first ``max_frames`` frames, every ``stride``-th."""
+        return load_subject(path, self.head.cpu() if self.device.type != "cpu" else self.head, self.prep,
+                            max_frames, stride)
+
+    def driving_subject(self, path: str | os.PathLike, max_frames: int | None = None) -> Subject:
+        """A driver at the generator's frame stride (``settings.frame_stride``): every n-th of its
+        first ``max_frames`` frames, fitted after subsampling."""
+        return self.subject(path, max_frames, self.settings.frame_stride)
 
     @torch.no_grad()
     def driving_normals(self, source: Subject, driving: Subject) -> tuple[np.ndarray, np.ndarray]:
@@ -375,17 +384,12 @@ class Reenactor:
         frames = generate_windows(window, n, span, st.overlap)[:t]
         return np.clip(np.rint(frames), 0, 255).astype(np.uint8), starts
 
-    def reenact(self, source: Subject, driving: Subject, max_frames: int | None = None) -> Reenactment:
-        """The whole loop for two loaded subjects (the source's reference is its frame 0)."""
+    def reenact(self, source: Subject, driving: Subject) -> Reenactment:
+        """The whole loop for two loaded subjects (the source's reference is its frame 0; the
+        driver as loaded by :meth:`driving_subject`)."""
         s = self.settings.size
         sec = {}
         t0 = time.perf_counter()
-        stride = self.settings.frame_stride
-        keep = slice(0, max_frames or None, stride)
-        if max_frames or stride > 1:
-            driving.clip.arrays = {k: v[keep] for k, v in driving.clip.arrays.items()}
-            driving.frames = driving.frames[keep]
-            driving.fps = driving.fps / stride
         normals, ref_normal = self.driving_normals(source, driving)
         sec["normals"] = time.perf_counter() - t0
         reference = _resize(source.frames[:1], s)[0]

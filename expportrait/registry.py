@@ -73,7 +73,7 @@ def reenact_to_file(reenactor: Reenactor, source: str, driving: str, out: str | 
         st.seed = int(params["seed"])
     max_frames = int(params.get("max_frames", 0) or 0) or None
     src = reenactor.subject(source, max_frames=1)
-    drv = reenactor.subject(driving, max_frames=max_frames)
+    drv = reenactor.driving_subject(driving, max_frames=max_frames)
     res = reenactor.reenact(src, drv)
     frames = paste_back(res, src) if params.get("paste_back") else res.frames
     out = Path(out)

@@ -139,7 +139,7 @@ def evaluate_pairs(reenactor, pairs: list[Pair], protocol: str, out: str | Path,
         r = PairResult(pair.name, pair.source, pair.driving)
         try:
             source = reenactor.subject(pair.source, max_frames=1)
-            driving = reenactor.subject(pair.driving, max_frames=opts.max_frames)
+            driving = reenactor.driving_subject(pair.driving, max_frames=opts.max_frames)
             res = reenactor.reenact(source, driving)
         except (ValueError, FileNotFoundError, OSError) as exc:
             r.status, r.message = "failed", f"{type(exc).__name__}: {exc}"

@@ -140,3 +140,12 @@ def test_model_from_a_folder_of_exports(package):
         load_reenactor(str(exports / "generator"))
     r2, desc2 = load_reenactor(str(exports / "generator"), parts={"codec": str(exports / "codec")})
     assert desc2["parts"]["codec"] == str(exports / "codec") and r2.transfer is None
+
+
+def test_driver_loaded_at_the_generators_frame_stride(corpus, head):
+    from expportrait.reenactment import load_subject
+    clip = corpus / "clips" / "id001_clip00.npz"
+    full, strided = load_subject(clip, head), load_subject(clip, head, max_frames=20, stride=3)
+    assert len(full.frames) == 21 and len(strided.frames) == 7 and strided.fps == pytest.approx(full.fps / 3)
+    assert np.array_equal(strided.frames, full.frames[:20:3])
+    assert np.array_equal(strided.clip.arrays["expression"], full.clip.arrays["expression"][:20:3])
