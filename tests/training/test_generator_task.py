@@ -15,7 +15,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "configs" / "train" / "dit_tiny_cpu.yaml"
-SIZE, FRAMES = 32, 10
+SIZE, FRAMES = 64, 8          # tiny_corpus (conftest): 64², 8 frames per clip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,15 +27,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def gen_shards(tmp_path_factory, synthetic_model_path) -> Path:
-    """4 identities (train 2, val 1, test 1) x 1 clip x 10 frames at 32², exact-truth shards."""
-    from preprocessing.synthetic.world import WorldConfig, generate_corpus
+def gen_shards(tmp_path_factory, tiny_corpus) -> Path:
+    """Exact-truth shards of the shared tiny corpus (4 identities x 1 clip), one 8-frame sample per clip."""
     from training.data.truth_shards import write_truth_shards
-    corpus = tmp_path_factory.mktemp("gen_corpus")
-    generate_corpus(corpus, WorldConfig(identities=4, clips_per_identity=1, frames=FRAMES, size=SIZE, seed=0),
-                    synthetic_model_path, progress=False)
     out = tmp_path_factory.mktemp("gen_shards")
-    write_truth_shards(corpus, out, segment_frames=FRAMES, clips_per_shard=1)
+    write_truth_shards(tiny_corpus, out, segment_frames=FRAMES, clips_per_shard=1)
     return out
 
 
@@ -57,7 +53,7 @@ def a_batch(shards: Path, fields=("frames", "normals"), batch_size: int = 2) -> 
 def test_training_step_and_validation_on_shards(gen_shards, codec_dir):
     from training.tasks.generator import GeneratorTask
     torch.manual_seed(0)
-    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=2, lr=1e-3)
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, lr=1e-3)
     batch = a_batch(gen_shards)
     x = task.inputs(batch, torch.Generator().manual_seed(0), training=True)
     assert x["video"].shape == (2, 3, 5, SIZE, SIZE) and x["normals"].shape == x["video"].shape
@@ -71,7 +67,8 @@ def test_training_step_and_validation_on_shards(gen_shards, codec_dir):
     assert task.model.conditioning.driving.proj.weight.grad.abs().sum() > 0   # the normals reach the loss
     task.validation_step(batch, 0)                                               # fixed σ grid, no error
     # the window: every frame_stride-th frame from the start; a window longer than the sample fails clearly
-    assert task.frame_ids(torch.tensor([1])).tolist() == [[1, 3, 5, 7, 9]]
+    strided = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=2)
+    assert strided.frame_ids(torch.tensor([1])).tolist() == [[1, 3, 5, 7, 9]]
     with pytest.raises(ValueError, match="spans 17 frames"):
         GeneratorTask(codec=str(codec_dir), frames=9, frame_stride=2).window(FRAMES, 1, None, True)
 
@@ -101,9 +98,9 @@ def test_sidecar_latents_are_read_when_the_window_is_theirs(gen_shards, codec_di
     batch = a_batch(gen_shards)
     codec = LatentCodec.from_pretrained(codec_dir)
     with torch.no_grad():
-        nine = unit(batch["frames"][:, :9])
-        batch["latents"] = codec.encode(nine).half()                      # as the sidecar stores them
-        batch["reference_latent"] = codec.encode_reference(nine[:, :, 0], 9).half()
+        clip = unit(batch["frames"][:, :9] if FRAMES >= 9 else torch.cat([batch["frames"]] * 2, 1)[:, :9])
+        batch["latents"] = codec.encode(clip).half()                      # as the sidecar stores them
+        batch["reference_latent"] = codec.encode_reference(clip[:, :, 0], 9).half()
     task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False)
     x = task.inputs(batch, None, training=True)
     torch.testing.assert_close(x["latents"], batch["latents"][:, :, :2].float())
@@ -111,8 +108,9 @@ def test_sidecar_latents_are_read_when_the_window_is_theirs(gen_shards, codec_di
     with torch.no_grad():
         fresh = codec.encode(unit(batch["frames"][:, :5]))
     torch.testing.assert_close(x["latents"], fresh, atol=2e-2, rtol=1e-2)     # fp16 storage
-    strided = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=2, random_start=False)
-    y = strided.inputs(batch, None, training=True)                          # not the sidecar's window
+    later = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1)
+    later.window = lambda total, b, g, training: torch.tensor([1, 2])      # windows not at frame 0
+    y = later.inputs(batch, None, training=True)                            # not the sidecar's: encoded
     assert not torch.allclose(y["latents"], x["latents"])
 
 
@@ -125,7 +123,7 @@ def test_driving_normals_rendered_from_the_transfer_modules_delta_f(gen_shards, 
     head = build_head(None, 1)
     torch.manual_seed(0)
     ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor="tiny_cpu").save_pretrained(tmp_path / "tr")
-    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=2, transfer_module=str(tmp_path / "tr"))
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, transfer_module=str(tmp_path / "tr"))
     batch = a_batch(gen_shards, fields=("frames", "normals", *RENDER_FIELDS))
     ids = task.frame_ids(torch.tensor([0, 1]))
     rendered = task.driving_normals(batch, ids)
