@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from .commands import demo, fit, head, synth, transfer, video
-from .commands import evaluate, promote, register
+from .commands import evaluate, promote, reenact, register
 from .commands import generate
 
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parser(sub)
     transfer.add_parser(sub)
     demo.add_parser(sub)
-    for command in (register, promote, evaluate):      # registry handoff, evaluation
+    for command in (register, promote, evaluate, reenact):   # registry handoff, evaluation, inference
         command.add_parser(sub)
     generate.add_parser(sub)                                  # the generator alone: reference + normals -> mp4
     return parser
