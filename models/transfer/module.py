@@ -93,7 +93,7 @@ class ExpressionTransfer(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_face_vertices: int, flavor: str = "tiny_cpu", num_expression: int = 100,
                  position_scale: float = 10.0, offset_scale: float = 2000.0,
-                 output_scale: float = 1e-3) -> None:
+                 output_scale: float = 1e-3, jaw_scale: float = 1.0) -> None:
         super().__init__()
         f = get_flavor(flavor)
         self.encoder = ExpressionEncoder(num_expression, f.encoder_hidden, f.encoder_layers,
@@ -168,7 +168,7 @@ class ExpressionTransfer(ModelMixin, ConfigMixin):
         subset; default all)."""
         z = self.identity_code(static_offsets)
         bases = self.vertex_features(neutral, static_offsets, vertex_ids, z)
-        q = self.encoder(expression, jaw_pose)
+        q = self.encoder(expression, jaw_pose * self.config.jaw_scale)
         q0 = self.encoder(torch.zeros_like(expression[:, :1]), torch.zeros_like(jaw_pose[:, :1]))
         return self.decode(bases, (q - q0) * (1 + self.identity_gain(z))[:, None])
 

@@ -47,12 +47,17 @@ class TransferTask(pl.LightningModule):
     def __init__(self, flavor: str = "tiny_cpu", head_model: str | None = None, subdivision: int = 1,
                  lr: float = 3e-3, weight_decay: float = 0.05, warmup_steps: int = 20,
                  vertex_samples: int | None = None, basis_lr_scale: float = 3.0,
-                 laplacian_weight: float = 0.0, seed: int = 0) -> None:
+                 laplacian_weight: float = 0.0, jaw_scale: float = 1.0, expression_noise: float = 0.0,
+                 seed: int = 0) -> None:
+        """``jaw_scale``: the jaw angle's factor at the encoder's input (saved with the module);
+        ``expression_noise``: std of Gaussian noise added to the driver's ψ in training steps
+        (an augmentation against an encoder that recognises clips by their ψ)."""
         super().__init__()
         self.save_hyperparameters()
         head = build_head(head_model, subdivision)
         self._head = [head]                     # kept out of the module tree: not trained, not saved
-        self.model = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor=flavor)
+        self.model = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor=flavor,
+                                        jaw_scale=jaw_scale)
         self.model.set_canonical(canonical_face(head))
         self._checked_ids = False
         self._face_laplacian: Tensor | None = None
@@ -118,6 +123,9 @@ class TransferTask(pl.LightningModule):
     # -- steps ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         expr, jaw, neutral, static = self.inputs(batch)
+        if self.hparams.expression_noise > 0:          # a function of (seed, step, rank), as below
+            g = torch.Generator().manual_seed(self.hparams.seed * 999_983 + self.global_step * 7 + self.global_rank)
+            expr = expr + self.hparams.expression_noise * torch.randn(expr.shape, generator=g).to(expr)
         ids = self.vertex_subset()
         pred = self.model(expr, jaw, neutral, static, ids)
         target = batch["dynamic_offsets"] if ids is None else batch["dynamic_offsets"][:, :, ids]
