@@ -5,8 +5,9 @@
     W_v   = MLP(γ(canonical_v), γ(V_neutral,v), Δg_v, z) + D_v      K displacement directions
     Δf_iv = W_v · [(q_i − q_0) ⊙ (1 + A z)]                          per vertex v, frame i
 
-- 𝓔 is an MLP per frame. With ``temporal_window`` w > 0 a 1-D convolution over frames
-  i-w..i+w follows (replicate padding, zero-initialised). The shipped small flavors use
+- 𝓔 is an MLP per frame over (ψ, ``jaw_scale`` · jaw): the jaw angle (~0.1 rad) is brought to
+  the scale of ψ, so its weights need not grow tenfold before the chin moves. With
+  ``temporal_window`` w > 0 a 1-D convolution over frames i-w..i+w follows (replicate padding, zero-initialised). The shipped small flavors use
   w = 0: in the head model Δf(i) is a per-frame quantity fitted against frame i alone
   (temporal smoothness is the fitter's job), so a per-frame code cannot leak clip-level
   information and can stream; larger flavors may look at neighbours for effects that lag.
