@@ -8,9 +8,9 @@
 - 𝓔 is an MLP per frame over (ψ, ``jaw_scale`` · jaw): the jaw angle (~0.1 rad) is brought to
   the scale of ψ, so its weights need not grow tenfold before the chin moves. With
   ``temporal_window`` w > 0 a 1-D convolution over frames i-w..i+w follows (replicate
-  padding, zero-initialised). The shipped small flavors use w = 0: in the head model Δf(i) is a per-frame quantity fitted against frame i alone
-  (temporal smoothness is the fitter's job), so a per-frame code cannot leak clip-level
-  information and can stream; larger flavors may look at neighbours for effects that lag.
+  padding, zero-initialised). The shipped small flavors use w = 0: in the head model Δf(i)
+  is a per-frame quantity fitted against frame i alone (temporal smoothness is the fitter's
+  job), so a per-frame code cannot leak clip-level information and can stream; larger flavors may look at neighbours for effects that lag.
 - 𝓖 is a vertex-level MLP, batched over frames and vertices: per vertex it sees Fourier
   features γ of the vertex's canonical position (a fixed per-vertex coordinate of the
   template, like a UV coordinate: where a wrinkle sits is defined on the face, not in metres)
