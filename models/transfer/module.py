@@ -10,7 +10,8 @@
   ``temporal_window`` w > 0 a 1-D convolution over frames i-w..i+w follows (replicate
   padding, zero-initialised). The shipped small flavors use w = 0: in the head model Δf(i)
   is a per-frame quantity fitted against frame i alone (temporal smoothness is the fitter's
-  job), so a per-frame code cannot leak clip-level information and can stream; larger flavors may look at neighbours for effects that lag.
+  job), so a per-frame code cannot leak clip-level information and can stream; larger
+  flavors may look at neighbours for effects that lag.
 - 𝓖 is a vertex-level MLP, batched over frames and vertices: per vertex it sees Fourier
   features γ of the vertex's canonical position (a fixed per-vertex coordinate of the
   template, like a UV coordinate: where a wrinkle sits is defined on the face, not in metres)
