@@ -9,6 +9,7 @@ import warnings
 from .commands import demo, fit, head, synth, transfer, video
 from .commands import evaluate, promote, reenact, register
 from .commands import generate
+from .commands import report_shot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (register, promote, evaluate, reenact):   # registry handoff, evaluation, inference
         command.add_parser(sub)
     generate.add_parser(sub)                                  # the generator alone: reference + normals -> mp4
+    report_shot.add_parser(sub)                               # a report in headless Chromium: videos play + PNG
     return parser
 
 
