@@ -169,6 +169,8 @@ class GeneratorTask(pl.LightningModule):
         head, module = pair
         from models.transfer.inputs import head_params, neutral_inputs, render_normal_maps, scaled_camera
         size = batch["frames"].shape[-2]
+        if self.hparams.size:             # render at 2x the training size (antialiased down after), not the crop's
+            size = min(size, 2 * self.hparams.size)
         out = []
         for b in range(ids.shape[0]):
             sm = {k: v[b].detach().float().cpu() for k, v in batch["smplx"].items()}
