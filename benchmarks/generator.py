@@ -105,9 +105,11 @@ def train_codec(work: Path, shards: Path, args) -> tuple[Path, float | None]:
     shutil.rmtree(out, ignore_errors=True)
     minutes = run([sys.executable, "-m", "training.tasks.generator", "codec", "--shards", str(shards), "--out",
                    str(out), "--steps", str(args.codec_steps), "--frames", str(args.window), "--frame-stride",
-                   str(args.stride), "--base-dim", str(args.codec_dim), "--lr", str(args.codec_lr)], "codec training")
-    last = json.loads((out / "training.json").read_text())["history"][-1]
-    log(f"codec: {args.codec_steps} steps in {minutes:.1f} min, last train-batch PSNR {last['psnr_db']:.1f} dB")
+                   str(args.stride), "--base-dim", str(args.codec_dim), "--lr", str(args.codec_lr),
+                   "--kind", args.codec_kind], "codec training")
+    summary = json.loads((out / "training.json").read_text())
+    log(f"codec ({args.codec_kind}): {summary['steps']} steps in {minutes:.1f} min, last train-batch PSNR "
+        f"{summary['history'][-1]['psnr_db']:.1f} dB")
     return out, minutes
 
 
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
     p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
+    p.add_argument("--codec-kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
+                   help="space_to_depth: the lossless fixed codec (z 48, /2); wan_vae: a tiny trained Wan VAE")
     p.add_argument("--codec-steps", type=int, default=2000)
     p.add_argument("--codec-dim", type=int, default=8)
     p.add_argument("--codec-lr", type=float, default=2e-3)

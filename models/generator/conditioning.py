@@ -22,7 +22,15 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from .flavors import LATENT_CHANNELS, MASK_CHANNELS, PATCH, VAE_TIME
+from .flavors import LATENT_CHANNELS, MASK_CHANNELS, PATCH, VAE_SPACE, VAE_TIME
+
+
+def _space_strides(latent_space: int) -> tuple[int, int, int]:
+    """Space strides of three downsampling convs for a codec's spatial factor (8: 2, 2, 2)."""
+    n = {1: 0, 2: 1, 4: 2, 8: 3}.get(latent_space)
+    if n is None:
+        raise ValueError(f"latent_space {latent_space} is not 1, 2, 4 or 8")
+    return tuple(2 if i < n else 1 for i in range(3))
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -34,17 +42,20 @@ def _zero(module: nn.Module) -> nn.Module:
 class DrivingNormalEncoder(nn.Module):
     """3D-conv encoder of the driving normal video onto the patch-token grid."""
 
-    def __init__(self, dim: int, width: int = 16, in_channels: int = 3) -> None:
-        """``width``: hidden channels (UniAnimate-DiT: 16; at full resolution, so keep it small)."""
+    def __init__(self, dim: int, width: int = 16, in_channels: int = 3, latent_space: int = VAE_SPACE) -> None:
+        """``width``: hidden channels (UniAnimate-DiT: 16; at full resolution, so keep it small);
+        ``latent_space``: the codec's spatial factor (8, 4, 2 or 1), the space strides of the
+        three downsampling convs (Wan VAE: 2, 2, 2)."""
         super().__init__()
         w = width
+        sp = _space_strides(latent_space)
         conv = lambda a, b, stride: nn.Conv3d(a, b, 3, stride=stride, padding=1)   # noqa: E731
         self.net = nn.Sequential(
             conv(in_channels, w, 1), nn.SiLU(),
             conv(w, w, 1), nn.SiLU(),
-            conv(w, w, (1, 2, 2)), nn.SiLU(),       # /2 space
-            conv(w, w, 2), nn.SiLU(),               # /2 time, /4 space
-            conv(w, w, 2), nn.SiLU(),               # /4 time, /8 space (= the latent grid)
+            conv(w, w, (1, sp[0], sp[0])), nn.SiLU(),       # /2 space (Wan VAE)
+            conv(w, w, (2, sp[1], sp[1])), nn.SiLU(),       # /2 time, /4 space
+            conv(w, w, (2, sp[2], sp[2])), nn.SiLU(),       # /4 time, /8 space (= the latent grid)
         )
         self.proj = _zero(nn.Conv3d(w, dim, PATCH, stride=PATCH))   # patchify: /16 space
 
@@ -58,17 +69,19 @@ class DrivingNormalEncoder(nn.Module):
 class ReferenceNormalEncoder(nn.Module):
     """2D-conv encoder of the reference normal map onto the latent grid, I2V-condition channels."""
 
-    def __init__(self, width: int = 16, in_channels: int = 3) -> None:
+    def __init__(self, width: int = 16, in_channels: int = 3, latent_channels: int = LATENT_CHANNELS,
+                 latent_space: int = VAE_SPACE) -> None:
         super().__init__()
         w = width
+        sp = _space_strides(latent_space)
         conv = lambda a, b, stride: nn.Conv2d(a, b, 3, stride=stride, padding=1)   # noqa: E731
         self.net = nn.Sequential(
             conv(in_channels, w, 1), nn.SiLU(),
             conv(w, w, 1), nn.SiLU(),
-            conv(w, w, 2), nn.SiLU(),
-            conv(w, w, 2), nn.SiLU(),
+            conv(w, w, sp[0]), nn.SiLU(),
+            conv(w, w, sp[1]), nn.SiLU(),
         )
-        self.proj = _zero(conv(w, MASK_CHANNELS + LATENT_CHANNELS, 2))   # /8
+        self.proj = _zero(conv(w, MASK_CHANNELS + latent_channels, sp[2]))   # /8 with the Wan VAE
 
     def forward(self, normal: Tensor) -> Tensor:
         return self.proj(self.net(normal))
@@ -81,10 +94,12 @@ class GeneratorConditioning(ModelMixin, ConfigMixin):
     ``save_pretrained`` (config.json + safetensors)."""
 
     @register_to_config
-    def __init__(self, dim: int, text_dim: int, context_tokens: int, normal_width: int = 16) -> None:
+    def __init__(self, dim: int, text_dim: int, context_tokens: int, normal_width: int = 16,
+                 latent_channels: int = LATENT_CHANNELS, latent_space: int = VAE_SPACE) -> None:
         super().__init__()
-        self.driving = DrivingNormalEncoder(dim, normal_width)
-        self.reference = ReferenceNormalEncoder(normal_width)
+        self.driving = DrivingNormalEncoder(dim, normal_width, latent_space=latent_space)
+        self.reference = ReferenceNormalEncoder(normal_width, latent_channels=latent_channels,
+                                                latent_space=latent_space)
         self.context = nn.Parameter(torch.randn(context_tokens, text_dim) * 0.02)
 
     def set_context(self, context: Tensor, trainable: bool = False) -> None:

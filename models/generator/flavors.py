@@ -32,6 +32,8 @@ class GeneratorFlavor:
     clip: bool = False              # CLIP image embedding path (image_dim 1280, added k/v)
     normal_width: int = 16          # hidden channels of the normal encoders (UniAnimate-DiT: 16)
     codec: str = "wan"              # "wan": the Wan2.1 VAE; "tiny": a small AutoencoderKLWan
+    latent_channels: int = LATENT_CHANNELS   # the codec's z (SpaceToDepthVAE at /2: 48)
+    latent_space: int = VAE_SPACE   # the codec's spatial factor (SpaceToDepthVAE: 2)
     lora_rank: int = 0              # 0: full fine-tune; > 0: LoRA (peft) on q/k/v/o/ffn
     lora_alpha: int = 0             # 0: = rank
     rope_max_seq_len: int = 1024
@@ -42,12 +44,12 @@ class GeneratorFlavor:
 
     @property
     def in_channels(self) -> int:
-        return LATENT_CHANNELS + MASK_CHANNELS + LATENT_CHANNELS   # 36
+        return 2 * self.latent_channels + MASK_CHANNELS   # 36 with the Wan VAE
 
     def transformer_config(self) -> dict:
         """Keyword arguments of diffusers' ``WanTransformer3DModel``."""
         return dict(patch_size=PATCH, num_attention_heads=self.num_heads, attention_head_dim=self.head_dim,
-                    in_channels=self.in_channels, out_channels=LATENT_CHANNELS, text_dim=self.text_dim,
+                    in_channels=self.in_channels, out_channels=self.latent_channels, text_dim=self.text_dim,
                     freq_dim=self.freq_dim, ffn_dim=self.ffn_dim, num_layers=self.num_layers,
                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
                     image_dim=1280 if self.clip else None, added_kv_proj_dim=self.dim if self.clip else None,
@@ -65,6 +67,10 @@ class GeneratorFlavor:
 FLAVORS: dict[str, GeneratorFlavor] = {
     "tiny_cpu": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
                                 context_tokens=8, normal_width=8, codec="tiny", rope_max_seq_len=64),
+    # tiny_cpu on the lossless SpaceToDepthVAE (z 48, /2): 8x8 tokens a frame at 32²
+    "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
+                                    context_tokens=8, normal_width=8, codec="space_to_depth", latent_channels=48,
+                                    latent_space=2, rope_max_seq_len=64),
     "wan1.3b": GeneratorFlavor(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
     "wan14b": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
     "wan14b_lora": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40,
@@ -91,13 +97,14 @@ def check_video_shape(frames: int, height: int, width: int) -> None:
                              f"(VAE /{VAE_SPACE} x patch /{PATCH[1]})")
 
 
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """(latent frames, latent height, latent width) of a checked video shape."""
+def latent_shape(frames: int, height: int, width: int, space: int = VAE_SPACE) -> tuple[int, int, int]:
+    """(latent frames, latent height, latent width) of a checked video shape (``space``: the
+    codec's spatial factor)."""
     check_video_shape(frames, height, width)
-    return (frames - 1) // VAE_TIME + 1, height // VAE_SPACE, width // VAE_SPACE
+    return (frames - 1) // VAE_TIME + 1, height // space, width // space
 
 
-def token_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
+def token_grid(frames: int, height: int, width: int, space: int = VAE_SPACE) -> tuple[int, int, int]:
     """The transformer's patch-token grid (t, h, w) for a video of this shape."""
-    t, h, w = latent_shape(frames, height, width)
+    t, h, w = latent_shape(frames, height, width, space)
     return t // PATCH[0], h // PATCH[1], w // PATCH[2]

@@ -62,7 +62,8 @@ class NormalDrivenWan(nn.Module):
         f = self.flavor
         self.transformer = transformer if transformer is not None else WanTransformer3DModel(**f.transformer_config())
         self.conditioning = conditioning if conditioning is not None else GeneratorConditioning(
-            dim=f.dim, text_dim=f.text_dim, context_tokens=f.context_tokens, normal_width=f.normal_width)
+            dim=f.dim, text_dim=f.text_dim, context_tokens=f.context_tokens, normal_width=f.normal_width,
+            latent_channels=f.latent_channels, latent_space=f.latent_space)
         self._pending: Tensor | None = None
         self.transformer.patch_embedding.register_forward_hook(self._add_driving_tokens)
         if f.lora_rank > 0:
@@ -122,7 +123,8 @@ class NormalDrivenWan(nn.Module):
         ``flow.condition_keep`` (keys ``driving``, ``reference``, ``reference_normal``)."""
         keep = keep or {}
         b, _, t, h, w = noisy_latents.shape
-        check_video_shape(VAE_TIME * (t - 1) + 1, VAE_SPACE * h, VAE_SPACE * w)   # the video these latents code
+        sp = self.flavor.latent_space
+        check_video_shape(VAE_TIME * (t - 1) + 1, sp * h, sp * w)   # the video these latents code
         if (image_embeds is None) != (self.transformer.config.image_dim is None):
             raise ValueError("image_embeds must be given exactly when the flavor has the CLIP path (clip=True)")
         cond = self.i2v_condition(reference_latent, reference_normal, keep.get("reference"),
@@ -210,7 +212,9 @@ class NormalDrivenWan(nn.Module):
         f = GeneratorFlavor(**{**meta["flavor_config"], "lora_rank": 0})
         check_weights_folder(folder / "transformer", WanTransformer3DModel, expected=_shape_entries(f))
         check_weights_folder(folder / "conditioning", GeneratorConditioning,
-                             expected={"dim": f.dim, "text_dim": f.text_dim})
+                             expected={"dim": f.dim, "text_dim": f.text_dim}
+                             | ({"latent_channels": f.latent_channels, "latent_space": f.latent_space}
+                                if f.latent_space != VAE_SPACE or f.latent_channels != LATENT_CHANNELS else {}))
         transformer = WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype)
         conditioning = GeneratorConditioning.from_pretrained(folder / "conditioning", torch_dtype=dtype)
         model = cls(f, transformer, conditioning, flavor_name=meta["flavor"])

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .codec import LatentCodec
-from .flavors import LATENT_CHANNELS, latent_shape
+from .flavors import latent_shape
 from .flow import sample
 
 
@@ -28,7 +28,7 @@ def generate_video(model: nn.Module, codec: LatentCodec, reference_image: Tensor
     reference_normal: (B, 3, H, W) (None: the first driving frame's); ``reference_latent``:
     precomputed ``codec.encode_reference`` (skips that encode)."""
     b, _, frames, h, w = driving_normals.shape
-    t, lh, lw = latent_shape(frames, h, w)
+    t, lh, lw = latent_shape(frames, h, w, codec.spatial_factor)
     device = driving_normals.device
     if reference_latent is None:
         reference_latent = codec.encode_reference(reference_image.float(), frames)
@@ -36,7 +36,7 @@ def generate_video(model: nn.Module, codec: LatentCodec, reference_image: Tensor
         reference_normal = driving_normals[:, :, 0]
     conditions = {"reference_latent": reference_latent.float(), "driving_normals": driving_normals.float(),
                   "reference_normal": reference_normal.float()}
-    x0 = sample(model, (b, LATENT_CHANNELS, t, lh, lw), conditions, steps=steps, guidance=guidance, shift=shift,
+    x0 = sample(model, (b, codec.latent_channels, t, lh, lw), conditions, steps=steps, guidance=guidance, shift=shift,
                 generator=generator, device=device, progress=progress)
     return codec.decode(x0).clamp(-1, 1)
 

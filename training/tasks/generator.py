@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.generator import (LatentCodec, NormalDrivenWan, condition_keep, flavor as get_flavor,
+from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condition_keep, flavor as get_flavor,
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
 from models.generator.flavors import check_video_shape
 
@@ -93,6 +93,12 @@ class GeneratorTask(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         overrides = dict(flavor_overrides or {})
+        if codec:                                   # the latent layout follows the codec (Wan VAE: z 16, /8)
+            z, space = codec_layout(codec, codec_subfolder)
+            base = get_flavor(flavor)
+            if (z, space) != (base.latent_channels, base.latent_space):
+                overrides.setdefault("latent_channels", z)
+                overrides.setdefault("latent_space", space)
         f = get_flavor(flavor, **overrides)
         weights_dtype = getattr(torch, dtype)       # bfloat16: load real-scale weights at half the host memory
         if pretrained:
@@ -101,6 +107,11 @@ class GeneratorTask(pl.LightningModule):
             self.model = NormalDrivenWan.from_wan(wan_folder, f if overrides else flavor, dtype=weights_dtype)
         else:
             self.model = NormalDrivenWan(f, flavor_name=flavor)
+        mf = self.model.flavor
+        if codec and (mf.latent_channels, mf.latent_space) != codec_layout(codec, codec_subfolder):
+            raise ValueError(f"codec {codec} codes z={codec_layout(codec, codec_subfolder)[0]} at "
+                             f"/{codec_layout(codec, codec_subfolder)[1]}, the generator expects "
+                             f"z={mf.latent_channels} at /{mf.latent_space}")
         if gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self._frozen: dict = {"codec": None, "head": None, "transfer": None}   # out of the module tree
@@ -299,7 +310,8 @@ class GeneratorTask(pl.LightningModule):
 def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int = 4, frames: int = 5,
                 frame_stride: int = 1, lr: float = 1e-3, base_dim: int = 16, kl_weight: float = 1e-4,
                 stat_batches: int = 8, seed: int = 0, log_every: int = 50, sample_posterior: bool = False,
-                flip: bool = True, clip_grad: float | None = None, size: int | None = None) -> dict:
+                flip: bool = True, clip_grad: float | None = None, size: int | None = None,
+                kind: str = "space_to_depth", spatial: int = 2) -> dict:
     """Train the tiny Wan VAE on the training shards of ``shards`` (random windows of
     ``frames`` frames every ``frame_stride``, mirrored at random with ``flip``), set its
     per-channel latent mean/std, save it to ``out`` (diffusers folder:
@@ -310,12 +322,16 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
     N(0, 1). ``size``: frames resized to this side first (the generator task's ``size``)."""
     from training.data.shards import ShardDataset, collate, shard_urls
     torch.manual_seed(seed)
-    codec = LatentCodec.tiny(seed=seed, base_dim=base_dim)
+    if kind == "space_to_depth":
+        steps = 0                                   # nothing to learn: only the latent statistics
+        codec = LatentCodec.space_to_depth(spatial)
+    elif kind == "wan_vae":
+        codec = LatentCodec.tiny(seed=seed, base_dim=base_dim)
+    else:
+        raise ValueError(f"unknown codec kind {kind!r}; known: space_to_depth, wan_vae")
     vae = codec.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     urls = shard_urls(shards, "train")
-    ds = ShardDataset(urls, steps * batch_size, resampled=True, shuffle_buffer=32, seed=seed, rank=0, world_size=1,
+    ds = ShardDataset(urls, max(steps, stat_batches) * batch_size, resampled=True, shuffle_buffer=32, seed=seed, rank=0, world_size=1,
                       fields=("frames",))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
     g = torch.Generator().manual_seed(seed)
@@ -332,7 +348,10 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
             video[mirror] = video[mirror].flip(-1)
         return video
 
-    for step, batch in enumerate(loader):
+    if steps > 0:
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    for step, batch in enumerate(loader if steps > 0 else []):
         loss, stats = vae_loss(vae, clip(batch), kl_weight, sample=sample_posterior)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -346,17 +365,22 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
             print(f"[codec] step {step} loss {float(loss):.4f} psnr {psnr:.2f} dB "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     vae.eval()
-    zs = []
+    zs, mse = [], []
     with torch.no_grad():
         for k, batch in enumerate(loader):
             if k >= stat_batches:
                 break
-            zs.append(vae.encode(clip(batch)).latent_dist.mode().float())
+            video = clip(batch)
+            zs.append(vae.encode(video).latent_dist.mode().float())
+            mse.append(float(((vae.decode(zs[-1]).sample.float() - video) ** 2).mean()))
     z = torch.cat(zs).transpose(0, 1).reshape(zs[0].shape[1], -1)
     codec.set_latent_stats(z.mean(1), z.std(1).clamp(min=1e-3))
+    if not history:                               # the fixed codec: its (lossless) reconstruction
+        m = sum(mse) / len(mse)
+        history.append({"step": 0, "loss": m, "psnr_db": 10 * math.log10(4.0 / m) if m > 0 else 99.0})
     out = Path(out)
     codec.save_pretrained(out)
-    summary = {"codec": str(out), "steps": steps, "seconds": time.perf_counter() - t0,
+    summary = {"codec": str(out), "kind": kind, "steps": steps, "seconds": time.perf_counter() - t0,
                "params": sum(p.numel() for p in vae.parameters()), "history": history}
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -377,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--size", type=int, default=None, help="resize frames to this side (the generator's size)")
+    c.add_argument("--kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
+                   help="space_to_depth: the lossless fixed codec (only its latent statistics are measured; "
+                        "--steps, --lr, --base-dim unused); wan_vae: train a tiny AutoencoderKLWan")
+    c.add_argument("--spatial", type=int, default=2, help="space_to_depth: the spatial factor")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     summary = train_codec(args.shards, args.out, args.steps, args.batch_size, args.frames, args.frame_stride,
-                          args.lr, args.base_dim, seed=args.seed, size=args.size)
+                          args.lr, args.base_dim, seed=args.seed, size=args.size, kind=args.kind,
+                          spatial=args.spatial)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"last": summary["history"][-1]}))
     return 0
 
