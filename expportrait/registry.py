@@ -133,7 +133,7 @@ def classify_exports(root: str | os.PathLike) -> dict[str, Path]:
                 cls = json.loads(path.read_text()).get("_class_name")
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            kind = {"ExpressionTransfer": "transfer", "AutoencoderKLWan": "codec"}.get(cls)
+            kind = {"ExpressionTransfer": "transfer", "AutoencoderKLWan": "codec", "SpaceToDepthVAE": "codec"}.get(cls)
         if kind and kind not in found:
             found[kind] = path.parent
     return found
