@@ -8,8 +8,10 @@
 3. the preprocessing job (embedded Ray) -> WebDataset shards, read back by the training reader;
 4. the expression transfer module trained on the shards (``configs/train/transfer_tiny.yaml``);
 5. the tiny codec (a tiny Wan VAE) trained on the shards' frames, then the tiny generator
-   (``configs/train/dit_tiny_cpu.yaml``) with driving normals rendered from the frozen transfer
-   module's Δf, as the paper trains;
+   (``configs/train/dit_tiny_cpu.yaml``) on the shards' own normal maps (the paper renders them
+   from the frozen transfer module's Δf: ``model.init_args.transfer_module``, too slow on this
+   CPU for the demo, see ``_train_steps``); reenactment drives it with normals rendered from the
+   transfer module's Δf;
 6. register the two models as one MLflow pyfunc (``@candidate``), evaluate it (self
    reenactment of held-out identities), promote it to ``@champion`` through the tiny gate
    (``configs/registry/gate_tiny.yaml``);
@@ -185,13 +187,15 @@ def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: 
     if reuse and (gen_out / "export" / "ema").is_dir():
         _say(f"generator: reusing {gen_out / 'export' / 'ema'}")
     else:
+        # Driving normals: the shards' own (fitted Δf). Rendering them from the frozen transfer
+        # module's Δf (model.init_args.transfer_module, as the paper trains) works but renders
+        # sample by sample: ~20 s a step on this CPU against ~1 s (open; the benchmark does the same).
         _say(f"training the tiny generator ({scale.generator_steps} steps at {scale.generator_size}², driving "
-             f"normals from the frozen transfer module) -> {gen_out} (log {gen_out}.log)")
+             f"normals: the shards' own) -> {gen_out} (log {gen_out}.log)")
         timings["train_generator"] = _python(
             ["-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml", "--out", str(gen_out),
              "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec),
-             "--model.init_args.transfer_module", str(transfer_export), "--model.init_args.head_model", str(data["model"]),
-             "--data.init_args.fields", json.dumps(["frames", "normals", "smplx", "static_offsets", "face_vertex_ids"]),
+             "--model.init_args.head_model", str(data["model"]),
              "--model.init_args.size", str(scale.generator_size), "--model.init_args.frames", str(scale.window),
              "--model.init_args.frame_stride", str(scale.frame_stride), "--trainer.max_steps", str(scale.generator_steps),
              "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common],
