@@ -162,10 +162,11 @@ def main() -> None:
 
     model = synthetic_model_file(0)
     world = SyntheticWorld(model, 1)
-    stages = StageConfig()                       # the job's defaults (configs/preprocess/local.yaml)
+    # the job's defaults (configs/preprocess/local.yaml) with the photometric stage on (off by default)
+    stages = StageConfig(fit={"photometric": True})
     ctx = StageContext(model, stages, 1)         # what a job worker loads: head, tracker, fitter
     no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False))
-    oracle_fitter = Fitter(world.head, FitConfig())
+    oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
     oracle_no_photo = Fitter(world.head, FitConfig(photometric=False))
 
     def job_fit(frames, fov_deg, fitter):

@@ -77,7 +77,10 @@ class FitConfig:
     fov_deg: float = 20.0           # when intrinsics are unknown
     diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
     seed: int = 0
-    photometric: bool = True        # shape from shading for Δg/Δf when frames are given
+    # Shape from shading for Δg/Δf when frames are given. Off by default: measured on the job's
+    # path it does not yet beat a zero Δf (benchmarks/fitting.py: dynamic_vs_zero 1.025,
+    # static_vs_zero 0.999) and halves the fitting speed. stages.fit: {photometric: true} turns it on.
+    photometric: bool = False
     photo_rounds: int = 2
     photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
     photo_cg_iters: int = 20

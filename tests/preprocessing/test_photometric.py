@@ -100,7 +100,7 @@ def test_a_wrinkle_goes_to_dynamic_offsets_not_to_expression(world):
     default is stronger, for its misregistered meshes) still shrink the depth: this checks
     where the groove goes, not how deep."""
     frames, lm2d, camera, true_dyn, static = _wrinkle_clip(world)
-    cfg = FitConfig(iters_rigid=30, iters_expression=80, photo_regularization=1.0)
+    cfg = FitConfig(iters_rigid=30, iters_expression=80, photo_regularization=1.0, photometric=True)
     inputs = FitInputs(landmarks=lm2d, image_size=(128, 128), K=camera.K, images=frames)
     fit = Fitter(world.head, cfg).fit(inputs, static_offsets=static)
     psi = fit.params.expression
@@ -127,7 +127,7 @@ def test_device_placement_cpu(world):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_placement_cuda(world):
     frames, lm2d, camera, _, static = _wrinkle_clip(world, frames=2)
-    fitter = Fitter(world.head, FitConfig(iters_rigid=5, iters_expression=5, device="cuda"))
+    fitter = Fitter(world.head, FitConfig(iters_rigid=5, iters_expression=5, device="cuda", photometric=True))
     assert next(iter(fitter.head.buffers())).device.type == "cuda"
     assert world.head.faces.device.type == "cpu"            # the caller's head is not moved
     fit = fitter.fit(FitInputs(landmarks=lm2d, image_size=(128, 128), K=camera.K, images=frames),
