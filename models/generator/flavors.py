@@ -34,6 +34,10 @@ class GeneratorFlavor:
     codec: str = "wan"              # "wan": the Wan2.1 VAE; "tiny": a small AutoencoderKLWan
     latent_channels: int = LATENT_CHANNELS   # the codec's z (SpaceToDepthVAE at /2: 48)
     latent_space: int = VAE_SPACE   # the codec's spatial factor (SpaceToDepthVAE: 2)
+    reference_repeat: bool = False  # True: the reference latent's frame 0 in every latent frame of the I2V
+                                    # condition (Wan: frame 0 only, zeros after); the mask still marks frame 0
+    reference_residual: bool = False  # True: flow matching on latents minus the reference latent's frame 0
+                                      # (in every latent frame): noise-free, the model starts at "copy"
     lora_rank: int = 0              # 0: full fine-tune; > 0: LoRA (peft) on q/k/v/o/ffn
     lora_alpha: int = 0             # 0: = rank
     rope_max_seq_len: int = 1024
@@ -68,9 +72,10 @@ FLAVORS: dict[str, GeneratorFlavor] = {
     "tiny_cpu": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
                                 context_tokens=8, normal_width=8, codec="tiny", rope_max_seq_len=64),
     # tiny_cpu on the lossless SpaceToDepthVAE (z 48, /2): 8x8 tokens a frame at 32²
-    "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
-                                    context_tokens=8, normal_width=8, codec="space_to_depth", latent_channels=48,
-                                    latent_space=2, rope_max_seq_len=64),
+    "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=32, ffn_dim=256, num_layers=3, text_dim=32, freq_dim=32,
+                                    context_tokens=8, normal_width=16, codec="space_to_depth", latent_channels=48,
+                                    latent_space=2, reference_repeat=True, reference_residual=True,
+                                    rope_max_seq_len=64),
     "wan1.3b": GeneratorFlavor(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
     "wan14b": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
     "wan14b_lora": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40,

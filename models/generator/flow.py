@@ -47,6 +47,16 @@ def noisy_and_target(x0: Tensor, sigma: Tensor, noise: Tensor | None = None,
     return (1 - s) * x0 + s * noise.float(), noise.float() - x0
 
 
+def residual_base(model: object, conditions: dict) -> Tensor | None:
+    """What the flow runs relative to: the reference latent's frame 0 in every latent frame when
+    the model's flavor has ``reference_residual`` (x0 = latents − base), else None."""
+    f = getattr(model, "flavor", None)
+    if f is None or not getattr(f, "reference_residual", False):
+        return None
+    ref = conditions["reference_latent"].float()
+    return ref[:, :, :1].expand_as(ref)
+
+
 def timestep_of(sigma: Tensor) -> Tensor:
     return 1000.0 * sigma.float()
 
@@ -67,6 +77,9 @@ def flow_matching_loss(model: Callable[..., Tensor], latents: Tensor, conditions
     ``model(x_t, timestep, **conditions, keep=keep)`` is a ``NormalDrivenWan``; ``conditions``
     holds reference_latent, driving_normals, reference_normal (and image_embeds / context)."""
     b = latents.shape[0]
+    base = residual_base(model, conditions)
+    if base is not None:
+        latents = latents.float() - base
     sigma = sample_sigmas(b, sigma_kind, shift, generator=generator, device=latents.device)
     x_t, target = noisy_and_target(latents, sigma, generator=generator)
     pred = model(x_t, timestep_of(sigma), **conditions, keep=keep)
@@ -78,7 +91,8 @@ def flow_matching_loss(model: Callable[..., Tensor], latents: Tensor, conditions
 def sample(model: Callable[..., Tensor], shape: tuple[int, ...], conditions: dict, steps: int = 30,
            guidance: float = 1.0, shift: float = 5.0, generator: torch.Generator | None = None,
            device=None, progress: bool = False) -> Tensor:
-    """Euler sampling with diffusers' ``FlowMatchEulerDiscreteScheduler``; clean latents (fp32).
+    """Euler sampling with diffusers' ``FlowMatchEulerDiscreteScheduler``; clean latents (fp32)
+    (the flow's result + the reference base with ``reference_residual`` flavors).
 
     ``guidance`` != 1: classifier-free guidance over the normal conditions, v = v_u + g (v_c − v_u),
     where the unconditional pass drops driving and reference normals and keeps the reference
@@ -88,6 +102,7 @@ def sample(model: Callable[..., Tensor], shape: tuple[int, ...], conditions: dic
     scheduler.set_timesteps(steps, device=device)
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     b = shape[0]
+    base = residual_base(model, conditions)
     guided = guidance != 1.0
     if guided:
         conditions = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in conditions.items()}
@@ -100,4 +115,4 @@ def sample(model: Callable[..., Tensor], shape: tuple[int, ...], conditions: dic
         else:
             v = model(x, t.expand(b).float(), **conditions).float()
         x = scheduler.step(v, t, x).prev_sample
-    return x
+    return x if base is None else x + base

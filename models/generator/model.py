@@ -94,6 +94,8 @@ class NormalDrivenWan(nn.Module):
         ``reference_latent``: (B, 16, t, h, w), the codec's ``encode_reference``; ``keep_*``:
         per-sample 0/1 (B,) condition-dropout masks (None: keep)."""
         b, _, t, h, w = reference_latent.shape
+        if self.flavor.reference_repeat:          # the reference in every latent frame (frame 0 codes it alone)
+            reference_latent = reference_latent[:, :, :1].expand(-1, -1, t, -1, -1)
         mask = i2v_mask(b, t, h, w, reference_latent.device, reference_latent.dtype)
         if keep_reference is not None:
             reference_latent = reference_latent * keep_reference.view(b, 1, 1, 1, 1).to(reference_latent.dtype)

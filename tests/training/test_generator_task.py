@@ -4,6 +4,7 @@ the CLI end to end (MLflow video, EMA export, `expportrait generate`), and a 2-p
 DeepSpeed ZeRO-2 run that resumes to the uninterrupted run's weights."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -248,3 +249,26 @@ def test_deepspeed_zero2_two_processes_resume_to_the_uninterrupted_weights(gen_s
     full = load_checkpoint_state(tmp_path / "full" / "checkpoints" / "last.ckpt")["callbacks"]["EMA"]["shadow"]
     for k, v in state["callbacks"]["EMA"]["shadow"].items():
         assert torch.equal(v, full[k]), k
+
+
+def test_fixed_codec_from_the_cli_sets_the_latent_layout(gen_shards, tmp_path):
+    """``codec --kind space_to_depth`` writes the lossless codec with the training frames' latent
+    statistics; a task given that folder trains on its layout (z 48 at /2) whatever the flavor."""
+    from models.generator import LatentCodec
+    from training.tasks.generator import GeneratorTask, main
+    assert main(["codec", "--shards", str(gen_shards), "--out", str(tmp_path / "s2d"), "--kind", "space_to_depth",
+                 "--frames", "5"]) == 0
+    summary = json.loads((tmp_path / "s2d" / "training.json").read_text())
+    assert summary["kind"] == "space_to_depth" and summary["history"][-1]["psnr_db"] > 90   # lossless
+    codec = LatentCodec.from_pretrained(tmp_path / "s2d")
+    assert codec.latent_channels == 48 and any(m != 0 for m in codec.vae.config.latents_mean)
+    torch.manual_seed(0)
+    task = GeneratorTask(flavor="tiny_cpu", codec=str(tmp_path / "s2d"), frames=5, frame_stride=1)
+    assert (task.model.flavor.latent_channels, task.model.flavor.latent_space) == (48, 2)
+    batch = a_batch(gen_shards)
+    x = task.inputs(batch, torch.Generator().manual_seed(0), training=True)
+    assert x["latents"].shape == (2, 48, 2, SIZE // 2, SIZE // 2)
+    torch.testing.assert_close(codec.decode(x["latents"]), x["video"], atol=1e-5, rtol=0)
+    loss = task.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and task.model.conditioning.driving.proj.weight.grad.abs().sum() > 0

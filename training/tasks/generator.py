@@ -46,6 +46,7 @@ from torch import Tensor
 
 from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condition_keep, flavor as get_flavor,
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
+from models.generator.flow import residual_base
 from models.generator.flavors import check_video_shape
 
 #: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
@@ -253,9 +254,11 @@ class GeneratorTask(pl.LightningModule):
         conditions = {"reference_latent": x["reference_latent"], "driving_normals": x["normals"],
                       "reference_normal": x["reference_normal"]}
         losses = []
+        base = residual_base(self.model, conditions)
+        clean = x["latents"] if base is None else x["latents"].float() - base
         for s in (0.1, 0.3, 0.5, 0.7, 0.9):
             sigma = torch.full((b,), s, device=self.device)
-            x_t, target = noisy_and_target(x["latents"], sigma, generator=g)
+            x_t, target = noisy_and_target(clean, sigma, generator=g)
             pred = self.model(x_t, timestep_of(sigma), **conditions)
             losses.append(((pred.float() - target) ** 2).mean())
         self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b, sync_dist=True)
