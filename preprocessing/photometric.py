@@ -158,9 +158,11 @@ class PhotometricSolver:
     def expression_basis(self, normals: Tensor) -> Tensor:
         """Orthonormal (M, K) basis of the expression blend shapes' normal components on the
         face region (what ψ can express, as a height field)."""
-        key = (normals.data_ptr(), normals.shape)
-        if key in self._expr_cache:
-            return self._expr_cache[key]
+        # Cached by content: a data_ptr key returned a stale basis when a freed tensor's memory
+        # was reused by the next clip's normals (shards then depended on the worker's history).
+        cached = self._expr_cache.get("normals")
+        if cached is not None and cached.shape == normals.shape and torch.equal(cached, normals):
+            return self._expr_cache["basis"]
         head = self.head
         with torch.no_grad():
             k = head.exprdirs.shape[0]
@@ -171,7 +173,7 @@ class PhotometricSolver:
             q, r = torch.linalg.qr(along.double())
             keep = r.diagonal().abs() > 1e-9 * r.diagonal().abs().max()
             q = q[:, keep].float()
-        self._expr_cache = {key: q}
+        self._expr_cache = {"normals": normals.detach().clone(), "basis": q}
         return q
 
     # ------------------------------------------------------------------------------------------
