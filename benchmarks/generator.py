@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
     p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
-    p.add_argument("--codec-kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
+    p.add_argument("--codec-kind", default="wan_vae", choices=["space_to_depth", "wan_vae"],
                    help="space_to_depth: the lossless fixed codec (z 48, /2); wan_vae: a tiny trained Wan VAE")
     p.add_argument("--codec-steps", type=int, default=2000)
     p.add_argument("--codec-dim", type=int, default=8)

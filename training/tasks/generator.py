@@ -314,7 +314,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
                 frame_stride: int = 1, lr: float = 1e-3, base_dim: int = 16, kl_weight: float = 1e-4,
                 stat_batches: int = 8, seed: int = 0, log_every: int = 50, sample_posterior: bool = False,
                 flip: bool = True, clip_grad: float | None = None, size: int | None = None,
-                kind: str = "space_to_depth", spatial: int = 2) -> dict:
+                kind: str = "wan_vae", spatial: int = 2) -> dict:
     """Train the tiny Wan VAE on the training shards of ``shards`` (random windows of
     ``frames`` frames every ``frame_stride``, mirrored at random with ``flip``), set its
     per-channel latent mean/std, save it to ``out`` (diffusers folder:
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--threads", type=int, default=1)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--size", type=int, default=None, help="resize frames to this side (the generator's size)")
-    c.add_argument("--kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
+    c.add_argument("--kind", default="wan_vae", choices=["space_to_depth", "wan_vae"],
                    help="space_to_depth: the lossless fixed codec (only its latent statistics are measured; "
                         "--steps, --lr, --base-dim unused); wan_vae: train a tiny AutoencoderKLWan")
     c.add_argument("--spatial", type=int, default=2, help="space_to_depth: the spatial factor")
