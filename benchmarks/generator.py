@@ -52,24 +52,9 @@ def load() -> float:
 
 # -- data -------------------------------------------------------------------------------------
 def make_corpus(work: Path, args) -> Path:
-    from expportrait.assets import synthetic_model_file
-    from preprocessing.synthetic.world import WorldConfig, generate_corpus
-    corpus = work / "corpus"
-    config = WorldConfig(identities=args.identities, clips_per_identity=args.clips, frames=args.frames,
-                         size=args.size, seed=args.seed)
-    meta = corpus / "world.json"
-    if meta.is_file():
-        saved = json.loads(meta.read_text())["config"]
-        if all(saved[k] == getattr(config, k) for k in ("identities", "clips_per_identity", "frames", "size", "seed")):
-            log(f"corpus: reusing {corpus}")
-            return corpus
-    for stale in (corpus, work / "shards", work / "codec", work / "train"):
-        shutil.rmtree(stale, ignore_errors=True)
-    t0 = time.perf_counter()
-    generate_corpus(corpus, config, synthetic_model_file(0), progress=False)
-    log(f"corpus: {args.identities} identities x {args.clips} clips x {args.frames} frames at {args.size}² "
-        f"in {time.perf_counter() - t0:.0f} s")
-    return corpus
+    from _report import synthetic_corpus
+    return synthetic_corpus(work, args.identities, args.clips, args.frames, args.size, args.seed,
+                            stale=("shards", "codec", "train"), log=log)
 
 
 def make_shards(work: Path, corpus: Path, segment: int) -> Path:
