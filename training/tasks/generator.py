@@ -48,6 +48,7 @@ from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condit
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
 from models.generator.flow import residual_base
 from models.generator.flavors import check_video_shape
+from training.tasks.reader_skips import ReaderSkipsMixin
 
 #: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
 GENERATOR_FIELDS = ("frames", "normals")
@@ -71,7 +72,7 @@ def resize_video(video: Tensor, size: int | None) -> Tensor:
     return flat.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)
 
 
-class GeneratorTask(pl.LightningModule):
+class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     """Trains :class:`NormalDrivenWan` of flavor ``flavor`` on shards (see the module docstring).
 
     Weights: ``pretrained`` (a ``NormalDrivenWan.save_pretrained`` folder) or ``wan_folder``
@@ -92,6 +93,7 @@ class GeneratorTask(pl.LightningModule):
                  p_drop_reference_normal: float = 0.05, gradient_checkpointing: bool = False,
                  sample_steps: int = 20, guidance: float = 1.0, seed: int = 0, dtype: str = "float32") -> None:
         super().__init__()
+        self._reset_reader_skips()
         self.save_hyperparameters()
         overrides = dict(flavor_overrides or {})
         if codec:                                   # the latent layout follows the codec (Wan VAE: z 16, /8)
@@ -242,8 +244,7 @@ class GeneratorTask(pl.LightningModule):
                                          self.hparams.shift, keep=keep, generator=g)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/sigma_mean", stats["sigma_mean"], batch_size=b)
-        if "reader_skipped" in batch:
-            self.log("data/reader_skipped", float(max(batch["reader_skipped"])), batch_size=b, reduce_fx="max")
+        self.log_reader_skips(batch, b)                    # summed over workers, epochs, ranks
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from models.head.head_model import PersonalizedHead
 from models.transfer.inputs import canonical_face, neutral_inputs
 from models.transfer.module import ExpressionTransfer
-from training.data.shards import SkipTally
+from training.tasks.reader_skips import ReaderSkipsMixin
 
 
 def build_head(head_model: str | None, subdivision: int) -> PersonalizedHead:
@@ -41,7 +41,7 @@ def relative_error(pred: Tensor, target: Tensor) -> Tensor:
     return (p - t).norm() / t.norm().clamp(min=1e-12)
 
 
-class TransferTask(pl.LightningModule):
+class TransferTask(ReaderSkipsMixin, pl.LightningModule):
     """Trains :class:`ExpressionTransfer` of flavor ``flavor`` on shards."""
 
     def __init__(self, flavor: str = "tiny_cpu", head_model: str | None = None, subdivision: int = 1,
@@ -61,9 +61,7 @@ class TransferTask(pl.LightningModule):
         self.model.set_canonical(canonical_face(head))
         self._checked_ids = False
         self._face_laplacian: Tensor | None = None
-        self._skips = SkipTally()          # this pass's per-worker running counts
-        self._skip_base = 0                # the reader's count when this pass's workers started
-        self._skipped_before = 0           # skips of earlier passes (and of a resumed run)
+        self._reset_reader_skips()
 
     @property
     def head(self) -> PersonalizedHead:
@@ -71,32 +69,6 @@ class TransferTask(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._head[0] = self.head.to(self.device)
-
-    # -- reader skips ---------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        """A new pass: a worker process made for it starts from the main process's reader
-        count (0, or the running count of an in-process reader); persistent workers go on."""
-        loader = self.trainer.train_dataloader
-        if getattr(loader, "persistent_workers", False) and self._skips.by_worker:
-            return
-        self._skipped_before += self._pass_skips()
-        self._skips = SkipTally()
-        reader = getattr(getattr(loader, "dataset", None), "skipped", None)
-        self._skip_base = int(reader.total) if reader is not None else 0
-
-    def _pass_skips(self) -> int:
-        return sum(max(0, n - self._skip_base) for n in self._skips.by_worker.values())
-
-    @property
-    def reader_skipped(self) -> int:
-        """Shards/members this rank's reader skipped so far, all workers and passes."""
-        return self._skipped_before + self._pass_skips()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["reader_skipped"] = self.reader_skipped
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._skipped_before, self._skips = int(checkpoint.get("reader_skipped", 0)), SkipTally()
 
     # -- inputs -----------------------------------------------------------------------------
     def inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -136,9 +108,7 @@ class TransferTask(pl.LightningModule):
             loss = loss + self.hparams.laplacian_weight * lap
         bs = expr.shape[0]
         self.log("train/loss_mm2", loss, prog_bar=True, batch_size=bs)
-        self._skips.update(batch)
-        self.log("data/reader_skipped", float(self.reader_skipped), batch_size=bs, reduce_fx="sum",
-                 sync_dist=True)                            # summed over ranks
+        self.log_reader_skips(batch, bs)                   # summed over workers, epochs, ranks
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
