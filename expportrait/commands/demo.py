@@ -49,7 +49,7 @@ class DemoScale:
     transfer_epochs: int = 12
     codec_steps: int = 300
     generator_size: int = 32
-    generator_steps: int = 1000
+    generator_steps: int = 400
     window: int = 5
     frame_stride: int = 4
     eval_pairs: int = 2
