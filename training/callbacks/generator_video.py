@@ -19,10 +19,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from .config import mlflow_logger
 from .ema import EMA
+from .video import PeriodicVideo
 
 
 def side_by_side(reference: torch.Tensor, normals: torch.Tensor, generated: torch.Tensor,
@@ -43,7 +43,7 @@ def psnr_db(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return float(10 * torch.log10(4.0 / mse))
 
 
-class GeneratorSamples(Callback):
+class GeneratorSamples(PeriodicVideo):
     def __init__(self, every_n_epochs: int = 5, max_samples: int = 2, steps: int = 10, fps: float = 5.0,
                  use_ema: bool = True, seed: int = 0) -> None:
         self.every_n_epochs = every_n_epochs
@@ -60,13 +60,6 @@ class GeneratorSamples(Callback):
         if batch_idx == 0 and dataloader_idx == 0 and self._batch is None and trainer.is_global_zero:
             self._batch = _head(batch, self.max_samples)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._log(trainer, pl_module, f"epoch{trainer.current_epoch:03d}")
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module, "final")
 
     def _ema(self, trainer: pl.Trainer) -> EMA | None:
         if not self.use_ema:

@@ -18,7 +18,24 @@ from lightning.pytorch.callbacks import Callback
 from .config import mlflow_logger
 
 
-class ComparisonVideo(Callback):
+class PeriodicVideo(Callback):
+    """Schedule shared by the video callbacks: ``_log(trainer, module, tag)`` every
+    ``every_n_epochs`` validation epochs (not in the sanity check) and once at the end of fit."""
+    every_n_epochs: int = 1
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._log(trainer, pl_module, f"epoch{trainer.current_epoch:03d}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, "final")
+
+
+class ComparisonVideo(PeriodicVideo):
     def __init__(self, every_n_epochs: int = 1, size: int = 128, max_frames: int = 24, fps: float = 12.5) -> None:
         self.every_n_epochs = every_n_epochs
         self.size = size
@@ -31,13 +48,6 @@ class ComparisonVideo(Callback):
         if batch_idx == 0 and dataloader_idx == 0 and self._batch is None and trainer.is_global_zero:
             self._batch = _first_sample(batch)
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self._log(trainer, pl_module, f"epoch{trainer.current_epoch:03d}")
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, pl_module, "final")
 
     def render(self, pl_module: pl.LightningModule, sample: dict) -> np.ndarray:
         """(T, size, 3·size, 3) uint8: own Δf | module's Δf | no Δf."""
