@@ -15,6 +15,17 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 sys.path.insert(0, str(Path(__file__).parent / "preprocessing"))   # video_fixtures, fake_estimator
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny shapes: one intra-op thread for a test module (on a loaded 2-core host two threads
+    spin ~10x slower), restored after. Use: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_model_path(tmp_path_factory):
     from expportrait.assets import synthetic_model_file

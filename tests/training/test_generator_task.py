@@ -19,12 +19,7 @@ BASE = REPO / "configs" / "train" / "dit_tiny_cpu.yaml"
 SIZE, FRAMES = 64, 8          # tiny_corpus (conftest): 64², 8 frames per clip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

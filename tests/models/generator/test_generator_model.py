@@ -16,13 +16,7 @@ from models.generator.conditioning import GeneratorConditioning
 F, H, W = 5, 32, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread (on a loaded 2-core host, two threads spin ~10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(b: int = 2, frames: int = F, h: int = H, w: int = W, seed: int = 0) -> tuple[torch.Tensor, dict]:

@@ -12,12 +12,7 @@ from models.generator import (LatentCodec, NormalDrivenWan, SpaceToDepthVAE, Wei
                               flow_matching_loss, generate_video, token_grid)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9, 17])
