@@ -154,52 +154,51 @@ def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
             "preprocess": {k: job[k] for k in ("inputs", "ok", "failed", "samples", "output")}}
 
 
+def _train_once(what: str, output: Path, done: Path, message: str, args: list[str], timings: dict,
+                reuse: bool) -> None:
+    """Train ``what`` with ``python ARGS`` (log beside ``output``), or keep it when ``reuse`` and
+    its ``done`` marker exists; the minutes go to ``timings["train_<what>"]``."""
+    if reuse and done.exists():
+        _say(f"{what}: reusing {output}")
+        return
+    _say(f"{message} -> {output} (log {output}.log)")
+    timings[f"train_{what}"] = _python(args, f"{what} training", Path(f"{output}.log"))
+
+
 def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: bool = False) -> dict:
     """4-5: transfer module, codec, generator; each its own process, one MLflow store."""
     store = out / "mlflow"
     common = ["--trainer.logger.init_args.out_dir", str(store), "--trainer.enable_progress_bar", "false"]
     transfer_out = out / "train" / "transfer"
     transfer_export = transfer_out / "export" / "ema"
-    if reuse and (transfer_export / "config.json").is_file():
-        _say(f"transfer module: reusing {transfer_export}")
-    else:
-        _say(f"training the expression transfer module ({scale.transfer_epochs} epochs) -> {transfer_out} "
-             f"(log {transfer_out}.log)")
-        timings["train_transfer"] = _python(
-            ["-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml", "--out", str(transfer_out),
-             "--data.init_args.root", str(data["shards"]), "--model.init_args.head_model", str(data["model"]),
-             "--trainer.max_epochs", str(scale.transfer_epochs), *common],
-            "transfer training", Path(f"{transfer_out}.log"))
+    _train_once("transfer", transfer_out, transfer_export / "config.json",
+                f"training the expression transfer module ({scale.transfer_epochs} epochs)",
+                ["-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml", "--out", str(transfer_out),
+                 "--data.init_args.root", str(data["shards"]), "--model.init_args.head_model", str(data["model"]),
+                 "--trainer.max_epochs", str(scale.transfer_epochs), *common], timings, reuse)
 
     codec = out / "train" / "codec"
-    if reuse and (codec / "training.json").is_file():
-        _say(f"codec: reusing {codec}")
-    else:
-        _say(f"training the tiny codec (a tiny Wan VAE, {scale.codec_steps} steps at {scale.generator_size}²) "
-             f"-> {codec}")
-        timings["train_codec"] = _python(
-            ["-m", "training.tasks.generator", "codec", "--shards", str(data["shards"]), "--out", str(codec),
-             "--steps", str(scale.codec_steps), "--frames", str(scale.window), "--frame-stride", str(scale.frame_stride),
-             "--size", str(scale.generator_size), "--base-dim", "8", "--lr", "2e-3"],
-            "codec training", Path(f"{codec}.log"))
+    _train_once("codec", codec, codec / "training.json",
+                f"training the tiny codec (a tiny Wan VAE, {scale.codec_steps} steps at {scale.generator_size}²)",
+                ["-m", "training.tasks.generator", "codec", "--shards", str(data["shards"]), "--out", str(codec),
+                 "--steps", str(scale.codec_steps), "--frames", str(scale.window), "--frame-stride",
+                 str(scale.frame_stride), "--size", str(scale.generator_size), "--base-dim", "8", "--lr", "2e-3"],
+                timings, reuse)
 
+    # Driving normals: the shards' own (fitted Δf). Rendering them from the frozen transfer
+    # module's Δf (model.init_args.transfer_module, as the paper trains) works but renders
+    # sample by sample: ~20 s a step on this CPU against ~1 s (open; the benchmark does the same).
     gen_out = out / "train" / "generator"
-    if reuse and (gen_out / "export" / "ema").is_dir():
-        _say(f"generator: reusing {gen_out / 'export' / 'ema'}")
-    else:
-        # Driving normals: the shards' own (fitted Δf). Rendering them from the frozen transfer
-        # module's Δf (model.init_args.transfer_module, as the paper trains) works but renders
-        # sample by sample: ~20 s a step on this CPU against ~1 s (open; the benchmark does the same).
-        _say(f"training the tiny generator ({scale.generator_steps} steps at {scale.generator_size}², driving "
-             f"normals: the shards' own) -> {gen_out} (log {gen_out}.log)")
-        timings["train_generator"] = _python(
-            ["-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml", "--out", str(gen_out),
-             "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec),
-             "--model.init_args.head_model", str(data["model"]),
-             "--model.init_args.size", str(scale.generator_size), "--model.init_args.frames", str(scale.window),
-             "--model.init_args.frame_stride", str(scale.frame_stride), "--trainer.max_steps", str(scale.generator_steps),
-             "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common],
-            "generator training", Path(f"{gen_out}.log"))
+    _train_once("generator", gen_out, gen_out / "export" / "ema",
+                f"training the tiny generator ({scale.generator_steps} steps at {scale.generator_size}², driving "
+                f"normals: the shards' own)",
+                ["-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml", "--out", str(gen_out),
+                 "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec),
+                 "--model.init_args.head_model", str(data["model"]),
+                 "--model.init_args.size", str(scale.generator_size), "--model.init_args.frames", str(scale.window),
+                 "--model.init_args.frame_stride", str(scale.frame_stride),
+                 "--trainer.max_steps", str(scale.generator_steps),
+                 "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common], timings, reuse)
     from expportrait.registry import tracking_from
     uri = tracking_from(None, str(store))
     return {"store": store, "tracking_uri": uri, "transfer_export": transfer_export, "codec": codec,
