@@ -23,7 +23,10 @@ trained on strided windows) and the video is written at fps / n.
 
 Subjects: a raw image or video (tracked and fitted on the fly, the aligned crops are the
 frames, the crop boxes allow paste-back) or a synthetic corpus clip ``clips/<id>.npz`` with its
-``.mp4`` (exact parameters, no fitting).
+``.mp4`` (exact parameters, no fitting; tracked and cropped like a raw video, the exact
+cameras moved into the crops). Either way subjects are framed as the preprocessing job frames
+training samples (``PreprocessSettings``: the training data's crop size and field of view,
+packed at register): a generator trained on aligned crops is not shown full frames.
 """
 from __future__ import annotations
 
@@ -191,7 +194,18 @@ def load_subject(path: str | os.PathLike, head, prep: PreprocessSettings | None 
         frames, fps = read_frames(video, max_frames)
         t = min(len(frames), clip.num_frames, max_frames or 10**9)
         clip.arrays = {k: v[:t:stride] for k, v in clip.arrays.items()}
-        return Subject(clip, frames[:t:stride], str(path), fps=fps / stride)
+        # framed as the preprocessing job frames training samples: the tracker's aligned crops
+        # (the exact cameras moved into them), not the full frames
+        from preprocessing.clip_fit import crop_camera_matrices
+        from preprocessing.tracking import FaceTracker
+        full = frames[:t:stride]
+        track = FaceTracker(crop_size=prep.crop_size).track(full)
+        if not track.ok:
+            raise SubjectError(f"{video}: {track.status.value}" + (f": {track.reason}" if track.reason else ""),
+                               track.status.value, str(path))
+        clip.arrays["camera_K"] = crop_camera_matrices(clip.arrays["camera_K"], track.boxes, prep.crop_size)
+        clip.image_size = prep.crop_size
+        return Subject(clip, track.crops, str(path), full_frames=full, boxes=track.boxes, fps=fps / stride)
     full, fps = read_frames(path, max_frames)
     full, fps = full[::stride], fps / stride                  # fitted as the generator will see it
     from preprocessing.clip_fit import fit_frames

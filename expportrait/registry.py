@@ -203,6 +203,17 @@ def shard_crop_size(root: str | None) -> int | None:
     return None
 
 
+def prep_from_data(data: str | os.PathLike | None) -> PreprocessSettings:
+    """The preprocessing settings a model's training data was made with (the job's
+    ``summary.json`` ``stages``: crop size, field of view), so inference tracks, crops and fits
+    subjects as the training samples were; defaults when the data folder or its record is absent."""
+    summary = Path(data) / "summary.json" if data else None
+    if summary is None or not summary.is_file():
+        return PreprocessSettings()
+    stages = json.loads(summary.read_text()).get("stages") or {}
+    return PreprocessSettings(**{k: stages[k] for k in ("crop_size", "fov_deg") if k in stages})
+
+
 def inference_from_run(params: dict, overrides: dict | None = None) -> InferenceSettings:
     """Inference settings as the generator was trained (the run's ``frames``, ``frame_stride``,
     ``size`` (null: its shards' crop size), ``shift``, ``sample_steps``, ``guidance`` params),
@@ -266,6 +277,7 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
         head_path = head_model or _param(params, "head_model")
         reference = head_model_reference(head_path, subdivision)
         data = data or _param(params, "root") or run.data.tags.get("data")
+        prep = prep or prep_from_data(data)
         commit = _git_commit()
         provenance = {**runs, "code_commit": commit, "data": data, "transfer_folder": str(found.get("transfer"))}
         package = write_package(tmp / "package", found["generator"], found["codec"], found.get("transfer"),

@@ -52,18 +52,25 @@ class ClipFit:
         return out
 
 
+def crop_camera_matrices(K: np.ndarray, boxes: np.ndarray, crop_size: int) -> np.ndarray:
+    """Intrinsics (T, 3, 3) of square crops (x0, y0, side) of frames with intrinsics ``K``
+    ((3, 3) or (T, 3, 3)); crop pixel u sees frame pixel x = x0 + u * side / crop_size, as
+    :func:`preprocessing.tracking.FaceTracker` cuts them."""
+    K = np.broadcast_to(np.asarray(K, np.float32), (len(boxes), 3, 3))
+    s = (crop_size / boxes[:, 2]).astype(np.float32)[:, None]
+    k = K.copy()
+    k[:, 0] = (K[:, 0] - boxes[:, 0:1].astype(np.float32) * K[:, 2]) * s
+    k[:, 1] = (K[:, 1] - boxes[:, 1:2].astype(np.float32) * K[:, 2]) * s
+    return k
+
+
 def crop_intrinsics(boxes: np.ndarray, frame_size: tuple[int, int], crop_size: int,
                     fov_deg: float) -> torch.Tensor:
     """Per-frame intrinsics (T, 3, 3) of square crops (x0, y0, side) of a pinhole frame."""
     w, h = frame_size
     f = 0.5 * h / math.tan(math.radians(fov_deg) / 2)
-    s = crop_size / boxes[:, 2]
-    k = np.zeros((len(boxes), 3, 3), np.float32)
-    k[:, 0, 0] = k[:, 1, 1] = f * s
-    k[:, 0, 2] = ((w - 1) / 2 - boxes[:, 0]) * s
-    k[:, 1, 2] = ((h - 1) / 2 - boxes[:, 1]) * s
-    k[:, 2, 2] = 1
-    return torch.as_tensor(k)
+    K = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1]], np.float32)
+    return torch.as_tensor(crop_camera_matrices(K, boxes, crop_size))
 
 
 def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker | None = None,

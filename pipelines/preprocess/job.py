@@ -140,6 +140,7 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
         "shards": [{"name": m["name"], "tar": m["tar"], "samples": m["samples"], "sha256": m["sha256"],
                     "bytes": m["bytes"]} for m in markers],
         "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
+        "stages": cfg.stages.model_dump(mode="json"),     # what inference must repeat (crop size, fov)
         "output": str(out.root.resolve()), "last_run": stats,
     }
     if fault is not None:

@@ -102,9 +102,10 @@ def test_reenact_command_writes_video_and_side_by_side(package, corpus, tmp_path
     err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 2 and err["status"] == "file_not_found" and "missing.png" in err["message"]
     rc = main(["reenact", "--model", str(package), "--source", str(clips / "id000_clip00.npz"), "--driving",
-               str(clips / "id001_clip00.npz"), "--out", str(tmp_path / "p.mp4"), "--paste-back"])
-    err = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rc == 2 and "paste-back needs a raw image or video source" in err["message"]
+               str(clips / "id001_clip00.npz"), "--out", str(tmp_path / "p.mp4"), "--paste-back", "--max-frames", "4"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0, res          # corpus clips are tracked and cropped too: their crops paste back
+    assert _frames(tmp_path / "p.mp4")[0].shape == (64, 64, 3)     # the source's full frame size
 
 
 @pytest.mark.slow
@@ -147,5 +148,9 @@ def test_driver_loaded_at_the_generators_frame_stride(corpus, head):
     clip = corpus / "clips" / "id001_clip00.npz"
     full, strided = load_subject(clip, head), load_subject(clip, head, max_frames=20, stride=3)
     assert len(full.frames) == 21 and len(strided.frames) == 7 and strided.fps == pytest.approx(full.fps / 3)
-    assert np.array_equal(strided.frames, full.frames[:20:3])
+    assert np.array_equal(strided.full_frames, full.full_frames[:20:3])
+    # framed as training samples: the tracker's aligned crops at the preprocessing crop size,
+    # the exact cameras moved into them
+    assert strided.frames.shape[1:] == (256, 256, 3) and strided.clip.image_size == 256
+    assert strided.boxes.shape == (7, 3)
     assert np.array_equal(strided.clip.arrays["expression"], full.clip.arrays["expression"][:20:3])

@@ -182,3 +182,13 @@ def test_inference_settings_follow_the_generator_run(tmp_path):
     assert inference_from_run(params, {"size": 64, "steps": None}).size == 64
     with pytest.raises(ValueError, match="overlap"):
         inference_from_run(params, {"overlap": 4})
+
+
+def test_preprocessing_settings_follow_the_training_data(tmp_path):
+    """Crop size and field of view from the preprocessing job's summary of the run's data, so
+    inference frames subjects as the training samples were; defaults without one."""
+    from expportrait.reenactment import PreprocessSettings
+    from expportrait.registry import prep_from_data
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": {"crop_size": 128, "fov_deg": 22.0, "fps": 25.0}}))
+    assert prep_from_data(tmp_path) == PreprocessSettings(crop_size=128, fov_deg=22.0)
+    assert prep_from_data(tmp_path / "absent") == PreprocessSettings() == prep_from_data(None)

@@ -34,3 +34,23 @@ def test_landmarks_outside_the_frame_get_no_weight():
     assert w.shape == (t, 68) and w.dtype == torch.float32
     assert (w[0, :5] == 0).all() and (w[0, 5:] == 1).all()
     assert (w[1] == 0).all()               # no landmarks in that frame
+
+
+def test_crop_camera_projects_where_the_crop_samples_the_frame():
+    """A point the full-frame camera sees at frame pixel x lands at the crop pixel u with
+    x = x0 + u * side / size (how _cut samples), and the fov-based crop intrinsics agree."""
+    import math
+
+    from preprocessing.clip_fit import crop_camera_matrices, crop_intrinsics
+    K = np.array([[150.0, 0, 63.5], [0, 150.0, 63.5], [0, 0, 1]], np.float32)
+    boxes = np.array([[10.0, -5.0, 90.0], [30.0, 20.0, 60.0]])
+    Kc = crop_camera_matrices(K, boxes, 256)
+    points = np.array([[0.02, -0.03, 1.0], [-0.1, 0.05, 1.2]], np.float32)
+    for k, box in zip(Kc, boxes):
+        for p in points:
+            x = (K @ p)[:2] / p[2]
+            u = (k @ p)[:2] / p[2]
+            assert np.allclose(box[:2] + u * box[2] / 256, x, atol=1e-3)
+    f = 0.5 * 128 / math.tan(math.radians(20.0) / 2)
+    K20 = np.array([[f, 0, 63.5], [0, f, 63.5], [0, 0, 1]], np.float32)
+    assert np.allclose(crop_intrinsics(boxes, (128, 128), 256, 20.0).numpy(), crop_camera_matrices(K20, boxes, 256))
