@@ -252,8 +252,9 @@ def main() -> None:
     ap.add_argument("--render-frames", type=int, default=8)
     ap.add_argument("--skip-fitted", action="store_true", help="exact offsets only (no preprocessing job)")
     ap.add_argument("--reuse-models", action="store_true", help="evaluate existing exports (no training)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="intra-op threads of the training process (2 spin badly on a loaded 2-core host)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="intra-op threads of the training process (2: both cores; on a loaded 2-core host 2 spin "
+                         "badly, use 1)")
     ap.add_argument("--train-arg", action="append", default=[],
                     help="extra argument for the training CLI (repeat), e.g. --train-arg=--model.init_args.lr=0.01")
     args = ap.parse_args()
