@@ -63,6 +63,11 @@ class GeneratorFlavor:
         return asdict(self)
 
     def __post_init__(self) -> None:
+        out = self.latent_channels * PATCH[0] * PATCH[1] * PATCH[2]
+        if self.dim < out:
+            raise ValueError(f"dim {self.dim} (num_heads x head_dim) is below the {out} values each token outputs "
+                             f"(latent_channels {self.latent_channels} x patch {PATCH}): the transformer could not "
+                             f"represent the noise it must remove, and samples keep it; widen the flavor")
         if self.clip and self.context_tokens != 512:
             raise ValueError(f"clip=True needs context_tokens=512 (Wan's attention processor splits the image "
                              f"tokens off by assuming 512 text tokens), got {self.context_tokens}")
@@ -71,8 +76,10 @@ class GeneratorFlavor:
 FLAVORS: dict[str, GeneratorFlavor] = {
     "tiny_cpu": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
                                 context_tokens=8, normal_width=8, codec="tiny", rope_max_seq_len=64),
-    # tiny_cpu on the lossless SpaceToDepthVAE (z 48, /2): 8x8 tokens a frame at 32²
-    "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=32, ffn_dim=256, num_layers=3, text_dim=32, freq_dim=32,
+    # tiny_cpu on the lossless SpaceToDepthVAE (z 48, /2): 8x8 tokens a frame at 32²; dim 256 >
+    # the 192 values a token outputs (48 x 2 x 2: at dim 128 a third of the noise to remove was
+    # unrepresentable, and samples kept it: val loss 0.55 vs 0.08 at dim 256, README)
+    "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=64, ffn_dim=512, num_layers=3, text_dim=32, freq_dim=32,
                                     context_tokens=8, normal_width=16, codec="space_to_depth", latent_channels=48,
                                     latent_space=2, reference_repeat=True, reference_residual=True,
                                     rope_max_seq_len=64),

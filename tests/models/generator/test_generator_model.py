@@ -12,6 +12,7 @@ from models.generator import (LatentCodec, NormalDrivenWan, WeightsFolderError, 
                               flavor, flow_matching_loss, latent_shape, noisy_and_target, sample, sample_sigmas,
                               token_grid)
 from models.generator.conditioning import GeneratorConditioning
+from models.generator.flavors import FLAVORS
 
 F, H, W = 5, 32, 32
 
@@ -213,7 +214,15 @@ def test_from_wan_widens_a_t2v_checkpoint(tmp_path):
     torch.testing.assert_close(w[:, :16], t2v.patch_embedding.weight)
     assert (w[:, 16:] == 0).all()
     with pytest.raises(WeightsFolderError, match="num_attention_heads"):
-        NormalDrivenWan.from_wan(tmp_path / "wan", flavor("tiny_cpu", num_heads=2), dtype=torch.float32)
+        NormalDrivenWan.from_wan(tmp_path / "wan", flavor("tiny_cpu", num_heads=8, head_dim=8), dtype=torch.float32)
+
+
+def test_a_flavor_narrower_than_its_token_output_is_refused():
+    """dim below latent_channels x patch (what a token outputs): the noise to remove is not
+    representable, so sampling leaves it in (the old 128-wide tiny_cpu_s2d: 192 outputs)."""
+    with pytest.raises(ValueError, match="dim 128 .* below the 192 values"):
+        flavor("tiny_cpu_s2d", head_dim=32)
+    assert flavor("tiny_cpu_s2d").dim >= 192 and all(f.dim >= 4 * f.latent_channels for f in FLAVORS.values())
 
 
 @pytest.mark.parametrize("frames,h,w,message", [(8, 32, 32, "frame count 8 .*4k\\+1"),
