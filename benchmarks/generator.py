@@ -1,21 +1,27 @@
-"""The generator (``tiny_cpu``) trained on a synthetic corpus, evaluated on held-out identities.
+"""The tiny generator (flavor ``tiny_cpu_s2d``) trained on a synthetic corpus, evaluated on held-out identities.
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
-        --frames 48 --size 32] [--codec-steps 2000 | --codec-dir DIR] [--train-steps 3000 --train-minutes 20]
-        [--window 5 --stride 8] [--reuse]
+        --frames 48 --size 32] [--flavor tiny_cpu_s2d --codec-kind space_to_depth | --flavor tiny_cpu
+        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 3000 --train-minutes 19]
+        [--window 5 --stride 8] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
    (``training.data.truth_shards``: frames + the true head's normal maps, one sample per clip).
-2. The tiny codec: a tiny ``AutoencoderKLWan`` trained on the *training* shards
-   (``python -m training.tasks.generator codec``), timed separately (``codec_minutes``).
+2. The codec: by default the lossless ``SpaceToDepthVAE`` (only its latent statistics are
+   measured on the *training* shards); ``--codec-kind wan_vae`` trains a tiny
+   ``AutoencoderKLWan`` there first (``python -m training.tasks.generator codec``), timed
+   separately (``codec_minutes``).
 3. The generator through the platform's CLI (``python -m training.train fit --config
-   configs/train/dit_tiny_cpu.yaml``), capped at ``--train-minutes`` (Lightning's ``max_time``);
-   the EMA export is what is evaluated. Driving normals in training: the shards' own (the exact
-   head's; no transfer module in this benchmark, see the config).
-4. On the *test* identities (never read in training), every window of ``--window`` frames
-   every ``--stride`` frames at a few start frames: PSNR and SSIM (torchmetrics, data range
-   [-1, 1]) of frames 1.. against the ground truth for
-   - ``model``: the generator from the reference frame (frame 0) and the window's normals;
+   configs/train/dit_tiny_cpu.yaml --model.init_args.flavor FLAVOR``), capped at
+   ``--train-minutes`` (Lightning's ``max_time``); the EMA export is what is evaluated. Driving
+   normals in training: the shards' own (the exact head's; no transfer module in this
+   benchmark, see the config).
+4. On the *test* identities (never read in training; ``--eval-split val`` for choosing sampler
+   settings), every window of ``--window`` frames every ``--stride`` frames at a few start
+   frames: PSNR and SSIM (torchmetrics, data range [-1, 1]) of frames 1.. against the ground
+   truth for
+   - ``model``: the generator from the reference frame (frame 0) and the window's normals,
+     sampled as the trained task samples (its ``sample_steps``, ``sample_shift``) unless given;
    - ``copy``: the reference frame repeated;
    - ``shuffled``: the generator driven by another test clip's normals (another identity);
    - ``codec``: the ground truth through the codec (encode + decode): the ceiling of any
@@ -112,7 +118,7 @@ def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, 
            "--trainer.max_steps", str(args.train_steps),
            "--trainer.max_time", f"00:00:{cap // 60:02d}:{cap % 60:02d}",
            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", "dit_tiny_cpu_bench",
-           *args.train_arg]
+           "--model.init_args.flavor", args.flavor, *args.train_arg]
     minutes = run(cmd, "generator training")
     import torch
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -122,13 +128,13 @@ def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, 
 
 
 # -- evaluation -------------------------------------------------------------------------------
-def test_windows(shards: Path, window: int, stride: int, starts: list[int]) -> list[dict]:
-    """Every test sample's windows: frames and normals (3, F, H, W) in [-1, 1], clip id."""
+def test_windows(shards: Path, window: int, stride: int, starts: list[int], split: str = "test") -> list[dict]:
+    """Every ``split`` sample's windows: frames and normals (3, F, H, W) in [-1, 1], clip id."""
     import torch
 
     from training.data.shards import ShardDataset, shard_urls
     from training.tasks.generator import unit
-    urls = shard_urls(shards, "test")
+    urls = shard_urls(shards, split)
     total = sum(json.loads(Path(u).with_name(Path(u).stem + ".done.json").read_text())["samples"] for u in urls)
     ds = ShardDataset(urls, total, resampled=False, rank=0, world_size=1, fields=("frames", "normals"))
     out, span = [], (window - 1) * stride + 1
@@ -142,7 +148,8 @@ def test_windows(shards: Path, window: int, stride: int, starts: list[int]) -> l
     return out
 
 
-def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, batch: int, seed: int) -> dict:
+def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, batch: int, seed: int,
+             shift: float = 1.0, guidance: float = 1.0) -> dict:
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -173,11 +180,13 @@ def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, bat
         ref = video[:, :, 0]
         g = torch.Generator().manual_seed(seed + b0)
         t0 = time.perf_counter()
-        gen = generate_video(model, codec, ref, normals, normals[:, :, 0], steps=steps, generator=g)
+        gen = generate_video(model, codec, ref, normals, normals[:, :, 0], steps=steps, generator=g, shift=shift,
+                             guidance=guidance)
         sample_seconds += time.perf_counter() - t0
         frames_sampled += gen.shape[0] * gen.shape[2]
         g = torch.Generator().manual_seed(seed + b0)
-        shuf = generate_video(model, codec, ref, shuffled, normals[:, :, 0], steps=steps, generator=g)
+        shuf = generate_video(model, codec, ref, shuffled, normals[:, :, 0], steps=steps, generator=g, shift=shift,
+                              guidance=guidance)
         with torch.no_grad():
             recon = codec.decode(codec.encode(video))
         score("model", gen, video)
@@ -201,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
     p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
-    p.add_argument("--codec-kind", default="wan_vae", choices=["space_to_depth", "wan_vae"],
+    p.add_argument("--flavor", default="tiny_cpu_s2d", help="generator flavor (tiny_cpu: on the tiny Wan VAE)")
+    p.add_argument("--codec-kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
                    help="space_to_depth: the lossless fixed codec (z 48, /2); wan_vae: a tiny trained Wan VAE")
     p.add_argument("--codec-steps", type=int, default=2000)
     p.add_argument("--codec-dim", type=int, default=8)
@@ -210,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=3000)
     p.add_argument("--train-minutes", type=float, default=19.0, help="wall-clock cap of the generator's training (process start and export come on top)")
     p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")
-    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the trained task's)")
+    p.add_argument("--sample-shift", type=float, default=None,
+                   help="sampler sigma shift (default: the trained task's `shift`, as reenactment uses it)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance over the normals (1: off)")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"],
+                   help="held-out identities to evaluate on: choose sampler settings on val, report on test")
     p.add_argument("--starts", default="0,7,14", help="window start frames within each test clip")
     p.add_argument("--reuse", action="store_true", help="reuse a trained codec / generator in --work")
     args = p.parse_args(argv)
@@ -227,9 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     load_mid = load()
     export, train_minutes, samples = train_generator(work, shards, codec, args)
     load_train = load()
-    windows = test_windows(shards, args.window, args.stride, [int(s) for s in args.starts.split(",")])
+    windows = test_windows(shards, args.window, args.stride, [int(s) for s in args.starts.split(",")],
+                           args.eval_split)
     log(f"evaluating {len(windows)} test windows")
-    ev = evaluate(export, codec, windows, args.sample_steps, batch=8, seed=args.seed)
+    # the sampler as the trained task samples (and as `register` packs it), unless given
+    hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    shift = args.sample_shift if args.sample_shift is not None else float(
+        hp["shift"] if hp.get("sample_shift") is None else hp["sample_shift"])
+    steps = args.sample_steps or int(hp.get("sample_steps", 10))
+    ev = evaluate(export, codec, windows, steps, batch=8, seed=args.seed, shift=shift, guidance=args.guidance)
     ps, ss = ev["psnr_db"], ev["ssim"]
     print(f"\n{'':<10}{'PSNR dB':>9}{'SSIM':>8}   held-out identities {ev['identities']}, {ev['windows']} windows "
           f"of {args.window} frames every {args.stride}")
@@ -247,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_samples_per_s": round(samples / (train_minutes * 60), 3) if train_minutes else None,
         "codec_minutes": round(codec_minutes, 2) if codec_minutes is not None else None,
         "sample_seconds_per_frame": round(ev["sample_seconds_per_frame"], 4),
-        "sample_steps": args.sample_steps, "test_windows": ev["windows"],
+        "sample_steps": steps, "sample_shift": shift, "guidance": args.guidance,
+        "test_windows": ev["windows"], "eval_split": args.eval_split,
         "load_avg_1min": {"start": round(load_start, 2), "after_codec": round(load_mid, 2),
                           "after_train": round(load_train, 2), "end": round(load(), 2)},
         "cpu_cores": os.cpu_count(), "total_minutes": round((time.perf_counter() - t_start) / 60, 2),

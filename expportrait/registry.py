@@ -216,8 +216,8 @@ def prep_from_data(data: str | os.PathLike | None) -> PreprocessSettings:
 
 def inference_from_run(params: dict, overrides: dict | None = None) -> InferenceSettings:
     """Inference settings as the generator was trained (the run's ``frames``, ``frame_stride``,
-    ``size`` (null: its shards' crop size), ``shift``, ``sample_steps``, ``guidance`` params),
-    then ``overrides``."""
+    ``size`` (null: its shards' crop size), ``sample_shift`` (else ``shift``), ``sample_steps``,
+    ``guidance`` params), then ``overrides``."""
     from dataclasses import fields
     st = {}
     for field_name, param, cast in (("window", "frames", int), ("frame_stride", "frame_stride", int),
@@ -226,6 +226,9 @@ def inference_from_run(params: dict, overrides: dict | None = None) -> Inference
         value = _param(params, param)
         if value is not None:
             st[field_name] = cast(float(value))
+    sample_shift = _param(params, "sample_shift")
+    if sample_shift is not None:                                # the sampler's own shift, when set
+        st["shift"] = float(sample_shift)
     if "size" not in st:                  # size null: the generator trained at its shards' crop size
         crop = shard_crop_size(_param(params, "root"))
         if crop:

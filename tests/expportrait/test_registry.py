@@ -180,6 +180,8 @@ def test_inference_settings_follow_the_generator_run(tmp_path):
     st = inference_from_run(params)
     assert (st.window, st.frame_stride, st.size, st.shift, st.steps, st.overlap) == (5, 5, 48, 1.0, 10, 2)
     assert inference_from_run(params, {"size": 64, "steps": None}).size == 64
+    assert inference_from_run({**params, "model.init_args.sample_shift": "10.0"}).shift == 10.0   # the sampler's own
+    assert inference_from_run({**params, "model.init_args.sample_shift": "None"}).shift == 1.0
     with pytest.raises(ValueError, match="overlap"):
         inference_from_run(params, {"overlap": 4})
 

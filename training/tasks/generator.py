@@ -91,7 +91,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 5.0,
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.05,
                  p_drop_reference_normal: float = 0.05, gradient_checkpointing: bool = False,
-                 sample_steps: int = 20, guidance: float = 1.0, seed: int = 0, dtype: str = "float32") -> None:
+                 sample_steps: int = 20, sample_shift: float | None = None, guidance: float = 1.0, seed: int = 0,
+                 dtype: str = "float32") -> None:
         super().__init__()
         self._reset_reader_skips()
         self.save_hyperparameters()
@@ -274,7 +275,12 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                               x["normals"] if driving is None else driving, x["reference_normal"],
                               steps=steps or self.hparams.sample_steps,
                               guidance=self.hparams.guidance if guidance is None else guidance,
-                              shift=self.hparams.shift, generator=g, reference_latent=x["reference_latent"])
+                              shift=self.sample_shift, generator=g, reference_latent=x["reference_latent"])
+
+    @property
+    def sample_shift(self) -> float:
+        """The sampler's σ shift: ``sample_shift``, else the training ``shift``."""
+        return self.hparams.shift if self.hparams.sample_shift is None else self.hparams.sample_shift
 
     def configure_optimizers(self):
         params = self.model.trainable_parameters()
