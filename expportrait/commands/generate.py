@@ -2,7 +2,7 @@
 
     expportrait generate --weights EXPORT_DIR --codec CODEC_DIR --reference IMAGE
         --normals NORMALS.mp4 --out OUT.mp4 [--reference-normal IMAGE] [--size 64] [--window 5]
-        [--overlap 1] [--steps 20] [--guidance 1.0] [--seed 0] [--max-frames N] [--side-by-side]
+        [--overlap 1] [--steps N] [--guidance 1.0] [--seed 0] [--max-frames N] [--side-by-side]
     expportrait generate --checkpoint CKPT ...        # a training checkpoint (file or DeepSpeed folder)
 
 Weights: ``--weights`` is a ``NormalDrivenWan.save_pretrained`` folder (the EMA export of a
@@ -19,6 +19,7 @@ Writes OUT.mp4 (and ``OUT_side_by_side.mp4``: reference | normals | generated, w
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -40,9 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=64, help="generated frame size (a multiple of 16)")
     p.add_argument("--window", type=int, default=5, help="frames per generator window (4k+1)")
     p.add_argument("--overlap", type=int, default=1, help="frames shared by consecutive windows")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's, else 20)")
     p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--shift", type=float, default=None, help="sampler shift (default: the checkpoint's, else 5)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="sampler shift (default: the checkpoint's sample_shift, else its shift, else 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-frames", type=int, default=0, help="normal frames to use (0: all)")
     p.add_argument("--fps", type=float, default=0.0, help="output fps (0: the normal video's)")
@@ -66,6 +68,9 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
         model = NormalDrivenWan.from_pretrained(folder)
         if codec is None and (weights / "codec").is_dir():
             codec = weights / "codec"
+        if (weights / "package.json").is_file():             # a package: its sampler settings
+            inference = json.loads((weights / "package.json").read_text()).get("inference", {})
+            settings = {k: inference.get(k) for k in ("shift", "steps")}
     else:
         from training.export import load_checkpoint_state
         from training.tasks.generator import GeneratorTask
@@ -89,7 +94,8 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
                 for name, value in ema["shadow"].items():
                     params[name].copy_(value)
         model = task.model
-        settings = {"shift": hp.get("shift"), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
+        settings = {"shift": hp["shift"] if hp.get("sample_shift") is None else hp["sample_shift"],
+                    "steps": hp.get("sample_steps"), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
         if codec is None and hp.get("codec"):
             codec, codec_subfolder = Path(hp["codec"]), codec_subfolder or hp.get("codec_subfolder")
     if codec is None:
@@ -161,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     model, codec, settings = load_generator(args.weights, args.checkpoint, args.codec, args.codec_subfolder,
                                             use_ema=not args.no_ema)
     shift = args.shift if args.shift is not None else (settings.get("shift") or 5.0)
+    steps = args.steps or settings.get("steps") or 20
     t = len(normals)
     padded = normals if t >= args.window else np.concatenate([normals, np.repeat(normals[-1:], args.window - t, 0)])
     ref_img, ref_nrm = _unit(reference)[:, :, 0], _unit(ref_normal)[:, :, 0]
@@ -171,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
     def window(start: int) -> np.ndarray:
         drive = _unit(padded[start:start + args.window])
         g = torch.Generator().manual_seed(args.seed)            # the same noise in every window
-        video = generate_video(model, codec, ref_img, drive, ref_nrm, steps=args.steps, guidance=args.guidance,
+        video = generate_video(model, codec, ref_img, drive, ref_nrm, steps=steps, guidance=args.guidance,
                                shift=shift, generator=g, reference_latent=ref_latent)[0]
         bar.update(1)
         return video.add(1).mul(127.5).permute(1, 2, 3, 0).numpy()
@@ -183,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     frames = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
     out_fps = args.fps or fps
     out = write_video(args.out, frames, out_fps)
-    result = {"out": str(out), "frames": int(t), "size": args.size, "windows": len(starts), "steps": args.steps,
+    result = {"out": str(out), "frames": int(t), "size": args.size, "windows": len(starts), "steps": steps,
               "fps": out_fps, "seconds_per_frame": round(seconds / max(t, 1), 4),
               "seconds": round(time.perf_counter() - t0, 2)}
     if args.side_by_side:
