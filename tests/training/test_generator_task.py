@@ -268,3 +268,41 @@ def test_fixed_codec_from_the_cli_sets_the_latent_layout(gen_shards, tmp_path):
     loss = task.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss) and task.model.conditioning.driving.proj.weight.grad.abs().sum() > 0
+
+
+def test_augmentation_is_one_draw_per_window_and_mirrors_normals(gen_shards, codec_dir):
+    """Colour: the same gain and offset on every frame of a sample (the reference included);
+    flip: frames and normal maps mirrored together, the normals' x negated on the head only;
+    no augmentation in validation."""
+    from training.tasks.generator import augment_window, unit
+    batch = a_batch(gen_shards, batch_size=4)
+    video, normals = unit(batch["frames"]), unit(batch["normals"])
+    g = torch.Generator().manual_seed(0)
+    v2, n2 = augment_window(video, normals, color=0.3, generator=g)
+    assert torch.equal(n2, normals) and not torch.equal(v2, video)
+    inside = (video.abs() < 0.6) & (v2.abs() < 0.99)                  # unclipped pixels: an affine map per channel
+    for b in range(4):
+        for c in range(3):
+            x, y = video[b, c][inside[b, c]], v2[b, c][inside[b, c]]
+            slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+            assert torch.allclose(y, slope * x + (y.mean() - slope * x.mean()), atol=1e-4)   # one map for all frames
+    for seed in range(20):                     # a draw that mirrors some samples and not others
+        v3, n3 = augment_window(video, normals, flip=True, generator=torch.Generator().manual_seed(seed))
+        mirrored = [b for b in range(4) if not torch.equal(v3[b], video[b])]
+        if 0 < len(mirrored) < 4:
+            break
+    assert 0 < len(mirrored) < 4
+    for b in mirrored:
+        assert torch.equal(v3[b], video[b].flip(-1))
+        head = normals[b].flip(-1) > -1 + 1e-3
+        assert torch.equal(n3[b, 0][head[0]], -normals[b, 0].flip(-1)[head[0]])
+        assert torch.equal(n3[b, 1:], normals[b, 1:].flip(-1))
+        assert (n3[b][:, ~head.any(0)] == -1).all()                      # background untouched
+    for b in set(range(4)) - set(mirrored):
+        assert torch.equal(v3[b], video[b]) and torch.equal(n3[b], normals[b])
+    from training.tasks.generator import GeneratorTask
+    task = GeneratorTask(codec=str(codec_dir), frames=5, random_start=False, augment_color=0.5, augment_flip=True)
+    val = task.inputs(batch, None, training=False)
+    assert torch.equal(val["video"], video[:, :, :5]) and torch.equal(val["normals"], normals[:, :, :5])
+    train = task.inputs(batch, torch.Generator().manual_seed(0), training=True)
+    assert not torch.equal(train["video"], video[:, :, :5])

@@ -72,6 +72,30 @@ def resize_video(video: Tensor, size: int | None) -> Tensor:
     return flat.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)
 
 
+def augment_window(video: Tensor, normals: Tensor, color: float = 0.0, flip: bool = False,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Training augmentation of windows (B, 3, F, H, W) in [-1, 1], drawn per sample and the same
+    for every frame of it (the reference frame included):
+
+    - ``color`` c: a per-channel gain in [1 − c, 1 + c] and offset in [−c, c] on the frames, so
+      the model has to take a head's colours from the reference image instead of recalling them
+      from a training identity's shape (normal maps are untouched);
+    - ``flip``: a horizontal mirror with probability 1/2, of the frames and of the normal maps,
+      whose x component (view convention: R) is negated on the head; the background stays 0."""
+    b = video.shape[0]
+    if color > 0:
+        draw = lambda: (2 * torch.rand(b, 3, 1, 1, 1, generator=generator) - 1).to(video)   # noqa: E731
+        gain, offset = 1 + color * draw(), color * draw()
+        video = (video * gain + offset).clamp(-1, 1)
+    if flip:
+        mirror = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1, 1).to(video.device)
+        fv, fn = video.flip(-1), normals.flip(-1)
+        head = (fn > -1 + 1e-3).any(1, keepdim=True)            # background is (-1, -1, -1)
+        fn = torch.cat([torch.where(head, -fn[:, :1], fn[:, :1]), fn[:, 1:]], 1)
+        video, normals = torch.where(mirror, fv, video), torch.where(mirror, fn, normals)
+    return video, normals
+
+
 class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     """Trains :class:`NormalDrivenWan` of flavor ``flavor`` on shards (see the module docstring).
 
@@ -90,7 +114,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 100, min_lr_ratio: float = 0.1,
                  optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 5.0,
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.05,
-                 p_drop_reference_normal: float = 0.05, gradient_checkpointing: bool = False,
+                 p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
+                 gradient_checkpointing: bool = False,
                  sample_steps: int = 20, sample_shift: float | None = None, guidance: float = 1.0, seed: int = 0,
                  dtype: str = "float32") -> None:
         super().__init__()
@@ -206,12 +231,16 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         frames = batch["frames"]
         b, total = frames.shape[:2]
         starts = self.window(total, b, generator, training)
+        augment = training and (self.hparams.augment_color > 0 or self.hparams.augment_flip)
         use_sidecar = "latents" in batch and self.hparams.frame_stride == 1 and self.hparams.size is None \
-            and not starts.any()
+            and not starts.any() and not augment
         ids = self.frame_ids(starts)
         video = unit(torch.stack([v[i] for v, i in zip(frames, ids.to(frames.device))]))
         normals = unit(self.driving_normals(batch, ids))
         video, normals = resize_video(video, self.hparams.size), resize_video(normals, self.hparams.size)
+        if augment:
+            video, normals = augment_window(video, normals, self.hparams.augment_color, self.hparams.augment_flip,
+                                            generator)
         check_video_shape(*video.shape[2:])
         out = {"video": video, "normals": normals, "reference_image": video[:, :, 0],
                "reference_normal": normals[:, :, 0]}
