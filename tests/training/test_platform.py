@@ -47,8 +47,10 @@ def cli_args(tmp: Path, shards: Path, out: Path, *extra: str, **kwargs) -> list[
 
 
 def run_subprocess(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    # one intra-op thread: bit-identical runs (a multi-threaded CPU reduction may sum in another
+    # order under load: the resume test once differed in the last bits that way in a full suite)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)]),
-           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
+           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"], "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
