@@ -1,0 +1,37 @@
+"""`expportrait demo --quick`: the whole loop end to end in a fresh process (the CI's end-to-end
+slice: corpus -> preprocessing job on embedded Ray -> transfer module, codec, generator ->
+register -> gate -> promote -> reenact from the champion -> evaluate)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_whole_loop(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run([sys.executable, "-m", "expportrait.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["preprocess"]["ok"] == res["preprocess"]["inputs"] > 0, res["preprocess"]
+    assert res["promote"]["alias"] == "champion" and res["promote"]["version"] == res["register"]["version"]
+    for name, video in res["reenact"].items():                  # a failed pair would be "failed: ..."
+        assert Path(video).is_file() and Path(video).stat().st_size > 0, (name, video)
+    for protocol, ev in res["evaluate"].items():
+        assert ev["pairs_failed"] == 0 and ev["pairs"] >= 1 and Path(ev["report"]).is_file(), (protocol, ev)
+    assert 5 < res["evaluate"]["self"]["model"]["psnr"] < 100             # a real image, not a blank or a copy
+    import mlflow
+    client = mlflow.MlflowClient(res["tracking_uri"])
+    champion = client.get_model_version_by_alias("expportrait", "champion")
+    assert int(champion.version) == res["register"]["version"]
+    runs = {k: client.get_run(v) for k, v in res["runs"].items()}
+    assert all(run.info.status == "FINISHED" for run in runs.values())
