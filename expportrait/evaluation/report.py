@@ -54,7 +54,7 @@ def plots(results: list[PairResult], summary: dict, out: Path, protocol: str) ->
                     ax.plot([math.nan if v is None else v for v in y], style, label=f"{r.name} ({who})")
         ax.set_title(title)
         ax.set_xlabel("frame")
-        if ok:
+        if ax.get_legend_handles_labels()[0]:               # no curve (e.g. no face found): no legend
             ax.legend(fontsize=6, loc="best")
         fig.tight_layout()
         path = out / "plots" / f"{key}_per_frame.png"
