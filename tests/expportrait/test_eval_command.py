@@ -9,12 +9,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 
 from expportrait.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_corpus, tiny_exports  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the module
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,6 @@ class _Media(HTMLParser):
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["self", "cross"])
 def test_evaluate_writes_report_with_videos_and_logs_to_mlflow(tmp_path, package, corpus, protocol, capsys):
-    torch.set_num_threads(1)
     out = tmp_path / "eval"
     rc = main(["evaluate", "--model", str(package), "--protocol", protocol, "--data", str(corpus), "--out", str(out),
                "--max-pairs", "1", "--no-dlib"] + (["--no-motion"] if protocol == "self" else []))

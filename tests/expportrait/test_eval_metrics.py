@@ -7,7 +7,7 @@ import torch
 
 from expportrait.evaluation.metrics import PSNR_CAP_DB, identity_drift, pixel_metrics, temporal_jitter
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the module
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,14 @@ import av
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from expportrait.cli import main
 from expportrait.reenactment import generate_windows, window_starts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_corpus, tiny_package  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the module
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,6 @@ def test_long_video_windows_join_without_a_seam(package, corpus):
     frames) overlapping by 4: the frame difference across each join is no larger than the
     largest inside a window."""
     from expportrait.reenactment import Reenactor
-    torch.set_num_threads(1)
     r = Reenactor.from_package(package)
     clips = corpus / "clips"
     src, drv = r.subject(clips / "id000_clip00.npz", 1), r.subject(clips / "id001_clip00.npz")

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from expportrait.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import log_training_run, tiny_corpus, tiny_exports  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the module
+
 NAME = "expportrait"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, head, synthetic_model_path):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     tiny_exports(root / "train", head)

@@ -11,10 +11,11 @@ from preprocessing.fitting import FitConfig, Fitter, FitInputs
 from preprocessing.photometric import PhotometricSolver, sh_basis, sh_basis_jacobian, shade_vertices
 from preprocessing.synthetic.world import SyntheticWorld
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the module
+
 
 @pytest.fixture(scope="module")
 def world(synthetic_model_path):
-    torch.set_num_threads(1)
     return SyntheticWorld(synthetic_model_path, 1)
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 import yaml
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the module
+
 REPO = Path(__file__).resolve().parents[2]
 BASE = REPO / "configs" / "train" / "transfer_tiny.yaml"
 
@@ -180,7 +182,6 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path, truth_shards, workers):
     from training.data.datamodule import ShardDataModule
     from training.tasks.transfer import TransferTask
 
-    torch.set_num_threads(1)
     shards = tmp_path / "shards"
     shutil.copytree(truth_shards / "shards", shards)
     good = sorted(shards.glob("train-*.tar"))
