@@ -244,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     load_train = load()
     windows = test_windows(shards, args.window, args.stride, [int(s) for s in args.starts.split(",")],
                            args.eval_split)
-    log(f"evaluating {len(windows)} test windows")
+    log(f"evaluating {len(windows)} {args.eval_split} windows")
     # the sampler as the trained task samples (and as `register` packs it), unless given
+    from training.tasks.generator import sampler_settings
     hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
-    shift = args.sample_shift if args.sample_shift is not None else float(
-        hp["shift"] if hp.get("sample_shift") is None else hp["sample_shift"])
-    steps = args.sample_steps or int(hp.get("sample_steps", 10))
+    trained = sampler_settings(hp)
+    shift = args.sample_shift if args.sample_shift is not None else float(trained["shift"])
+    steps = args.sample_steps or int(trained["steps"] or 10)
     ev = evaluate(export, codec, windows, steps, batch=8, seed=args.seed, shift=shift, guidance=args.guidance)
     ps, ss = ev["psnr_db"], ev["ssim"]
     print(f"\n{'':<10}{'PSNR dB':>9}{'SSIM':>8}   held-out identities {ev['identities']}, {ev['windows']} windows "

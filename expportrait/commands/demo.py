@@ -10,8 +10,8 @@
 5. the codec (the lossless ``SpaceToDepthVAE``: only its latent statistics are measured on the
    shards' frames), then the tiny generator (``configs/train/dit_tiny_cpu.yaml``, flavor
    ``tiny_cpu_s2d``) on the shards' own normal maps (the paper renders them
-   from the frozen transfer module's Δf: ``model.init_args.transfer_module``, too slow on this
-   CPU for the demo, see ``_train_steps``); reenactment drives it with normals rendered from the
+   from the frozen transfer module's Δf: ``model.init_args.transfer_module``, ~4x slower a step
+   on this CPU, see ``_train_steps``); reenactment drives it with normals rendered from the
    transfer module's Δf;
 6. register the two models as one MLflow pyfunc (``@candidate``), evaluate it (self
    reenactment of held-out identities), promote it to ``@champion`` through the tiny gate

@@ -19,7 +19,6 @@ Writes OUT.mp4 (and ``OUT_side_by_side.mp4``: reference | normals | generated, w
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -59,6 +58,7 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
     """(NormalDrivenWan, LatentCodec, settings) from an export/package folder or a checkpoint."""
     import torch
 
+    from expportrait.reenactment import PACKAGE_FILE, read_package_meta
     from models.generator import LatentCodec, NormalDrivenWan
     settings: dict = {}
     if weights is not None:
@@ -68,12 +68,12 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
         model = NormalDrivenWan.from_pretrained(folder)
         if codec is None and (weights / "codec").is_dir():
             codec = weights / "codec"
-        if (weights / "package.json").is_file():             # a package: its sampler settings
-            inference = json.loads((weights / "package.json").read_text()).get("inference", {})
+        if (weights / PACKAGE_FILE).is_file():                # a package: its sampler settings
+            inference = read_package_meta(weights).get("inference", {})
             settings = {k: inference.get(k) for k in ("shift", "steps")}
     else:
         from training.export import load_checkpoint_state
-        from training.tasks.generator import GeneratorTask
+        from training.tasks.generator import GeneratorTask, sampler_settings
         if not checkpoint.exists():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
         state = load_checkpoint_state(checkpoint)
@@ -94,8 +94,7 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
                 for name, value in ema["shadow"].items():
                     params[name].copy_(value)
         model = task.model
-        settings = {"shift": hp["shift"] if hp.get("sample_shift") is None else hp["sample_shift"],
-                    "steps": hp.get("sample_steps"), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
+        settings = {**sampler_settings(hp), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
         if codec is None and hp.get("codec"):
             codec, codec_subfolder = Path(hp["codec"]), codec_subfolder or hp.get("codec_subfolder")
     if codec is None:

@@ -72,6 +72,13 @@ def resize_video(video: Tensor, size: int | None) -> Tensor:
     return flat.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)
 
 
+def sampler_settings(hparams: dict) -> dict:
+    """How a generator task's hyperparameters say to sample: ``shift`` (``sample_shift``, else
+    the training ``shift``) and ``steps`` (``sample_steps``); None where they say nothing."""
+    shift = hparams.get("sample_shift")
+    return {"shift": hparams.get("shift") if shift is None else shift, "steps": hparams.get("sample_steps")}
+
+
 def augment_window(video: Tensor, normals: Tensor, color: float = 0.0, flip: bool = False,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Training augmentation of windows (B, 3, F, H, W) in [-1, 1], drawn per sample and the same
@@ -309,7 +316,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     @property
     def sample_shift(self) -> float:
         """The sampler's σ shift: ``sample_shift``, else the training ``shift``."""
-        return self.hparams.shift if self.hparams.sample_shift is None else self.hparams.sample_shift
+        return sampler_settings(self.hparams)["shift"]
 
     def configure_optimizers(self):
         params = self.model.trainable_parameters()
