@@ -78,7 +78,7 @@ FLAVORS: dict[str, GeneratorFlavor] = {
                                 context_tokens=8, normal_width=8, codec="tiny", rope_max_seq_len=64),
     # tiny_cpu on the lossless SpaceToDepthVAE (z 48, /2): 8x8 tokens a frame at 32²; dim 256 >
     # the 192 values a token outputs (48 x 2 x 2: at dim 128 a third of the noise to remove was
-    # unrepresentable, and samples kept it: val loss 0.55 vs 0.08 at dim 256, README)
+    # unrepresentable, and samples kept it: benchmark val loss 0.55 at dim 128 vs 0.22 at 256, README)
     "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=64, ffn_dim=512, num_layers=3, text_dim=32, freq_dim=32,
                                     context_tokens=8, normal_width=16, codec="space_to_depth", latent_channels=48,
                                     latent_space=2, reference_repeat=True, reference_residual=True,
