@@ -27,13 +27,15 @@ def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
 
 def sample_sigmas(batch: int, kind: str = "shifted", shift: float = 5.0, mean: float = 0.0, std: float = 1.0,
                   generator: torch.Generator | None = None, device=None) -> Tensor:
-    """σ ∈ (0, 1), fp32, shape (B,): ``shifted`` uniform or ``logit_normal``."""
+    """σ ∈ (0, 1), fp32, shape (B,): ``shifted`` uniform or ``logit_normal`` (SD3), both then
+    time-shifted by ``shift`` (1: unshifted). A sampler that runs few steps at a high shift
+    evaluates the model only at high σ: train with a matching shift."""
     if kind == "shifted":
         u = torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
         return shift_sigma(u, shift)
     if kind == "logit_normal":
-        return torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device,
-                                                      dtype=torch.float32))
+        return shift_sigma(torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device,
+                                                                  dtype=torch.float32)), shift)
     raise ValueError(f"unknown sigma sampling {kind!r}; known: 'shifted', 'logit_normal'")
 
 

@@ -281,8 +281,10 @@ def test_flow_matching_math_is_fp32():
     shifted = sample_sigmas(20000, "shifted", shift=5.0, generator=g)
     plain = sample_sigmas(20000, "shifted", shift=1.0, generator=g)
     assert 0 < shifted.min() and shifted.max() < 1 and shifted.mean() > plain.mean() + 0.2
-    ln = sample_sigmas(20000, "logit_normal", generator=g)
+    ln = sample_sigmas(20000, "logit_normal", shift=1.0, generator=g)
     assert abs(ln.median().item() - 0.5) < 0.02
+    ln_shifted = sample_sigmas(20000, "logit_normal", shift=10.0, generator=g)   # median 10·½ / (1 + 9·½)
+    assert abs(ln_shifted.median().item() - 10 / 11) < 0.02
     with pytest.raises(ValueError, match="unknown sigma sampling"):
         sample_sigmas(2, "cosine")
 
