@@ -166,14 +166,6 @@ def _train_once(what: str, output: Path, done: Path, message: str, args: list[st
     timings[f"train_{what}"] = _python(args, f"{what} training", Path(f"{output}.log"))
 
 
-#: The demo's generator trains 500 steps on 6 identities with logit-normal σ, not the config's
-#: σ shifted by 10 (the best at the benchmark's ~3000 steps on 36 identities, README runs 11/13):
-#: measured on the demo's data, at 500 steps the shifted σ gave self-reenactment +0.47 dB over the
-#: copy but a head that did not follow a cross driver (pose error 16.8° vs the copy's 16.1°);
-#: logit-normal gave +0.0 dB and 6.2° vs 16.1°.
-DEMO_SIGMA = ("--model.init_args.sigma_kind", "logit_normal", "--model.init_args.shift", "1.0")
-
-
 def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: bool = False) -> dict:
     """4-5: transfer module, codec, generator; each its own process, one MLflow store."""
     store = out / "mlflow"
@@ -210,7 +202,7 @@ def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: 
                  "--model.init_args.flavor", scale.generator_flavor, "--model.init_args.head_model", str(data["model"]),
                  "--model.init_args.size", str(scale.generator_size), "--model.init_args.frames", str(scale.window),
                  "--model.init_args.frame_stride", str(scale.frame_stride),
-                 "--trainer.max_steps", str(scale.generator_steps), *DEMO_SIGMA,
+                 "--trainer.max_steps", str(scale.generator_steps),
                  "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common], timings, reuse)
     from expportrait.registry import tracking_from
     uri = tracking_from(None, str(store))
