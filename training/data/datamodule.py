@@ -51,10 +51,11 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, train_split: str = "train", val_split: str | None = "val",
                  batch_size: int = 4, samples_per_epoch: int = 64, val_samples: int = 16,
                  num_workers: int = 0, shuffle_buffer: int = 16, seed: int = 0,
-                 fields: list[str] | None = None, latents: str | None = None) -> None:
+                 fields: list[str] | None = None, latents: str | None = None, cache_mb: float = 0) -> None:
         """``latents``: a latent sidecar folder (``LATENTS_DIR/<codec_id>/shards``, written by
         ``pipelines.encode_latents``); samples of shards with a matching sidecar carry
-        ``latents`` and ``reference_latent``."""
+        ``latents`` and ``reference_latent``. ``cache_mb``: keep up to that many MiB of decoded
+        samples in memory per loader process (0: off; for corpora that fit, see ``shards``)."""
         super().__init__()
         self.save_hyperparameters()
         self.root = root
@@ -76,7 +77,7 @@ class ShardDataModule(pl.LightningDataModule):
         return ShardDataset(urls, per_rank, resampled=training,
                             shuffle_buffer=self.hparams.shuffle_buffer if training else 0,
                             seed=self.hparams.seed, rank=rank, world_size=world, fields=self.fields,
-                            latents=self.hparams.latents)
+                            latents=self.hparams.latents, cache_mb=self.hparams.cache_mb)
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset(self.hparams.train_split, self.hparams.samples_per_epoch, True)

@@ -2,6 +2,7 @@
 import io
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,37 @@ def test_skips_are_counted_across_dataloader_workers(shards, tmp_path):
     assert set(per_worker) == {"0-0", "0-1"}
     assert loader.skipped == sum(per_worker.values()) >= 3
     assert in_process.skipped.total >= 3
+
+
+def test_decoded_cache_serves_the_same_stream_from_memory(shards, tmp_path):
+    """With ``cache_mb`` the stream (keys and arrays, epoch by epoch) is the uncached one, and
+    shards read once are served from memory: once all are cached, an epoch reads no file."""
+    import shutil
+
+    root, _ = shards
+    shutil.copytree(root, tmp_path / "copy")
+    urls = shard_urls(tmp_path / "copy", "train")
+    plain = ShardDataset(urls, 30, shuffle_buffer=4, seed=3, convert=None, rank=0, world_size=1)
+    cached = ShardDataset(urls, 30, shuffle_buffer=4, seed=3, convert=None, rank=0, world_size=1, cache_mb=64)
+    streams = {}
+    for epoch in range(4):
+        plain.set_epoch(epoch)
+        streams[epoch] = list(plain)
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        got = list(cached)
+        assert [s.key for s in got] == [s.key for s in streams[epoch]]
+        assert all(np.array_equal(x.frames, y.frames) and np.array_equal(x.normals, y.normals)
+                   for x, y in zip(got, streams[epoch]))
+    assert sorted(cached._cache) == sorted(urls) and 0 < cached._cached_bytes <= 64 * 2**20
+    for url in urls:
+        Path(url).unlink()
+    cached.set_epoch(3)
+    assert [s.key for s in cached] == [s.key for s in streams[3]] and cached.skipped.total == 0
+
+
+def test_decoded_cache_respects_its_budget(shards):
+    root, _ = shards
+    urls = shard_urls(root, "train")
+    tiny = ShardDataset(urls, 10, resampled=False, convert=None, rank=0, world_size=1, cache_mb=1e-6)
+    assert len(list(tiny)) == 10 and tiny._cache == {} and tiny._cached_bytes == 0
