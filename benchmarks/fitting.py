@@ -24,7 +24,14 @@ after one similarity for the whole clip (a per-frame alignment would hide jitter
 (``dynamic_zero_baseline_mm``); with no estimator, the job's Δf and Δg come from the
 photometric stage (shape from shading on the crops). β/ψ recovery: correlation with the truth (first 20 / 10 components).
 
+The job's head places the tracker's 68 points where MediaPipe puts them on this model (the
+calibrated embedding shipped for the synthetic model, ``preprocessing/landmark_calibration.py``,
+made from identities of another seed: none of the ones evaluated here); MediaPipe's distance
+to those points on these clips is ``mediapipe_vs_embedding_pct``.
+
 Rows printed beside it (keys prefixed with the row name), to show what each part buys:
+- ``job_model_landmarks``: the job's path with the model's own iBUG-68 definitions instead
+  (``landmark_embedding: none``);
 - ``job_no_photometric``: the job's path without the photometric stage (Δg = Δf = 0 then);
 - ``oracle_truelmk``: the projected true landmarks + Gaussian noise of 1 % of the face width,
   true intrinsics, full frame, no dense targets, photometric stage on the decoded frames;
@@ -116,6 +123,17 @@ def score(head, fit, tg) -> dict:
             "landmark_err_pct": float(np.nanmedian(fit.qc["landmark_error_pct"]))}
 
 
+def embedded_points(head, tg) -> np.ndarray:
+    """The head's (calibrated, fixed) landmark points on the true mesh, projected with the true
+    camera: (T, 68, 2) pixels."""
+    t = tg.true_vertices_cam.shape[0]
+    faces = torch.cat([head.contour_lmk_faces[0], head.static_lmk_faces])
+    bary = torch.cat([head.contour_lmk_bary[0], head.static_lmk_bary])
+    pts = (tg.true_vertices_cam[:, head.lmk_face_vertices[faces]] * bary[None, :, :, None]).sum(2)
+    uv = pts @ torch.as_tensor(tg.K, dtype=pts.dtype).T
+    return (uv[..., :2] / uv[..., 2:]).numpy().reshape(t, 68, 2)
+
+
 def oracle_dynamic(world, corpus, clip_id, tg, fitter):
     """Δf from the offset solver when shape, expression and pose are the true ones."""
     from preprocessing.fitting import FitInputs
@@ -134,7 +152,10 @@ def oracle_dynamic(world, corpus, clip_id, tg, fitter):
 
 ROWS = {  # name -> (label in the printed table, what it is)
     "job": ("JOB PATH (headline)", "rendered RGB mp4 -> job decode -> FaceTracker crop + MediaPipe, "
-            "20 deg FOV assumed, no dense targets, photometric stage on the crops"),
+            "20 deg FOV assumed, no dense targets, photometric stage on the crops, the calibrated "
+            "MediaPipe landmark embedding (preprocessing/landmark_calibration.py, other identities)"),
+    "job_model_landmarks": ("job path, model lmk", "the same with the model's own iBUG-68 definitions "
+                            "(landmark_embedding: none)"),
     "job_no_photometric": ("job path, no photo", "the same without the photometric stage"),
     "oracle_truelmk": ("ORACLE", "true landmarks + 1 % noise, true intrinsics, no dense targets, "
                        "photometric stage on the decoded frames"),
@@ -165,18 +186,22 @@ def main() -> None:
     # the job's defaults (configs/preprocess/local.yaml) with the photometric stage on (off by default)
     stages = StageConfig(fit={"photometric": True})
     ctx = StageContext(model, stages, 1)         # what a job worker loads: head, tracker, fitter
+    if ctx.landmark_embedding is None:
+        raise RuntimeError("no calibrated landmark embedding for the synthetic model: run "
+                           "python -m preprocessing.landmark_calibration")
+    model_lmk = StageContext(model, stages.model_copy(update={"landmark_embedding": "none"}), 1)
     no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False))
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
     oracle_no_photo = Fitter(world.head, FitConfig(photometric=False))
 
-    def job_fit(frames, fov_deg, fitter):
-        clip = fit_frames(frames, ctx.head, ctx.tracker, fov_deg=fov_deg, fitter=fitter, estimator=None)
+    def job_fit(frames, fov_deg, fitter, head=None):
+        clip = fit_frames(frames, head or ctx.head, ctx.tracker, fov_deg=fov_deg, fitter=fitter, estimator=None)
         if clip.fit is None:
             raise RuntimeError(f"the job's path found no usable face: {clip.status} {clip.reason}")
         return clip
 
     rows = {k: [] for k in ROWS}
-    timing, dyn_oracle, mp_dev = [], [], []
+    timing, dyn_oracle, mp_dev, emb_dev = [], [], [], []
     with tempfile.TemporaryDirectory() as corpus:
         generate_corpus(corpus, WorldConfig(identities=args.clips, clips_per_identity=1, frames=args.frames,
                                             size=args.size, seed=args.seed), model, progress=False)
@@ -204,6 +229,9 @@ def main() -> None:
             true2d = np.load(f"{corpus}/clips/{c}.npz")["landmarks_2d"]
             width = np.linalg.norm(true2d[:, 16] - true2d[:, 0], axis=-1)[:, None]
             mp_dev.append(float(np.nanmedian(np.linalg.norm(lm - true2d, axis=-1) / width) * 100))
+            emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width) * 100))
+            rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk.fitter,
+                                                                         model_lmk.head).fit, tg))
             t0 = time.perf_counter()
             plain = job_fit(frames, stages.fov_deg, no_photo)
             timing[-1]["seconds_no_photometric"] = t_decode + sum(plain.seconds.values())
@@ -223,7 +251,7 @@ def main() -> None:
     mean = lambda rs, k: float(np.mean([r[k] for r in rs]))
     print(f"{args.clips} synthetic clips x {args.frames} frames at {args.size}^2 (rendered at 22 deg FOV); "
           f"MediaPipe deviates from the synthetic landmark definitions by a median {np.mean(mp_dev):.1f} % "
-          "of face width")
+          f"of face width, from the calibrated embedding's points by {np.mean(emb_dev):.1f} %")
     print("vertex error: face region, per-frame similarity alignment, % of 0.22 m head height")
     cols = {"vertex_err_pct": "err_%", "vertex_err_mm": "err_mm", "vertex_err_pct_camera": "cam_err_%",
             "vertex_err_pct_clip_aligned": "clip_al_%", "align_scale": "scale", "jitter_ratio": "jitter",
@@ -275,10 +303,12 @@ def main() -> None:
         "dynamic_zero_baseline_mm": round(mean(j, "dynamic_zero_baseline_mm"), 4),
         "landmark_err_pct": r3(mean(j, "landmark_err_pct")),
         "mediapipe_vs_truth_pct": round(float(np.mean(mp_dev)), 2),
+        "mediapipe_vs_embedding_pct": round(float(np.mean(emb_dev)), 2),
         "stage_seconds": {k: r3(np.mean([x[k] for x in timing]))
                           for k in timing[0] if k not in ("seconds", "frames", "fit")},
         "cold_seconds": round(cold, 2),
-        "path": {"video": "rendered RGB mp4, job decode_clip", "landmarks": "FaceTracker crop + MediaPipe",
+        "path": {"video": "rendered RGB mp4, job decode_clip", "landmarks": "FaceTracker crop + MediaPipe, "
+                 "calibrated embedding (other identities, seed 1001)",
                  "fov_deg": stages.fov_deg, "dense_targets": None, "photometric": "crops + validity masks"},
         "metric": "face-region vertex error after per-frame similarity (Umeyama) alignment, % of 0.22 m",
     }

@@ -32,6 +32,10 @@ class StageConfig(BaseModel):
     max_frames: Annotated[int, Field(ge=1)] | None = 300  # longer clips are cut (first frames kept)
     crop_size: Annotated[int, Field(ge=32, le=4096)] = 256
     fov_deg: Annotated[float, Field(gt=1, lt=179)] = 20.0  # assumed vertical FOV of real footage
+    # where the tracker's 68 points lie on the model: "auto" (the calibrated embedding made for
+    # this model, if shipped; see preprocessing/landmark_calibration.py), "none" (the model's own
+    # iBUG-68 definitions) or an embedding file
+    landmark_embedding: str = "auto"
     segment_frames: Annotated[int, Field(ge=1)] = 24      # frames per shard sample
     max_bad_frames: Annotated[float, Field(ge=0, le=1)] = 0.5   # more frames not ok: the clip fails
     render_depth: bool = True

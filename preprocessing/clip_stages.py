@@ -42,7 +42,12 @@ class StageContext:
         self.config = config
         self.model_path = str(model_path)
         self.model_sha1 = model_sha1 or file_digest(model_path)   # the job passes the one it hashed
-        self.head = PersonalizedHead(load_smplx_model(model_path), subdivision_levels=subdivision)
+        from .landmark_calibration import resolve_embedding
+
+        model = load_smplx_model(model_path)
+        self.landmark_embedding = resolve_embedding(config.landmark_embedding, model)
+        self.head = PersonalizedHead(model, subdivision_levels=subdivision, landmark_embedding=(
+            self.landmark_embedding.as_head_argument() if self.landmark_embedding is not None else None))
         self.tracker = FaceTracker(crop_size=config.crop_size)
         self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}))
         self.estimator = (load_estimator(config.estimator, config.estimator_weights)

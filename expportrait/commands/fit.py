@@ -41,22 +41,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--estimator", default=None,
                    help="dense depth/normal estimator 'package.module:factory' (none shipped)")
     p.add_argument("--estimator-weights", type=Path, default=None, help="its local weights file")
+    p.add_argument("--landmark-embedding", default="auto",
+                   help="where the tracker's 68 points lie on the model: auto (the calibrated file for this "
+                        "model, if shipped), none (the model's iBUG-68) or a file (preprocessing.landmark_calibration)")
     p.add_argument("--no-overlay", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
-def _head(model: Path | None):
+def _head(model: Path | None, landmark_embedding: str = "auto"):
     from expportrait.assets import synthetic_model_file
     from models.head.head_model import PersonalizedHead
-    from models.head.smplx_file import HeadModelFileError, resolve_model_path
+    from models.head.smplx_file import HeadModelFileError, load_smplx_model, resolve_model_path
+    from preprocessing.landmark_calibration import resolve_embedding
     try:
         path = resolve_model_path(model)
     except HeadModelFileError:
         if model is not None:
             raise
         path = synthetic_model_file(0)
-    return PersonalizedHead.from_file(path), path
+    data = load_smplx_model(path)
+    emb = resolve_embedding(landmark_embedding, data)
+    return PersonalizedHead(data, landmark_embedding=emb.as_head_argument() if emb is not None else None), path
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
             _fail(args.out, "not_an_image", f"image {source}: cannot decode: {exc}", source)
         fps = None
-    head, model_path = _head(args.model)
+    head, model_path = _head(args.model, args.landmark_embedding)
     fitter = Fitter(head, FitConfig(seed=args.seed))
     betas = static = None
     if args.identity_from:

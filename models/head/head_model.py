@@ -139,7 +139,12 @@ class PersonalizedHead(nn.Module):
 
     def __init__(self, model: SMPLXModelData, subdivision_levels: int = 1,
                  region_joints: tuple[int, ...] = HEAD_TORSO_JOINTS,
-                 region_threshold: float = 0.5) -> None:
+                 region_threshold: float = 0.5,
+                 landmark_embedding: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``landmark_embedding``: (faces (68,) of the full model, barycentric coordinates
+        (68, 3)) replacing the model's iBUG-68 definitions as fixed surface points, contour
+        included (e.g. where a detector such as MediaPipe puts its points on this model,
+        ``preprocessing.landmark_calibration``); the face region stays the model's."""
         super().__init__()
         sub = select_submesh(model.weights, model.f, region_joints, region_threshold)
         ids = sub.vertex_ids
@@ -207,15 +212,27 @@ class PersonalizedHead(nn.Module):
         # Landmarks: coarse faces of the full model -> sub-mesh faces -> fine vertex ids.
         face_remap = np.full(len(model.f), -1, dtype=np.int64)
         face_remap[sub.face_ids] = np.arange(len(sub.face_ids))
-        static_faces = face_remap[model.lmk_faces_idx]
-        contour_faces = face_remap[model.dynamic_lmk_faces_idx]
+        static_faces, static_bary = face_remap[model.lmk_faces_idx], model.lmk_bary_coords
+        contour_faces, contour_bary = face_remap[model.dynamic_lmk_faces_idx], model.dynamic_lmk_bary_coords
+        if landmark_embedding is not None:            # fixed surface points: every yaw bin the same
+            emb_faces, emb_bary = (np.asarray(a) for a in landmark_embedding)
+            if emb_faces.shape != (68,) or emb_bary.shape != (68, 3):
+                raise ValueError(f"a landmark embedding is 68 faces and (68, 3) barycentric coordinates, "
+                                 f"got {emb_faces.shape} and {emb_bary.shape}")
+            if emb_faces.min() < 0 or emb_faces.max() >= len(model.f):
+                raise ValueError("landmark embedding faces are not faces of this model")
+            bins = model.dynamic_lmk_faces_idx.shape[0]
+            contour_faces = np.tile(face_remap[emb_faces[:17]], (bins, 1))
+            contour_bary = np.tile(emb_bary[None, :17], (bins, 1, 1))
+            static_faces, static_bary = face_remap[emb_faces[17:]], emb_bary[17:]
         if (static_faces < 0).any() or (contour_faces < 0).any():
             raise ValueError("landmark faces fall outside the head-and-torso region")
         buf("lmk_face_vertices", torch.as_tensor(up.coarse_to_fine[sub.faces]))
         buf("static_lmk_faces", torch.as_tensor(static_faces))
-        buf("static_lmk_bary", f32(model.lmk_bary_coords))
-        buf("contour_lmk_faces", torch.as_tensor(contour_faces))
-        buf("contour_lmk_bary", f32(model.dynamic_lmk_bary_coords))
+        buf("static_lmk_bary", f32(static_bary))
+        buf("contour_lmk_faces", torch.as_tensor(np.ascontiguousarray(contour_faces)))
+        buf("contour_lmk_bary", f32(contour_bary))
+        buf("submesh_face_ids", torch.as_tensor(sub.face_ids))            # sub-mesh face -> model face
         buf("neck_kin_chain", torch.as_tensor(NECK_KIN_CHAIN))
         self._laplacian: Tensor | None = None
         # What LandmarkHead needs: the coarse vertices of landmark triangles only.

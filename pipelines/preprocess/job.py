@@ -31,9 +31,10 @@ class InternalError(RuntimeError):
     """A failure that is neither the input's nor the machine's (a bug). Exit code 4."""
 
 
-def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str) -> str:
-    """What a shard's content depends on besides its clips."""
-    return fingerprint(cfg.stages.model_dump(), cfg.subdivision, model_sha1)
+def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str, landmark_embedding: str = "none") -> str:
+    """What a shard's content depends on besides its clips (``landmark_embedding``: the
+    digest of the embedding file the setting resolved to, see :func:`check_head_model`)."""
+    return fingerprint(cfg.stages.model_dump(), cfg.subdivision, model_sha1, landmark_embedding)
 
 
 def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:
@@ -53,6 +54,20 @@ def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:
     return path, file_digest(path)
 
 
+def check_landmark_embedding(cfg: PreprocessConfig, model_path: str) -> str:
+    """Resolve ``stages.landmark_embedding`` for the model once in the driver: the digest of
+    the embedding used ("none" for the model's own landmarks); :class:`ConfigError` if the file
+    is unreadable or made for another model."""
+    from models.head.smplx_file import load_smplx_model
+    from preprocessing.landmark_calibration import resolve_embedding
+
+    try:
+        emb = resolve_embedding(cfg.stages.landmark_embedding, load_smplx_model(model_path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"stages.landmark_embedding: {exc}") from None
+    return emb.digest() if emb is not None else "none"
+
+
 def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
         retry_failed: bool = False) -> dict:
     """Run the job; returns the summary (also written to OUT/summary.json).
@@ -65,7 +80,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
     clip's (``worker_lost``, ``stage_error``)."""
     started, t_start = time.time(), time.perf_counter()
     model_path, model_sha1 = check_head_model(cfg)
-    stage_fp = stage_fingerprint(cfg, model_sha1)
+    stage_fp = stage_fingerprint(cfg, model_sha1, check_landmark_embedding(cfg, model_path))
     items = list_inputs(cfg.input, cfg.limit)
     if not items:
         raise JobInputError(f"no video found in {cfg.input}")

@@ -183,3 +183,32 @@ def test_offset_map_is_exact(head):
     base, rots = head.offset_map(p)
     mapped = base + (rots @ delta.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(mapped, head(p, static_offsets=delta).vertices, atol=1e-6, rtol=0)
+
+
+def test_landmark_embedding_replaces_the_definitions_as_fixed_surface_points(synthetic_data, head):
+    """An embedding of the model's own points (contour of the frontal bin) gives the model's
+    landmarks where the contour is frontal, keeps the contour fixed on the surface under any
+    yaw, and the fast landmark model agrees with the full forward."""
+    from models.head.head_model import PersonalizedHead
+
+    d = synthetic_data
+    faces = np.concatenate([d.dynamic_lmk_faces_idx[0], d.lmk_faces_idx])
+    bary = np.concatenate([d.dynamic_lmk_bary_coords[0], d.lmk_bary_coords])
+    embedded = PersonalizedHead(d, subdivision_levels=1, landmark_embedding=(faces, bary))
+    assert torch.equal(embedded.face_vertex_ids, head.face_vertex_ids)       # the region stays the model's
+    p = _random_params(5, seed=9)
+    out, ref = embedded(p), head(p)
+    torch.testing.assert_close(out.vertices, ref.vertices)
+    torch.testing.assert_close(out.landmarks[:, 17:], ref.landmarks[:, 17:])  # static points unchanged
+    frontal = HeadParams.zeros(1)
+    torch.testing.assert_close(embedded(frontal).landmarks, head(frontal).landmarks, atol=1e-6, rtol=0)
+    # the contour is the frontal bin's surface point in every frame, whatever the yaw
+    vids = embedded.lmk_face_vertices[embedded.contour_lmk_faces[0]]             # (17, 3)
+    fixed = (out.vertices[:, vids] * embedded.contour_lmk_bary[0][None, :, :, None]).sum(2)
+    torch.testing.assert_close(out.landmarks[:, :17], fixed, atol=1e-6, rtol=0)
+    lm, _ = embedded.landmark_model()(p)
+    torch.testing.assert_close(lm, out.landmarks, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="68 faces"):
+        PersonalizedHead(d, landmark_embedding=(faces[:51], bary[:51]))
+    with pytest.raises(ValueError, match="not faces of this model"):
+        PersonalizedHead(d, landmark_embedding=(faces + len(d.f), bary))

@@ -1,0 +1,268 @@
+"""Where the tracker's 68 points lie on a head model: a landmark embedding calibrated on synthetic renders.
+
+The tracker's 68 points are MediaPipe face-mesh points chosen to resemble iBUG-68
+(``tracking.MEDIAPIPE_TO_IBUG68``), but they keep MediaPipe's own definitions: on the synthetic
+renders they sit a median 4.2 % of the face width away from the model's iBUG-68 points, 9-18 %
+on the jaw contour (``benchmarks/fitting.py``, ``mediapipe_vs_truth_pct``). Fitting the model's
+definitions to them pulls the mesh millimetres off the image. MediaPipe's points are fixed
+points of its own face mesh, contour included, so each has a fixed counterpart on the head's
+surface. :func:`calibrate` finds it: for every one of the 68 points, the surface point (a
+face of the model and barycentric coordinates) whose projection follows the detections most
+closely over synthetic clips with exact posed meshes and cameras. The clips are rendered for
+calibration only (their own seed: ``--seed`` must differ from any benchmark's, which use 3 and
+0), so no evaluated identity is seen.
+
+The job's head uses the embedding found for its model (``StageConfig.landmark_embedding``:
+``auto`` looks for the file made for this model's geometry, see :func:`resolve_embedding`).
+The synthetic model's file ships in ``preprocessing/landmark_embeddings/``; for the real SMPL-X
+model run::
+
+    python -m preprocessing.landmark_calibration --model /path/SMPLX_NEUTRAL.npz \\
+        --out preprocessing/landmark_embeddings/   [--identities 12 --frames 24 --seed 1001]
+
+(the synthetic world renders any SMPL-X-format model). File format (this module reads and
+writes it): an npz with ``faces`` (68,) int64 faces of the full model, ``bary`` (68, 3)
+float32, ``model_key`` (:func:`model_key`), ``convention`` (``mediapipe_ibug68``),
+``residual_pct`` (68,) the calibration's median distance per point in % of face width,
+``model_residual_pct`` (68,) the same for the model's own iBUG-68 definitions, ``frames``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CONVENTION = "mediapipe_ibug68"
+EMBEDDING_DIR = Path(__file__).parent / "landmark_embeddings"
+
+
+def model_key(model) -> str:
+    """Digest of a model's template geometry and faces (an ``SMPLXModelData``): the embedding
+    is only valid for that mesh."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(model.v_template, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(model.f, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class LandmarkEmbedding:
+    faces: np.ndarray                 # (68,) faces of the full model
+    bary: np.ndarray                  # (68, 3)
+    model_key: str
+    residual_pct: np.ndarray          # (68,) median distance to the detections, % of face width
+    model_residual_pct: np.ndarray    # (68,) the same for the model's own iBUG-68 points
+    frames: int
+    convention: str = CONVENTION
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = Path(path) / f"{self.convention}_{self.model_key}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, faces=self.faces.astype(np.int64), bary=self.bary.astype(np.float32),
+                 model_key=self.model_key, convention=self.convention,
+                 residual_pct=self.residual_pct.astype(np.float32),
+                 model_residual_pct=self.model_residual_pct.astype(np.float32), frames=self.frames)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LandmarkEmbedding":
+        with np.load(path) as z:
+            return cls(faces=z["faces"], bary=z["bary"], model_key=str(z["model_key"]),
+                       residual_pct=z["residual_pct"], model_residual_pct=z["model_residual_pct"],
+                       frames=int(z["frames"]), convention=str(z["convention"]))
+
+    def digest(self) -> str:
+        """Of what the head uses (faces, coordinates, model key)."""
+        h = hashlib.sha256(self.model_key.encode())
+        h.update(np.ascontiguousarray(self.faces, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.bary, dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
+
+    def as_head_argument(self) -> tuple[np.ndarray, np.ndarray]:
+        """What ``PersonalizedHead(landmark_embedding=...)`` takes."""
+        return self.faces, self.bary
+
+
+def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
+    """The embedding a job uses: ``None`` / ``"none"``: the model's own iBUG-68 definitions;
+    ``"auto"``: the file made for this model in :data:`EMBEDDING_DIR` if there is one, else
+    none; a path: that file, which must have been made for this model (a ValueError if not)."""
+    if setting is None or setting == "none":
+        return None
+    key = model_key(model)
+    if setting == "auto":
+        path = EMBEDDING_DIR / f"{CONVENTION}_{key}.npz"
+        return LandmarkEmbedding.load(path) if path.is_file() else None
+    emb = LandmarkEmbedding.load(setting)
+    if emb.model_key != key:
+        raise ValueError(f"landmark embedding {setting} was made for model {emb.model_key}, not this one ({key}): "
+                         "run python -m preprocessing.landmark_calibration --model MODEL")
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Observation:
+    """One clip: the exact posed vertices in camera space (T, N, 3) of the head's fine mesh,
+    the intrinsics (3, 3), the detected points (T, 68, 2) in the same image's pixels (NaN
+    where none), the face width per frame (T,) in pixels."""
+    vertices_cam: torch.Tensor
+    K: torch.Tensor
+    detected: torch.Tensor
+    face_width: torch.Tensor
+    model_points: torch.Tensor        # (T, 68, 2) the model's own iBUG-68 points, projected
+
+
+def _project(points: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    uvw = points @ K.T
+    return uvw[..., :2] / uvw[..., 2:].clamp(min=1e-6)
+
+
+def _candidate_faces(head, rings: int = 2) -> torch.Tensor:
+    """Sub-mesh faces on or within ``rings`` vertex rings of the face region."""
+    tri = head.lmk_face_vertices                                 # (F_sub, 3) fine vertex ids
+    mask = torch.zeros(head.num_vertices, dtype=torch.bool)
+    mask[head.face_vertex_ids.cpu()] = True
+    faces = head.faces.cpu()
+    for _ in range(rings):
+        mask[faces[mask[faces].any(1)].reshape(-1)] = True
+    return torch.nonzero(mask[tri.cpu()].any(1))[:, 0]
+
+
+def _bary_grid(n: int) -> torch.Tensor:
+    pts = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
+    return torch.tensor(pts, dtype=torch.float32)
+
+
+def _median_distances(head, obs: list[Observation], faces: torch.Tensor, bary: torch.Tensor,
+                      which: torch.Tensor | None = None, chunk: int = 512) -> torch.Tensor:
+    """Median over all frames of |projection - detection| / face width for candidate surface
+    points (faces (C,), bary (C, 3)) against the landmarks ``which`` (default all 68): (C, L)."""
+    tri = head.lmk_face_vertices[faces]                          # (C, 3)
+    which = torch.arange(68) if which is None else which
+    out = []
+    for s in range(0, len(faces), chunk):
+        t_, b_ = tri[s:s + chunk], bary[s:s + chunk]
+        per_clip = []
+        for o in obs:
+            p = (o.vertices_cam[:, t_] * b_[None, :, :, None]).sum(2)           # (T, c, 3)
+            uv = _project(p, o.K)                                                 # (T, c, 2)
+            d = (uv[:, :, None] - o.detected[:, None, which]).norm(dim=-1) / o.face_width[:, None, None]
+            per_clip.append(d)                                                    # (T, c, L)
+        d = torch.cat(per_clip, 0)
+        out.append(torch.nanmedian(d, 0).values)
+    return torch.cat(out)
+
+
+def calibrate(head, obs: list[Observation], model, top_faces: int = 8, grid: int = 10) -> LandmarkEmbedding:
+    """The embedding of the 68 detected points on ``head`` (built without one) from ``obs``:
+    per point, the face centroids are ranked first, then a barycentric grid on the best
+    ``top_faces`` faces picks the point (see the module docstring)."""
+    with torch.no_grad():
+        cand = _candidate_faces(head)
+        centroid = torch.full((len(cand), 3), 1 / 3)
+        coarse = _median_distances(head, obs, cand, centroid)                    # (C, 68)
+        best = coarse.topk(top_faces, dim=0, largest=False).indices.T            # (68, top)
+        grid_b = _bary_grid(grid)
+        faces_out, bary_out, resid = [], [], []
+        for k in range(68):
+            f = cand[best[k]].repeat_interleave(len(grid_b))
+            b = grid_b.repeat(top_faces, 1)
+            d = _median_distances(head, obs, f, b, which=torch.tensor([k]))[:, 0]
+            i = int(d.argmin())
+            faces_out.append(int(head.submesh_face_ids[f[i]]))
+            bary_out.append(b[i].numpy())
+            resid.append(float(d[i]) * 100)
+        frames = sum(o.detected.shape[0] for o in obs)
+        return LandmarkEmbedding(faces=np.array(faces_out), bary=np.stack(bary_out), model_key=model_key(model),
+                                 residual_pct=np.array(resid), model_residual_pct=model_definition_residual(obs),
+                                 frames=frames)
+
+
+def model_definition_residual(obs: list[Observation]) -> np.ndarray:
+    """Median distance (% of face width) per point between the detections and the model's own
+    iBUG-68 landmarks (the clips' projected true landmarks, contour following the yaw)."""
+    d = torch.cat([(o.model_points - o.detected).norm(dim=-1) / o.face_width[:, None] for o in obs])
+    return (torch.nanmedian(d, 0).values * 100).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+def collect(model_path: str | Path, work: str | Path, identities: int = 12, frames: int = 24, size: int = 256,
+            seed: int = 1001, progress: bool = True) -> list[Observation]:
+    """Render a synthetic calibration corpus with ``model_path`` and detect its points the way
+    the job does (decode, ``FaceTracker`` crop + MediaPipe), mapped back to frame pixels."""
+    from tqdm import tqdm
+
+    from .clip_records import ClipItem, StageConfig
+    from .clip_stages import decode_clip
+    from .synthetic.world import SyntheticWorld, WorldConfig, clip_targets, generate_corpus
+    from .tracking import FaceTracker
+
+    work = Path(work)
+    generate_corpus(work, WorldConfig(identities=identities, clips_per_identity=1, frames=frames, size=size,
+                                      seed=seed), model_path, progress=progress)
+    world = SyntheticWorld(model_path, 1)
+    stages = StageConfig()
+    tracker = FaceTracker(crop_size=stages.crop_size)
+    obs = []
+    for i in tqdm(range(identities), desc="detect", disable=not progress):
+        clip_id = f"id{i:03d}_clip00"
+        item = ClipItem(clip_id=clip_id, path=str(work / "clips" / f"{clip_id}.mp4"), identity_id=f"id{i:03d}")
+        rgb, _, _ = decode_clip(item, stages)
+        track = tracker.track(rgb)
+        if track.landmarks68 is None:
+            continue
+        lm = track.landmarks68 * (track.boxes[:, 2:3, None] / stages.crop_size) + track.boxes[:, None, :2]
+        lm[~track.detected] = np.nan
+        tg = clip_targets(world, work, clip_id, landmark_noise=0.0)
+        true2d = np.load(work / "clips" / f"{clip_id}.npz")["landmarks_2d"]
+        width = np.linalg.norm(true2d[:, 16] - true2d[:, 0], axis=-1)
+        obs.append(Observation(vertices_cam=tg.true_vertices_cam.float(), K=torch.as_tensor(tg.K).float(),
+                               detected=torch.as_tensor(lm, dtype=torch.float32),
+                               face_width=torch.as_tensor(width, dtype=torch.float32),
+                               model_points=torch.as_tensor(true2d, dtype=torch.float32)))
+    if not obs:
+        raise RuntimeError("no calibration clip had a detected face")
+    return obs
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    from models.head.head_model import PersonalizedHead
+    from models.head.smplx_file import load_smplx_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="SMPL-X-format .npz (default: the synthetic model)")
+    ap.add_argument("--out", default=str(EMBEDDING_DIR), help="file or folder (named by the model key)")
+    ap.add_argument("--identities", type=int, default=12)
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=1001, help="calibration identities' seed (not a benchmark's)")
+    args = ap.parse_args(argv)
+    if args.model is None:
+        from expportrait.assets import synthetic_model_file
+        args.model = str(synthetic_model_file(0))
+    model = load_smplx_model(args.model)
+    head = PersonalizedHead(model, subdivision_levels=1)
+    with tempfile.TemporaryDirectory() as work:
+        obs = collect(args.model, work, args.identities, args.frames, args.size, args.seed)
+    emb = calibrate(head, obs, model)
+    path = emb.save(args.out)
+    summary = {"out": str(path), "model_key": emb.model_key, "frames": emb.frames,
+               "median_residual_pct": round(float(np.median(emb.residual_pct)), 2),
+               "median_model_definition_residual_pct": round(float(np.median(emb.model_residual_pct)), 2),
+               "contour_residual_pct": round(float(np.median(emb.residual_pct[:17])), 2),
+               "contour_model_definition_residual_pct": round(float(np.median(emb.model_residual_pct[:17])), 2)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
