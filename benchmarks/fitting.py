@@ -130,8 +130,8 @@ def embedded_points(head, tg) -> np.ndarray:
     faces = torch.cat([head.contour_lmk_faces[0], head.static_lmk_faces])
     bary = torch.cat([head.contour_lmk_bary[0], head.static_lmk_bary])
     pts = (tg.true_vertices_cam[:, head.lmk_face_vertices[faces]] * bary[None, :, :, None]).sum(2)
-    uv = pts @ torch.as_tensor(tg.K, dtype=pts.dtype).T
-    return (uv[..., :2] / uv[..., 2:]).numpy().reshape(t, 68, 2)
+    from preprocessing.landmark_calibration import _project
+    return _project(pts, torch.as_tensor(tg.K, dtype=pts.dtype)).numpy().reshape(t, 68, 2)
 
 
 def oracle_dynamic(world, corpus, clip_id, tg, fitter):
@@ -190,7 +190,8 @@ def main() -> None:
         raise RuntimeError("no calibrated landmark embedding for the synthetic model: run "
                            "python -m preprocessing.landmark_calibration")
     model_lmk = StageContext(model, stages.model_copy(update={"landmark_embedding": "none"}), 1)
-    no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False))
+    no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False),
+                      landmark_weights=ctx.fitter.landmark_weights)
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
     oracle_no_photo = Fitter(world.head, FitConfig(photometric=False))
 

@@ -49,7 +49,8 @@ class StageContext:
         self.head = PersonalizedHead(model, subdivision_levels=subdivision, landmark_embedding=(
             self.landmark_embedding.as_head_argument() if self.landmark_embedding is not None else None))
         self.tracker = FaceTracker(crop_size=config.crop_size)
-        self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}))
+        self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}),
+                             landmark_weights=self.landmark_embedding.weights() if self.landmark_embedding else None)
         self.estimator = (load_estimator(config.estimator, config.estimator_weights)
                           if config.estimator else None)
         self.provenance = provenance(self.model_sha1, config.licence)

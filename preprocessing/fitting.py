@@ -61,7 +61,7 @@ class FitConfig:
     w_shape_prior: float = 2e-3
     w_expression_prior: float = 5e-4
     w_jaw_prior: float = 1e-2
-    w_temporal: float = 2.0         # 0 disables temporal smoothness (ablation)
+    w_temporal: float = 16.0        # 0 disables temporal smoothness (ablation); 16 chosen on seed-7 clips (README)
     w_depth: float = 40.0
     w_normal: float = 0.2
     # Offset solves (per visible vertex the depth term has weight 1; these are relative).
@@ -70,7 +70,7 @@ class FitConfig:
     w_static_laplacian: float = 2.0
     w_dynamic_magnitude: float = 0.1
     w_dynamic_laplacian: float = 2.0
-    w_dynamic_temporal: float = 0.5
+    w_dynamic_temporal: float = 1.0  # the Δf solve's own (w_temporal = 0 turns it off too)
     batch_frames: int = 5           # frames per stage-2 step of the dense terms
     dense_every: int = 6            # stage 2 adds the dense terms every n-th step (second half)
     visibility_tol: float = 0.012   # metres between a vertex and the target depth to count as seen
@@ -156,9 +156,17 @@ def face_size(landmarks: Tensor) -> Tensor:
 
 
 class Fitter:
-    def __init__(self, head: PersonalizedHead, config: FitConfig | None = None) -> None:
+    def __init__(self, head: PersonalizedHead, config: FitConfig | None = None,
+                 landmark_weights: np.ndarray | None = None) -> None:
+        """``landmark_weights`` (68,): the landmark term's per-point weights (default
+        :data:`LANDMARK_WEIGHTS`; a calibrated embedding brings its own, see
+        ``landmark_calibration.LandmarkEmbedding.weights``)."""
         from .photometric import PhotometricConfig, PhotometricSolver
         self.config = config or FitConfig()
+        self.landmark_weights = np.asarray(landmark_weights if landmark_weights is not None else LANDMARK_WEIGHTS,
+                                           dtype=np.float32)
+        if self.landmark_weights.shape != (68,):
+            raise ValueError(f"landmark_weights must be (68,), got {self.landmark_weights.shape}")
         self.device = self.config.resolved_device()
         if self.device.type != "cpu":       # the caller's head stays where it is (it also renders)
             head = copy.deepcopy(head).to(self.device)
@@ -203,7 +211,7 @@ class Fitter:
         t = inputs.num_frames
         K = inputs.K if inputs.K is not None else default_intrinsics(t, inputs.image_size, cfg.fov_deg)
         camera = fitting_camera(K.float(), inputs.image_size)
-        w_lmk = torch.as_tensor(LANDMARK_WEIGHTS)[None].expand(t, -1).clone()
+        w_lmk = torch.as_tensor(self.landmark_weights)[None].expand(t, -1).clone()
         if inputs.landmark_weights is not None:
             w_lmk = w_lmk * inputs.landmark_weights
         w_lmk = w_lmk * torch.isfinite(inputs.landmarks).all(-1)
@@ -576,7 +584,7 @@ def _solve_static(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig
 def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig) -> Tensor:
     """One Gauss-Newton step for Δf (T, N_face, 3): per-frame depth terms, magnitude and
     Laplacian per frame, and temporal smoothness coupling consecutive frames."""
-    mu, lam, gam = cfg.w_dynamic_magnitude, cfg.w_dynamic_laplacian, cfg.w_dynamic_temporal * cfg.w_temporal
+    mu, lam, gam = cfg.w_dynamic_magnitude, cfg.w_dynamic_laplacian, cfg.w_dynamic_temporal * (cfg.w_temporal > 0)
     wa = vis[..., None] * a
 
     def lap_frames(x):                      # (T, N, 3): Laplacian per frame

@@ -85,6 +85,12 @@ class LandmarkEmbedding:
         h.update(np.ascontiguousarray(self.bary, dtype=np.float32).tobytes())
         return h.hexdigest()[:16]
 
+    def weights(self, floor: float = 0.05) -> np.ndarray:
+        """Per-point landmark weights (68,) for the fitter: inverse variance relative to the
+        inner points' median residual, (median / residual_k)², clipped to [floor, 1]."""
+        ref = float(np.median(self.residual_pct[17:]))
+        return np.clip((ref / np.maximum(self.residual_pct, 1e-6)) ** 2, floor, 1.0).astype(np.float32)
+
     def as_head_argument(self) -> tuple[np.ndarray, np.ndarray]:
         """What ``PersonalizedHead(landmark_embedding=...)`` takes."""
         return self.faces, self.bary
@@ -114,14 +120,15 @@ class Observation:
     the intrinsics (3, 3), the detected points (T, 68, 2) in the same image's pixels (NaN
     where none), the face width per frame (T,) in pixels."""
     vertices_cam: torch.Tensor
-    K: torch.Tensor
+    K: torch.Tensor                   # (3, 3) or per frame (T, 3, 3)
     detected: torch.Tensor
     face_width: torch.Tensor
     model_points: torch.Tensor        # (T, 68, 2) the model's own iBUG-68 points, projected
 
 
 def _project(points: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    uvw = points @ K.T
+    """Camera-space points (T, P, 3) -> pixels (T, P, 2); K (3, 3) or per frame (T, 3, 3)."""
+    uvw = ((K[:, None] if K.dim() == 3 else K) @ points[..., None])[..., 0]
     return uvw[..., :2] / uvw[..., 2:].clamp(min=1e-6)
 
 

@@ -70,3 +70,15 @@ def test_embedding_file_round_trip_and_model_check(synthetic_data, tmp_path):
     other = LandmarkEmbedding(**{**emb.__dict__, "model_key": "0" * 16}).save(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="made for model"):
         resolve_embedding(str(other), synthetic_data)
+
+
+def test_the_synthetic_model_has_its_calibrated_embedding(synthetic_data):
+    """``auto`` finds the shipped file for the synthetic model (if the model's generator changes,
+    rerun ``python -m preprocessing.landmark_calibration``); the contour, which MediaPipe places
+    least consistently, weighs less than the inner points in the fit."""
+    emb = resolve_embedding("auto", synthetic_data)
+    assert emb is not None, "rerun: python -m preprocessing.landmark_calibration"
+    w = emb.weights()
+    assert w.shape == (68,) and w.min() >= 0.05 and w.max() <= 1.0
+    assert np.median(w[:17]) < np.median(w[17:])
+    assert np.median(emb.residual_pct) < np.median(emb.model_residual_pct)   # closer than the model's iBUG-68
