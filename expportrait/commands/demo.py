@@ -125,7 +125,7 @@ def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
         state["fit"] = fit.run(argparse.Namespace(
             video=clip_video, image=None, out=out / "fit", identity="id000", identity_from=None,
             model=model, fps=None, max_frames=None, crop_size=256, fov=22.0, estimator=None,
-            estimator_weights=None, no_overlay=False, seed=0))
+            estimator_weights=None, landmark_embedding="auto", no_overlay=False, seed=0))
         done.write_text(json.dumps(state, default=str))
     fitted = state["fit"]
     _say(f"fit: {fitted.get('frames')} frames, status {fitted['status']}, median landmark error "
