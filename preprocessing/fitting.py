@@ -4,7 +4,7 @@ All frames are optimized jointly and vectorized (no per-frame Python loops in th
 
 1. rigid: per-frame head rotation and translation from landmarks;
 2. expression: β (one per identity), ψ, jaw, head pose, eyes per frame, with an explicit
-   temporal smoothness term;
+   temporal smoothness term (stronger for landmark-only fits, which are noisier);
 3. static offsets Δg (per identity): Laplacian and magnitude terms, heavier on the face so the
    face detail is left to Δf;
 4. dynamic offsets Δf per frame (face region): zero-mean over the clip by construction,
@@ -16,7 +16,9 @@ All frames are optimized jointly and vectorized (no per-frame Python loops in th
 Device: ``FitConfig.device`` ("auto": cuda when the process sees a GPU, e.g. a Ray worker that
 reserved one, else cpu); the fit runs there and its result comes back on the CPU.
 
-Data terms: iBUG-68 landmarks (robust, contour down-weighted) and, when target maps exist
+Data terms: 68 landmarks (robust, contour down-weighted; where the head's landmark embedding
+puts them, and with its per-point weights when the detector was calibrated on this model, see
+:mod:`preprocessing.landmark_calibration`) and, when target maps exist
 (exact ones in the synthetic world; a pluggable estimator for real video), depth and normal
 L1 terms between each visible model vertex and the target maps sampled where it projects
 (the mesh-to-image direction: no rasterization inside the loop, so it is fast on CPU).
