@@ -124,9 +124,22 @@ def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, 
     minutes = run(cmd, "generator training", args.train_threads)
     import torch
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    steps, batch = int(ckpt["global_step"]), int(ckpt["datamodule_hyper_parameters"]["batch_size"])
+    steps, batch = trained_steps(out, int(ckpt["global_step"])), int(ckpt["datamodule_hyper_parameters"]["batch_size"])
     log(f"generator: {steps} steps of {batch} samples in {minutes:.1f} min (incl. process start) -> {export}")
     return export, minutes, steps * batch
+
+
+def trained_steps(run_dir: Path, checkpoint_step: int) -> int:
+    """Optimizer steps the run took: the last step its learning-rate monitor logged to the run's
+    MLflow store, + 1 (the last checkpoint is written every 250 steps, so its ``global_step``
+    can trail the end of training); the checkpoint's step when the store has none."""
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'mlflow.db'}?mode=ro", uri=True) as db:
+            last = db.execute("select max(step) from metrics where key like 'lr-%'").fetchone()[0]
+    except sqlite3.Error:
+        last = None
+    return max(checkpoint_step, last + 1) if last is not None else checkpoint_step
 
 
 # -- evaluation -------------------------------------------------------------------------------
