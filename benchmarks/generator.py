@@ -2,7 +2,7 @@
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
         --frames 48 --size 32] [--flavor tiny_cpu_s2d --codec-kind space_to_depth | --flavor tiny_cpu
-        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19.2] [--train-threads N]
+        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19] [--train-threads N]
         [--window 5 --stride 8] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
