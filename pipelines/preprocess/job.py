@@ -33,7 +33,7 @@ class InternalError(RuntimeError):
 
 def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str, landmark_embedding: str = "none") -> str:
     """What a shard's content depends on besides its clips (``landmark_embedding``: the
-    digest of the embedding file the setting resolved to, see :func:`check_head_model`)."""
+    digest of the embedding file the setting resolved to, see :func:`check_landmark_embedding`)."""
     return fingerprint(cfg.stages.model_dump(), cfg.subdivision, model_sha1, landmark_embedding)
 
 
@@ -80,7 +80,12 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
     clip's (``worker_lost``, ``stage_error``)."""
     started, t_start = time.time(), time.perf_counter()
     model_path, model_sha1 = check_head_model(cfg)
-    stage_fp = stage_fingerprint(cfg, model_sha1, check_landmark_embedding(cfg, model_path))
+    embedding = check_landmark_embedding(cfg, model_path)
+    if embedding == "none" and cfg.stages.landmark_embedding == "auto":
+        print(f"stages.landmark_embedding: auto: no calibrated file for {model_path}; the tracker's points are "
+              "fitted to the model's own iBUG-68 (run python -m preprocessing.landmark_calibration --model MODEL)",
+              file=sys.stderr)
+    stage_fp = stage_fingerprint(cfg, model_sha1, embedding)
     items = list_inputs(cfg.input, cfg.limit)
     if not items:
         raise JobInputError(f"no video found in {cfg.input}")
@@ -116,7 +121,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
                     fault = exc
                 except Exception as exc:  # noqa: BLE001 - stop, but keep what finished
                     fault = _as_fault(exc, out)
-            return _finish(cfg, out, plan, by_identity, stage_fp, model_path, stats, t_start, fault)
+            return _finish(cfg, out, plan, by_identity, stage_fp, model_path, stats, t_start, fault, embedding)
     except OSError as exc:
         if is_environment_fault(exc):
             raise EnvironmentFault(f"output {out.root}: {exc.strerror or exc}"
@@ -132,7 +137,8 @@ def _as_fault(exc: Exception, out: OutputDir) -> Exception:
 
 
 def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_identity: dict,
-            stage_fp: str, model_path: str, stats: dict, t_start: float, fault: Exception | None) -> dict:
+            stage_fp: str, model_path: str, stats: dict, t_start: float, fault: Exception | None,
+            embedding: str = "none") -> dict:
     """Manifest, errors and summary from the done markers of the plan's shards (those that
     finished, also when a fault stopped the job)."""
     markers = [m for m in (out.read_marker(s) for s in plan) if m is not None]
@@ -155,6 +161,7 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
         "shards": [{"name": m["name"], "tar": m["tar"], "samples": m["samples"], "sha256": m["sha256"],
                     "bytes": m["bytes"]} for m in markers],
         "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
+        "landmark_embedding": embedding,                  # digest of the embedding used, or "none"
         "stages": cfg.stages.model_dump(mode="json"),     # what inference must repeat (crop size, fov)
         "output": str(out.root.resolve()), "last_run": stats,
     }

@@ -1,6 +1,8 @@
 """Job configuration: every shipped config loads; every mistake is an exit 2 with a one-line
 JSON error that names the key (checked through the command line, ``--dry-run``: no Ray)."""
 import json
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,15 @@ def test_help_documents_the_exit_codes(capsys):
     for line in ("0  done", "1  done, but more clips failed", "2  bad configuration or input",
                  "3  environment fault", "4  internal error"):
         assert line in text
+
+
+def test_a_landmark_embedding_of_another_model_or_unreadable_is_exit_2(tmp_path, capsys, videos):
+    from preprocessing.landmark_calibration import LandmarkEmbedding
+    other = LandmarkEmbedding(faces=np.arange(68), bary=np.full((68, 3), 1 / 3, np.float32), model_key="0" * 16,
+                              residual_pct=np.ones(68), model_residual_pct=np.ones(68), frames=1).save(tmp_path / "o.npz")
+    for setting, message in ((other, "made for model"), (tmp_path / "missing.npz", "missing.npz")):
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump({"stages": {"landmark_embedding": str(setting)}}))
+        code, result = _cli(capsys, "--config", str(path), "--input", str(videos), "--dry-run")
+        assert code == EXIT_BAD_INPUT and result["message"].startswith("stages.landmark_embedding:"), result
+        assert message in result["message"]

@@ -126,6 +126,7 @@ def test_every_input_has_a_row_and_good_clips_are_in_shards(inputs, first_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["inputs"] == len(rows) and summary["samples"] == 2 * len(good)
     assert summary["stages"]["crop_size"] > 0 and "fov_deg" in summary["stages"]   # what inference repeats
+    assert summary["landmark_embedding"] not in ("", "none")       # the synthetic model's calibrated file (auto)
     assert result["last_run"]["mode"] == "embedded"
     assert all(n.startswith("127.") for n in result["last_run"]["nodes"]), result["last_run"]
     assert not list(out.rglob("*.tmp-*"))
