@@ -130,8 +130,11 @@ def embedded_points(head, tg) -> np.ndarray:
     faces = torch.cat([head.contour_lmk_faces[0], head.static_lmk_faces])
     bary = torch.cat([head.contour_lmk_bary[0], head.static_lmk_bary])
     pts = (tg.true_vertices_cam[:, head.lmk_face_vertices[faces]] * bary[None, :, :, None]).sum(2)
-    from preprocessing.landmark_calibration import _project
-    return _project(pts, torch.as_tensor(tg.K, dtype=pts.dtype)).numpy().reshape(t, 68, 2)
+    from models.render.camera import Camera
+    eye = torch.eye(3, dtype=pts.dtype).expand(t, 3, 3)
+    camera = Camera.from_matrices(torch.as_tensor(tg.K, dtype=pts.dtype), eye, torch.zeros(t, 3, dtype=pts.dtype),
+                                  tg.image_size)
+    return camera.project(pts).numpy()
 
 
 def oracle_dynamic(world, corpus, clip_id, tg, fitter):
@@ -189,7 +192,7 @@ def main() -> None:
     if ctx.landmark_embedding is None:
         raise RuntimeError("no calibrated landmark embedding for the synthetic model: run "
                            "python -m preprocessing.landmark_calibration")
-    model_lmk = StageContext(model, stages.model_copy(update={"landmark_embedding": "none"}), 1)
+    model_lmk_fitter = Fitter(world.head, ctx.fitter.config)     # = a worker with landmark_embedding: none
     no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False),
                       landmark_weights=ctx.fitter.landmark_weights)
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
@@ -231,8 +234,8 @@ def main() -> None:
             width = np.linalg.norm(true2d[:, 16] - true2d[:, 0], axis=-1)[:, None]
             mp_dev.append(float(np.nanmedian(np.linalg.norm(lm - true2d, axis=-1) / width) * 100))
             emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width) * 100))
-            rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk.fitter,
-                                                                         model_lmk.head).fit, tg))
+            rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk_fitter,
+                                                                         world.head).fit, tg))
             t0 = time.perf_counter()
             plain = job_fit(frames, stages.fov_deg, no_photo)
             timing[-1]["seconds_no_photometric"] = t_decode + sum(plain.seconds.values())

@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.head.head_model import PersonalizedHead
 from models.render.conditions import render_conditions
 
 from .clip_fit import ClipFit, fit_frames
@@ -42,12 +41,10 @@ class StageContext:
         self.config = config
         self.model_path = str(model_path)
         self.model_sha1 = model_sha1 or file_digest(model_path)   # the job passes the one it hashed
-        from .landmark_calibration import resolve_embedding
+        from .landmark_calibration import head_with_embedding
 
-        model = load_smplx_model(model_path)
-        self.landmark_embedding = resolve_embedding(config.landmark_embedding, model)
-        self.head = PersonalizedHead(model, subdivision_levels=subdivision, landmark_embedding=(
-            self.landmark_embedding.as_head_argument() if self.landmark_embedding is not None else None))
+        self.head, self.landmark_embedding = head_with_embedding(load_smplx_model(model_path),
+                                                                 config.landmark_embedding, subdivision)
         self.tracker = FaceTracker(crop_size=config.crop_size)
         self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}),
                              landmark_weights=self.landmark_embedding.weights() if self.landmark_embedding else None)

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.render.camera import Camera
+
 CONVENTION = "mediapipe_ibug68"
 EMBEDDING_DIR = Path(__file__).parent / "landmark_embeddings"
 
@@ -113,23 +115,28 @@ def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
     return emb
 
 
+def head_with_embedding(model, setting: str | None, subdivision_levels: int = 1):
+    """(``PersonalizedHead`` of ``model`` with the embedding ``setting`` resolves to, that
+    embedding or None): what the job's workers and ``expportrait fit`` build."""
+    from models.head.head_model import PersonalizedHead
+
+    emb = resolve_embedding(setting, model)
+    head = PersonalizedHead(model, subdivision_levels=subdivision_levels,
+                            landmark_embedding=emb.as_head_argument() if emb is not None else None)
+    return head, emb
+
+
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Observation:
     """One clip: the exact posed vertices in camera space (T, N, 3) of the head's fine mesh,
-    the intrinsics (3, 3), the detected points (T, 68, 2) in the same image's pixels (NaN
-    where none), the face width per frame (T,) in pixels."""
+    its camera, the detected points (T, 68, 2) in the same image's pixels (NaN where none),
+    the face width per frame (T,) in pixels."""
     vertices_cam: torch.Tensor
-    K: torch.Tensor                   # (3, 3) or per frame (T, 3, 3)
+    camera: Camera
     detected: torch.Tensor
     face_width: torch.Tensor
     model_points: torch.Tensor        # (T, 68, 2) the model's own iBUG-68 points, projected
-
-
-def _project(points: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Camera-space points (T, P, 3) -> pixels (T, P, 2); K (3, 3) or per frame (T, 3, 3)."""
-    uvw = ((K[:, None] if K.dim() == 3 else K) @ points[..., None])[..., 0]
-    return uvw[..., :2] / uvw[..., 2:].clamp(min=1e-6)
 
 
 def _candidate_faces(head, rings: int = 2) -> torch.Tensor:
@@ -160,7 +167,7 @@ def _median_distances(head, obs: list[Observation], faces: torch.Tensor, bary: t
         per_clip = []
         for o in obs:
             p = (o.vertices_cam[:, t_] * b_[None, :, :, None]).sum(2)           # (T, c, 3)
-            uv = _project(p, o.K)                                                 # (T, c, 2)
+            uv = o.camera.project(p)                                              # (T, c, 2)
             d = (uv[:, :, None] - o.detected[:, None, which]).norm(dim=-1) / o.face_width[:, None, None]
             per_clip.append(d)                                                    # (T, c, L)
         d = torch.cat(per_clip, 0)
@@ -209,7 +216,8 @@ def collect(model_path: str | Path, work: str | Path, identities: int = 12, fram
 
     from .clip_records import ClipItem, StageConfig
     from .clip_stages import decode_clip
-    from .synthetic.world import SyntheticWorld, WorldConfig, clip_targets, generate_corpus
+    from .synthetic.motion import ClipMotion
+    from .synthetic.world import SyntheticWorld, WorldConfig, clip_camera, generate_corpus, load_clip, load_identity
     from .tracking import FaceTracker
 
     work = Path(work)
@@ -228,10 +236,15 @@ def collect(model_path: str | Path, work: str | Path, identities: int = 12, fram
             continue
         lm = track.landmarks68 * (track.boxes[:, 2:3, None] / stages.crop_size) + track.boxes[:, None, :2]
         lm[~track.detected] = np.nan
-        tg = clip_targets(world, work, clip_id, landmark_noise=0.0)
-        true2d = np.load(work / "clips" / f"{clip_id}.npz")["landmarks_2d"]
+        clip = load_clip(work, clip_id)
+        params, static, dynamic, _ = world.head_inputs(load_identity(work, item.identity_id),
+                                                       ClipMotion.from_arrays(clip))
+        camera = clip_camera(clip)
+        with torch.no_grad():
+            vertices_cam = camera.to_camera(world.head(params, static, dynamic).vertices)
+        true2d = clip["landmarks_2d"]
         width = np.linalg.norm(true2d[:, 16] - true2d[:, 0], axis=-1)
-        obs.append(Observation(vertices_cam=tg.true_vertices_cam.float(), K=torch.as_tensor(tg.K).float(),
+        obs.append(Observation(vertices_cam=vertices_cam.float(), camera=camera,
                                detected=torch.as_tensor(lm, dtype=torch.float32),
                                face_width=torch.as_tensor(width, dtype=torch.float32),
                                model_points=torch.as_tensor(true2d, dtype=torch.float32)))

@@ -51,18 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _head(model: Path | None, landmark_embedding: str = "auto"):
     from expportrait.assets import synthetic_model_file
-    from models.head.head_model import PersonalizedHead
     from models.head.smplx_file import HeadModelFileError, load_smplx_model, resolve_model_path
-    from preprocessing.landmark_calibration import resolve_embedding
+    from preprocessing.landmark_calibration import head_with_embedding
     try:
         path = resolve_model_path(model)
     except HeadModelFileError:
         if model is not None:
             raise
         path = synthetic_model_file(0)
-    data = load_smplx_model(path)
-    emb = resolve_embedding(landmark_embedding, data)
-    return PersonalizedHead(data, landmark_embedding=emb.as_head_argument() if emb is not None else None), path
+    head, _ = head_with_embedding(load_smplx_model(path), landmark_embedding)
+    return head, path
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.head.head_model import HeadParams
+from models.render.camera import Camera
 from preprocessing.landmark_calibration import (LandmarkEmbedding, Observation, calibrate, model_key,
                                                 resolve_embedding)
 
@@ -33,7 +34,10 @@ def _observations(head, faces, bary, clips=3, frames=8, noise_px=0.3):
         uv = uv[..., :2] / uv[..., 2:]
         det = uv + torch.randn(uv.shape, generator=g) * noise_px
         det[0, 5] = float("nan")                                             # a missed point
-        obs.append(Observation(vertices_cam=v.contiguous(), K=K, detected=det, face_width=torch.full((frames,), 100.0),
+        camera = Camera.from_matrices(K.expand(frames, 3, 3), torch.eye(3).expand(frames, 3, 3), torch.zeros(frames, 3),
+                                      (256, 256))
+        obs.append(Observation(vertices_cam=v.contiguous(), camera=camera, detected=det,
+                               face_width=torch.full((frames,), 100.0),
                                model_points=uv))
     return obs
 
