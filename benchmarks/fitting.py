@@ -8,8 +8,8 @@ the clip's rendered RGB mp4 decoded by the job's own ``decode_clip`` (``StageCon
 defaults: 25 fps, long side <= 720), the face tracked and cropped by the job's ``FaceTracker``
 (YuNet box, 256 px crop, MediaPipe landmarks mapped to iBUG-68), the intrinsics from the
 20 degree field-of-view assumption (the renders were made at 22 degrees), no dense depth or
-normal targets (the job ships no estimator; the fitter's photometric stage reads the crops
-and their validity masks), fitted by ``preprocessing.clip_fit.fit_frames``
+normal targets (the job ships no estimator; the fitter's photometric registration and
+photometric offset stage read the crops and their validity masks), fitted by ``preprocessing.clip_fit.fit_frames``
 with the job's ``StageContext`` (its head, tracker and fitter), exactly as
 ``preprocessing/clip_stages.py`` calls it.
 
@@ -32,10 +32,13 @@ to those points on these clips is ``mediapipe_vs_embedding_pct``.
 Rows printed beside it (keys prefixed with the row name), to show what each part buys:
 - ``job_model_landmarks``: the job's path with the model's own iBUG-68 definitions instead
   (``landmark_embedding: none``);
-- ``job_no_photometric``: the job's path without the photometric stage (Δg = Δf = 0 then);
+- ``job_no_registration``: the job's path without the photometric registration (stage 2b:
+  shape, expression and pose against the frames' texture and shading);
+- ``job_no_photometric``: the job's path with neither photometric term: landmarks alone
+  (Δg = Δf = 0 then);
 - ``oracle_truelmk``: the projected true landmarks + Gaussian noise of 1 % of the face width,
-  true intrinsics, full frame, no dense targets, photometric stage on the decoded frames;
-- ``oracle_truelmk_no_photometric``: the same without the photometric stage;
+  true intrinsics, full frame, no dense targets, both photometric stages on the decoded frames;
+- ``oracle_truelmk_no_photometric``: the same with neither photometric term;
 - ``oracle_truelmk_exactmaps``: true landmarks, exact depth and normal maps rendered from the
   ground-truth mesh (no frames: the depth solver alone); 0.913 % of head height was its
   camera-space error in an earlier headline (``*_vertex_err_pct_camera``);
@@ -155,14 +158,15 @@ def oracle_dynamic(world, corpus, clip_id, tg, fitter):
 
 ROWS = {  # name -> (label in the printed table, what it is)
     "job": ("JOB PATH (headline)", "rendered RGB mp4 -> job decode -> FaceTracker crop + MediaPipe, "
-            "20 deg FOV assumed, no dense targets, photometric stage on the crops, the calibrated "
+            "20 deg FOV assumed, no dense targets, photometric registration and offsets on the crops, the calibrated "
             "MediaPipe landmark embedding (preprocessing/landmark_calibration.py, other identities)"),
     "job_model_landmarks": ("job path, model lmk", "the same with the model's own iBUG-68 definitions "
                             "(landmark_embedding: none)"),
-    "job_no_photometric": ("job path, no photo", "the same without the photometric stage"),
+    "job_no_registration": ("job path, no reg.", "the same without the photometric registration (stage 2b)"),
+    "job_no_photometric": ("job path, no photo", "the same with neither photometric term (landmarks alone)"),
     "oracle_truelmk": ("ORACLE", "true landmarks + 1 % noise, true intrinsics, no dense targets, "
-                       "photometric stage on the decoded frames"),
-    "oracle_truelmk_no_photometric": ("ORACLE", "the same without the photometric stage"),
+                       "both photometric stages on the decoded frames"),
+    "oracle_truelmk_no_photometric": ("ORACLE", "the same with neither photometric term"),
     "oracle_truelmk_exactmaps": ("ORACLE", "true landmarks + 1 % noise, true intrinsics, exact depth "
                                  "+ normal maps from the true mesh (the previous headline)"),
 }
@@ -186,17 +190,20 @@ def main() -> None:
 
     model = synthetic_model_file(0)
     world = SyntheticWorld(model, 1)
-    # the job's defaults (configs/preprocess/local.yaml) with the photometric stage on (off by default)
+    # the job's defaults (configs/preprocess/local.yaml; photometric registration on) with the
+    # photometric offset stage on too (off by default)
     stages = StageConfig(fit={"photometric": True})
     ctx = StageContext(model, stages, 1)         # what a job worker loads: head, tracker, fitter
     if ctx.landmark_embedding is None:
         raise RuntimeError("no calibrated landmark embedding for the synthetic model: run "
                            "python -m preprocessing.landmark_calibration")
     model_lmk_fitter = Fitter(world.head, ctx.fitter.config)     # = a worker with landmark_embedding: none
-    no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False),
+    no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False, photo_registration=False),
                       landmark_weights=ctx.fitter.landmark_weights)
+    no_registration = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photo_registration=False),
+                             landmark_weights=ctx.fitter.landmark_weights)
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
-    oracle_no_photo = Fitter(world.head, FitConfig(photometric=False))
+    oracle_no_photo = Fitter(world.head, FitConfig(photometric=False, photo_registration=False))
 
     def job_fit(frames, fov_deg, fitter, head=None):
         clip = fit_frames(frames, head or ctx.head, ctx.tracker, fov_deg=fov_deg, fitter=fitter, estimator=None)
@@ -236,6 +243,7 @@ def main() -> None:
             emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width) * 100))
             rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk_fitter,
                                                                          world.head).fit, tg))
+            rows["job_no_registration"].append(score(world.head, job_fit(frames, stages.fov_deg, no_registration).fit, tg))
             t0 = time.perf_counter()
             plain = job_fit(frames, stages.fov_deg, no_photo)
             timing[-1]["seconds_no_photometric"] = t_decode + sum(plain.seconds.values())
@@ -313,7 +321,7 @@ def main() -> None:
         "cold_seconds": round(cold, 2),
         "path": {"video": "rendered RGB mp4, job decode_clip", "landmarks": "FaceTracker crop + MediaPipe, "
                  "calibrated embedding (other identities, seed 1001)",
-                 "fov_deg": stages.fov_deg, "dense_targets": None, "photometric": "crops + validity masks"},
+                 "fov_deg": stages.fov_deg, "dense_targets": None, "photometric": "registration + offsets, crops + validity masks"},
         "metric": "face-region vertex error after per-frame similarity (Umeyama) alignment, % of 0.22 m",
     }
     for name in ROWS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,12 @@ def _head(model: Path | None, landmark_embedding: str = "auto"):
         if model is not None:
             raise
         path = synthetic_model_file(0)
-    head, _ = head_with_embedding(load_smplx_model(path), landmark_embedding)
-    return head, path
+    head, embedding = head_with_embedding(load_smplx_model(path), landmark_embedding)
+    if landmark_embedding == "auto" and embedding is None:     # as the preprocessing job says it
+        print(f"--landmark-embedding auto: no calibrated file for {path}; the tracker's points are fitted "
+              "with the model's own iBUG-68 definitions (run python -m preprocessing.landmark_calibration "
+              "--model MODEL)", file=sys.stderr)
+    return head, path, embedding
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -96,8 +101,10 @@ def run(args: argparse.Namespace) -> dict:
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
             _fail(args.out, "not_an_image", f"image {source}: cannot decode: {exc}", source)
         fps = None
-    head, model_path = _head(args.model, args.landmark_embedding)
-    fitter = Fitter(head, FitConfig(seed=args.seed))
+    head, model_path, embedding = _head(args.model, args.landmark_embedding)
+    # the embedding's points and its per-point weights, as the job's workers (StageContext)
+    fitter = Fitter(head, FitConfig(seed=args.seed),
+                    landmark_weights=embedding.weights() if embedding is not None else None)
     betas = static = None
     if args.identity_from:
         with np.load(args.identity_from) as prev:

@@ -251,6 +251,12 @@ class PersonalizedHead(nn.Module):
         computed on the few coarse vertices that landmark triangles use (for fast fitting)."""
         return LandmarkHead(self)
 
+    def vertex_subset_model(self, vertex_ids: Tensor) -> "VertexSubsetHead":
+        """A module giving :meth:`forward`'s vertices (no offsets) for ``vertex_ids`` only,
+        with the blend shapes upsampled onto them once: differentiable per-iteration fitting
+        terms on a region without posing the whole mesh."""
+        return VertexSubsetHead(self, vertex_ids)
+
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "PersonalizedHead":
         return cls(load_smplx_model(path), **kwargs)
@@ -448,6 +454,68 @@ class LandmarkHead(nn.Module):
         vids = self.faces[faces]                                              # (T, 68, 3)
         tri = torch.gather(verts, 1, vids.reshape(t, -1, 1).expand(-1, -1, 3)).view(t, 68, 3, 3)
         return (tri * bary[..., None]).sum(2), joints + params.transl[:, None]
+
+
+class VertexSubsetHead(nn.Module):
+    """Posed vertices (no offsets) of a subset of a :class:`PersonalizedHead`'s fine vertices:
+    the template, shape, expression and pose-corrective blend shapes upsampled onto the subset
+    once, then the same kinematics and blend skinning. Equal to the full forward's vertices
+    (tested); the cost scales with the subset."""
+
+    def __init__(self, head: PersonalizedHead, vertex_ids: Tensor) -> None:
+        super().__init__()
+        ids = torch.as_tensor(vertex_ids, device=head.faces.device)
+        buf = lambda n, v: self.register_buffer(n, v.contiguous(), persistent=False)
+        m = len(ids)
+
+        def on_subset(rows: Tensor, coarse_ids: Tensor | None = None) -> Tensor:
+            """(K, 3 V_c) rows on coarse vertices ``coarse_ids`` (all when None) -> (K, 3 M)."""
+            k = rows.shape[0]
+            full = rows.view(k, 3, -1)
+            if coarse_ids is not None:
+                full = torch.zeros(k, 3, head.num_coarse, dtype=rows.dtype, device=rows.device)
+                full[:, :, coarse_ids] = rows.view(k, 3, -1)
+            return head._upsample_rows(full.reshape(k * 3, -1)).view(k, 3, -1)[:, :, ids].reshape(k, 3 * m)
+
+        with torch.no_grad():
+            buf("v_template", on_subset(head.v_template.reshape(1, -1)).view(3, m))
+            buf("shapedirs", on_subset(head.shapedirs))
+            buf("exprdirs", on_subset(head.exprdirs, head.expr_vertex_ids))
+            buf("posedirs", on_subset(head.posedirs, head.pose_vertex_ids))
+            weights = torch.zeros(len(head.skin_kin), head.num_vertices, device=ids.device)
+            for start, end, joint in head.skin_ranges:
+                if joint >= 0:
+                    weights[joint, start:end] = 1.0
+                else:
+                    weights[:, start:end] = head.blend_weights
+            buf("weights", weights[:, ids])                                   # (J, M)
+        for name in ("skin_kin", "joint_template", "joint_dirs"):
+            buf(name, getattr(head, name).clone())
+        self.kinematics, self.posed_joints, self.num_vertices = head.kinematics, head.posed_joints, m
+
+    def forward(self, params: HeadParams) -> Tensor:
+        """(T, M, 3) posed vertices."""
+        t = params.num_frames
+        dtype, device = params.expression.dtype, params.expression.device
+        posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
+                             params.leye_pose, params.reye_pose], 1)
+        local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
+        eye = torch.eye(3, dtype=dtype, device=device)
+        m = self.num_vertices
+        v = self.v_template + (params.betas @ self.shapedirs).view(-1, 3, m)
+        v = v + (params.expression @ self.exprdirs).view(t, 3, m)
+        v = v + ((local_rots - eye).reshape(t, -1) @ self.posedirs).view(t, 3, m)     # (T, 3, M)
+        rot = eye.repeat(t, NUM_JOINTS, 1, 1)
+        rot[:, 0] = batch_rodrigues(params.global_orient)
+        rot[:, self.posed_joints] = local_rots
+        shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
+        joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
+        _, rel = self.kinematics(rot, joints_rest)
+        tf = rel[:, self.skin_kin]                                            # (T, J, 3, 4)
+        per_vertex = tf.reshape(t, -1, 12).transpose(1, 2) @ self.weights    # (T, 12, M)
+        per_vertex = per_vertex.view(t, 3, 4, m)
+        out = (per_vertex[:, :, :3] * v[:, None]).sum(2) + per_vertex[:, :, 3]
+        return (out + params.transl[:, :, None]).transpose(1, 2)
 
 
 def _rest_landmarks(model: SMPLXModelData) -> np.ndarray:

@@ -134,6 +134,36 @@ def test_fit_image_ok_exits_0(tmp_path, capsys, synthetic_model_path):
     assert (out / "fit.npz").exists() and json.loads((out / "summary.json").read_text())["status"] == "ok"
 
 
+def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synthetic_model_path, monkeypatch):
+    """``expportrait fit`` fits like the job's workers: the calibrated embedding's points and
+    its per-point weights; ``auto`` without a calibrated file says so on stderr."""
+    import numpy as np
+
+    import preprocessing.fitting as fitting
+    from preprocessing import landmark_calibration
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    seen = []
+
+    class SpyFitter(fitting.Fitter):
+        def __init__(self, head, config=None, landmark_weights=None):
+            seen.append(landmark_weights)
+            super().__init__(head, config, landmark_weights)
+
+    monkeypatch.setattr(fitting, "Fitter", SpyFitter)
+    args = ["fit", "--image", str(photo), "--model", str(synthetic_model_path), "--no-overlay"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    from models.head.smplx_file import load_smplx_model
+    emb = landmark_calibration.resolve_embedding("auto", load_smplx_model(synthetic_model_path))
+    np.testing.assert_array_equal(seen[-1], emb.weights())
+    capsys.readouterr()
+    monkeypatch.setattr(landmark_calibration, "EMBEDDING_DIR", tmp_path / "none_here")
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert seen[-1] is None
+    assert "no calibrated file" in capsys.readouterr().err
+
+
 def test_environment_faults_and_bugs_have_their_own_exit_codes(tmp_path, capsys, monkeypatch):
     """A full disk is exit 3, an unexpected exception exit 4, each with its one-line JSON."""
     import errno

@@ -176,6 +176,16 @@ def test_landmark_model_matches_the_full_forward(head):
     assert lm_head.num_vertices < 1000
 
 
+def test_vertex_subset_model_matches_the_full_forward(head):
+    p = _random_params(3, seed=7)
+    ids = head.face_vertex_ids[::5]
+    sub = head.vertex_subset_model(ids)
+    torch.testing.assert_close(sub(p), head(p).vertices[:, ids], atol=1e-5, rtol=0)
+    p.expression.requires_grad_(True)
+    sub(p).sum().backward()                       # differentiable in the parameters
+    assert p.expression.grad.abs().sum() > 0
+
+
 def test_offset_map_is_exact(head):
     p = _random_params(3, seed=6)
     g = torch.Generator().manual_seed(2)
