@@ -33,8 +33,12 @@ class InternalError(RuntimeError):
 
 def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str, landmark_embedding: str = "none") -> str:
     """What a shard's content depends on besides its clips (``landmark_embedding``: the
-    digest of the embedding file the setting resolved to, see :func:`check_landmark_embedding`)."""
-    return fingerprint(cfg.stages.model_dump(), cfg.subdivision, model_sha1, landmark_embedding)
+    digest of the embedding file the setting resolved to, see :func:`check_landmark_embedding`).
+    The fitter's settings enter resolved, defaults included: a resumed job refits when a
+    default changed between releases, and an override equal to the default changes nothing."""
+    from preprocessing.clip_records import fit_options_model
+    fit = fit_options_model().model_validate(cfg.stages.fit).model_dump()
+    return fingerprint(cfg.stages.model_dump(exclude={"fit"}), fit, cfg.subdivision, model_sha1, landmark_embedding)
 
 
 def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:

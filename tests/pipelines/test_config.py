@@ -147,3 +147,25 @@ def test_a_landmark_embedding_of_another_model_or_unreadable_is_exit_2(tmp_path,
         code, result = _cli(capsys, "--config", str(path), "--input", str(videos), "--dry-run")
         assert code == EXIT_BAD_INPUT and result["message"].startswith("stages.landmark_embedding:"), result
         assert message in result["message"]
+
+
+def test_the_stage_fingerprint_covers_the_fitters_resolved_settings(monkeypatch):
+    """Setting a fitter option to its default is the same fingerprint; a changed default (a
+    new release) is a different one, so a resumed job refits."""
+    import preprocessing.clip_records as records
+    from pipelines.preprocess import stage_fingerprint
+    from preprocessing.fitting import FitConfig
+
+    base = load_config(Path("configs/preprocess/local.yaml"))
+    explicit = base.model_copy(deep=True)
+    explicit.stages.fit = {"photo_registration": FitConfig().photo_registration}
+    assert stage_fingerprint(base, "sha") == stage_fingerprint(explicit, "sha")
+    before = stage_fingerprint(base, "sha")
+    field = FitConfig.__dataclass_fields__["photo_registration"]      # what fit_options_model reads
+    monkeypatch.setattr(field, "default", not field.default)
+    records.fit_options_model.cache_clear()
+    try:
+        assert stage_fingerprint(base, "sha") != before
+    finally:
+        monkeypatch.undo()
+        records.fit_options_model.cache_clear()
