@@ -127,6 +127,25 @@ def center_dynamic_offsets(dynamic_offsets: Tensor) -> Tensor:
     return dynamic_offsets - dynamic_offsets.mean(0, keepdim=True)
 
 
+def _pose_chain(params: HeadParams, posed_joints: list[int], kinematics: "Kinematics",
+                joint_template: Tensor, joint_dirs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What every forward shares: local rotations of the posed joints (T, 5, 3, 3), all local
+    rotations (T, 55, 3, 3), posed joints without the translation (T, 55, 3) and the
+    kinematics' relative transforms (T, K, 3, 4); joints are linear in (β, ψ)."""
+    t = params.num_frames
+    dtype, device = params.expression.dtype, params.expression.device
+    posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
+                         params.leye_pose, params.reye_pose], 1)                # (T, 5, 3)
+    local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(posed_joints), 3, 3)
+    rot = torch.eye(3, dtype=dtype, device=device).repeat(t, NUM_JOINTS, 1, 1)
+    rot[:, 0] = batch_rodrigues(params.global_orient)
+    rot[:, posed_joints] = local_rots
+    shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
+    joints_rest = joint_template + (shape_expr @ joint_dirs.T).view(t, NUM_JOINTS, 3)
+    joints, rel = kinematics(rot, joints_rest)
+    return local_rots, rot, joints, rel
+
+
 class PersonalizedHead(nn.Module):
     """Batched forward of the personalized head on the upsampled head-and-torso mesh.
 
@@ -251,6 +270,9 @@ class PersonalizedHead(nn.Module):
         computed on the few coarse vertices that landmark triangles use (for fast fitting)."""
         return LandmarkHead(self)
 
+    def _pose_chain(self, params: HeadParams):
+        return _pose_chain(params, self.posed_joints, self.kinematics, self.joint_template, self.joint_dirs)
+
     def vertex_subset_model(self, vertex_ids: Tensor) -> "VertexSubsetHead":
         """A module giving :meth:`forward`'s vertices (no offsets) for ``vertex_ids`` only,
         with the blend shapes upsampled onto them once: differentiable per-iteration fitting
@@ -315,19 +337,8 @@ class PersonalizedHead(nn.Module):
                 dynamic_offsets: Tensor | None = None) -> HeadOutput:
         """Posed vertices for T frames. ``static_offsets``: Δg, (N_s, 3) or per frame
         (T, N_s, 3); ``dynamic_offsets``: Δf, (T, N_face, 3) on ``face_vertex_ids``."""
-        t = params.num_frames
-        dtype, device = params.expression.dtype, params.expression.device
-        posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
-                             params.leye_pose, params.reye_pose], 1)            # (T, 5, 3)
-        local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
+        local_rots, rot, joints, rel = self._pose_chain(params)
         fine = self._canonical_rows(params, static_offsets, dynamic_offsets, local_rots)
-
-        rot = torch.eye(3, dtype=dtype, device=device).repeat(t, NUM_JOINTS, 1, 1)
-        rot[:, 0] = batch_rodrigues(params.global_orient)
-        rot[:, self.posed_joints] = local_rots
-        shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
-        joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-        joints, rel = self.kinematics(rot, joints_rest)
         tf = rel[:, self.skin_kin]                                    # (T, J, 3, 4)
         tf = torch.cat([tf[..., :3], tf[..., 3:] + params.transl[:, None, :, None]], -1)
         verts = self._skin(tf, fine).transpose(1, 2)                   # (T, N_s, 3) view
@@ -340,15 +351,7 @@ class PersonalizedHead(nn.Module):
         ``base + R @ offset`` exactly (offsets are added before skinning)."""
         with torch.no_grad():
             t = params.num_frames
-            posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
-                                 params.leye_pose, params.reye_pose], 1)
-            local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
-            rot = torch.eye(3).repeat(t, NUM_JOINTS, 1, 1)
-            rot[:, 0] = batch_rodrigues(params.global_orient)
-            rot[:, self.posed_joints] = local_rots
-            shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
-            joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-            _, rel = self.kinematics(rot, joints_rest)
+            _, _, _, rel = self._pose_chain(params)
             r_joint = rel[:, self.skin_kin, :3, :3]                           # (T, J, 3, 3)
             rots = torch.empty(t, self.num_vertices, 3, 3)
             for start, end, joint in self.skin_ranges:
@@ -430,19 +433,12 @@ class LandmarkHead(nn.Module):
     def forward(self, params: HeadParams) -> tuple[Tensor, Tensor]:
         """(landmarks (T, 68, 3), joints (T, 55, 3))."""
         t = params.num_frames
-        dtype, device = params.expression.dtype, params.expression.device
-        posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
-                             params.leye_pose, params.reye_pose], 1)
-        local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
+        local_rots, rot, joints, rel = _pose_chain(params, self.posed_joints, self.kinematics,
+                                                   self.joint_template, self.joint_dirs)
         shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
-        eye = torch.eye(3, dtype=dtype, device=device)
+        eye = torch.eye(3, dtype=local_rots.dtype, device=local_rots.device)
         v = self.v_template + (shape_expr @ self.shapedirs.T).view(t, -1, 3)
         v = v + ((local_rots - eye).reshape(t, -1) @ self.posedirs.T).view(t, -1, 3)
-        rot = eye.repeat(t, NUM_JOINTS, 1, 1)
-        rot[:, 0] = batch_rodrigues(params.global_orient)
-        rot[:, self.posed_joints] = local_rots
-        joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-        joints, rel = self.kinematics(rot, joints_rest)
         tf = torch.einsum("vj,tjab->tvab", self.weights, rel[:, self.skin_kin])
         verts = (tf[..., :3] * v.unsqueeze(-2)).sum(-1) + tf[..., 3]
         verts = verts + params.transl[:, None]
@@ -495,22 +491,13 @@ class VertexSubsetHead(nn.Module):
 
     def forward(self, params: HeadParams) -> Tensor:
         """(T, M, 3) posed vertices."""
-        t = params.num_frames
-        dtype, device = params.expression.dtype, params.expression.device
-        posed = torch.stack([params.neck_pose, params.head_pose, params.jaw_pose,
-                             params.leye_pose, params.reye_pose], 1)
-        local_rots = batch_rodrigues(posed.reshape(-1, 3)).view(t, len(self.posed_joints), 3, 3)
-        eye = torch.eye(3, dtype=dtype, device=device)
-        m = self.num_vertices
+        t, m = params.num_frames, self.num_vertices
+        local_rots, _, _, rel = _pose_chain(params, self.posed_joints, self.kinematics,
+                                            self.joint_template, self.joint_dirs)
+        eye = torch.eye(3, dtype=local_rots.dtype, device=local_rots.device)
         v = self.v_template + (params.betas @ self.shapedirs).view(-1, 3, m)
         v = v + (params.expression @ self.exprdirs).view(t, 3, m)
         v = v + ((local_rots - eye).reshape(t, -1) @ self.posedirs).view(t, 3, m)     # (T, 3, M)
-        rot = eye.repeat(t, NUM_JOINTS, 1, 1)
-        rot[:, 0] = batch_rodrigues(params.global_orient)
-        rot[:, self.posed_joints] = local_rots
-        shape_expr = torch.cat([params.betas.expand(t, -1), params.expression], 1)
-        joints_rest = self.joint_template + (shape_expr @ self.joint_dirs.T).view(t, NUM_JOINTS, 3)
-        _, rel = self.kinematics(rot, joints_rest)
         tf = rel[:, self.skin_kin]                                            # (T, J, 3, 4)
         per_vertex = tf.reshape(t, -1, 12).transpose(1, 2) @ self.weights    # (T, 12, M)
         per_vertex = per_vertex.view(t, 3, 4, m)
