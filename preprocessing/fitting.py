@@ -370,13 +370,7 @@ class Fitter:
         for _ in range(cfg.photo_registration_rounds):
             with torch.no_grad():
                 verts = self.head(params).vertices
-                visible = solver._visibility(verts, camera, valid)
-                vc = camera.to_camera(verts)
-                normals = vertex_normals(vc, solver.near_faces)[:, self.head.face_vertex_ids]
-                pts = vc[:, self.head.face_vertex_ids]
-                colours = _sample(images, camera.project(pts))
-                facing = -(normals * torch.nn.functional.normalize(pts, dim=-1)).sum(-1)
-                w = (visible & (facing > solver.config.min_cos)).float() * facing.clamp(0, 1)
+                colours, normals, w = solver.observe(verts, camera, images, solver._visibility(verts, camera, valid))
                 albedo, light, _ = solver._light_albedo(colours, normals, w, albedo, light)
                 rendered = shade_vertices(albedo, light, normals)[:, pick]
                 w = w[:, pick]

@@ -247,22 +247,26 @@ class PhotometricSolver:
             vis.append(ok)
         return torch.cat(vis)
 
-    def _observe(self, base, camera, images, visible, disp, h_s, h_d):
-        """Colours (T, M, 3) where the current mesh's face vertices project, their camera
-        normals (T, M, 3) and data weights (T, M)."""
-        cfg = self.config
+    @torch.no_grad()
+    def observe(self, verts, camera, images, visible):
+        """Colours (T, M, 3) where the face vertices of the posed mesh ``verts`` (T, N, 3)
+        project, their camera normals (T, M, 3) and data weights (T, M): ``visible`` and
+        facing the camera, weighted by how squarely."""
         ids = self.ids
+        vc = camera.to_camera(verts)
+        normals = vertex_normals(vc, self.near_faces)[:, ids]
+        colours = _sample(images, camera.project(vc[:, ids]))
+        facing = -(normals * torch.nn.functional.normalize(vc[:, ids], dim=-1)).sum(-1)
+        w = (visible & (facing > self.config.min_cos)).float() * facing.clamp(0, 1)
+        return colours, normals, w
+
+    def _observe(self, base, camera, images, visible, disp, h_s, h_d):
+        """:meth:`observe` of the base mesh displaced by the heights."""
         with torch.no_grad():
             h = (h_s[None] + h_d) * 1e-3                                             # (T, M) m
             verts = base.clone()
-            verts[:, ids] = verts[:, ids] + disp * h[..., None]
-            vc = camera.to_camera(verts)
-            normals = vertex_normals(vc, self.near_faces)[:, ids]
-            uv = camera.project(vc[:, ids])
-            colours = _sample(images, uv)
-            facing = -(normals * torch.nn.functional.normalize(vc[:, ids], dim=-1)).sum(-1)
-            w = (visible & (facing > cfg.min_cos)).float() * facing.clamp(0, 1)
-        return colours, normals, w
+            verts[:, self.ids] = verts[:, self.ids] + disp * h[..., None]
+        return self.observe(verts, camera, images, visible)
 
     def _light_albedo(self, colours, normals, w, albedo, light):
         """Per-frame SH light (9, 3) and albedo. The light is solved against a smooth albedo

@@ -23,6 +23,9 @@ def test_quick_demo_runs_the_whole_loop(tmp_path):
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["preprocess"]["ok"] == res["preprocess"]["inputs"] > 0, res["preprocess"]
+    from training.data.shards import make_loader        # the demo's shards carry Δg and Δf
+    batch = next(iter(make_loader(res["preprocess"]["output"], samples_per_rank=2, batch_size=2, num_workers=0)))
+    assert batch["static_offsets"].abs().amax() > 0 and batch["dynamic_offsets"].abs().amax() > 0
     assert res["promote"]["alias"] == "champion" and res["promote"]["version"] == res["register"]["version"]
     for name, video in res["reenact"].items():                  # a failed pair would be "failed: ..."
         assert Path(video).is_file() and Path(video).stat().st_size > 0, (name, video)
