@@ -136,6 +136,12 @@ class FitInputs:
     def num_frames(self) -> int:
         return self.landmarks.shape[0]
 
+    def unit_frames(self) -> tuple[Tensor, Tensor | None]:
+        """What the photometric stages read: the frames as floats in [0, 1] and the validity
+        mask as bools (None: every pixel is inside the source frame)."""
+        images = self.images.float() / 255.0 if self.images.dtype == torch.uint8 else self.images.float()
+        return images, None if self.valid is None else self.valid.bool()
+
 
 @dataclass
 class FitResult:
@@ -363,9 +369,8 @@ class Fitter:
             pick = torch.arange(0, self.head.num_face_vertices, cfg.photo_registration_stride)
             self._region_model = (self.head.vertex_subset_model(self.head.face_vertex_ids[pick]), pick)
         region, pick = self._region_model
-        images = inputs.images.float() / 255.0 if inputs.images.dtype == torch.uint8 else inputs.images.float()
+        images, valid = inputs.unit_frames()
         images = blur(images, cfg.photo_registration_blur)
-        valid = None if inputs.valid is None else inputs.valid.bool()
         history, albedo, light = [], None, None
         for _ in range(cfg.photo_registration_rounds):
             with torch.no_grad():
@@ -441,9 +446,7 @@ class Fitter:
                         dynamic: Tensor, fit_static: bool = True):
         """Stage 5: Δg and Δf refined by shape from shading (heights along the neutral normal)
         with shape, expression and pose fixed. Returns (Δg, Δf zero-mean, PhotometricResult)."""
-        images = inputs.images
-        images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        valid = None if inputs.valid is None else inputs.valid.bool()
+        images, valid = inputs.unit_frames()
         base, rots = self.head.offset_map(params)
         # The Δf already found (depth targets) is part of the base the shading refines.
         base = base.clone()

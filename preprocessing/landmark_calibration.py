@@ -115,6 +115,13 @@ def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
     return emb
 
 
+def no_calibration_note(model_path, setting_name: str) -> str:
+    """What the job and ``expportrait fit`` print (stderr) when ``auto`` finds no calibrated
+    file for the model at ``model_path`` (``setting_name``: how the user set it)."""
+    return (f"{setting_name}: auto: no calibrated file for {model_path}; the tracker's points are fitted to "
+            "the model's own iBUG-68 (run python -m preprocessing.landmark_calibration --model MODEL)")
+
+
 def head_with_embedding(model, setting: str | None, subdivision_levels: int = 1):
     """(``PersonalizedHead`` of ``model`` with the embedding ``setting`` resolves to, that
     embedding or None): what the job's workers and ``expportrait fit`` build."""

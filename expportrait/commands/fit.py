@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _head(model: Path | None, landmark_embedding: str = "auto"):
     from expportrait.assets import synthetic_model_file
     from models.head.smplx_file import HeadModelFileError, load_smplx_model, resolve_model_path
-    from preprocessing.landmark_calibration import head_with_embedding
+    from preprocessing.landmark_calibration import head_with_embedding, no_calibration_note
     try:
         path = resolve_model_path(model)
     except HeadModelFileError:
@@ -62,9 +62,7 @@ def _head(model: Path | None, landmark_embedding: str = "auto"):
         path = synthetic_model_file(0)
     head, embedding = head_with_embedding(load_smplx_model(path), landmark_embedding)
     if landmark_embedding == "auto" and embedding is None:     # as the preprocessing job says it
-        print(f"--landmark-embedding auto: no calibrated file for {path}; the tracker's points are fitted "
-              "with the model's own iBUG-68 definitions (run python -m preprocessing.landmark_calibration "
-              "--model MODEL)", file=sys.stderr)
+        print(no_calibration_note(path, "--landmark-embedding"), file=sys.stderr)
     return head, path, embedding
 
 

@@ -86,9 +86,8 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
     model_path, model_sha1 = check_head_model(cfg)
     embedding = check_landmark_embedding(cfg, model_path)
     if embedding == "none" and cfg.stages.landmark_embedding == "auto":
-        print(f"stages.landmark_embedding: auto: no calibrated file for {model_path}; the tracker's points are "
-              "fitted to the model's own iBUG-68 (run python -m preprocessing.landmark_calibration --model MODEL)",
-              file=sys.stderr)
+        from preprocessing.landmark_calibration import no_calibration_note
+        print(no_calibration_note(model_path, "stages.landmark_embedding"), file=sys.stderr)
     stage_fp = stage_fingerprint(cfg, model_sha1, embedding)
     items = list_inputs(cfg.input, cfg.limit)
     if not items:

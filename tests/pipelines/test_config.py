@@ -1,9 +1,9 @@
 """Job configuration: every shipped config loads; every mistake is an exit 2 with a one-line
 JSON error that names the key (checked through the command line, ``--dry-run``: no Ray)."""
 import json
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 import pytest
 import yaml
