@@ -43,7 +43,10 @@ Rows printed beside it (keys prefixed with the row name), to show what each part
   ground-truth mesh (no frames: the depth solver alone); 0.913 % of head height was its
   camera-space error in an earlier headline (``*_vertex_err_pct_camera``);
 - ``oracle_offsets_only_dynamic_err_mm``: Δf from the offset solver alone with the true
-  shape, expression and pose and exact maps.
+  shape, expression and pose and exact maps;
+- ``ceiling_*``: what the offsets can reach at best here (see :func:`ceilings`): the
+  photometric Δf with the true geometry and camera on the decoded frames (with and without
+  the pre-blur), and the true Δg's component along the normal (a height field's best).
 ``dynamic_vs_zero``: Δf error / zero-Δf error where the truth has detail; ``static_vs_zero``:
 Δg error / zero-Δg error on the face-region vertices where the true Δg exceeds 0.2 mm;
 ``photometric_residual`` (mean |RGB| in [0, 1] over visible face vertices) with the fitted Δf
@@ -156,6 +159,44 @@ def oracle_dynamic(world, corpus, clip_id, tg, fitter):
     return (dyn - tg.true_dynamic)[:, region].norm(dim=-1).mean().item() * 1000
 
 
+def ceilings(world, corpus, clip_id, tg, frames, fitter) -> dict:
+    """What the offsets could reach at best in this world, with everything else true.
+
+    ``truegeom_dynamic_vs_zero``: the photometric Δf (the fitter's defaults) when β, ψ, jaw,
+    pose, Δg and the camera are the true ones, on the decoded frames; ``truegeom_noblur_*``:
+    the same without the pre-blur (the best this image model did on other seeds); and
+    ``static_normal_vs_zero``: the true Δg reduced to its component along the neutral normal,
+    which is what any height-field Δg (shape from shading moves surfaces along their normal)
+    could match at best."""
+    from preprocessing.fitting import FitInputs
+    from preprocessing.synthetic.motion import ClipMotion
+    from preprocessing.synthetic.world import clip_camera, load_clip, load_identity
+    clip = load_clip(corpus, clip_id)
+    ident = load_identity(corpus, clip_id.split("_")[0])
+    params, static, _, _ = world.head_inputs(ident, ClipMotion.from_arrays(clip))
+    cam = clip_camera(clip)
+    inputs = FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K, images=torch.as_tensor(frames))
+    region = tg.true_dynamic.norm(dim=-1).amax(0) > 2e-4
+    zero = tg.true_dynamic[:, region].norm(dim=-1).mean().item()
+    out = {}
+    config = fitter.photometric.config
+    for key, blur in (("truegeom_dynamic_vs_zero", config.blur_px), ("truegeom_noblur_dynamic_vs_zero", 0.0)):
+        fitter.photometric.config = dataclasses.replace(config, blur_px=blur)
+        try:
+            _, dyn, _ = fitter.fit_photometric(params, cam, inputs, static, torch.zeros_like(tg.true_dynamic),
+                                               fit_static=False)
+        finally:
+            fitter.photometric.config = config
+        out[key] = (dyn - tg.true_dynamic)[:, region].norm(dim=-1).mean().item() / zero
+    _, normal, _ = fitter.photometric.neutral_frame(params.betas, static)
+    true_static = static[world.head.face_vertex_ids]
+    s_region = true_static.norm(dim=-1) > 2e-4
+    along = (true_static * normal).sum(-1, keepdim=True) * normal
+    out["static_normal_vs_zero"] = ((along - true_static)[s_region].norm(dim=-1).mean()
+                                    / true_static[s_region].norm(dim=-1).mean()).item()
+    return out
+
+
 ROWS = {  # name -> (label in the printed table, what it is)
     "job": ("JOB PATH (headline)", "rendered RGB mp4 -> job decode -> FaceTracker crop + MediaPipe, "
             "20 deg FOV assumed, no dense targets, photometric registration and offsets on the crops, the calibrated "
@@ -212,7 +253,7 @@ def main() -> None:
         return clip
 
     rows = {k: [] for k in ROWS}
-    timing, dyn_oracle, mp_dev, emb_dev = [], [], [], []
+    timing, dyn_oracle, mp_dev, emb_dev, ceiling = [], [], [], [], []
     with tempfile.TemporaryDirectory() as corpus:
         generate_corpus(corpus, WorldConfig(identities=args.clips, clips_per_identity=1, frames=args.frames,
                                             size=args.size, seed=args.seed), model, progress=False)
@@ -256,6 +297,7 @@ def main() -> None:
                               normals=tg.normals)
             rows["oracle_truelmk_exactmaps"].append(score(world.head, oracle_fitter.fit(exact), tg))
             dyn_oracle.append(oracle_dynamic(world, corpus, c, tg, oracle_fitter))
+            ceiling.append(ceilings(world, corpus, c, tg, frames, oracle_fitter))
             ex = rows["oracle_truelmk_exactmaps"][-1]
             print(f"  {c}: job path {rows['job'][-1]['vertex_err_pct']:.3f} %; ORACLE true landmarks + exact "
                   f"maps {ex['vertex_err_pct']:.3f} % (camera space {ex['vertex_err_pct_camera']:.3f} %)", flush=True)
@@ -294,6 +336,9 @@ def main() -> None:
           f"{mean(rows['oracle_truelmk_exactmaps'], 'dynamic_err_mm'):.3f} mm; ORACLE offset solver alone "
           f"(true parametric part) {np.mean(dyn_oracle):.3f} mm; zero baseline "
           f"{mean(rows['job'], 'dynamic_zero_baseline_mm'):.3f} mm")
+    print("CEILINGS (everything but the offsets true): photometric Δf / zero "
+          + ", ".join(f"{k} {mean(ceiling, k):.3f}" for k in ceiling[0])
+          + " (per clip: " + "; ".join(", ".join(f"{v:.3f}" for v in x.values()) for x in ceiling) + ")")
 
     r3 = lambda x: round(float(x), 3)
     j = rows["job"]
@@ -314,6 +359,7 @@ def main() -> None:
         "dynamic_err_mm": round(mean(j, "dynamic_err_mm"), 4),
         "dynamic_zero_baseline_mm": round(mean(j, "dynamic_zero_baseline_mm"), 4),
         "landmark_err_pct": r3(mean(j, "landmark_err_pct")),
+        **{f"ceiling_{k}": r3(mean(ceiling, k)) for k in ceiling[0]},
         "mediapipe_vs_truth_pct": round(float(np.mean(mp_dev)), 2),
         "mediapipe_vs_embedding_pct": round(float(np.mean(emb_dev)), 2),
         "stage_seconds": {k: r3(np.mean([x[k] for x in timing]))

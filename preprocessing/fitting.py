@@ -88,8 +88,9 @@ class FitConfig:
     diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
     seed: int = 0
     # Shape from shading for Δg/Δf when frames are given. Off by default: measured on the job's
-    # path it does not yet beat a zero Δf (benchmarks/fitting.py: dynamic_vs_zero 1.025,
-    # static_vs_zero 0.999) and halves the fitting speed. stages.fit: {photometric: true} turns it on.
+    # path it does not beat a zero Δf (benchmarks/fitting.py: dynamic_vs_zero 0.999, static_vs_zero
+    # 0.999; 0.95 and 0.87 at best with the true geometry, README) and costs ~2.6 s of a 48-frame
+    # clip's 6.4 s. stages.fit: {photometric: true} turns it on (the demo does).
     photometric: bool = False
     photo_rounds: int = 2
     photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
