@@ -163,16 +163,9 @@ class PhotometricSolver:
         cached = self._expr_cache.get("normals")
         if cached is not None and cached.shape == normals.shape and torch.equal(cached, normals):
             return self._expr_cache["basis"]
-        head = self.head
         with torch.no_grad():
-            k = head.exprdirs.shape[0]
-            coarse = torch.zeros(k, 3, head.num_coarse, device=normals.device)
-            coarse[:, :, head.expr_vertex_ids] = head.exprdirs.view(k, 3, -1)
-            fine = head._upsample_rows(coarse.reshape(k * 3, -1)).view(k, 3, -1)[:, :, self.ids]
-            along = (fine * normals.T[None]).sum(1).T                           # (M, K) metres
-            q, r = torch.linalg.qr(along.double())
-            keep = r.diagonal().abs() > 1e-9 * r.diagonal().abs().max()
-            q = q[:, keep].float()
+            along = (self.head.expression_directions(self.ids) * normals[None]).sum(-1).T   # (M, K) metres
+            q = orthonormal_columns(along)
         self._expr_cache = {"normals": normals.detach().clone(), "basis": q}
         return q
 
@@ -392,6 +385,13 @@ class PhotometricSolver:
 
 
 # ----------------------------------------------------------------------------------------------
+def orthonormal_columns(a: Tensor) -> Tensor:
+    """An orthonormal basis (rows, K') of the span of the columns of ``a`` (rows, K)."""
+    q, r = torch.linalg.qr(a.double())
+    keep = r.diagonal().abs() > 1e-9 * r.diagonal().abs().max()
+    return q[:, keep].to(a.dtype)
+
+
 def blur(images: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of (T, H, W, C) images (edges replicated)."""
     if sigma <= 0:

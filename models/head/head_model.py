@@ -299,6 +299,14 @@ class PersonalizedHead(nn.Module):
         rows = coarse.transpose(1, 2).reshape(b * c, v)
         return self._upsample_rows(rows).view(b, c, -1).transpose(1, 2)
 
+    def expression_directions(self, vertex_ids: Tensor) -> Tensor:
+        """The expression blend shapes on the fine vertices ``vertex_ids``: (K, M, 3), canonical
+        frame, metres per unit of ψ."""
+        k = self.exprdirs.shape[0]
+        coarse = self.exprdirs.new_zeros(k, 3, self.num_coarse)
+        coarse[:, :, self.expr_vertex_ids] = self.exprdirs.view(k, 3, -1)
+        return self._upsample_rows(coarse.reshape(k * 3, -1)).view(k, 3, -1)[:, :, vertex_ids].transpose(1, 2)
+
     def _upsample_rows(self, rows: Tensor) -> Tensor:
         up = self.up_matrix_t if self.up_matrix_t.dtype == rows.dtype else self.up_matrix_t.to(rows.dtype)
         return rows @ up

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_quick_demo_runs_the_whole_loop(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    r = subprocess.run([sys.executable, "-m", "expportrait.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=1500)
+    r = run_group([sys.executable, "-m", "expportrait.cli", "demo", "--quick", "--out", str(out)], cwd=REPO,
+                  env=env, timeout=1500)      # its embedded Ray is stopped by process group
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["preprocess"]["ok"] == res["preprocess"]["inputs"] > 0, res["preprocess"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import av
 import numpy as np
 import pandas as pd
 import pytest
+from processes import run_group
 
 from expportrait.cli import main
 from expportrait.reenactment import generate_windows, window_starts
@@ -117,9 +117,9 @@ def test_ray_batch_finishes_with_a_failed_row_for_an_unreadable_driver(package, 
                           "driving": [clips / "id001_clip00.npz", bad, clips / "id000_clip00.npz"]}).astype(str)
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "expportrait.cli", "reenact", "--model", str(package), "--pairs",
-                           str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "batch"), "--workers", "2",
-                           "--max-frames", "9"], env=env, capture_output=True, text=True, timeout=900)
+    proc = run_group([sys.executable, "-m", "expportrait.cli", "reenact", "--model", str(package), "--pairs",
+                      str(tmp_path / "pairs.csv"), "--out-dir", str(tmp_path / "batch"), "--workers", "2",
+                      "--max-frames", "9"], env=env, timeout=900)      # its Ray is stopped by process group
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res == {**res, "pairs": 3, "ok": 2, "failed": 1}

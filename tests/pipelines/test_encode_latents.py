@@ -2,13 +2,13 @@
 same latents as encoding in-process, resumable, and read back by the training reader."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from processes import run_group
 from sample_factory import write_random_shards
 
 from preprocessing.latent_schema import latent_frames
@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _job(*args: str) -> tuple[int, dict]:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "pipelines.encode_latents", "--no-progress", "--workers", "1",
-                           "--num-cpus", "1", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_group([sys.executable, "-m", "pipelines.encode_latents", "--no-progress", "--workers", "1",
+                      "--num-cpus", "1", *args], cwd=ROOT, env=env, timeout=600)   # Ray stopped by group
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     return proc.returncode, json.loads(lines[-1])

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from processes import run_group
 
 from preprocessing.files import file_digest
 from preprocessing.sample_schema import encode_sample
@@ -43,9 +44,9 @@ def run_job(config: Path, inputs: Path, output: Path, *args: str, faults: dict |
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
     if faults:
         env["EXPPORTRAIT_TEST_FAULTS"] = json.dumps(faults)     # the test hook (never in a config)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config", str(config),
-                           "--input", str(inputs), "--output", str(output), "--no-progress", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_group([sys.executable, "-m", "pipelines.preprocess", "--config", str(config),
+                      "--input", str(inputs), "--output", str(output), "--no-progress", *args],
+                     cwd=ROOT, env=env, timeout=900)      # its embedded Ray is stopped by process group
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     try:
