@@ -92,6 +92,25 @@ def similarity(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torc
     return aligned.float(), scale.float()
 
 
+def offset_errors(fitted: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """(error, zero-offset error) in metres of offsets (M, 3), or per-frame offsets (T, M, 3):
+    mean vertex distance over the face vertices where the truth exceeds 0.2 mm (in some frame)."""
+    size = truth.norm(dim=-1)
+    region = (size.amax(0) if truth.dim() == 3 else size) > 2e-4
+    return ((fitted - truth)[..., region, :].norm(dim=-1).mean().item(),
+            truth[..., region, :].norm(dim=-1).mean().item())
+
+
+def true_parts(world, corpus, clip_id):
+    """(HeadParams, Δg, Camera) of a synthetic clip's ground truth."""
+    from preprocessing.synthetic.motion import ClipMotion
+    from preprocessing.synthetic.world import clip_camera, load_clip, load_identity
+    clip = load_clip(corpus, clip_id)
+    params, static, _, _ = world.head_inputs(load_identity(corpus, clip_id.split("_")[0]),
+                                             ClipMotion.from_arrays(clip))
+    return params, static, clip_camera(clip)
+
+
 def score(head, fit, tg) -> dict:
     """Metrics of one fit against the truth (see the module docstring)."""
     fid = head.face_vertex_ids
@@ -105,13 +124,8 @@ def score(head, fit, tg) -> dict:
     cam_err = (fitted - true).norm(dim=-1).mean().item()
     acc = lambda v: (v[2:] - 2 * v[1:-1] + v[:-2]).norm(dim=-1).mean().item()
     b = fit.params.betas[0].numpy()
-    region = tg.true_dynamic.norm(dim=-1).amax(0) > 2e-4
-    d_err = (fit.dynamic_offsets - tg.true_dynamic)[:, region].norm(dim=-1).mean().item()
-    d_zero = tg.true_dynamic[:, region].norm(dim=-1).mean().item()
-    true_static = torch.as_tensor(tg.true_static)[fid]
-    s_region = true_static.norm(dim=-1) > 2e-4
-    s_err = (fit.static_offsets[fid] - true_static)[s_region].norm(dim=-1).mean().item()
-    s_zero = true_static[s_region].norm(dim=-1).mean().item()
+    d_err, d_zero = offset_errors(fit.dynamic_offsets, tg.true_dynamic)
+    s_err, s_zero = offset_errors(fit.static_offsets[fid], torch.as_tensor(tg.true_static)[fid])
     photo = fit.qc.get("photometric_residual")
     return {"static_err_mm": s_err * 1000, "static_zero_baseline_mm": s_zero * 1000,
             "static_vs_zero": s_err / s_zero, "dynamic_vs_zero": d_err / d_zero,
@@ -146,17 +160,11 @@ def embedded_points(head, tg) -> np.ndarray:
 def oracle_dynamic(world, corpus, clip_id, tg, fitter):
     """Δf from the offset solver when shape, expression and pose are the true ones."""
     from preprocessing.fitting import FitInputs
-    from preprocessing.synthetic.motion import ClipMotion
-    from preprocessing.synthetic.world import clip_camera, load_clip, load_identity
-    clip = load_clip(corpus, clip_id)
-    ident = load_identity(corpus, clip_id.split("_")[0])
-    params, static, _, _ = world.head_inputs(ident, ClipMotion.from_arrays(clip))
-    cam = clip_camera(clip)
+    params, static, cam = true_parts(world, corpus, clip_id)
     inputs = FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K, depth=tg.depth,
                        normals=tg.normals)
     _, dyn, _, _ = fitter.fit_offsets(params, cam, inputs, static_offsets=static)
-    region = tg.true_dynamic.norm(dim=-1).amax(0) > 2e-4
-    return (dyn - tg.true_dynamic)[:, region].norm(dim=-1).mean().item() * 1000
+    return offset_errors(dyn, tg.true_dynamic)[0] * 1000
 
 
 def ceilings(world, corpus, clip_id, tg, frames, fitter) -> dict:
@@ -169,15 +177,8 @@ def ceilings(world, corpus, clip_id, tg, frames, fitter) -> dict:
     which is what any height-field Δg (shape from shading moves surfaces along their normal)
     could match at best."""
     from preprocessing.fitting import FitInputs
-    from preprocessing.synthetic.motion import ClipMotion
-    from preprocessing.synthetic.world import clip_camera, load_clip, load_identity
-    clip = load_clip(corpus, clip_id)
-    ident = load_identity(corpus, clip_id.split("_")[0])
-    params, static, _, _ = world.head_inputs(ident, ClipMotion.from_arrays(clip))
-    cam = clip_camera(clip)
+    params, static, cam = true_parts(world, corpus, clip_id)
     inputs = FitInputs(landmarks=tg.landmarks, image_size=tg.image_size, K=tg.K, images=torch.as_tensor(frames))
-    region = tg.true_dynamic.norm(dim=-1).amax(0) > 2e-4
-    zero = tg.true_dynamic[:, region].norm(dim=-1).mean().item()
     out = {}
     config = fitter.photometric.config
     for key, blur in (("truegeom_dynamic_vs_zero", config.blur_px), ("truegeom_noblur_dynamic_vs_zero", 0.0)):
@@ -187,13 +188,12 @@ def ceilings(world, corpus, clip_id, tg, frames, fitter) -> dict:
                                                fit_static=False)
         finally:
             fitter.photometric.config = config
-        out[key] = (dyn - tg.true_dynamic)[:, region].norm(dim=-1).mean().item() / zero
+        err, zero = offset_errors(dyn, tg.true_dynamic)
+        out[key] = err / zero
     _, normal, _ = fitter.photometric.neutral_frame(params.betas, static)
     true_static = static[world.head.face_vertex_ids]
-    s_region = true_static.norm(dim=-1) > 2e-4
-    along = (true_static * normal).sum(-1, keepdim=True) * normal
-    out["static_normal_vs_zero"] = ((along - true_static)[s_region].norm(dim=-1).mean()
-                                    / true_static[s_region].norm(dim=-1).mean()).item()
+    err, zero = offset_errors((true_static * normal).sum(-1, keepdim=True) * normal, true_static)
+    out["static_normal_vs_zero"] = err / zero
     return out
 
 

@@ -695,11 +695,11 @@ def _smooth_on_mesh(x: Tensor, weight: Tensor, lap: Tensor, iters: int) -> Tenso
     """Weighted smoothing of per-vertex values (T, N) by ``iters`` explicit diffusion steps
     with the row-normalized Laplacian ``lap`` (N, N): where ``weight`` is 0 the values do not
     count."""
-    num, den = (x * weight).T.contiguous(), weight.T.contiguous()
+    t = x.shape[0]
+    both = torch.cat([x * weight, weight]).T.contiguous()        # (N, 2T): values, weights
     for _ in range(iters):
-        num = num + 0.5 * torch.sparse.mm(lap, num)
-        den = den + 0.5 * torch.sparse.mm(lap, den)
-    return (num / den.clamp(min=1e-6)).T
+        both = both + 0.5 * _lap_apply(lap, both)
+    return (both[:, :t] / both[:, t:].clamp(min=1e-6)).T
 
 
 def _sub_laplacian(lap: Tensor, ids: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from processes import kill_group
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,10 +86,7 @@ class LoopbackCluster:
                     time.sleep(0.5)
                 except subprocess.TimeoutExpired:
                     continue
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)        # leftovers of the group
-            except ProcessLookupError:
-                pass
+            kill_group(proc.pid)                           # leftovers of the group
         shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
