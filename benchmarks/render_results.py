@@ -78,6 +78,28 @@ def target_of(key: str, record: dict) -> str:
     return cell(target)
 
 
+def when(record: dict) -> str:
+    """The run's date as ``YYYY-MM-DD HH:MM UTC`` (the saved ISO date, shortened)."""
+    date = str(record.get("date") or "?")
+    return date[:16].replace("T", " ") + " UTC" if date.endswith("+00:00") else date
+
+
+def short_commit(record: dict) -> str:
+    """The first 12 characters of the commit (and ``-dirty`` where the tree was)."""
+    commit = record.get("commit") or "unknown"
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def overview(known: dict[str, str], records: dict[str, dict]) -> list[str]:
+    """One row per benchmark script: when it last ran, at which commit, or that it has not."""
+    lines = ["| benchmark | last run | commit |", "|---|---|---|"]
+    for name in known:
+        record = records.get(name)
+        lines.append(f"| [`{name}`](#{name}) | {when(record)} | `{short_commit(record)}` |" if record
+                     else f"| [`{name}`](#{name}) | no results file yet | |")
+    return lines + [""]
+
+
 def section(name: str, description: str, record: dict | None) -> list[str]:
     """The Markdown of one benchmark: its description, then its run's table or 'no results'."""
     lines = [f"## `{name}`", "", description or "(no docstring)", ""]
@@ -85,7 +107,7 @@ def section(name: str, description: str, record: dict | None) -> list[str]:
         return lines + [f"No results file yet: run `python benchmarks/{name}.py` (see its docstring "
                         "for its runtime); earlier figures are in docs/experiments.", ""]
     host = record.get("host") or {}
-    lines += [f"Run {record.get('date', '?')} at commit `{record.get('commit') or 'unknown'}`, "
+    lines += [f"Run {when(record)} at commit `{short_commit(record)}`, "
               f"{host.get('cpu_count', '?')} CPU cores ({host.get('machine', '?')}, Python "
               f"{host.get('python', '?')}):", "", f"    {record.get('command', '?')}", "",
               "| key | value | target |", "|---|---|---|"]
@@ -102,7 +124,7 @@ def render(results_dir: Path, bench_dir: Path = HERE) -> str:
     script no longer exists."""
     records = load_results(results_dir)
     known = scripts(bench_dir)
-    lines = [PREAMBLE]
+    lines = [PREAMBLE, *overview(known, records)]
     for name, description in known.items():
         lines += section(name, description, records.get(name))
     for name in sorted(set(records) - set(known)):
