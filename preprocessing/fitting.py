@@ -90,7 +90,7 @@ class FitConfig:
     photo_rounds: int = 2
     photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
     photo_cg_iters: int = 20
-    # Scales the photometric Δf priors (magnitude, Laplacian, time, ψ basis); sweep: docs/experiments/2026-12-06-fitting.md
+    # Scales the photometric Δf priors (magnitude, Laplacian, time, ψ); sweep: docs/experiments/2026-12-06-fitting.md
     photo_regularization: float = 16.0
     # Photometric registration (stage 2b, docs/fitting.md); measured: docs/experiments/2026-12-06-fitting.md
     photo_registration: bool = True
