@@ -1,4 +1,5 @@
 # ExpPortrait: `make demo` (the main job end to end) and `make test`. Both set up first.
+# `make lint` (ruff + import-linter's layer contracts), `make bench` (head benchmark + docs/benchmarks.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,9 +10,9 @@ PYTEST_ARGS ?=
 # pip, quiet; on failure show its log (minus the machine's harmless index-path warnings).
 pip = @echo "pip install $(1)"; $(BIN)/pip install --quiet $(1) > $(VENV)/pip.log 2>&1 || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 
-.PHONY: setup test test-fast demo bench lock clean
+.PHONY: setup chromium test test-fast lint demo bench lock clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,17 +24,37 @@ $(STAMP):
 	@rm -f $(VENV)/.setup-* && touch $@
 	@echo "setup done: $(VENV) ($(SETUP_KEY))"
 
+# The report's browser tests need Chromium. Found where `expportrait report-shot` looks
+# (find_chromium: the CHROMIUM variable, chromium / chrome on PATH); else apt-get installs it when root.
+chromium: $(STAMP)
+	@if $(BIN)/python -c "from expportrait.evaluation.browser import find_chromium; find_chromium()" 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "apt-get install chromium (for the report's browser tests)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } > $(VENV)/apt.log 2>&1 \
+	    || { tail -20 $(VENV)/apt.log; echo "chromium install failed (log: $(VENV)/apt.log)"; exit 1; }; \
+	else \
+	  echo "NOTE: no Chromium found and not root with apt-get: the 3 browser tests of the report"; \
+	  echo "      (tests/expportrait/test_report_browser.py) will skip. Install it (sudo apt-get install"; \
+	  echo "      chromium) or set CHROMIUM=/path/to/chrome, then run make setup again."; \
+	fi
+
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Lint: ruff and the layer contracts in pyproject.toml (models <- preprocessing <- pipelines | training <- expportrait).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 demo: setup
 	$(BIN)/expportrait demo --out outputs/demo
 
 bench: setup
 	$(BIN)/python benchmarks/head.py
+	$(BIN)/python benchmarks/render_results.py
 
 # Re-resolve the pinned environment from requirements/base.txt (needs the package index).
 lock:

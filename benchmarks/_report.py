@@ -1,17 +1,88 @@
-"""Shared benchmark output: a readable table, then one JSON line of headline figures."""
+"""Shared benchmark output: a readable table, then one JSON line of headline figures, also kept
+in ``benchmarks/results/<script name>.json`` with the date, the git commit and the command line
+(``python benchmarks/render_results.py`` renders those files into ``docs/benchmarks.md``)."""
 from __future__ import annotations
 
+import datetime
 import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def report(results: dict, targets: dict, digits: int = 3) -> None:
+    """Print ``results`` as a table, then one JSON line (rounded, with ``targets``); save it."""
     width = max(len(k) for k in results)
     for k, v in results.items():
         print(f"{k:<{width}}  {v:10.2f}" if isinstance(v, float) else f"{k:<{width}}  {v!s:>10}")
     headline = {k: round(v, digits) if isinstance(v, float) else v for k, v in results.items()}
     headline["targets"] = targets
     print(json.dumps(headline))
+    write_result(headline)
 
+
+def calling_script() -> str:
+    """The name of the benchmark that runs: the ``__main__`` script's stem (``head`` for
+    ``python benchmarks/head.py``)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or (sys.argv[0] if sys.argv else "")
+    return Path(main).stem or "interactive"
+
+
+def git_commit(repo: Path = RESULTS_DIR.parent.parent) -> str | None:
+    """HEAD of the checkout the benchmark runs from, ``-dirty`` appended when tracked files
+    differ from it; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def finite(value):
+    """``value`` with NaN and infinities (in dicts and lists too) replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_result(headline: dict, name: str | None = None, results_dir: Path | None = None) -> Path:
+    """Write a benchmark's headline figures (its last JSON line; a ``targets`` entry is kept
+    apart) to ``results_dir/<name>.json`` (default ``benchmarks/results/<calling script>.json``)
+    with the UTC date, the git commit, the command line and the host; returns the path."""
+    figures = dict(headline)
+    targets = figures.pop("targets", None) or {}
+    name = name or calling_script()
+    record = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": shlex.join(["python", *sys.argv]),
+        "host": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+                 "python": platform.python_version()},
+        "results": finite(figures),
+        "targets": targets,
+    }
+    folder = Path(results_dir or os.environ.get("EXPPORTRAIT_BENCH_RESULTS") or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False, default=str) + "\n")
+    tmp.replace(path)
+    return path
 
 def synthetic_corpus(work, identities: int, clips: int, frames: int, size: int, seed: int,
                      stale: tuple = (), log=print):

@@ -284,6 +284,8 @@ def main() -> None:
     headline = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results.items()}
     headline["targets"] = {"reader_headroom": ">= 10"}
     print(json.dumps(headline))
+    from _report import write_result           # benchmarks/results/generator_scale.json
+    write_result(headline)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,12 @@ def main() -> None:
     old, new = duplicate_check_seconds(ids)
     print(f"duplicate-id check on {args.compare_rows:,} ids: before {old:.2f} s (quadratic: ~"
           f"{old * (args.rows / args.compare_rows) ** 2 / 3600:.0f} h at {args.rows:,}), now {new * 1000:.1f} ms")
-    print(json.dumps({"rows": result["inputs"], "shards": result["shards"], "dry_run_seconds": round(wall, 2),
-                      "job_seconds": result["seconds"], "rows_per_second": round(result["inputs"] / wall),
-                      "duplicate_check_speedup": round(old / max(new, 1e-9)),
-                      "compare_rows": args.compare_rows}))
+    headline = {"rows": result["inputs"], "shards": result["shards"], "dry_run_seconds": round(wall, 2),
+                "job_seconds": result["seconds"], "rows_per_second": round(result["inputs"] / wall),
+                "duplicate_check_speedup": round(old / max(new, 1e-9)), "compare_rows": args.compare_rows}
+    print(json.dumps(headline))
+    from _report import write_result           # benchmarks/results/plan_scale.json
+    write_result(headline)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def main() -> None:
     print(f"{result.clips} clips, {result.frames} frames at {args.size}^2 in {seconds:.1f} s "
           f"({headline['frames_per_second']} frames/s)")
     print(json.dumps(headline))
+    from _report import write_result           # benchmarks/results/synth_corpus.json
+    write_result(headline)
 
 
 if __name__ == "__main__":

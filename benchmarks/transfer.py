@@ -328,9 +328,11 @@ def main() -> None:
     width = max(len(k) for k in out)
     for k, v in out.items():
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) and v == v else (None if isinstance(v, float) else v)
-                      for k, v in out.items()}
-                     | {"targets": {"module_vs_copy": "<= 0.5", "train_minutes": "<= 10"}}))
+    headline = ({k: round(v, 4) if isinstance(v, float) and v == v else (None if isinstance(v, float) else v)
+                 for k, v in out.items()} | {"targets": {"module_vs_copy": "<= 0.5", "train_minutes": "<= 10"}})
+    print(json.dumps(headline))
+    from _report import write_result           # benchmarks/results/transfer.json
+    write_result(headline)
 
 
 if __name__ == "__main__":

@@ -61,16 +61,12 @@ class FitConfig:
     lr_expression: float = 0.02
     w_landmarks: float = 1.0
     w_shape_prior: float = 2e-3
-    # Landmark-only fits take this instead: 68 points (MediaPipe's on real video) pin β poorly
-    # and the weak prior let it follow the detector's bias. Chosen on seed-7 and seed-11
-    # synthetic clips through the job's path (not the benchmark's seed 3): vertex error 1.75 %
-    # at 2e-3, 1.56 % at 0.05, 1.55 % at 0.1, 1.59 % at 0.5 (README, fitting benchmark).
+    # Landmark-only fits: 68 points pin β poorly, so a stronger prior; sweep: docs/experiments/2026-12-06-fitting.md
     w_shape_prior_landmarks_only: float = 0.05
     w_expression_prior: float = 5e-4
     w_jaw_prior: float = 1e-2
     w_temporal: float = 2.0         # 0 disables temporal smoothness (ablation)
-    # Landmark-only fits (no depth/normal targets: the job's path without an estimator) are
-    # noisier and take this instead: 16 chosen on seed-7 synthetic clips (README, fitting benchmark).
+    # Landmark-only fits (no dense targets) are noisier; sweep: docs/experiments/2026-12-06-fitting.md
     w_temporal_landmarks_only: float = 16.0
     w_depth: float = 40.0
     w_normal: float = 0.2
@@ -81,12 +77,7 @@ class FitConfig:
     w_dynamic_magnitude: float = 0.1
     w_dynamic_laplacian: float = 2.0
     w_dynamic_temporal: float = 1.0  # the Δf solve's own (w_temporal = 0 turns it off too)
-    # Δf from dense targets sees only the high-pass part of the depth residual (the residual minus
-    # its smoothing by this many diffusion steps on the face mesh): the expression fit's residue
-    # is smooth, wrinkles are not. Chosen on seed-7/11 synthetic clips with true landmarks and
-    # exact maps (not the benchmark's seed 3): Δf error / zero-Δf error 5.47 with none (Δf took
-    # the residue), 0.95 / 0.91 / 0.90 / 0.93 / 1.18 / 1.62 at 1 / 3 / 5 / 10 / 40 / 150 steps;
-    # the vertex error unchanged (0.80 %). 0: off.
+    # Δf from dense targets sees the depth residual's high-pass (0: off); sweep: docs/experiments/2026-12-06-fitting.md
     dynamic_highpass_iters: int = 5
     batch_frames: int = 5           # frames per stage-2 step of the dense terms
     dense_every: int = 6            # stage 2 adds the dense terms every n-th step (second half)
@@ -94,32 +85,21 @@ class FitConfig:
     fov_deg: float = 20.0           # when intrinsics are unknown
     diverged_pct: float = 8.0       # landmark error (% of face size) past which a frame diverged
     seed: int = 0
-    # Shape from shading for Δg/Δf when frames are given. Off by default: measured on the job's
-    # path it does not beat a zero Δf (benchmarks/fitting.py: dynamic_vs_zero 0.999, static_vs_zero
-    # 0.999; 0.95 and 0.87 at best with the true geometry, README) and costs ~2.6 s of a 48-frame
-    # clip's 6.4 s. stages.fit: {photometric: true} turns it on (the demo does).
+    # Shape from shading for Δg/Δf; off: it does not beat zero offsets (docs/experiments/2026-12-06-fitting.md)
     photometric: bool = False
     photo_rounds: int = 2
     photo_static: bool = True       # photometric Δg (when the identity's Δg is not given)
     photo_cg_iters: int = 20
-    # Scales the photometric Δf priors (magnitude, Laplacian, time, ψ basis). 16: on the job's
-    # path (MediaPipe landmarks, assumed FOV) the mesh sits millimetres off the image, and weaker
-    # priors put the shading's wrinkles on the wrong vertices (Δf error above the zero-Δf
-    # baseline on the synthetic benchmark at 1 and 4; at 16 it is at or below it).
+    # Scales the photometric Δf priors (magnitude, Laplacian, time, ψ); sweep: docs/experiments/2026-12-06-fitting.md
     photo_regularization: float = 16.0
-    # Photometric registration (stage 2b, whenever frames are given; no estimator needed):
-    # shape, expression and pose refined so that the frames sampled at the face vertices match
-    # a rendering of them (per-frame SH light, per-identity albedo, re-solved each round), the
-    # landmark, prior and temporal terms kept. Measured on seed-7/11 synthetic clips through the
-    # job's path: vertex error 1.56 -> 1.48 %, jitter ratio 1.58 -> 1.27, ~3 s per 48 frames on
-    # 2 CPU cores (README, fitting benchmark).
+    # Photometric registration (stage 2b, docs/fitting.md); measured: docs/experiments/2026-12-06-fitting.md
     photo_registration: bool = True
     photo_registration_rounds: int = 2     # re-solves of visibility, normals, light and albedo
     photo_registration_iters: int = 30     # Adam steps per round
     w_photo_registration: float = 1.0
     photo_registration_sigma: float = 5.0  # robust scale of the RGB residual, % of full range
     photo_registration_blur: float = 1.5   # px, Gaussian pre-blur of the frames
-    photo_registration_stride: int = 6     # every n-th face vertex carries the term (3 and 1: same error)
+    photo_registration_stride: int = 6     # every n-th face vertex carries the term
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def resolved_device(self) -> torch.device:
