@@ -186,5 +186,8 @@ def writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder, not a file", path=str(path))
-    writable_dir(path.parent if str(path.parent) else ".", f"the folder of {what} {path}")
+    try:
+        writable_dir(path.parent, "its folder")
+    except UserError as exc:
+        raise UserError(f"{what} {path}: {exc}", path=str(path)) from None
     return path
