@@ -21,8 +21,9 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 EXIT_OK, EXIT_FAILURES, EXIT_USER, EXIT_ENVIRONMENT, EXIT_BUG = 0, 1, 2, 3, 4
 
@@ -91,7 +92,7 @@ def run_command(work: Callable[[], dict], user_errors: tuple = (), environment_e
         result = work()
     except (KeyboardInterrupt, SystemExit):
         raise
-    except BaseException as exc:  # noqa: BLE001 - every ending gets its code and JSON line
+    except BaseException as exc:  # noqa: BLE001 (every ending gets its code and JSON line)
         code = classify(exc, user_errors, environment_errors)
         if code == EXIT_USER:
             print_line(error_line(type(exc).__name__, str(exc), code, **getattr(exc, "details", {})))

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.errors import finite_float, nonnegative_float, nonnegative_int, positive_float, positive_int
+from preprocessing.errors import (
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -155,9 +161,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from expportrait.reenactment import generate_windows, window_starts
     from models.generator import check_video_shape, generate_video
-    from preprocessing.video import write_video
-
     from preprocessing.errors import writable_file
+    from preprocessing.video import write_video
     check_video_shape(args.window, args.size, args.size)
     writable_file(args.out, "--out")                         # before the model loads
     if not 0 <= args.overlap < args.window:

@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from preprocessing.errors import finite_float, nonnegative_int, positive_float, positive_int
+from preprocessing.errors import (
+    finite_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_store_args(p: argparse.ArgumentParser) -> None:

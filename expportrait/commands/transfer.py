@@ -140,7 +140,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from preprocessing.errors import finite_float, nonnegative_int, positive_float, positive_int
+    from preprocessing.errors import (
+        finite_float,
+        nonnegative_int,
+        positive_float,
+        positive_int,
+    )
     p.add_argument("--model", type=Path, default=None,
                    help="exported transfer module (save_pretrained folder); none: Δf = 0")
     p.add_argument("--out", required=True, type=Path)

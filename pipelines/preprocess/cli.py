@@ -3,12 +3,21 @@ from __future__ import annotations
 
 import argparse
 
-from preprocessing.errors import (EXIT_BUG as EXIT_INTERNAL, EXIT_ENVIRONMENT, EXIT_FAILURES, EXIT_OK,
-                                  EXIT_USER as EXIT_BAD_INPUT, CommandParser, run_command)
+from preprocessing.errors import (
+    EXIT_BUG,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USER,
+    CommandParser,
+    run_command,
+)
 
 from ..job_io import JobInputError
 from .config import ConfigError, load_config
 from .job import EnvironmentFault, run
+
+EXIT_BAD_INPUT, EXIT_INTERNAL = EXIT_USER, EXIT_BUG          # the names the job's docs and tests use
 
 USAGE = """\
 The preprocessing job: talking-head videos -> WebDataset shards + parquet manifests.

@@ -19,7 +19,7 @@ BASE = REPO / "configs" / "train" / "transfer_tiny.yaml"
 def _train(*args: str, timeout: int = 300) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, check=False, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     return proc, json.loads(lines[-1]) if lines else {}
 
