@@ -12,8 +12,9 @@ from .commands import report_shot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from preprocessing.errors import CommandParser
-    parser = CommandParser(prog="expportrait", description=__doc__)
+    from preprocessing.errors import EXIT_CODES_HELP, CommandParser
+    parser = CommandParser(prog="expportrait", description=__doc__, epilog=EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     head.add_parser(sub)
     synth.add_parser(sub)

@@ -26,6 +26,14 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILURES, EXIT_USER, EXIT_ENVIRONMENT, EXIT_BUG = 0, 1, 2, 3, 4
+#: the exit codes as a command's --help lists them
+EXIT_CODES_HELP = """\
+exit codes (every exit ends with a one-line JSON object on stdout):
+  0  done: the command's result
+  2  a mistake in the input: {"error": ..., "message": ...} names the value (no traceback)
+  3  environment fault: disk full, permission denied, a store that does not answer
+  4  internal error (a bug; the traceback is on stderr): please report it
+"""
 
 
 class UserError(ValueError):
