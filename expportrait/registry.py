@@ -454,8 +454,8 @@ def tracking_from(tracking_uri: str | None = None, store: str | os.PathLike | No
     folder ``store`` (``sqlite:///STORE/mlflow.db``), else ``$MLFLOW_TRACKING_URI``. The store is
     checked first (:func:`check_store`): with ``must_exist`` (commands that read a registry or
     a run) a local store that is not there is the user's mistake, not a new empty store."""
-    from training.logging import local_store
     if tracking_uri is None and store is not None:
+        from training.logging import local_store            # lightning: imported only when needed
         db = Path(store) / "mlflow.db"
         if must_exist and not db.is_file():
             raise UserError(f"--store {store}: no MLflow store there ({db} does not exist)", store=str(store))
@@ -497,13 +497,19 @@ def check_store(uri: str, must_exist: bool) -> None:
 
 
 def _probe_http(uri: str) -> None:
-    """Any HTTP answer from the server is enough; no answer within seconds is an environment fault."""
+    """GET ``/health``: an answer (or 401/403: the server's own auth) within seconds is enough;
+    no answer or a gateway error is an environment fault, a 404 a URI that is no MLflow server."""
     import urllib.error
     import urllib.request
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
-    except urllib.error.HTTPError:
-        return                                  # it answered (e.g. 404 from a proxy): reachable
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return
+        if exc.code == 404:
+            raise UserError(f"tracking URI {uri}: HTTP 404 at /health, not an MLflow tracking server",
+                            tracking_uri=uri) from None
+        raise EnvironmentFault(f"MLflow tracking server {uri} answers HTTP {exc.code} at /health") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise EnvironmentFault(f"MLflow tracking server {uri} does not answer within {PROBE_SECONDS:g} s "
