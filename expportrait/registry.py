@@ -31,11 +31,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from preprocessing.errors import EnvironmentFault, UserError
-
 from expportrait.reenactment import (InferenceSettings, PreprocessSettings, Reenactor, SubjectError,
                                      head_model_reference, paste_back, read_package_meta, side_by_side,
                                      write_package)
+from preprocessing.errors import EnvironmentFault, UserError
 
 EVAL_TAG = "eval"                       # version tags eval.<protocol>.<metric>
 DEFAULT_GATE = Path(__file__).resolve().parent.parent / "configs" / "registry" / "gate.yaml"
@@ -455,7 +454,8 @@ def tracking_from(tracking_uri: str | None = None, store: str | os.PathLike | No
     checked first (:func:`check_store`): with ``must_exist`` (commands that read a registry or
     a run) a local store that is not there is the user's mistake, not a new empty store."""
     if tracking_uri is None and store is not None:
-        from training.logging import local_store            # lightning: imported only when needed
+        # lightning (heavy) is imported only for a --store folder
+        from training.logging import local_store
         db = Path(store) / "mlflow.db"
         if must_exist and not db.is_file():
             raise UserError(f"--store {store}: no MLflow store there ({db} does not exist)", store=str(store))
