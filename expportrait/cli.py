@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 
@@ -13,7 +12,9 @@ from .commands import report_shot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expportrait", description=__doc__)
+    from preprocessing.errors import EXIT_CODES_HELP, CommandParser
+    parser = CommandParser(prog="expportrait", description=__doc__, epilog=EXIT_CODES_HELP,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     head.add_parser(sub)
     synth.add_parser(sub)
@@ -29,28 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run the subcommand in the shared wrapper (preprocessing/errors.py): exit 0 with its
+    JSON line, 2 a user's mistake, 3 an environment fault, 4 a bug (traceback on stderr)."""
+    from preprocessing.errors import run_command
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")   # torch's beta-state notices
     args = build_parser().parse_args(argv)
-    try:
-        result = args.func(args)
-    except Exception as exc:  # a clear one-line error, not a traceback, for expected failures
-        from models.head.smplx_file import HeadModelFileError
-        if isinstance(exc, (HeadModelFileError, FileNotFoundError, ValueError)):
-            # exit 2: bad input or config; ``details`` (e.g. fit's status and source) joins the line
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc),
-                              **getattr(exc, "details", {})}))
-            return 2
-        import traceback
-
-        from preprocessing.clip_records import is_environment_fault
-        traceback.print_exc(file=sys.stderr)
-        if is_environment_fault(exc):
-            print(json.dumps({"error": "EnvironmentFault", "message": f"{exc.strerror}: {exc.filename}"}))
-            return 3          # the machine, not the input: disk full, permission denied
-        print(json.dumps({"error": "InternalError", "message": f"{type(exc).__name__}: {exc}"}))
-        return 4              # a bug: the traceback is on stderr
-    print(json.dumps(result))
-    return 0
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import yaml
 from expportrait.reenactment import (InferenceSettings, PreprocessSettings, Reenactor, SubjectError,
                                      head_model_reference, paste_back, read_package_meta, side_by_side,
                                      write_package)
+from preprocessing.errors import EnvironmentFault, UserError
 
 EVAL_TAG = "eval"                       # version tags eval.<protocol>.<metric>
 DEFAULT_GATE = Path(__file__).resolve().parent.parent / "configs" / "registry" / "gate.yaml"
@@ -252,7 +253,9 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
     """Package the exports of ``run_id`` (and ``transfer_run``; local folders override) as a
     pyfunc logged into that run, register it as a version of ``name`` and set ``alias``."""
     client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
+    run = get_run(run_id, "--run")
+    if transfer_run:
+        get_run(transfer_run, "--transfer-run")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         found = _download_exports(client, run_id, tmp / "run")
@@ -313,7 +316,12 @@ def load_gate(path: str | os.PathLike | None = None) -> dict:
         raise ValueError(f"gate config {path}: needs a non-empty 'thresholds' mapping")
     for metric, rule in gate["thresholds"].items():
         if not isinstance(rule, dict) or not set(rule) <= {"min", "max"} or not rule:
-            raise ValueError(f"gate config {path}: threshold {metric!r} must be {{min: x}} and/or {{max: x}}")
+            raise UserError(f"gate config {path}: threshold {metric!r} must be {{min: x}} and/or {{max: x}}",
+                            gate=str(path), metric=str(metric))
+        for bound, value in rule.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise UserError(f"gate config {path}: {metric}.{bound} = {value!r} is not a finite number",
+                                gate=str(path), metric=str(metric), value=str(value))
     gate.setdefault("protocol", "self")
     return gate
 
@@ -355,7 +363,7 @@ def promote(name: str, version: int | str, alias: str = "champion", gate_path: s
     """Move ``alias`` to ``version`` when its evaluation passes the gate; GateRefused otherwise."""
     client = mlflow.MlflowClient()
     gate = load_gate(gate_path)
-    client.get_model_version(name, str(version))            # raises when it does not exist
+    get_version(name, version)                               # a user's mistake when it does not exist
     metrics = version_metrics(name, version, gate["protocol"])
     failures = check_gate(metrics, gate)
     if failures:
@@ -381,14 +389,13 @@ def resolve_version(uri: str) -> tuple[str, str] | None:
     if not uri.startswith("models:/"):
         return None
     rest = uri[len("models:/"):]
-    client = mlflow.MlflowClient()
     if "@" in rest:
         name, alias = rest.split("@", 1)
-        return name, client.get_model_version_by_alias(name, alias).version
+        return name, get_version_by_alias(name, alias).version
     if "/" in rest:
         name, version = rest.split("/", 1)
         if version.isdigit():
-            return name, version
+            return name, get_version(name, version).version
     return None
 
 
@@ -399,11 +406,13 @@ def load_reenactor(model: str, head_model: str | None = None,
     URI (its package downloaded), with a description of what was loaded."""
     if model.startswith(("models:/", "runs:/")):
         from models.head.smplx_file import ENV_VAR
+        ver = resolve_version(model)                      # an unknown alias/version: exit 2, before loading
+        if model.startswith("runs:/"):
+            get_run(model[len("runs:/"):].split("/", 1)[0], "--model runs:/")
         if head_model is not None:
             os.environ[ENV_VAR] = str(head_model)
         loaded = mlflow.pyfunc.load_model(model)          # load_context checks the head model
         desc = {"model": model, "model_id": loaded.metadata.model_id}
-        ver = resolve_version(model)
         if ver:
             desc.update(name=ver[0], version=int(ver[1]))
         return loaded.unwrap_python_model().reenactor, desc
@@ -432,19 +441,146 @@ def _from_exports(folder: Path, head_model: str | None, parts: dict[str, str | N
                                                           "parts": {k: str(v) for k, v in found.items()}}
 
 
-def tracking_from(tracking_uri: str | None = None, store: str | None = None) -> str:
+#: MLflow's HTTP client: a few retries with a bounded timeout instead of minutes of backoff
+MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_SECONDS = 3.0
+
+
+def tracking_from(tracking_uri: str | None = None, store: str | os.PathLike | None = None,
+                  must_exist: bool = False) -> str:
     """Set the tracking (and registry) URI: ``tracking_uri``, else the embedded store of a run
-    folder ``store`` (``sqlite:///STORE/mlflow.db``), else ``$MLFLOW_TRACKING_URI``."""
-    from training.logging import local_store
+    folder ``store`` (``sqlite:///STORE/mlflow.db``), else ``$MLFLOW_TRACKING_URI``. The store is
+    checked first (:func:`check_store`): with ``must_exist`` (commands that read a registry or
+    a run) a local store that is not there is the user's mistake, not a new empty store."""
     if tracking_uri is None and store is not None:
+        # lightning (heavy) is imported only for a --store folder
+        from training.logging import local_store
+        db = Path(store) / "mlflow.db"
+        if must_exist and not db.is_file():
+            raise UserError(f"--store {store}: no MLflow store there ({db} does not exist)", store=str(store))
         tracking_uri = local_store(store)[0]
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
-        raise ValueError("no MLflow store: give --tracking-uri, --store RUN_FOLDER or set MLFLOW_TRACKING_URI")
+        raise UserError("no MLflow store: give --tracking-uri, --store RUN_FOLDER or set MLFLOW_TRACKING_URI")
+    check_store(tracking_uri, must_exist)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     return tracking_uri
+
+
+def check_store(uri: str, must_exist: bool) -> None:
+    """A tracking URI that can work: a known scheme; an ``http(s)://`` server that answers within
+    :data:`PROBE_SECONDS` (else :class:`EnvironmentFault`, exit 3, before MLflow's own retries);
+    with ``must_exist``, a ``sqlite:///`` database file or a local store folder that is there."""
+    from urllib.parse import urlparse
+    for key, value in MLFLOW_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _probe_http(uri)
+        return
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if must_exist and path and path != ":memory:" and not Path(path).is_file():
+            raise UserError(f"MLflow store {uri}: the database file {path} does not exist", tracking_uri=uri)
+        return
+    if scheme in ("", "file"):
+        path = urlparse(uri).path if scheme == "file" else uri
+        if must_exist and not Path(path).is_dir():
+            raise UserError(f"MLflow store {uri}: the folder {path} does not exist", tracking_uri=uri)
+        return
+    if scheme not in ("databricks", "postgresql", "mysql", "mssql", "uc", "databricks-uc"):
+        raise UserError(f"tracking URI {uri}: unknown scheme {scheme!r} (sqlite:///PATH, http(s)://HOST:PORT, "
+                        "a folder, ...)", tracking_uri=uri)
+
+
+def _probe_http(uri: str) -> None:
+    """GET ``/health``: an answer (or 401/403: the server's own auth) within seconds is enough;
+    no answer or a gateway error is an environment fault, a 404 a URI that is no MLflow server."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return
+        if exc.code == 404:
+            raise UserError(f"tracking URI {uri}: HTTP 404 at /health, not an MLflow tracking server",
+                            tracking_uri=uri) from None
+        raise EnvironmentFault(f"MLflow tracking server {uri} answers HTTP {exc.code} at /health") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise EnvironmentFault(f"MLflow tracking server {uri} does not answer within {PROBE_SECONDS:g} s "
+                               f"({reason}); check the URI and that the server runs") from None
+
+
+def experiment_in_store(name: str) -> str:
+    """Set (creating if needed) the experiment ``name``; a new one in a ``sqlite:///`` store keeps
+    its artifacts beside the database (``mlartifacts/``), never in ``./mlruns`` of the working
+    folder (MLflow's default)."""
+    uri = mlflow.get_tracking_uri()
+    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
+        artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+        mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+    return mlflow.set_experiment(name).experiment_id
+
+
+# -- lookups that name what is missing ----------------------------------------------------------
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def _missing(exc: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+    return isinstance(exc, MlflowException) and exc.error_code in _NOT_FOUND
+
+
+def get_run(run_id: str, flag: str = "--run"):
+    """The run ``run_id``; a run id the store does not hold is the user's mistake naming it."""
+    try:
+        return mlflow.MlflowClient().get_run(run_id)
+    except Exception as exc:
+        if _missing(exc):
+            raise UserError(f"{flag} {run_id}: no such run in {mlflow.get_tracking_uri()}", run_id=run_id) from None
+        raise
+
+
+def _registered_model(name: str):
+    try:
+        return mlflow.MlflowClient().get_registered_model(name)
+    except Exception as exc:
+        if _missing(exc):
+            names = [m.name for m in mlflow.MlflowClient().search_registered_models(max_results=20)]
+            raise UserError(f"no registered model {name!r} in {mlflow.get_tracking_uri()} (registered: {names})",
+                            name=name) from None
+        raise
+
+
+def get_version(name: str, version: int | str):
+    """The model version; one that does not exist is the user's mistake naming the versions there."""
+    _registered_model(name)
+    client = mlflow.MlflowClient()
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception as exc:
+        if _missing(exc):
+            versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            raise UserError(f"{name} has no version {version} (versions: {versions})", name=name,
+                            version=str(version)) from None
+        raise
+
+
+def get_version_by_alias(name: str, alias: str):
+    """The version an alias points at; an unknown alias is the user's mistake naming the aliases."""
+    model = _registered_model(name)
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if _missing(exc):
+            raise UserError(f"{name} has no alias @{alias} (aliases: {sorted(model.aliases)})", name=name,
+                            alias=alias) from None
+        raise
 
 
 def copy_package(model_uri: str, out: str | os.PathLike) -> Path:

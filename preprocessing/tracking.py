@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -232,8 +234,46 @@ def crop_validity(boxes: np.ndarray, frame_size: tuple[int, int], size: int) -> 
     return inside_y[:, :, None] & inside_x[:, None, :]
 
 
+#: what MediaPipe's C++ (absl, TFLite) writes to stderr on every graph it builds: notices, not faults
+MEDIAPIPE_NOTICES = ("Feedback manager", "XNNPACK delegate", "absl::InitializeLog",
+                     "landmark_projection_calculator")
+
+
+@contextmanager
+def _without_mediapipe_notices() -> Iterator[None]:
+    """Collect what is written to file descriptor 2 meanwhile (native code ignores
+    ``GLOG_minloglevel`` and Python's logging) and pass on every line but MediaPipe's notices."""
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:                  # no stderr descriptor: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(notice in line for notice in MEDIAPIPE_NOTICES)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def _mediapipe_landmarks(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(T, 478, 3) landmarks in crop pixels (NaN where none) and a found mask."""
+    with _without_mediapipe_notices():
+        return _face_mesh_landmarks(crops)
+
+
+def _face_mesh_landmarks(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import mediapipe as mp
     t, s = crops.shape[0], crops.shape[1]
     out = np.full((t, 478, 3), np.nan, np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -40,14 +41,22 @@ def export_pretrained(module: ModelMixin, weights: dict[str, torch.Tensor] | Non
 
 def load_checkpoint_state(path: str | Path) -> dict:
     """The checkpoint dict of a Lightning file or a DeepSpeed folder (its client state; the
-    engine's weights under ``module``). Only for checkpoints this project wrote (pickle)."""
+    engine's weights under ``module``), loaded with ``weights_only=True``; a file that is not
+    one is the user's mistake naming it."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("**/mp_rank_00_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint folder")
-        return torch.load(files[0], map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False)
+        path = files[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain data only
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, UnicodeDecodeError) as exc:
+        from preprocessing.errors import UserError
+        raise UserError(f"{path} is not a checkpoint (a Lightning .ckpt or a DeepSpeed folder): "
+                        f"{type(exc).__name__}: {str(exc)[:200]}", checkpoint=str(path)) from None
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:

@@ -64,6 +64,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            check_data(cfg)                        # a missing data root: exit 2 before model setup
             fill_out_paths(cfg, cfg.out)
 
     return TrainCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
@@ -72,9 +73,52 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     auto_configure_optimizers=False)
 
 
-def main(args: list[str] | None = None) -> None:
-    build_cli(args)
+def check_data(cfg) -> None:
+    """The data module's shard root exists and holds training shards (before any model is built)."""
+    data = getattr(cfg, "data", None)
+    init = getattr(data, "init_args", None)
+    if init is None or "root" not in init:
+        return
+    from training.data.datamodule import check_root
+    check_root(init["root"], init.get("train_split") or "train")
+
+
+def summary(cli) -> dict:
+    """The closing JSON line of a run: its MLflow run, checkpoints, export and steps."""
+    trainer = cli.trainer
+    out: dict = {"command": cli.subcommand, "steps": int(trainer.global_step),
+                 "epochs": int(trainer.current_epoch)}
+    logger = trainer.logger
+    if logger is not None and hasattr(logger, "run_id"):
+        out["run_id"] = logger.run_id
+        out["tracking_uri"] = getattr(logger, "_tracking_uri", None)
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None:
+        out["checkpoint"] = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "") or None
+    exports = [str(cb.exported) for cb in trainer.callbacks if getattr(cb, "exported", None)]
+    out["export"] = exports[0] if len(exports) == 1 else exports or None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 0)() == 1}
+    out["metrics"] = {k: round(v, 6) for k, v in metrics.items()}
+    return out
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the CLI in the shared command wrapper: the closing JSON line (exit 0), a user's mistake
+    (exit 2, also for an argument the CLI refused), an environment fault (3), a bug (4)."""
+    from preprocessing.errors import EXIT_USER, error_line, print_line, run_command
+
+    def work() -> dict:
+        try:
+            return summary(build_cli(args))
+        except SystemExit as stop:              # jsonargparse refused an argument (usage on stderr)
+            if stop.code in (0, None):
+                raise
+            print_line(error_line("UsageError", "python -m training.train: invalid arguments (see above)",
+                                  EXIT_USER))
+            raise
+    return run_command(work)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    sys.exit(main())

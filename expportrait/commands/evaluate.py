@@ -15,6 +15,8 @@ import math
 import time
 from pathlib import Path
 
+from preprocessing.errors import nonnegative_int, positive_int
+
 from .register import add_store_args
 
 
@@ -24,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("self", "cross"), default="self")
     p.add_argument("--data", required=True, type=Path, help="synthetic corpus or a folder of videos/images")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--max-pairs", type=int, default=4)
-    p.add_argument("--max-frames", type=int, default=None, help="driving frames per pair")
+    p.add_argument("--max-pairs", type=positive_int, default=4)
+    p.add_argument("--max-frames", type=nonnegative_int, default=None, help="driving frames per pair")
     p.add_argument("--lpips-backbone", default=None, help="local torchvision AlexNet weights (LPIPS); none: skipped")
     p.add_argument("--no-dlib", action="store_true", help="skip the dlib second opinion")
     p.add_argument("--no-motion", action="store_true", help="skip AED/APD (fits every generated video)")
@@ -58,15 +60,18 @@ def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_p
 
     from expportrait.evaluation.harness import EvalOptions, evaluate_pairs, make_pairs, summarize, write_results
     from expportrait.evaluation.report import write_report
-    from expportrait.registry import load_reenactor, record_evaluation, tracking_from
+    from expportrait.registry import experiment_in_store, load_reenactor, record_evaluation, tracking_from
+    from preprocessing.errors import writable_dir
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    out = writable_dir(out, "--out")
     if tracking_uri is None and store is None and not os.environ.get("MLFLOW_TRACKING_URI"):
         if str(model).startswith("models:/"):
             raise ValueError("a models:/ URI needs the registry's store: --tracking-uri, --store or MLFLOW_TRACKING_URI")
         store = out / "mlflow"                            # embedded store beside the report
-    uri = tracking_from(tracking_uri, str(store) if store else None)
+    uri = tracking_from(tracking_uri, str(store) if store else None,
+                        must_exist=str(model).startswith(("models:/", "runs:/")))
     t0 = time.perf_counter()
     reenactor, desc = load_reenactor(str(model), head_model, parts)
     pairs = make_pairs(data, protocol, max_pairs)
@@ -90,7 +95,7 @@ def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_p
             "device": str(reenactor.device), "torch_threads": torch.get_num_threads(), "notes": notes}
     write_results(results, summary, out)
     report = write_report(results, summary, out, meta)
-    mlflow.set_experiment(experiment)
+    experiment_in_store(experiment)                       # artifacts beside the store, not ./mlruns
     with mlflow.start_run(run_name=f"evaluate_{protocol}") as run:
         mlflow.log_params({"model": str(model)[:500], "protocol": protocol, "data": str(data)[:500],
                            "pairs": len(pairs), "max_frames": max_frames, "lpips_backbone": lpips_backbone,

@@ -24,6 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocessing.errors import (
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="reference image + normal-map video -> mp4 with the generator")
@@ -37,16 +45,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normals", type=Path, required=True, help="normal-map video (mp4)")
     p.add_argument("--reference-normal", type=Path, default=None, help="reference normal map (default: first normal frame)")
     p.add_argument("--out", type=Path, required=True, help="output mp4")
-    p.add_argument("--size", type=int, default=64, help="generated frame size (a multiple of 16)")
-    p.add_argument("--window", type=int, default=5, help="frames per generator window (4k+1)")
-    p.add_argument("--overlap", type=int, default=1, help="frames shared by consecutive windows")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's, else 20)")
-    p.add_argument("--guidance", type=float, default=1.0)
-    p.add_argument("--shift", type=float, default=None,
+    p.add_argument("--size", type=positive_int, default=64, help="generated frame size (a multiple of 16)")
+    p.add_argument("--window", type=positive_int, default=5, help="frames per generator window (4k+1)")
+    p.add_argument("--overlap", type=nonnegative_int, default=1, help="frames shared by consecutive windows")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's, else 20)")
+    p.add_argument("--guidance", type=finite_float, default=1.0)
+    p.add_argument("--shift", type=positive_float, default=None,
                    help="sampler shift (default: the checkpoint's sample_shift, else its shift, else 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-frames", type=int, default=0, help="normal frames to use (0: all)")
-    p.add_argument("--fps", type=float, default=0.0, help="output fps (0: the normal video's)")
+    p.add_argument("--max-frames", type=nonnegative_int, default=0, help="normal frames to use (0: all)")
+    p.add_argument("--fps", type=nonnegative_float, default=0.0, help="output fps (0: the normal video's)")
     p.add_argument("--side-by-side", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -153,9 +161,10 @@ def run(args: argparse.Namespace) -> dict:
 
     from expportrait.reenactment import generate_windows, window_starts
     from models.generator import check_video_shape, generate_video
+    from preprocessing.errors import writable_file
     from preprocessing.video import write_video
-
     check_video_shape(args.window, args.size, args.size)
+    writable_file(args.out, "--out")                         # before the model loads
     if not 0 <= args.overlap < args.window:
         raise ValueError(f"--overlap {args.overlap} must be in [0, --window {args.window})")
     t0 = time.perf_counter()

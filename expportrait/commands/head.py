@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from preprocessing.errors import nonnegative_int, positive_float, positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     head = sub.add_parser("head", help="the head representation").add_subparsers(dest="head_cmd", required=True)
@@ -21,10 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="SMPL-X-format .npz (default: head.model_path / $EXPPORTRAIT_SMPLX_PATH)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--frames-per-segment", type=int, default=16)
-    p.add_argument("--fps", type=float, default=24.0)
-    p.add_argument("--subdivision", type=int, default=1, help="upsampling levels (4x faces each)")
+    p.add_argument("--size", type=positive_int, default=256, help="image side in pixels")
+    p.add_argument("--frames-per-segment", type=positive_int, default=16)
+    p.add_argument("--fps", type=positive_float, default=24.0)
+    p.add_argument("--subdivision", type=nonnegative_int, default=1, help="upsampling levels (4x faces each)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "pytorch3d"])
     p.add_argument("--seed", type=int, default=0, help="seed of the demo offset fields")
     p.set_defaults(func=render)

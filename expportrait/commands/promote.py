@@ -7,13 +7,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from preprocessing.errors import positive_int
+
 from .register import add_store_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("promote", help="move an alias to a model version if its evaluation passes the gate")
     p.add_argument("--name", default="expportrait")
-    p.add_argument("--version", required=True)
+    p.add_argument("--version", required=True, type=positive_int)
     p.add_argument("--alias", default="champion")
     p.add_argument("--gate", type=Path, default=None, help="gate config (default configs/registry/gate.yaml)")
     add_store_args(p)
@@ -22,5 +24,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from expportrait.registry import promote, tracking_from
-    tracking_from(args.tracking_uri, args.store)
+    tracking_from(args.tracking_uri, args.store, must_exist=True)     # reads the registry: no new empty store
     return promote(args.name, args.version, args.alias, args.gate)

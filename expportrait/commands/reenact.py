@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from preprocessing.errors import nonnegative_int, positive_float, positive_int
+
 from .register import add_store_args
 
 
@@ -27,12 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output mp4")
     p.add_argument("--pairs", type=Path, default=None, help="batch: a csv/parquet table with source, driving [, out]")
     p.add_argument("--out-dir", type=Path, default=None, help="batch: videos and manifest")
-    p.add_argument("--workers", type=int, default=1, help="batch: Ray worker actors")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", type=positive_int, default=1, help="batch: Ray worker actors")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0)
     p.add_argument("--address", default=None, help="batch: Ray cluster address (default: embedded)")
     p.add_argument("--side-by-side", action="store_true")
     p.add_argument("--paste-back", action="store_true")
-    p.add_argument("--max-frames", type=int, default=0, help="driving frames to use (0: all)")
+    p.add_argument("--max-frames", type=nonnegative_int, default=0, help="driving frames to use (0: all)")
     p.add_argument("--steps", type=int, default=-1, help="sampler steps (-1: the model's)")
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--head-model", default=None, help="local SMPL-X-format .npz (checked against the model's hash)")
@@ -48,11 +50,13 @@ def run(args: argparse.Namespace) -> dict:
     uri = None
     if args.model.startswith(("models:/", "runs:/")):
         from expportrait.registry import tracking_from
-        uri = tracking_from(args.tracking_uri, args.store)
+        uri = tracking_from(args.tracking_uri, args.store, must_exist=True)   # reads the registry
     if args.pairs is not None:
         if args.out_dir is None:
             raise ValueError("--pairs needs --out-dir")
         from pipelines.reenact import run_batch
+        from preprocessing.errors import writable_dir
+        writable_dir(args.out_dir, "--out-dir")
         return run_batch(args.model, args.pairs, args.out_dir, args.workers, params, args.address,
                          cpus_per_worker=args.cpus_per_worker, tracking_uri=uri, head_model=args.head_model)
     if not (args.source and args.driving and args.out):
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> dict:
     import time
 
     from expportrait.registry import load_reenactor, reenact_to_file
+    from preprocessing.errors import writable_file
+    writable_file(args.out, "--out")                    # before the model loads and the work runs
     t0 = time.perf_counter()
     reenactor, desc = load_reenactor(args.model, args.head_model, {"codec": args.codec, "transfer": args.transfer})
     out = reenact_to_file(reenactor, args.source, args.driving, args.out, params)

@@ -11,6 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from preprocessing.errors import (
+    finite_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+
 
 def add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
@@ -31,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the SMPL-X-format .npz the models were trained with (default: the run's "
                         "head_model param, else the synthetic model); only its hash is packed")
     p.add_argument("--data", default=None, help="data tag (default: the run's data root param)")
-    for name, typ in (("size", int), ("window", int), ("overlap", int), ("frame_stride", int), ("steps", int),
-                      ("guidance", float), ("shift", float), ("fps", float)):
+    for name, typ in (("size", positive_int), ("window", positive_int), ("overlap", nonnegative_int),
+                      ("frame_stride", positive_int), ("steps", positive_int), ("guidance", finite_float),
+                      ("shift", positive_float), ("fps", positive_float)):
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
                        help=f"inference {name} packed with the model (default: the run's, else the package default)")
     add_store_args(p)
@@ -41,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from expportrait.registry import register, tracking_from
-    tracking_from(args.tracking_uri, args.store)
+    tracking_from(args.tracking_uri, args.store, must_exist=True)     # reads the run: no new empty store
     overrides = {k: getattr(args, k) for k in ("size", "window", "overlap", "frame_stride", "steps", "guidance",
                                                "shift", "fps")}
     return register(args.run, args.name, args.alias or None, transfer_run=args.transfer_run,

@@ -4,20 +4,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from preprocessing.errors import nonnegative_int, positive_float, positive_int
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     synth = sub.add_parser("synth", help="synthetic data").add_subparsers(dest="synth_cmd", required=True)
     p = synth.add_parser("corpus", help="render a synthetic talking-head corpus with ground truth")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--identities", type=int, default=8)
-    p.add_argument("--clips-per-identity", type=int, default=2)
-    p.add_argument("--frames", type=int, default=48)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--fps", type=float, default=25.0)
+    p.add_argument("--identities", type=positive_int, default=8)
+    p.add_argument("--clips-per-identity", type=positive_int, default=2)
+    p.add_argument("--frames", type=positive_int, default=48)
+    p.add_argument("--size", type=positive_int, default=128)
+    p.add_argument("--fps", type=positive_float, default=25.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", type=Path, default=None,
                    help="synthetic SMPL-X-format model (default: the cached seed-0 model)")
-    p.add_argument("--subdivision", type=int, default=1)
+    p.add_argument("--subdivision", type=nonnegative_int, default=1)
     p.set_defaults(func=corpus)
 
 

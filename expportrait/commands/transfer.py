@@ -125,10 +125,11 @@ def transfer(driver: FittedClip, target: FittedClip, head, model=None, mode: str
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from preprocessing.errors import nonnegative_int
     p = sub.add_parser("transfer", help="drive a target's personalized head from a driver's fitted clip")
     p.add_argument("--driver", required=True, type=Path, help="fit.npz (or folder) or corpus clips/<id>.npz")
     p.add_argument("--target", required=True, type=Path, help="fit.npz (portrait or clip) or corpus clip")
-    p.add_argument("--target-frame", type=int, default=0, help="the target's reference frame")
+    p.add_argument("--target-frame", type=nonnegative_int, default=0, help="the target's reference frame")
     p.add_argument("--mode", choices=("both", "expression", "pose"), default="both")
     _common(p)
     p.set_defaults(func=run_transfer)
@@ -139,16 +140,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from preprocessing.errors import (
+        finite_float,
+        nonnegative_int,
+        positive_float,
+        positive_int,
+    )
     p.add_argument("--model", type=Path, default=None,
                    help="exported transfer module (save_pretrained folder); none: Δf = 0")
     p.add_argument("--out", required=True, type=Path)
     for region in ("mouth", "eyes", "brows", "jaw"):
-        p.add_argument(f"--{region}", type=float, default=1.0, help=f"{region} intensity (1 = as driven)")
+        p.add_argument(f"--{region}", type=finite_float, default=1.0, help=f"{region} intensity (1 = as driven)")
     p.add_argument("--mesh", choices=("npz", "ply", "none"), default="npz")
-    p.add_argument("--size", type=int, default=256, help="rendered normal video size (pixels)")
-    p.add_argument("--fps", type=float, default=25.0)
+    p.add_argument("--size", type=positive_int, default=256, help="rendered normal video size (pixels)")
+    p.add_argument("--fps", type=positive_float, default=25.0)
     p.add_argument("--head-model", type=Path, default=None, help="SMPL-X-format .npz (default: synthetic)")
-    p.add_argument("--subdivision", type=int, default=1)
+    p.add_argument("--subdivision", type=nonnegative_int, default=1)
     p.add_argument("--static-camera", action="store_true", help="ignore the driver's camera motion")
 
 

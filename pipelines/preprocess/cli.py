@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import traceback
+
+from preprocessing.errors import (
+    EXIT_BUG,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILURES,
+    EXIT_OK,
+    EXIT_USER,
+    CommandParser,
+    run_command,
+)
 
 from ..job_io import JobInputError
 from .config import ConfigError, load_config
-from .job import EnvironmentFault, InternalError, run
+from .job import EnvironmentFault, run
 
-EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+EXIT_BAD_INPUT, EXIT_INTERNAL = EXIT_USER, EXIT_BUG          # the names the job's docs and tests use
 
 USAGE = """\
 The preprocessing job: talking-head videos -> WebDataset shards + parquet manifests.
@@ -32,17 +39,8 @@ exit codes (every exit ends with a one-line JSON summary on stdout):
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Argument errors end with the JSON line and exit 2 too (after argparse's usage text)."""
-
-    def error(self, message: str):
-        self.print_usage(sys.stderr)
-        print(json.dumps({"error": "UsageError", "message": message, "exit_code": EXIT_BAD_INPUT}))
-        sys.exit(EXIT_BAD_INPUT)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pipelines.preprocess", description=USAGE, epilog=EPILOG,
+    p = CommandParser(prog="python -m pipelines.preprocess", description=USAGE, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (see configs/preprocess/local.yaml)")
     p.add_argument("--input", help="folder of videos or manifest (.parquet/.csv)")
@@ -57,29 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(exc: BaseException, code: int) -> int:
-    print(json.dumps({"error": type(exc).__name__, "message": str(exc), "exit_code": code}))
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, {"input": args.input, "output": args.output, "limit": args.limit})
-        if args.address:
-            cfg.ray.address = args.address
-        summary = run(cfg, dry_run=args.dry_run, progress=not args.no_progress,
-                      retry_failed=args.retry_failed)
-    except (ConfigError, JobInputError) as exc:
-        return _error(exc, EXIT_BAD_INPUT)
-    except EnvironmentFault as exc:
-        return _error(exc, EXIT_ENVIRONMENT)
-    except Exception as exc:  # noqa: BLE001 - a bug: traceback on stderr, the JSON line still
-        traceback.print_exc(file=sys.stderr)
-        return _error(InternalError(f"{type(exc).__name__}: {exc}"), EXIT_INTERNAL)
+    return run_command(lambda: _run(args), user_errors=(ConfigError, JobInputError),
+                       environment_errors=(EnvironmentFault,))
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """The job; its result line (with ``exit_code``: 0, 1 too many clips failed, or the code of a
+    fault the job recorded)."""
+    cfg = load_config(args.config, {"input": args.input, "output": args.output, "limit": args.limit})
+    if args.address:
+        cfg.ray.address = args.address
+    summary = run(cfg, dry_run=args.dry_run, progress=not args.no_progress, retry_failed=args.retry_failed)
     if args.dry_run:
-        print(json.dumps(summary))
-        return EXIT_OK
+        return summary
     brief = {k: summary[k] for k in ("inputs", "finished", "ok", "failed", "failure_ratio", "samples",
                                       "statuses", "complete", "output")}
     brief["shards"] = len([s for s in summary["shards"] if s["tar"]])
@@ -88,13 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     fault = summary.get("fault")
     if fault:
         code = {"EnvironmentFault": EXIT_ENVIRONMENT, "ConfigError": EXIT_BAD_INPUT}.get(fault["error"], EXIT_INTERNAL)
-        print(json.dumps({**fault, "exit_code": code, **brief}))
-        return code
+        return {**fault, "exit_code": code, **brief}
     if summary["failure_ratio"] > cfg.max_failure_ratio:
         brief["error"] = (f"failure ratio {summary['failure_ratio']:.2f} is above max_failure_ratio "
                           f"{cfg.max_failure_ratio:.2f}; see {summary['output']}/errors.parquet")
-        brief["exit_code"] = EXIT_FAILURES
-        print(json.dumps(brief))
-        return EXIT_FAILURES
-    print(json.dumps({**brief, "exit_code": EXIT_OK}))
-    return EXIT_OK
+        return {**brief, "exit_code": EXIT_FAILURES}
+    return {**brief, "exit_code": EXIT_OK}

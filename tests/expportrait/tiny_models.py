@@ -27,7 +27,8 @@ def log_training_run(tracking_uri: str, export_root: Path, data: str = "syntheti
     import mlflow
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    mlflow.set_experiment("generator")
+    from expportrait.registry import experiment_in_store
+    experiment_in_store("generator")              # artifacts beside the store, not ./mlruns
     with mlflow.start_run(run_name="dit_tiny_cpu_test") as run:
         mlflow.log_params({"flavor": "tiny_cpu", "head_model": "None", "subdivision": 1, "root": data,
                            "frames": 5, "frame_stride": 1, "size": "None", "shift": 1.0, "sample_steps": 10})

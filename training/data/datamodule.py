@@ -45,6 +45,23 @@ class ResumableLoader(DataLoader):
         yield from it
 
 
+def check_root(root: str | os.PathLike | list[str], split: str = "train") -> None:
+    """A shard root given as a folder exists and holds finished ``<split>-*.tar`` shards; else a
+    user's mistake naming the folder (checked before any model is built)."""
+    import glob
+    from pathlib import Path
+
+    from preprocessing.errors import UserError
+    if isinstance(root, (list, tuple)) or glob.has_magic(str(root)):
+        return
+    if not Path(root).is_dir():
+        raise UserError(f"data root {root} does not exist (a preprocessing output or shards folder)",
+                        root=str(root))
+    if not shard_urls(root, split):
+        raise UserError(f"data root {root} holds no finished {split}-*.tar shard (with its done marker)",
+                        root=str(root))
+
+
 class ShardDataModule(pl.LightningDataModule):
     """Shards of ``root`` (a preprocessing output folder, a shards folder or a glob)."""
 
@@ -57,6 +74,7 @@ class ShardDataModule(pl.LightningDataModule):
         ``latents`` and ``reference_latent``. ``cache_mb``: keep up to that many MiB of decoded
         samples in memory per loader process (0: off; for corpora that fit, see ``shards``)."""
         super().__init__()
+        check_root(root, train_split)
         self.save_hyperparameters()
         self.root = root
         self.fields = tuple(fields) if fields is not None else TRANSFER_FIELDS
