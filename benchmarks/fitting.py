@@ -221,7 +221,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args()
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.clip_fit import fit_frames
     from preprocessing.clip_records import ClipItem, StageConfig
     from preprocessing.clip_stages import StageContext, decode_clip

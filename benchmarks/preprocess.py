@@ -63,7 +63,8 @@ def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int, part
     job's processing time."""
     import torch
 
-    from pipelines.job_io import OutputDir, list_inputs, plan_shards, write_shard
+    from pipelines.job_io import OutputDir, list_inputs
+    from preprocessing.shard_format import plan_shards, write_shard
     from preprocessing.clip_stages import StageConfig, StageContext, fit_identity, process_clip
 
     torch.set_num_threads(1)
@@ -169,14 +170,14 @@ def main() -> None:
     p.add_argument("--part", default="0/1", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.loop_only:
-        from expportrait.assets import synthetic_model_file
+        from models.head.resolve import synthetic_model_file
         k, n = (int(x) for x in args.part.split("/"))
         print(bare_loop(Path(args.loop_only[0]), Path(args.loop_only[1]), synthetic_model_file(),
                         args.clips_per_shard, (k, n), started=STARTED))
         return
 
     from _report import report
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))

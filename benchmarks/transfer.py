@@ -263,7 +263,7 @@ def main() -> None:
     import torch
     torch.set_num_threads(args.threads)
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from models.head.head_model import PersonalizedHead
 
     work = args.work.resolve()

@@ -27,7 +27,9 @@ from pathlib import Path
 
 from preprocessing.clip_records import is_environment_fault
 
-from .job_io import MARKER_SUFFIX, TMP_TAG, JobInputError, atomic_write, parquet_bytes, write_if_changed
+from preprocessing.shard_format import MARKER_SUFFIX, TMP_TAG, atomic_write
+
+from .job_io import JobInputError, parquet_bytes, write_if_changed
 from .preprocess.config import RayConfig
 from .preprocess.job import EnvironmentFault, init_ray
 from .preprocess.workers import classify_call_error

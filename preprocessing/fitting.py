@@ -44,6 +44,8 @@ from models.head.head_model import HeadParams, PersonalizedHead
 from models.render.camera import Camera
 from models.render.conditions import vertex_normals
 
+from .mesh_solvers import conjugate_gradients, lap_apply, sample_maps, sub_laplacian
+
 # Landmark weights: the contour follows the silhouette and is least reliable.
 LANDMARK_WEIGHTS = np.ones(68, np.float32)
 LANDMARK_WEIGHTS[:17] = 0.3
@@ -392,7 +394,7 @@ class Fitter:
             def loss_fn(it):
                 uv = camera.project(camera.to_camera(region(params)))
                 # squared norm by hand: a norm over the sampler's strided output is 30x slower on CPU
-                r2 = (_sample(images, uv) - rendered).square().sum(-1) * 1e4       # (% of range)²
+                r2 = (sample_maps(images, uv) - rendered).square().sum(-1) * 1e4       # (% of range)²
                 sig2 = cfg.photo_registration_sigma ** 2
                 return other_loss(it) + cfg.w_photo_registration * (sig2 * r2 / (sig2 + r2) * w).sum() / wsum
 
@@ -429,7 +431,7 @@ class Fitter:
                 return base + (rots * off[:, :, None, :]).sum(-1)
             return base[:, ids] + (rots[:, ids] * off[:, ids, None, :]).sum(-1)
 
-        lap_face = _sub_laplacian(self.lap, face_ids)
+        lap_face = sub_laplacian(self.lap, face_ids)
         rots_f, visible_f = rots[:, face_ids], visible[:, face_ids]
         hist_s, hist_d = [], []
         t_static = t_dynamic = 0.0
@@ -478,13 +480,13 @@ class Fitter:
         with torch.no_grad():
             vc = camera.to_camera(verts)
             uv = camera.project(vc)
-            d_t = _sample(inputs.depth[..., None], uv)[..., 0]
+            d_t = sample_maps(inputs.depth[..., None], uv)[..., 0]
             vis = (visible & (d_t > 0) & ((vc[..., 2] - d_t).abs() < self.config.visibility_tol)).float()
             # d(m . camera point)/d(offset) = (R_cam^T m)^T R_v, formed without tiny matmuls.
             along = lambda m: ((m @ camera.R)[..., :, None] * rots).sum(-2)
             if inputs.normals is None:
                 return along(camera.R[:, None, 2, :].expand_as(vc)), vc[..., 2] - d_t, vis
-            n_t = torch.nn.functional.normalize(_sample(inputs.normals, uv), dim=-1)
+            n_t = torch.nn.functional.normalize(sample_maps(inputs.normals, uv), dim=-1)
             ray = torch.cat([(uv - camera.principal[:, None]) / camera.focal[:, None],
                              torch.ones_like(uv[..., :1])], -1)
             target = ray * d_t[..., None]                        # the target surface point
@@ -509,7 +511,7 @@ class Fitter:
         """Target depth under each detected landmark (0 where unknown), or None."""
         if inputs.depth is None:
             return None
-        return _sample(inputs.depth[..., None], lmk, mode="nearest")[..., 0]
+        return sample_maps(inputs.depth[..., None], lmk, mode="nearest")[..., 0]
 
     def _frame_batch(self, t: int) -> Tensor:
         b = min(self.config.batch_frames, t)
@@ -619,33 +621,6 @@ def _adam(opt: torch.optim.Adam, iters: int, loss_fn) -> list[float]:
     return history
 
 
-def _cg(matvec, b: Tensor, iters: int, diag: Tensor | None = None) -> Tensor:
-    """Jacobi-preconditioned conjugate gradients for a symmetric positive-definite system."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    z = r / diag if diag is not None else r
-    p = z.clone()
-    rz = (r * z).sum()
-    for _ in range(iters):
-        ap = matvec(p)
-        alpha = rz / (p * ap).sum().clamp(min=1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = r / diag if diag is not None else r
-        rz_new = (r * z).sum()
-        if rz_new.abs() < 1e-30:
-            break
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return x
-
-
-def _lap_apply(lap: Tensor, x: Tensor) -> Tensor:
-    """Sparse Laplacian on vertex-major values (N, ...)."""
-    n = x.shape[0]
-    return torch.sparse.mm(lap, x.reshape(n, -1)).view_as(x)
-
-
 def _solve_static(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig,
                   face_weight: Tensor) -> Tensor:
     """One Gauss-Newton step for Δg (N, 3) shared by all frames: minimise
@@ -658,11 +633,11 @@ def _solve_static(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig
     blocks = torch.einsum("tni,tnj->nij", wa, a)
 
     def matvec(x):
-        return (blocks @ x[..., None])[..., 0] + mu * x + lam * _lap_apply(lap, _lap_apply(lap, x))
+        return (blocks @ x[..., None])[..., 0] + mu * x + lam * lap_apply(lap, lap_apply(lap, x))
 
     b = -(wa * r[..., None]).sum(0)
     diag = blocks.diagonal(dim1=-2, dim2=-1) + mu + lam * 4.0
-    return _cg(matvec, b, cfg.cg_iters, diag)
+    return conjugate_gradients(matvec, b, cfg.cg_iters, diag)
 
 
 def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig) -> Tensor:
@@ -672,7 +647,7 @@ def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfi
     wa = vis[..., None] * a
 
     def lap_frames(x):                      # (T, N, 3): Laplacian per frame
-        return _lap_apply(lap, x.permute(1, 0, 2)).permute(1, 0, 2)
+        return lap_apply(lap, x.permute(1, 0, 2)).permute(1, 0, 2)
 
     def temporal(x):                        # D^T D along time
         if x.shape[0] < 2:
@@ -688,7 +663,7 @@ def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfi
 
     b = -wa * r[..., None]
     diag = wa * a + mu + lam * 4.0 + 2 * gam
-    return _cg(matvec, b, cfg.cg_iters, diag)
+    return conjugate_gradients(matvec, b, cfg.cg_iters, diag)
 
 
 def _smooth_on_mesh(x: Tensor, weight: Tensor, lap: Tensor, iters: int) -> Tensor:
@@ -698,34 +673,8 @@ def _smooth_on_mesh(x: Tensor, weight: Tensor, lap: Tensor, iters: int) -> Tenso
     t = x.shape[0]
     both = torch.cat([x * weight, weight]).T.contiguous()        # (N, 2T): values, weights
     for _ in range(iters):
-        both = both + 0.5 * _lap_apply(lap, both)
+        both = both + 0.5 * lap_apply(lap, both)
     return (both[:, :t] / both[:, t:].clamp(min=1e-6)).T
-
-
-def _sub_laplacian(lap: Tensor, ids: Tensor) -> Tensor:
-    """The rows and columns of a sparse Laplacian restricted to ``ids`` (re-normalized)."""
-    n = lap.shape[0]
-    local = torch.full((n,), -1, dtype=torch.long)
-    local[ids] = torch.arange(len(ids))
-    idx = lap.indices()
-    keep = (local[idx[0]] >= 0) & (local[idx[1]] >= 0) & (idx[0] != idx[1])
-    rows, cols = local[idx[0, keep]], local[idx[1, keep]]
-    deg = torch.bincount(rows, minlength=len(ids)).clamp(min=1).float()
-    vals = 1.0 / deg[rows]
-    diag = torch.arange(len(ids))
-    all_idx = torch.cat([torch.stack([rows, cols]), torch.stack([diag, diag])], 1)
-    return torch.sparse_coo_tensor(all_idx, torch.cat([vals, -torch.ones(len(ids))]),
-                                   (len(ids), len(ids))).coalesce()
-
-
-def _sample(maps: Tensor, uv: Tensor, mode: str = "bilinear") -> Tensor:
-    """Values of per-frame maps (B, H, W, C) at pixel positions uv (B, N, 2) -> (B, N, C);
-    pixel centres as in OpenCV, 0 outside the image."""
-    h, w = maps.shape[1:3]
-    grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)
-    out = torch.nn.functional.grid_sample(maps.permute(0, 3, 1, 2).float(), grid[:, :, None],
-                                          mode=mode, align_corners=True)
-    return out[..., 0].permute(0, 2, 1)
 
 
 def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor | None,
@@ -742,7 +691,7 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     h, w = camera.image_size
     vc = camera.to_camera(verts)
     uv = camera.project(vc)
-    d_t = _sample(depth[..., None], uv)[..., 0]                           # (B, N)
+    d_t = sample_maps(depth[..., None], uv)[..., 0]                           # (B, N)
     if visible is None:
         inside = (uv[..., 0] >= 0) & (uv[..., 0] <= w - 1) & (uv[..., 1] >= 0) & (uv[..., 1] <= h - 1)
         visible = (inside & (d_t > 0) & ((vc[..., 2] - d_t).abs() < tol)).detach()
@@ -753,7 +702,7 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     out = {"depth": dres.sum(1) / wsum if per_frame else dres.sum() / wsum}
     if normals is not None:
         n_v = vertex_normals(vc, normal_faces)[:, normal_ids]
-        n_t = _sample(normals, uv[:, normal_ids])
+        n_t = sample_maps(normals, uv[:, normal_ids])
         vis = visible[:, normal_ids] & ((n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1).detach()
         nsum = vis.sum(1).clamp(min=1) if per_frame else vis.sum().clamp(min=1)
         nres = (n_v - n_t).abs().sum(-1) * vis

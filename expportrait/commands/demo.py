@@ -94,7 +94,7 @@ def _latest_run(tracking_uri: str, experiment: str) -> str:
 
 def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
     """1-3: model, corpus, head sweep, one fit, the preprocessing job."""
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 
     from . import fit, head

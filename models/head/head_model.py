@@ -532,7 +532,7 @@ class HeadConfig:
     region_threshold: float = 0.5
 
     def build(self) -> PersonalizedHead:
-        from .smplx_file import resolve_model_path
-        return PersonalizedHead.from_file(resolve_model_path(self.model_path),
+        from .resolve import head_model_path
+        return PersonalizedHead.from_file(head_model_path(self.model_path),
                                           subdivision_levels=self.subdivision_levels,
                                           region_threshold=self.region_threshold)

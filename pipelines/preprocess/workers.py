@@ -88,7 +88,7 @@ class ClipWorker:
         clip whose call failed for good becomes a status row."""
         import ray
 
-        from pipelines.job_io import OutputDir, write_shard
+        from preprocessing.shard_format import ShardFolder, write_shard
 
         outcomes = []
         for item, ref in zip(shard.clips, clip_refs):
@@ -99,7 +99,7 @@ class ClipWorker:
         enospc = self.spec.faults.get("writer_enospc") or []
         if "*" in enospc or shard.name in enospc:
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(Path(out_root) / "shards"))
-        return write_shard(OutputDir(out_root), shard, outcomes)
+        return write_shard(ShardFolder(out_root), shard, outcomes)
 
     # -- one clip under the job's guards -------------------------------------------------
     def _attempt(self, item: ClipItem, work: Callable[[], ClipOutcome], lost: int = 0) -> ClipOutcome:

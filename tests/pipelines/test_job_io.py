@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from sample_factory import random_sample
 
-from pipelines.job_io import (JobInputError, OutputBusy, OutputDir, list_inputs, manifest_frame,
-                             plan_shards, retryable_clips, write_shard)
+from pipelines.job_io import JobInputError, OutputBusy, OutputDir, list_inputs, manifest_frame, retryable_clips
+from preprocessing.shard_format import plan_shards, write_shard
 from preprocessing.files import file_digest
 from preprocessing.clip_stages import ClipItem, ClipOutcome
 from preprocessing.sample_schema import encode_sample
