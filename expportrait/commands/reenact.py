@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.pairs is not None:
         if args.out_dir is None:
             raise ValueError("--pairs needs --out-dir")
-        from pipelines.reenact import run_batch
+        from expportrait.batch_reenact import run_batch
         return run_batch(args.model, args.pairs, args.out_dir, args.workers, params, args.address,
                          cpus_per_worker=args.cpus_per_worker, tracking_uri=uri, head_model=args.head_model)
     if not (args.source and args.driving and args.out):

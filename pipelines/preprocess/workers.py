@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..actor_pool import classify_call_error
+
 from preprocessing.clip_records import (ClipItem, ClipOutcome, IdentityFit, StageConfig, is_transient,
                                         one_line)
 
@@ -162,19 +164,3 @@ def outcome_of_failure(item: ClipItem, exc: BaseException) -> ClipOutcome:
     kind, stage, error = classify_call_error(exc)
     return ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status=kind, stage=stage,
                        reason=one_line(error), error_type=type(error).__name__)
-
-
-def classify_call_error(exc: BaseException) -> tuple[str, str, BaseException]:
-    """``(status, stage, cause)`` of an exception from ``ray.get`` on a worker call."""
-    from ray import exceptions as rex
-
-    if isinstance(exc, rex.RayTaskError):          # the code raised: its own exception
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return "stage_error", "worker", cause
-    if isinstance(exc, rex.RayActorError) and exc.actor_init_failed:   # the worker cannot be built
-        return "stage_error", "setup", exc
-    if isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
-                        rex.OwnerDiedError, rex.NodeDiedError, rex.ObjectFetchTimedOutError,
-                        rex.LocalRayletDiedError, rex.TaskCancelledError)):
-        return "worker_lost", "worker", exc
-    return "stage_error", "worker", exc
