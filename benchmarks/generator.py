@@ -18,7 +18,7 @@
    benchmark, see the config).
 4. On the *test* identities (never read in training; ``--eval-split val`` for choosing sampler
    settings), every window of ``--window`` frames every ``--stride`` frames at a few start
-   frames: PSNR and SSIM (torchmetrics, data range [-1, 1]) of frames 1.. against the ground
+   frames: PSNR and SSIM (models.metrics: per frame, averaged, as `evaluate`) of frames 1.. against the ground
    truth for
    - ``model``: the generator from the reference frame (frame 0) and the window's normals,
      sampled as the trained task samples (its ``sample_steps``, ``sample_shift``) unless given;
@@ -166,7 +166,7 @@ def test_windows(shards: Path, window: int, stride: int, starts: list[int], spli
 def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, batch: int, seed: int,
              shift: float = 1.0, guidance: float = 1.0) -> dict:
     import torch
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from models.metrics import SIGNED, psnr, ssim
 
     from models.generator import LatentCodec, NormalDrivenWan, generate_video
 
@@ -183,9 +183,9 @@ def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, bat
 
     def score(name: str, pred: torch.Tensor, truth: torch.Tensor) -> None:
         for p, t in zip(pred, truth):                         # (3, F, H, W): frames 1.. as a batch of images
-            p1, t1 = p[:, 1:].transpose(0, 1).clamp(-1, 1), t[:, 1:].transpose(0, 1)
-            scores[name]["psnr"].append(float(peak_signal_noise_ratio(p1, t1, data_range=2.0)))
-            scores[name]["ssim"].append(float(structural_similarity_index_measure(p1, t1, data_range=2.0)))
+            p1, t1 = p[:, 1:].transpose(0, 1), t[:, 1:].transpose(0, 1)
+            scores[name]["psnr"].append(psnr(p1, t1, SIGNED))          # models.metrics: as `evaluate` reports
+            scores[name]["ssim"].append(ssim(p1, t1, SIGNED))
 
     for b0 in range(0, n, batch):
         idx = list(range(b0, min(n, b0 + batch)))

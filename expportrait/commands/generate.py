@@ -56,7 +56,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | None, codec_subfolder: str | None,
                    use_ema: bool = True):
     """(NormalDrivenWan, LatentCodec, settings) from an export/package folder or a checkpoint."""
-    import torch
 
     from expportrait.reenactment import PACKAGE_FILE, read_package_meta
     from models.generator import LatentCodec, NormalDrivenWan
@@ -72,27 +71,14 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
             inference = read_package_meta(weights).get("inference", {})
             settings = {k: inference.get(k) for k in ("shift", "steps")}
     else:
-        from training.export import load_checkpoint_state
+        from training.export import task_from_checkpoint
         from training.tasks.generator import GeneratorTask, sampler_settings
         if not checkpoint.exists():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        state = load_checkpoint_state(checkpoint)
-        hp = {k: v for k, v in state.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        if "flavor" not in hp:
+        task, hp = task_from_checkpoint(checkpoint, use_ema, {"pretrained": None, "wan_folder": None},
+                                        default_class="training.tasks.generator.GeneratorTask")
+        if not isinstance(task, GeneratorTask) or "flavor" not in hp:
             raise ValueError(f"{checkpoint} is not a generator checkpoint (no generator hyperparameters)")
-        task = GeneratorTask(**{**hp, "pretrained": None, "wan_folder": None})
-        weights_sd = state.get("state_dict") or state.get("module") or {}
-        missing, _ = task.load_state_dict({k.removeprefix("module."): v for k, v in weights_sd.items()}, strict=False)
-        if [k for k in missing if k.startswith("model.")]:
-            raise ValueError(f"{checkpoint}: its weights lack {len(missing)} generator tensors, e.g. {missing[:2]}")
-        if use_ema:
-            ema = state.get("callbacks", {}).get("EMA")
-            if ema is None:
-                raise ValueError(f"{checkpoint} holds no EMA state (use --no-ema for the live weights)")
-            params = dict(task.named_parameters())
-            with torch.no_grad():
-                for name, value in ema["shadow"].items():
-                    params[name].copy_(value)
         model = task.model
         settings = {**sampler_settings(hp), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
         if codec is None and hp.get("codec"):

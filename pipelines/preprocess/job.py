@@ -9,7 +9,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from preprocessing.clip_records import ClipItem, is_environment_fault, one_line
 from preprocessing.shard_format import ShardSpec, fingerprint, plan_shards

@@ -3,7 +3,6 @@ videos and plots, metrics next to the copy baseline, an MLflow run."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
