@@ -7,8 +7,8 @@ import torch
 
 from models.head.head_model import HeadParams
 from models.render.camera import Camera
-from preprocessing.landmark_calibration import (LandmarkEmbedding, Observation, calibrate, model_key,
-                                                resolve_embedding)
+from preprocessing.landmark_calibration import Observation, calibrate
+from preprocessing.landmark_embedding import LandmarkEmbedding, model_key, resolve_embedding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
