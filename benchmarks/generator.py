@@ -2,7 +2,8 @@
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
         --frames 48 --size 32] [--flavor tiny_cpu_s2d --codec-kind space_to_depth | --flavor tiny_cpu
-        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19] [--train-threads N]
+        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19]
+        [--train-threads N]
         [--window 5 --stride 8] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
@@ -176,8 +177,8 @@ def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, bat
     # shuffled: each window driven by the normals of a window of another identity (a fixed derangement)
     if len({w["identity"] for w in windows}) < 2:
         raise ValueError("the shuffled-normals baseline needs >= 2 test identities (use more --identities)")
-    others = [next(j for k in range(1, n) for j in [(i + k * 7) % n] if windows[j]["identity"] != windows[i]["identity"])
-              for i in range(n)]
+    others = [next(j for k in range(1, n) for j in [(i + k * 7) % n]
+                   if windows[j]["identity"] != windows[i]["identity"]) for i in range(n)]
     scores = {k: {"psnr": [], "ssim": []} for k in ("model", "copy", "shuffled", "codec")}
     sample_seconds, frames_sampled = 0.0, 0
 
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec-lr", type=float, default=2e-3)
     p.add_argument("--codec-dir", default=None, help="use this trained codec folder (train_codec output)")
     p.add_argument("--train-steps", type=int, default=5800)
-    p.add_argument("--train-minutes", type=float, default=19.0, help="wall-clock cap of the generator's training (process start and export come on top)")
+    p.add_argument("--train-minutes", type=float, default=19.0,
+                   help="wall-clock cap of the generator's training (process start and export come on top)")
     p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the trained task's)")
     p.add_argument("--sample-shift", type=float, default=None,
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"evaluating {len(windows)} {args.eval_split} windows")
     # the sampler as the trained task samples (and as `register` packs it), unless given
     from training.tasks.generator import sampler_settings
-    hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu",
+                    weights_only=False)["hyper_parameters"]
     trained = sampler_settings(hp)
     shift = args.sample_shift if args.sample_shift is not None else float(trained["shift"])
     steps = args.sample_steps or int(trained["steps"] or 10)
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_windows": ev["windows"], "eval_split": args.eval_split,
         "load_avg_1min": {"start": round(load_start, 2), "after_codec": round(load_mid, 2),
                           "after_train": round(load_train, 2), "end": round(load(), 2)},
-        "cpu_cores": os.cpu_count(), "train_threads": args.train_threads, "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "cpu_cores": os.cpu_count(), "train_threads": args.train_threads,
+        "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
         "targets": {"psnr_gain_db": ">= 3", "shuffled_drop_db": ">= 2", "train_minutes": "<= 20"},
         # Shortcut: training and test windows are driven by normal maps of the TRUE head (exact-truth
         # shards); users' path renders them from fitted parameters, which this run does not measure.

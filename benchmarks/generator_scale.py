@@ -228,7 +228,8 @@ def main() -> None:
     for name in ("wan1.3b", "wan14b"):
         for label, shape in SHAPES.items():
             ckpt, full = activation_gib(name, *shape)
-            print(f"activations per sample, {name} {label}: ~{ckpt:.1f} GiB with checkpointing, ~{full:.0f} GiB without")
+            print(f"activations per sample, {name} {label}: ~{ckpt:.1f} GiB with checkpointing, "
+                  f"~{full:.0f} GiB without")
     print("-> wan1.3b: ZeRO-2 fits 80 GB; wan14b full fine-tune: ZeRO-3 (+ optimizer offload to be safe);"
           " wan14b_lora: ZeRO-2/3 with the frozen base in bf16")
 

@@ -217,7 +217,8 @@ def main() -> None:
         for cpus in ((1, 2) if r % 2 == 0 else (2, 1)):
             (ones if cpus == 1 else twos).append(
                 job(manifest, tmp / f"job{cpus}_{r}", model, cpus, args.clips_per_shard, tmp))
-        print(f"run {r}: loop {loops[-1]:.1f} s; 2 loop processes {loops2[-1]:.1f} s; job 1 worker {ones[-1]}; job 2 workers {twos[-1]}", flush=True)
+        print(f"run {r}: loop {loops[-1]:.1f} s; 2 loop processes {loops2[-1]:.1f} s; job 1 worker {ones[-1]}; "
+              f"job 2 workers {twos[-1]}", flush=True)
     loop_s, loop2_s = min(loops), min(loops2)
     one = min(ones, key=lambda x: x["process"])
     two = min(twos, key=lambda x: x["process"])

@@ -262,7 +262,8 @@ class Reenactor:
         path = resolve_head_model(meta["head_model"], head_model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         head = PersonalizedHead.from_file(path, subdivision_levels=meta["head_model"].get("subdivision", 1))
-        transfer = ExpressionTransfer.from_pretrained(folder / "transfer").eval() if (folder / "transfer").is_dir() else None
+        has_transfer = (folder / "transfer").is_dir()
+        transfer = ExpressionTransfer.from_pretrained(folder / "transfer").eval() if has_transfer else None
         if transfer is not None and transfer.num_face_vertices != head.num_face_vertices:
             raise HeadModelMismatchError(f"the transfer module has {transfer.num_face_vertices} face vertices, "
                                          f"the head model {head.num_face_vertices}")

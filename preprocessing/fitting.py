@@ -745,7 +745,8 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     if normals is not None:
         n_v = vertex_normals(vc, normal_faces)[:, normal_ids]
         n_t = sample_maps(normals, uv[:, normal_ids])
-        vis = visible[:, normal_ids] & ((n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1).detach()
+        facing = (n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1
+        vis = visible[:, normal_ids] & facing.detach()
         nsum = vis.sum(1).clamp(min=1) if per_frame else vis.sum().clamp(min=1)
         nres = (n_v - n_t).abs().sum(-1) * vis
         out["normal"] = nres.sum(1) / nsum if per_frame else nres.sum() / nsum

@@ -21,11 +21,8 @@ model run::
     python -m preprocessing.landmark_calibration --model /path/SMPLX_NEUTRAL.npz \\
         --out preprocessing/landmark_embeddings/   [--identities 12 --frames 24 --seed 1001]
 
-(the synthetic world renders any SMPL-X-format model). File format
-(:mod:`preprocessing.landmark_embedding` reads it, :meth:`LandmarkEmbedding.save` writes it): an npz with ``faces`` (68,) int64 faces of the full model, ``bary`` (68, 3)
-float32, ``model_key`` (:func:`model_key`), ``convention`` (``mediapipe_ibug68``),
-``residual_pct`` (68,) the calibration's median distance per point in % of face width,
-``model_residual_pct`` (68,) the same for the model's own iBUG-68 definitions, ``frames``.
+(the synthetic world renders any SMPL-X-format model). File format: see
+:mod:`preprocessing.landmark_embedding` (which reads it; :meth:`LandmarkEmbedding.save` writes it).
 """
 from __future__ import annotations
 

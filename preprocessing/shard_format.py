@@ -40,7 +40,8 @@ class ShardSpec:
 
 
 def fingerprint(*parts) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+    blob = json.dumps(parts, sort_keys=True,
+                      default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
     return hashlib.sha1(blob.encode()).hexdigest()
 
 

@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true", help="with --checkpoint: the live weights, not the EMA")
     p.add_argument("--reference", type=Path, required=True, help="reference image (png/jpg)")
     p.add_argument("--normals", type=Path, required=True, help="normal-map video (mp4)")
-    p.add_argument("--reference-normal", type=Path, default=None, help="reference normal map (default: first normal frame)")
+    p.add_argument("--reference-normal", type=Path, default=None,
+                   help="reference normal map (default: first normal frame)")
     p.add_argument("--out", type=Path, required=True, help="output mp4")
     p.add_argument("--size", type=int, default=64, help="generated frame size (a multiple of 16)")
     p.add_argument("--window", type=int, default=5, help="frames per generator window (4k+1)")
@@ -180,5 +181,6 @@ def run(args: argparse.Namespace) -> dict:
               "seconds": round(time.perf_counter() - t0, 2)}
     if args.side_by_side:
         side = np.concatenate([np.repeat(reference, t, 0), normals, frames], axis=2)
-        result["side_by_side"] = str(write_video(args.out.with_name(args.out.stem + "_side_by_side.mp4"), side, out_fps))
+        side_path = args.out.with_name(args.out.stem + "_side_by_side.mp4")
+        result["side_by_side"] = str(write_video(side_path, side, out_fps))
     return result

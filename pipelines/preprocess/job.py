@@ -224,7 +224,8 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         if sched.fault is not None:
             if is_environment_fault(sched.fault):
                 f = sched.fault
-                raise EnvironmentFault(f"{f.strerror or f}" + (f": {f.filename}" if getattr(f, "filename", None) else ""))
+                where = f": {f.filename}" if getattr(f, "filename", None) else ""
+                raise EnvironmentFault(f"{f.strerror or f}{where}")
             raise InternalError(f"a shard writer failed: {type(sched.fault).__name__}: {sched.fault}")
         return {"ray_init_seconds": round(ray_init_seconds, 3),
                 "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode,

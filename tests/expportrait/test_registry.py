@@ -160,10 +160,12 @@ def test_gate_config_and_checks(tmp_path):
     from expportrait.registry import check_gate, load_gate
     gate = load_gate(Path(__file__).parents[2] / "configs" / "registry" / "gate.yaml")
     assert gate["protocol"] == "self" and "psnr" in gate["thresholds"]
-    rules = {"protocol": "self", "thresholds": {"psnr": {"min": 20}, "jitter_ratio": {"max": 2}, "csim_sface": {"min": 0.4}}}
+    rules = {"protocol": "self",
+             "thresholds": {"psnr": {"min": 20}, "jitter_ratio": {"max": 2}, "csim_sface": {"min": 0.4}}}
     assert check_gate({"psnr": 25.0, "jitter_ratio": 1.0, "csim_sface": 0.5}, rules) == []
     fails = check_gate({"psnr": 25.0, "jitter_ratio": 2.5, "csim_sface": float("nan")}, rules)
-    assert fails == ["jitter_ratio = 2.5 > max 2", "csim_sface: not measurable in the evaluation (NaN, e.g. no face found)"]
+    assert fails == ["jitter_ratio = 2.5 > max 2",
+                     "csim_sface: not measurable in the evaluation (NaN, e.g. no face found)"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("thresholds:\n  psnr: {above: 3}\n")
     with pytest.raises(ValueError, match="psnr"):

@@ -64,8 +64,8 @@ def test_calibration_recovers_known_surface_points(synthetic_data, head):
 
 def test_embedding_file_round_trip_and_model_check(synthetic_data, tmp_path):
     emb = LandmarkEmbedding(faces=np.arange(68), bary=np.full((68, 3), 1 / 3, np.float32),
-                            model_key=model_key(synthetic_data), residual_pct=np.ones(68), model_residual_pct=np.ones(68),
-                            frames=10)
+                            model_key=model_key(synthetic_data), residual_pct=np.ones(68),
+                            model_residual_pct=np.ones(68), frames=10)
     path = emb.save(tmp_path)
     assert path.name == f"mediapipe_ibug68_{emb.model_key}.npz"
     back = resolve_embedding(str(path), synthetic_data)

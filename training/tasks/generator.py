@@ -378,8 +378,8 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
         raise ValueError(f"unknown codec kind {kind!r}; known: space_to_depth, wan_vae")
     vae = codec.vae.train()
     urls = shard_urls(shards, "train")
-    ds = ShardDataset(urls, max(steps, stat_batches) * batch_size, resampled=True, shuffle_buffer=32, seed=seed, rank=0, world_size=1,
-                      fields=("frames",))
+    ds = ShardDataset(urls, max(steps, stat_batches) * batch_size, resampled=True, shuffle_buffer=32, seed=seed,
+                      rank=0, world_size=1, fields=("frames",))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
     g = torch.Generator().manual_seed(seed)
     span = (frames - 1) * frame_stride + 1
