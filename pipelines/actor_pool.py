@@ -111,6 +111,17 @@ class ActorPool:
                 progress(results[i])
         return results
 
+    def shutdown(self) -> None:
+        """Kill the pool's actors (their resources return to the cluster)."""
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = []
+
     def _replace(self, dead):
         """A fresh actor in place of one whose process died (Ray's own restarts may be spent)."""
         import ray
