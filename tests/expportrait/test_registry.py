@@ -127,7 +127,7 @@ def test_fresh_process_loads_champion_and_runs_on_cpu(store, registered, tmp_pat
 
 def test_mismatched_head_model_refuses_to_load(store, registered, tmp_path, synthetic_model_path, monkeypatch):
     import mlflow
-    from expportrait.reenactment import HeadModelMismatchError
+    from models.head.resolve import HeadModelMismatchError
     with np.load(synthetic_model_path) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["shapedirs"] = arrays["shapedirs"] * 1.01            # another head model, same layout
