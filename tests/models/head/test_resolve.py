@@ -64,3 +64,21 @@ def test_a_different_local_file_refuses_with_both_hashes(cache, tmp_path, monkey
     monkeypatch.setenv(ENV_VAR, str(_other_model(synthetic_model_path, tmp_path / "other.npz")))
     with pytest.raises(HeadModelMismatchError, match=ref["sha256"][:16]):
         resolve_head_model(ref)
+
+
+def test_the_job_and_the_transfer_task_honour_the_environment(cache, tmp_path, monkeypatch, synthetic_model_path):
+    """``$EXPPORTRAIT_SMPLX_PATH`` reaches every command, not only ``fit``: the preprocessing
+    job's driver check and the transfer task's head; a config value still wins."""
+    from pipelines.preprocess.config import PreprocessConfig
+    from pipelines.preprocess.job import ConfigError, check_head_model
+    from training.tasks.transfer import build_head
+    env_file = shutil.copy(synthetic_model_path, tmp_path / "SMPLX_NEUTRAL.npz")
+    assert check_head_model(PreprocessConfig())[0] == str(synthetic_model_file(0).resolve())
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    assert check_head_model(PreprocessConfig())[0] == str(env_file.resolve())
+    assert check_head_model(PreprocessConfig(head_model=str(synthetic_model_path)))[0] == str(synthetic_model_path)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "nowhere.npz"))
+    with pytest.raises(ConfigError, match="nowhere.npz"):
+        check_head_model(PreprocessConfig())                                # named in the error, before any work
+    with pytest.raises(HeadModelFileError, match="nowhere.npz"):
+        build_head(None, 1)
