@@ -93,7 +93,7 @@ def synthetic_corpus(work, identities: int, clips: int, frames: int, size: int, 
     import time
     from pathlib import Path
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
     corpus = Path(work) / "corpus"
     config = WorldConfig(identities=identities, clips_per_identity=clips, frames=frames, size=size, seed=seed)

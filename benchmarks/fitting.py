@@ -22,7 +22,8 @@ the mean vertex distance is reported as % of the 0.22 m head height (``vertex_er
 after one similarity for the whole clip (a per-frame alignment would hide jitter).
 ``dynamic_err_mm`` is the Δf error where the truth has detail, against the zero-Δf baseline
 (``dynamic_zero_baseline_mm``); with no estimator, the job's Δf and Δg come from the
-photometric stage (shape from shading on the crops). β/ψ recovery: correlation with the truth (first 20 / 10 components).
+photometric stage (shape from shading on the crops). β/ψ recovery: correlation with the truth
+(first 20 / 10 components).
 
 The job's head places the tracker's 68 points where MediaPipe puts them on this model (the
 calibrated embedding shipped for the synthetic model, ``preprocessing/landmark_calibration.py``,
@@ -131,7 +132,8 @@ def score(head, fit, tg) -> dict:
             "static_vs_zero": s_err / s_zero, "dynamic_vs_zero": d_err / d_zero,
             "photometric_residual": float(np.mean(photo)) if photo is not None else float("nan"),
             "photometric_residual_no_dynamic": float(np.mean(fit.qc["photometric_residual_no_dynamic"]))
-            if photo is not None else float("nan"),"vertex_err_pct": err / HEAD_HEIGHT * 100, "vertex_err_mm": err * 1000,
+            if photo is not None else float("nan"),
+            "vertex_err_pct": err / HEAD_HEIGHT * 100, "vertex_err_mm": err * 1000,
             "vertex_err_pct_camera": cam_err / HEAD_HEIGHT * 100,
             "vertex_err_pct_clip_aligned": (whole - true).norm(dim=-1).mean().item() / HEAD_HEIGHT * 100,
             "align_scale": float(scale.median()),
@@ -221,7 +223,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     args = ap.parse_args()
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.clip_fit import fit_frames
     from preprocessing.clip_records import ClipItem, StageConfig
     from preprocessing.clip_stages import StageContext, decode_clip
@@ -281,10 +283,12 @@ def main() -> None:
             true2d = np.load(f"{corpus}/clips/{c}.npz")["landmarks_2d"]
             width = np.linalg.norm(true2d[:, 16] - true2d[:, 0], axis=-1)[:, None]
             mp_dev.append(float(np.nanmedian(np.linalg.norm(lm - true2d, axis=-1) / width) * 100))
-            emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width) * 100))
+            emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width)
+                                 * 100))
             rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk_fitter,
                                                                          world.head).fit, tg))
-            rows["job_no_registration"].append(score(world.head, job_fit(frames, stages.fov_deg, no_registration).fit, tg))
+            rows["job_no_registration"].append(score(world.head, job_fit(frames, stages.fov_deg,
+                                                                          no_registration).fit, tg))
             t0 = time.perf_counter()
             plain = job_fit(frames, stages.fov_deg, no_photo)
             timing[-1]["seconds_no_photometric"] = t_decode + sum(plain.seconds.values())
@@ -367,7 +371,8 @@ def main() -> None:
         "cold_seconds": round(cold, 2),
         "path": {"video": "rendered RGB mp4, job decode_clip", "landmarks": "FaceTracker crop + MediaPipe, "
                  "calibrated embedding (other identities, seed 1001)",
-                 "fov_deg": stages.fov_deg, "dense_targets": None, "photometric": "registration + offsets, crops + validity masks"},
+                 "fov_deg": stages.fov_deg, "dense_targets": None,
+                 "photometric": "registration + offsets, crops + validity masks"},
         "metric": "face-region vertex error after per-frame similarity (Umeyama) alignment, % of 0.22 m",
     }
     for name in ROWS:

@@ -2,7 +2,8 @@
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
         --frames 48 --size 32] [--flavor tiny_cpu_s2d --codec-kind space_to_depth | --flavor tiny_cpu
-        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19] [--train-threads N]
+        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19]
+        [--train-threads N]
         [--window 5 --stride 8] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
@@ -18,7 +19,7 @@
    benchmark, see the config).
 4. On the *test* identities (never read in training; ``--eval-split val`` for choosing sampler
    settings), every window of ``--window`` frames every ``--stride`` frames at a few start
-   frames: PSNR and SSIM (torchmetrics, data range [-1, 1]) of frames 1.. against the ground
+   frames: PSNR and SSIM (models.metrics: per frame, averaged, as `evaluate`) of frames 1.. against the ground
    truth for
    - ``model``: the generator from the reference frame (frame 0) and the window's normals,
      sampled as the trained task samples (its ``sample_steps``, ``sample_shift``) unless given;
@@ -166,7 +167,7 @@ def test_windows(shards: Path, window: int, stride: int, starts: list[int], spli
 def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, batch: int, seed: int,
              shift: float = 1.0, guidance: float = 1.0) -> dict:
     import torch
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from models.metrics import SIGNED, psnr, ssim
 
     from models.generator import LatentCodec, NormalDrivenWan, generate_video
 
@@ -176,16 +177,16 @@ def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, bat
     # shuffled: each window driven by the normals of a window of another identity (a fixed derangement)
     if len({w["identity"] for w in windows}) < 2:
         raise ValueError("the shuffled-normals baseline needs >= 2 test identities (use more --identities)")
-    others = [next(j for k in range(1, n) for j in [(i + k * 7) % n] if windows[j]["identity"] != windows[i]["identity"])
-              for i in range(n)]
+    others = [next(j for k in range(1, n) for j in [(i + k * 7) % n]
+                   if windows[j]["identity"] != windows[i]["identity"]) for i in range(n)]
     scores = {k: {"psnr": [], "ssim": []} for k in ("model", "copy", "shuffled", "codec")}
     sample_seconds, frames_sampled = 0.0, 0
 
     def score(name: str, pred: torch.Tensor, truth: torch.Tensor) -> None:
         for p, t in zip(pred, truth):                         # (3, F, H, W): frames 1.. as a batch of images
-            p1, t1 = p[:, 1:].transpose(0, 1).clamp(-1, 1), t[:, 1:].transpose(0, 1)
-            scores[name]["psnr"].append(float(peak_signal_noise_ratio(p1, t1, data_range=2.0)))
-            scores[name]["ssim"].append(float(structural_similarity_index_measure(p1, t1, data_range=2.0)))
+            p1, t1 = p[:, 1:].transpose(0, 1), t[:, 1:].transpose(0, 1)
+            scores[name]["psnr"].append(psnr(p1, t1, SIGNED))          # models.metrics: as `evaluate` reports
+            scores[name]["ssim"].append(ssim(p1, t1, SIGNED))
 
     for b0 in range(0, n, batch):
         idx = list(range(b0, min(n, b0 + batch)))
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec-lr", type=float, default=2e-3)
     p.add_argument("--codec-dir", default=None, help="use this trained codec folder (train_codec output)")
     p.add_argument("--train-steps", type=int, default=5800)
-    p.add_argument("--train-minutes", type=float, default=19.0, help="wall-clock cap of the generator's training (process start and export come on top)")
+    p.add_argument("--train-minutes", type=float, default=19.0,
+                   help="wall-clock cap of the generator's training (process start and export come on top)")
     p.add_argument("--train-arg", action="append", default=[], help="extra training CLI argument (repeatable)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: the trained task's)")
     p.add_argument("--sample-shift", type=float, default=None,
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"evaluating {len(windows)} {args.eval_split} windows")
     # the sampler as the trained task samples (and as `register` packs it), unless given
     from training.tasks.generator import sampler_settings
-    hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["hyper_parameters"]
+    hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu",
+                    weights_only=False)["hyper_parameters"]
     trained = sampler_settings(hp)
     shift = args.sample_shift if args.sample_shift is not None else float(trained["shift"])
     steps = args.sample_steps or int(trained["steps"] or 10)
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_windows": ev["windows"], "eval_split": args.eval_split,
         "load_avg_1min": {"start": round(load_start, 2), "after_codec": round(load_mid, 2),
                           "after_train": round(load_train, 2), "end": round(load(), 2)},
-        "cpu_cores": os.cpu_count(), "train_threads": args.train_threads, "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
+        "cpu_cores": os.cpu_count(), "train_threads": args.train_threads,
+        "total_minutes": round((time.perf_counter() - t_start) / 60, 2),
         "targets": {"psnr_gain_db": ">= 3", "shuffled_drop_db": ">= 2", "train_minutes": "<= 20"},
         # Shortcut: training and test windows are driven by normal maps of the TRUE head (exact-truth
         # shards); users' path renders them from fitted parameters, which this run does not measure.

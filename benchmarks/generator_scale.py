@@ -142,13 +142,13 @@ def smooth_sample(clip_id: str, frames: int, size: int, seed: int):
 def write_shards(root: Path, content: str, codec: str, samples: int, frames: int, size: int) -> float:
     from sample_factory import random_sample
 
-    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from preprocessing.shard_format import ShardFolder, plan_shards, write_shard
     from preprocessing.clip_records import ClipItem, ClipOutcome
     from preprocessing.sample_schema import encode_sample
 
     make = (lambda c, i: random_sample(c, 0, frames, size, seed=i)) if content == "noise" else \
         (lambda c, i: smooth_sample(c, frames, size, seed=i))
-    out = OutputDir(root)
+    out = ShardFolder(root)
     out.prepare()
     items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i}") for i in range(samples)]
     t0 = time.perf_counter()
@@ -228,7 +228,8 @@ def main() -> None:
     for name in ("wan1.3b", "wan14b"):
         for label, shape in SHAPES.items():
             ckpt, full = activation_gib(name, *shape)
-            print(f"activations per sample, {name} {label}: ~{ckpt:.1f} GiB with checkpointing, ~{full:.0f} GiB without")
+            print(f"activations per sample, {name} {label}: ~{ckpt:.1f} GiB with checkpointing, "
+                  f"~{full:.0f} GiB without")
     print("-> wan1.3b: ZeRO-2 fits 80 GB; wan14b full fine-tune: ZeRO-3 (+ optimizer offload to be safe);"
           " wan14b_lora: ZeRO-2/3 with the frozen base in bf16")
 

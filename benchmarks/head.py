@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--skip-pytorch3d", action="store_true")
     args = ap.parse_args()
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from models.head.head_model import HeadParams, PersonalizedHead
     from models.render.camera import portrait_camera
     from models.render.conditions import render_conditions

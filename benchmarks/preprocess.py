@@ -63,7 +63,8 @@ def bare_loop(manifest: Path, out: Path, model: Path, clips_per_shard: int, part
     job's processing time."""
     import torch
 
-    from pipelines.job_io import OutputDir, list_inputs, plan_shards, write_shard
+    from pipelines.job_io import OutputDir, list_inputs
+    from preprocessing.shard_format import plan_shards, write_shard
     from preprocessing.clip_stages import StageConfig, StageContext, fit_identity, process_clip
 
     torch.set_num_threads(1)
@@ -169,14 +170,14 @@ def main() -> None:
     p.add_argument("--part", default="0/1", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.loop_only:
-        from expportrait.assets import synthetic_model_file
+        from models.head.resolve import synthetic_model_file
         k, n = (int(x) for x in args.part.split("/"))
         print(bare_loop(Path(args.loop_only[0]), Path(args.loop_only[1]), synthetic_model_file(),
                         args.clips_per_shard, (k, n), started=STARTED))
         return
 
     from _report import report
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
@@ -216,7 +217,8 @@ def main() -> None:
         for cpus in ((1, 2) if r % 2 == 0 else (2, 1)):
             (ones if cpus == 1 else twos).append(
                 job(manifest, tmp / f"job{cpus}_{r}", model, cpus, args.clips_per_shard, tmp))
-        print(f"run {r}: loop {loops[-1]:.1f} s; 2 loop processes {loops2[-1]:.1f} s; job 1 worker {ones[-1]}; job 2 workers {twos[-1]}", flush=True)
+        print(f"run {r}: loop {loops[-1]:.1f} s; 2 loop processes {loops2[-1]:.1f} s; job 1 worker {ones[-1]}; "
+              f"job 2 workers {twos[-1]}", flush=True)
     loop_s, loop2_s = min(loops), min(loops2)
     one = min(ones, key=lambda x: x["process"])
     two = min(twos, key=lambda x: x["process"])

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     args = ap.parse_args()
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 
     model = synthetic_model_file(0)           # cached; building it is not part of the corpus
@@ -39,7 +39,8 @@ def main() -> None:
     headline = {"identities": args.identities, "clips": result.clips, "frames": result.frames,
                 "size": args.size, "seconds": round(seconds, 2),
                 "frames_per_second": round(result.frames / seconds, 2),
-                "target_seconds": 120 if (args.identities, args.clips, args.frames, args.size) == (8, 2, 48, 128) else None}
+                "target_seconds": (120 if (args.identities, args.clips, args.frames, args.size) == (8, 2, 48, 128)
+                                   else None)}
     print(f"{result.clips} clips, {result.frames} frames at {args.size}^2 in {seconds:.1f} s "
           f"({headline['frames_per_second']} frames/s)")
     print(json.dumps(headline))

@@ -76,7 +76,8 @@ def make_fitted_shards(work: Path, corpus: Path) -> Path:
                        cwd=REPO, capture_output=True, text=True)
     if r.returncode not in (0, 1):
         raise RuntimeError(f"preprocessing job failed ({r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}")
-    log(f"fitted shards (preprocessing job) in {time.perf_counter() - t0:.0f} s: {r.stdout.strip().splitlines()[-1][:300]}")
+    log(f"fitted shards (preprocessing job) in {time.perf_counter() - t0:.0f} s: "
+        f"{r.stdout.strip().splitlines()[-1][:300]}")
     return out
 
 
@@ -92,7 +93,8 @@ def train(work: Path, source: str, shards: Path, epochs: int, reuse: bool, extra
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml",
            "--data.init_args.root", str(shards), "--out", str(out), "--trainer.max_epochs", str(epochs),
-           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", f"transfer_tiny_{source}", *extra]
+           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", f"transfer_tiny_{source}",
+           *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
@@ -263,7 +265,7 @@ def main() -> None:
     import torch
     torch.set_num_threads(args.threads)
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from models.head.head_model import PersonalizedHead
 
     work = args.work.resolve()
@@ -285,7 +287,8 @@ def main() -> None:
         model_dir, minutes[name] = train(work, name, shards, args.epochs, args.reuse_models, args.train_arg,
                                           args.threads)
         if name == "exact":
-            clips, ids = exact_inputs(corpus, set(pairs.driver_clip_id), set(pairs.target_identity_id) | set(pairs.driver_identity_id))
+            clips, ids = exact_inputs(corpus, set(pairs.driver_clip_id),
+                                      set(pairs.target_identity_id) | set(pairs.driver_identity_id))
         else:
             clips, ids = fitted_inputs(shards, "test")
         results[name] = evaluate(corpus, model_dir, clips, ids, pairs, head, args.render_pairs,

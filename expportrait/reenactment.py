@@ -31,7 +31,6 @@ packed at register): a generator trained on aligned crops is not shown full fram
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -41,12 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.head.resolve import HeadModelMismatchError, resolve_head_model
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 PACKAGE_FILE = "package.json"
-
-
-class HeadModelMismatchError(ValueError):
-    """The local head-model file is not the one the packaged models were trained with."""
 
 
 @dataclass
@@ -82,50 +79,6 @@ class PreprocessSettings:
     crop_size: int = 256
     fov_deg: float = 20.0
     fit_seed: int = 0
-
-
-# -- head-model reference -----------------------------------------------------------------------
-def head_model_hash(path: str | os.PathLike) -> str:
-    """sha256 of an SMPL-X-format ``.npz``'s arrays (names, dtypes, shapes, bytes; sorted), so
-    re-saving the same arrays (zip timestamps) keeps the hash."""
-    h = hashlib.sha256()
-    with np.load(path, allow_pickle=False) as z:
-        for k in sorted(z.files):
-            a = np.ascontiguousarray(z[k])
-            h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-            h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def head_model_reference(path: str | os.PathLike | None, subdivision: int = 1) -> dict:
-    """The package's reference to a head model: its hash and kind (``synthetic`` when ``path`` is
-    None: the project's synthetic model, rebuilt from code), never the file."""
-    from expportrait.assets import synthetic_model_file
-    kind = "synthetic" if path is None else "smplx"
-    path = Path(path) if path is not None else synthetic_model_file(0)
-    return {"kind": kind, "synthetic_seed": 0 if kind == "synthetic" else None, "file_name": path.name,
-            "sha256": head_model_hash(path), "subdivision": subdivision}
-
-
-def resolve_head_model(reference: dict, local: str | os.PathLike | None = None) -> Path:
-    """The local head-model file for a package, checked against its hash: ``local``, else
-    ``$EXPPORTRAIT_SMPLX_PATH``, else (synthetic packages) the synthetic model rebuilt from code.
-    Raises :class:`HeadModelMismatchError` naming both hashes when the file differs."""
-    from expportrait.assets import synthetic_model_file
-    from models.head.smplx_file import ENV_VAR, resolve_model_path
-    if local is not None or os.environ.get(ENV_VAR):
-        path = resolve_model_path(local)
-    elif reference["kind"] == "synthetic":
-        path = synthetic_model_file(reference.get("synthetic_seed") or 0)
-    else:
-        path = resolve_model_path(None)          # raises: names the expected file
-    digest = head_model_hash(path)
-    if digest != reference["sha256"]:
-        raise HeadModelMismatchError(
-            f"head model {path} (sha256 {digest[:16]}…) is not the one this model was trained with "
-            f"({reference['kind']} {reference['file_name']}, sha256 {reference['sha256'][:16]}…): set "
-            f"${ENV_VAR} to that file; a model driven by another head model's normals renders wrong faces")
-    return path
 
 
 # -- subjects -----------------------------------------------------------------------------------
@@ -309,7 +262,8 @@ class Reenactor:
         path = resolve_head_model(meta["head_model"], head_model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         head = PersonalizedHead.from_file(path, subdivision_levels=meta["head_model"].get("subdivision", 1))
-        transfer = ExpressionTransfer.from_pretrained(folder / "transfer").eval() if (folder / "transfer").is_dir() else None
+        has_transfer = (folder / "transfer").is_dir()
+        transfer = ExpressionTransfer.from_pretrained(folder / "transfer").eval() if has_transfer else None
         if transfer is not None and transfer.num_face_vertices != head.num_face_vertices:
             raise HeadModelMismatchError(f"the transfer module has {transfer.num_face_vertices} face vertices, "
                                          f"the head model {head.num_face_vertices}")

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from expportrait.reenactment import (InferenceSettings, PreprocessSettings, Reenactor, SubjectError,
-                                     head_model_reference, paste_back, read_package_meta, side_by_side,
-                                     write_package)
+from expportrait.reenactment import (InferenceSettings, PreprocessSettings, Reenactor, SubjectError, paste_back,
+                                     read_package_meta, side_by_side, write_package)
+from models.head.resolve import head_model_reference
 from preprocessing.errors import EnvironmentFault, UserError
 
 EVAL_TAG = "eval"                       # version tags eval.<protocol>.<metric>

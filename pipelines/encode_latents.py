@@ -26,11 +26,12 @@ import uuid
 from pathlib import Path
 
 from preprocessing.clip_records import is_environment_fault
+from preprocessing.shard_format import MARKER_SUFFIX, TMP_TAG, atomic_write
 
-from .job_io import MARKER_SUFFIX, TMP_TAG, JobInputError, atomic_write, parquet_bytes, write_if_changed
+from .actor_pool import ActorPool, ActorResources, CallFailure
+from .job_io import JobInputError, parquet_bytes, write_if_changed
 from .preprocess.config import RayConfig
 from .preprocess.job import EnvironmentFault, init_ray
-from .preprocess.workers import classify_call_error
 
 FRAMES_RULE = "first-4k+1"
 
@@ -154,8 +155,6 @@ def pending_shards(sources: list[dict], out: Path, codec_id: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     sources = source_shards(args.input)
     codec = load_codec(args.codec, args.codec_subfolder)
@@ -172,47 +171,44 @@ def run(args: argparse.Namespace) -> dict:
         raise EnvironmentFault(f"output {out}: {exc.strerror}") from None
     for orphan in out.glob(f"*{TMP_TAG}*"):
         orphan.unlink(missing_ok=True)
-    init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus))
-    import ray
-    rows = []
-    try:
-        actor = ray.remote(LatentEncoder).options(num_cpus=args.cpus_per_worker, num_gpus=args.num_gpus,
-                                                  max_restarts=1)
-        workers = [actor.remote(args.codec, args.codec_subfolder, max(1, int(args.cpus_per_worker)))
-                   for _ in range(min(args.workers, len(todo)))]
-        ids = set(ray.get([w.ready.remote() for w in workers]))
-        if ids != {cid}:
-            raise EnvironmentFault(f"the workers loaded another codec ({sorted(ids)}) than the driver ({cid})")
-        queue, running = list(todo), {}
-        bar = tqdm(total=len(todo), desc="shards", unit="shard", file=sys.stdout, disable=args.no_progress)
-        idle = list(workers)
-        while queue or running:
-            while queue and idle:
-                w, src = idle.pop(), queue.pop(0)
-                running[w.encode_shard.remote(src, str(out), args.batch)] = (w, src)
-            done, _ = ray.wait(list(running), num_returns=1)
-            w, src = running.pop(done[0])
-            idle.append(w)
-            try:
-                rows.append(ray.get(done[0]))
-            except Exception as exc:  # noqa: BLE001 - a row, not a crashed job
-                status, _, cause = classify_call_error(exc)
-                if is_environment_fault(cause):
-                    raise EnvironmentFault(f"{cause.strerror}: {getattr(cause, 'filename', '')}") from None
-                rows.append({"shard": src["name"], "status": status, "samples": 0, "seconds": 0.0,
-                             "reason": f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"})
-            bar.update(1)
-        bar.close()
-    finally:
-        ray.shutdown()
-        if rows:
-            import pandas as pd
-            write_if_changed(out.parent / "manifest.parquet", parquet_bytes(pd.DataFrame(rows)))
+    rows = _encode_on_pool(args, todo, out, cid)
     failed = sum(r["status"] != "ok" for r in rows)
     summary.update(written=len(rows) - failed, failed=failed, samples=sum(r["samples"] for r in rows),
                    seconds=round(time.perf_counter() - started, 2))
     (out.parent / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _encode_on_pool(args: argparse.Namespace, todo: list[dict], out: Path, cid: str) -> list[dict]:
+    """Encode the pending shards on a pool of :class:`LatentEncoder` actors; a row per shard
+    (also ``manifest.parquet``, written even when the job stops on an environment fault)."""
+    from tqdm import tqdm
+
+    def failed_row(failure: CallFailure) -> dict:
+        cause = failure.cause
+        if is_environment_fault(cause):
+            raise EnvironmentFault(f"{cause.strerror}: {getattr(cause, 'filename', '')}") from None
+        return {"shard": failure.item["name"], "status": failure.status, "samples": 0, "seconds": 0.0,
+                "reason": f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"}
+
+    init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus))
+    import ray
+    rows: list[dict] = []
+    try:
+        pool = ActorPool(LatentEncoder, (args.codec, args.codec_subfolder, max(1, int(args.cpus_per_worker))),
+                         ActorResources(num_cpus=args.cpus_per_worker, num_gpus=args.num_gpus, max_restarts=1))
+        ids = set(pool.start(min(args.workers, len(todo))))
+        if ids != {cid}:
+            raise EnvironmentFault(f"the workers loaded another codec ({sorted(ids)}) than the driver ({cid})")
+        with tqdm(total=len(todo), desc="shards", unit="shard", file=sys.stdout, disable=args.no_progress) as bar:
+            pool.map("encode_shard", todo, lambda src: (src, str(out), args.batch), failed_row,
+                     progress=lambda row: (rows.append(row), bar.update(1)))
+    finally:
+        ray.shutdown()
+        if rows:
+            import pandas as pd
+            write_if_changed(out.parent / "manifest.parquet", parquet_bytes(pd.DataFrame(rows)))
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:

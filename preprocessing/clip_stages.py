@@ -41,7 +41,7 @@ class StageContext:
         self.config = config
         self.model_path = str(model_path)
         self.model_sha1 = model_sha1 or file_digest(model_path)   # the job passes the one it hashed
-        from .landmark_calibration import head_with_embedding
+        from .landmark_embedding import head_with_embedding
 
         self.head, self.landmark_embedding = head_with_embedding(load_smplx_model(model_path),
                                                                  config.landmark_embedding, subdivision)

@@ -44,6 +44,8 @@ from models.head.head_model import HeadParams, PersonalizedHead
 from models.render.camera import Camera
 from models.render.conditions import vertex_normals
 
+from .mesh_solvers import conjugate_gradients, lap_apply, sample_maps, sub_laplacian
+
 # Landmark weights: the contour follows the silhouette and is least reliable.
 LANDMARK_WEIGHTS = np.ones(68, np.float32)
 LANDMARK_WEIGHTS[:17] = 0.3
@@ -172,6 +174,23 @@ def face_size(landmarks: Tensor) -> Tensor:
     return ((hi - lo).prod(-1)).sqrt().clamp(min=1.0)
 
 
+@dataclass
+class _FitState:
+    """What the stages of one fit share; ``inputs`` and ``lmk_depth`` change once relative
+    depth is scaled to the head (stage 2), ``params`` when they are detached."""
+
+    inputs: FitInputs
+    camera: Camera
+    lmk: Tensor                      # (T, 68, 2) landmark targets (NaN -> 0)
+    w_lmk: Tensor                    # (T, 68) their weights (0 where missing)
+    size: Tensor                     # (T,) face size (pixels)
+    lmk_depth: Tensor | None         # (T, 68) depth at the landmarks (metric targets only)
+    params: HeadParams
+    w_temporal: float
+    w_shape_prior: float
+    dense: bool                      # depth targets given
+
+
 class Fitter:
     def __init__(self, head: PersonalizedHead, config: FitConfig | None = None,
                  landmark_weights: np.ndarray | None = None) -> None:
@@ -226,6 +245,34 @@ class Fitter:
              fit_offsets: bool) -> FitResult:
         cfg = self.config
         torch.manual_seed(cfg.seed)
+        st = self._fit_state(inputs, betas)
+        timings, history = {}, {}
+        t0 = time.perf_counter()
+        history["rigid"] = self._fit_rigid(st)
+        timings["rigid"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        opt = self._fit_expression(st, betas, history)
+        timings["expression"] = time.perf_counter() - t0
+        if cfg.photo_registration and st.inputs.images is not None:
+            t0 = time.perf_counter()
+            history["photo_registration"] = self._photometric_registration(
+                st.params, st.camera, st.inputs, opt, lambda it: self._expression_loss(st, it, st.dense))
+            timings["photo_registration"] = time.perf_counter() - t0
+        static, dynamic, photo = self._fit_all_offsets(st, static_offsets, fit_offsets, timings, history)
+        t0 = time.perf_counter()
+        qc, status = self._quality(st.params, static, dynamic, st.camera, st.inputs, st.lmk, st.w_lmk, st.size)
+        if photo is not None:
+            qc["photometric_residual"] = photo.residual.cpu().numpy()
+            qc["photometric_residual_no_dynamic"] = photo.residual_no_dynamic.cpu().numpy()
+        timings["quality"] = time.perf_counter() - t0
+        return FitResult(params=st.params, static_offsets=static.detach(), dynamic_offsets=dynamic.detach(),
+                         camera=st.camera, qc=qc, frame_status=status, stage_seconds=timings,
+                         loss_history=history)
+
+    def _fit_state(self, inputs: FitInputs, betas: Tensor | None) -> "_FitState":
+        """The camera, the landmark targets and weights, the face size per frame and the
+        initial parameters of a fit."""
+        cfg = self.config
         t = inputs.num_frames
         K = inputs.K if inputs.K is not None else default_intrinsics(t, inputs.image_size, cfg.fov_deg)
         camera = fitting_camera(K.float(), inputs.image_size)
@@ -242,107 +289,104 @@ class Fitter:
         params = self._initial_params(lmk, w_lmk, camera, lmk_depth)
         if betas is not None:
             params.betas = betas.reshape(1, -1).clone()
-        timings, history = {}, {}
-
-        def landmark_loss(lm3d: Tensor, subset=None) -> Tensor:
-            cam_pts = camera.to_camera(lm3d)
-            uv = camera.project(cam_pts)
-            r = (uv - lmk) / size[:, None, None] * 100.0            # % of face size
-            w = w_lmk
-            if subset is not None:
-                r, w, cam_pts = r[:, subset], w[:, subset], cam_pts[:, subset]
-            loss = (_gmof(r.norm(dim=-1), 10.0) * w).sum() / w.sum().clamp(min=1)
-            if lmk_depth is not None:                           # anchor depth where targets exist
-                dz = lmk_depth if subset is None else lmk_depth[:, subset]
-                wz = (dz > 0) * w
-                wz[:, :17] = 0
-                loss = loss + (_gmof((cam_pts[..., 2] - dz) * 100.0, 3.0) * wz).sum() / wz.sum().clamp(min=1)
-            return loss
-
         has_dense = inputs.depth is not None or inputs.normals is not None
         w_temporal = 0.0 if cfg.w_temporal == 0 else (
             cfg.w_temporal if has_dense else cfg.w_temporal_landmarks_only)
         w_shape_prior = cfg.w_shape_prior if has_dense else cfg.w_shape_prior_landmarks_only
+        return _FitState(inputs, camera, lmk, w_lmk, size, lmk_depth, params, w_temporal, w_shape_prior,
+                         dense=inputs.depth is not None)
 
-        def temporal(x: Tensor, order: int = 1) -> Tensor:
-            if x.shape[0] <= order or w_temporal == 0:
-                return x.new_zeros(())
-            d = x
-            for _ in range(order):
-                d = d[1:] - d[:-1]
-            return d.square().sum(-1).mean()
+    def _landmark_loss(self, st: "_FitState", lm3d: Tensor, subset=None) -> Tensor:
+        """Robust 2D landmark error in % of the face size (+ depth where metric targets exist)."""
+        cam_pts = st.camera.to_camera(lm3d)
+        uv = st.camera.project(cam_pts)
+        r = (uv - st.lmk) / st.size[:, None, None] * 100.0            # % of face size
+        w = st.w_lmk
+        if subset is not None:
+            r, w, cam_pts = r[:, subset], w[:, subset], cam_pts[:, subset]
+        loss = (_gmof(r.norm(dim=-1), 10.0) * w).sum() / w.sum().clamp(min=1)
+        if st.lmk_depth is not None:                           # anchor depth where targets exist
+            dz = st.lmk_depth if subset is None else st.lmk_depth[:, subset]
+            wz = (dz > 0) * w
+            wz[:, :17] = 0
+            loss = loss + (_gmof((cam_pts[..., 2] - dz) * 100.0, 3.0) * wz).sum() / wz.sum().clamp(min=1)
+        return loss
 
-        # Stage 1: rigid head pose and translation.
-        t0 = time.perf_counter()
+    @staticmethod
+    def _temporal(st: "_FitState", x: Tensor, order: int = 1) -> Tensor:
+        """Mean squared ``order``-th difference along time (0 when temporal smoothing is off)."""
+        if x.shape[0] <= order or st.w_temporal == 0:
+            return x.new_zeros(())
+        d = x
+        for _ in range(order):
+            d = d[1:] - d[:-1]
+        return d.square().sum(-1).mean()
+
+    def _fit_rigid(self, st: "_FitState") -> list[float]:
+        """Stage 1: rigid head pose and translation."""
+        cfg, params, temporal = self.config, st.params, self._temporal
         opt = torch.optim.Adam([{"params": [params.head_pose], "lr": cfg.lr_rigid},
                                 {"params": [params.transl], "lr": cfg.lr_rigid * 0.1}])
-        history["rigid"] = _adam(opt, cfg.iters_rigid, lambda it: landmark_loss(
-            self.lm_head(params)[0], RIGID_LANDMARKS) + w_temporal * 10.0 * (
-            temporal(params.head_pose, 2) + temporal(params.transl * 10, 2)))
-        timings["rigid"] = time.perf_counter() - t0
+        return _adam(opt, cfg.iters_rigid, lambda it: self._landmark_loss(
+            st, self.lm_head(params)[0], RIGID_LANDMARKS) + st.w_temporal * 10.0 * (
+            temporal(st, params.head_pose, 2) + temporal(st, params.transl * 10, 2)))
 
-        # Stage 2: shape, expression, jaw, pose, eyes (landmarks; depth/normals when given).
-        t0 = time.perf_counter()
+    def _expression_loss(self, st: "_FitState", it: int, dense: bool) -> Tensor:
+        cfg, params, temporal = self.config, st.params, self._temporal
+        loss = cfg.w_landmarks * self._landmark_loss(st, self.lm_head(params)[0])
+        loss = loss + st.w_shape_prior * params.betas.square().sum() \
+            + cfg.w_expression_prior * params.expression.square().sum(-1).mean() \
+            + cfg.w_jaw_prior * params.jaw_pose.square().sum(-1).mean() \
+            + 1e-2 * (params.leye_pose.square().sum(-1).mean() + params.reye_pose.square().sum(-1).mean())
+        loss = loss + st.w_temporal * (temporal(st, params.expression) * 0.5 + temporal(st, params.jaw_pose) * 20
+                                       + temporal(st, params.head_pose, 2) * 10
+                                       + temporal(st, params.transl * 10, 2) * 10)
+        if dense and it % cfg.dense_every == 0:
+            t = st.inputs.num_frames
+            frames = self._frame_batch(t)
+            verts = self.head(params.map(lambda x: x[frames] if x.shape[0] == t else x)).vertices
+            loss = loss + self._dense_loss(verts, st.camera, st.inputs, frames)
+        return loss
+
+    def _fit_expression(self, st: "_FitState", betas: Tensor | None, history: dict) -> torch.optim.Adam:
+        """Stage 2: shape, expression, jaw, pose, eyes (landmarks; depth/normals when given).
+        The first half on landmarks alone; then relative depth can be scaled to the head, and
+        the dense terms (when there are targets) join for the second half. Returns the optimizer."""
+        cfg, params = self.config, st.params
         free = [params.expression, params.jaw_pose, params.head_pose, params.leye_pose,
                 params.reye_pose] + ([params.betas] if betas is None else [])
         opt = torch.optim.Adam([{"params": free}, {"params": [params.transl], "lr": cfg.lr_expression * 0.1}],
                                lr=cfg.lr_expression)
-        dense = inputs.depth is not None
-
-        def expression_loss(it: int, dense: bool) -> Tensor:
-            loss = cfg.w_landmarks * landmark_loss(self.lm_head(params)[0])
-            loss = loss + w_shape_prior * params.betas.square().sum() \
-                + cfg.w_expression_prior * params.expression.square().sum(-1).mean() \
-                + cfg.w_jaw_prior * params.jaw_pose.square().sum(-1).mean() \
-                + 1e-2 * (params.leye_pose.square().sum(-1).mean() + params.reye_pose.square().sum(-1).mean())
-            loss = loss + w_temporal * (temporal(params.expression) * 0.5 + temporal(params.jaw_pose) * 20
-                                            + temporal(params.head_pose, 2) * 10 + temporal(params.transl * 10, 2) * 10)
-            if dense and it % cfg.dense_every == 0:
-                frames = self._frame_batch(t)
-                verts = self.head(params.map(lambda x: x[frames] if x.shape[0] == t else x)).vertices
-                loss = loss + self._dense_loss(verts, camera, inputs, frames)
-            return loss
-
-        # First half on landmarks alone; then relative depth can be scaled to the head, and
-        # the dense terms (when there are targets) join for the second half.
         half = cfg.iters_expression // 2
-        history["expression"] = _adam(opt, half, lambda it: expression_loss(it, False))
-        if dense and not inputs.depth_is_metric:
-            inputs = self._scale_relative_depth(inputs, params, camera, lmk, w_lmk)
-            lmk_depth = self._landmark_depth(lmk, inputs)
+        history["expression"] = _adam(opt, half, lambda it: self._expression_loss(st, it, False))
+        if st.dense and not st.inputs.depth_is_metric:
+            st.inputs = self._scale_relative_depth(st.inputs, params, st.camera, st.lmk, st.w_lmk)
+            st.lmk_depth = self._landmark_depth(st.lmk, st.inputs)
         history["expression"] += _adam(opt, cfg.iters_expression - half,
-                                       lambda it: expression_loss(half + it, dense))
-        timings["expression"] = time.perf_counter() - t0
+                                       lambda it: self._expression_loss(st, half + it, st.dense))
+        return opt
 
-        if cfg.photo_registration and inputs.images is not None:
-            t0 = time.perf_counter()
-            history["photo_registration"] = self._photometric_registration(
-                params, camera, inputs, opt, lambda it: expression_loss(it, dense))
-            timings["photo_registration"] = time.perf_counter() - t0
-
-        if fit_offsets and dense:
-            static, dynamic, off_t, off_h = self.fit_offsets(params, camera, inputs, static_offsets)
+    def _fit_all_offsets(self, st: "_FitState", static_offsets: Tensor | None, fit_offsets: bool,
+                         timings: dict, history: dict):
+        """Stages 3-4: Δg and Δf from the dense targets (when given and ``fit_offsets``), then
+        the photometric refinement (when images are given). Detaches the parameters. Returns
+        (Δg, Δf, the photometric result or None)."""
+        cfg, t = self.config, st.inputs.num_frames
+        if fit_offsets and st.dense:
+            static, dynamic, off_t, off_h = self.fit_offsets(st.params, st.camera, st.inputs, static_offsets)
             timings.update(off_t)
             history.update(off_h)
         else:
             static = static_offsets.clone() if static_offsets is not None else torch.zeros(self.head.num_vertices, 3)
             dynamic = torch.zeros(t, self.head.num_face_vertices, 3)
-        params = params.map(lambda x: x.detach())
+        st.params = st.params.map(lambda x: x.detach())
         photo = None
-        if fit_offsets and cfg.photometric and inputs.images is not None:
+        if fit_offsets and cfg.photometric and st.inputs.images is not None:
             t0 = time.perf_counter()
-            static, dynamic, photo = self.fit_photometric(params, camera, inputs, static, dynamic,
+            static, dynamic, photo = self.fit_photometric(st.params, st.camera, st.inputs, static, dynamic,
                                                           fit_static=static_offsets is None and cfg.photo_static)
             timings["photometric"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        qc, status = self._quality(params, static, dynamic, camera, inputs, lmk, w_lmk, size)
-        if photo is not None:
-            qc["photometric_residual"] = photo.residual.cpu().numpy()
-            qc["photometric_residual_no_dynamic"] = photo.residual_no_dynamic.cpu().numpy()
-        timings["quality"] = time.perf_counter() - t0
-        return FitResult(params=params, static_offsets=static.detach(), dynamic_offsets=dynamic.detach(),
-                         camera=camera, qc=qc, frame_status=status, stage_seconds=timings,
-                         loss_history=history)
+        return static, dynamic, photo
 
     def _photometric_registration(self, params: HeadParams, camera: Camera, inputs: FitInputs,
                                   opt: torch.optim.Adam, other_loss) -> list[float]:
@@ -372,7 +416,7 @@ class Fitter:
             def loss_fn(it):
                 uv = camera.project(camera.to_camera(region(params)))
                 # squared norm by hand: a norm over the sampler's strided output is 30x slower on CPU
-                r2 = (_sample(images, uv) - rendered).square().sum(-1) * 1e4       # (% of range)²
+                r2 = (sample_maps(images, uv) - rendered).square().sum(-1) * 1e4       # (% of range)²
                 sig2 = cfg.photo_registration_sigma ** 2
                 return other_loss(it) + cfg.w_photo_registration * (sig2 * r2 / (sig2 + r2) * w).sum() / wsum
 
@@ -409,7 +453,7 @@ class Fitter:
                 return base + (rots * off[:, :, None, :]).sum(-1)
             return base[:, ids] + (rots[:, ids] * off[:, ids, None, :]).sum(-1)
 
-        lap_face = _sub_laplacian(self.lap, face_ids)
+        lap_face = sub_laplacian(self.lap, face_ids)
         rots_f, visible_f = rots[:, face_ids], visible[:, face_ids]
         hist_s, hist_d = [], []
         t_static = t_dynamic = 0.0
@@ -458,13 +502,13 @@ class Fitter:
         with torch.no_grad():
             vc = camera.to_camera(verts)
             uv = camera.project(vc)
-            d_t = _sample(inputs.depth[..., None], uv)[..., 0]
+            d_t = sample_maps(inputs.depth[..., None], uv)[..., 0]
             vis = (visible & (d_t > 0) & ((vc[..., 2] - d_t).abs() < self.config.visibility_tol)).float()
             # d(m . camera point)/d(offset) = (R_cam^T m)^T R_v, formed without tiny matmuls.
             along = lambda m: ((m @ camera.R)[..., :, None] * rots).sum(-2)
             if inputs.normals is None:
                 return along(camera.R[:, None, 2, :].expand_as(vc)), vc[..., 2] - d_t, vis
-            n_t = torch.nn.functional.normalize(_sample(inputs.normals, uv), dim=-1)
+            n_t = torch.nn.functional.normalize(sample_maps(inputs.normals, uv), dim=-1)
             ray = torch.cat([(uv - camera.principal[:, None]) / camera.focal[:, None],
                              torch.ones_like(uv[..., :1])], -1)
             target = ray * d_t[..., None]                        # the target surface point
@@ -489,7 +533,7 @@ class Fitter:
         """Target depth under each detected landmark (0 where unknown), or None."""
         if inputs.depth is None:
             return None
-        return _sample(inputs.depth[..., None], lmk, mode="nearest")[..., 0]
+        return sample_maps(inputs.depth[..., None], lmk, mode="nearest")[..., 0]
 
     def _frame_batch(self, t: int) -> Tensor:
         b = min(self.config.batch_frames, t)
@@ -599,33 +643,6 @@ def _adam(opt: torch.optim.Adam, iters: int, loss_fn) -> list[float]:
     return history
 
 
-def _cg(matvec, b: Tensor, iters: int, diag: Tensor | None = None) -> Tensor:
-    """Jacobi-preconditioned conjugate gradients for a symmetric positive-definite system."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    z = r / diag if diag is not None else r
-    p = z.clone()
-    rz = (r * z).sum()
-    for _ in range(iters):
-        ap = matvec(p)
-        alpha = rz / (p * ap).sum().clamp(min=1e-30)
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = r / diag if diag is not None else r
-        rz_new = (r * z).sum()
-        if rz_new.abs() < 1e-30:
-            break
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return x
-
-
-def _lap_apply(lap: Tensor, x: Tensor) -> Tensor:
-    """Sparse Laplacian on vertex-major values (N, ...)."""
-    n = x.shape[0]
-    return torch.sparse.mm(lap, x.reshape(n, -1)).view_as(x)
-
-
 def _solve_static(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig,
                   face_weight: Tensor) -> Tensor:
     """One Gauss-Newton step for Δg (N, 3) shared by all frames: minimise
@@ -638,11 +655,11 @@ def _solve_static(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig
     blocks = torch.einsum("tni,tnj->nij", wa, a)
 
     def matvec(x):
-        return (blocks @ x[..., None])[..., 0] + mu * x + lam * _lap_apply(lap, _lap_apply(lap, x))
+        return (blocks @ x[..., None])[..., 0] + mu * x + lam * lap_apply(lap, lap_apply(lap, x))
 
     b = -(wa * r[..., None]).sum(0)
     diag = blocks.diagonal(dim1=-2, dim2=-1) + mu + lam * 4.0
-    return _cg(matvec, b, cfg.cg_iters, diag)
+    return conjugate_gradients(matvec, b, cfg.cg_iters, diag)
 
 
 def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfig) -> Tensor:
@@ -652,7 +669,7 @@ def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfi
     wa = vis[..., None] * a
 
     def lap_frames(x):                      # (T, N, 3): Laplacian per frame
-        return _lap_apply(lap, x.permute(1, 0, 2)).permute(1, 0, 2)
+        return lap_apply(lap, x.permute(1, 0, 2)).permute(1, 0, 2)
 
     def temporal(x):                        # D^T D along time
         if x.shape[0] < 2:
@@ -668,7 +685,7 @@ def _solve_dynamic(a: Tensor, r: Tensor, vis: Tensor, lap: Tensor, cfg: FitConfi
 
     b = -wa * r[..., None]
     diag = wa * a + mu + lam * 4.0 + 2 * gam
-    return _cg(matvec, b, cfg.cg_iters, diag)
+    return conjugate_gradients(matvec, b, cfg.cg_iters, diag)
 
 
 def _smooth_on_mesh(x: Tensor, weight: Tensor, lap: Tensor, iters: int) -> Tensor:
@@ -678,34 +695,8 @@ def _smooth_on_mesh(x: Tensor, weight: Tensor, lap: Tensor, iters: int) -> Tenso
     t = x.shape[0]
     both = torch.cat([x * weight, weight]).T.contiguous()        # (N, 2T): values, weights
     for _ in range(iters):
-        both = both + 0.5 * _lap_apply(lap, both)
+        both = both + 0.5 * lap_apply(lap, both)
     return (both[:, :t] / both[:, t:].clamp(min=1e-6)).T
-
-
-def _sub_laplacian(lap: Tensor, ids: Tensor) -> Tensor:
-    """The rows and columns of a sparse Laplacian restricted to ``ids`` (re-normalized)."""
-    n = lap.shape[0]
-    local = torch.full((n,), -1, dtype=torch.long)
-    local[ids] = torch.arange(len(ids))
-    idx = lap.indices()
-    keep = (local[idx[0]] >= 0) & (local[idx[1]] >= 0) & (idx[0] != idx[1])
-    rows, cols = local[idx[0, keep]], local[idx[1, keep]]
-    deg = torch.bincount(rows, minlength=len(ids)).clamp(min=1).float()
-    vals = 1.0 / deg[rows]
-    diag = torch.arange(len(ids))
-    all_idx = torch.cat([torch.stack([rows, cols]), torch.stack([diag, diag])], 1)
-    return torch.sparse_coo_tensor(all_idx, torch.cat([vals, -torch.ones(len(ids))]),
-                                   (len(ids), len(ids))).coalesce()
-
-
-def _sample(maps: Tensor, uv: Tensor, mode: str = "bilinear") -> Tensor:
-    """Values of per-frame maps (B, H, W, C) at pixel positions uv (B, N, 2) -> (B, N, C);
-    pixel centres as in OpenCV, 0 outside the image."""
-    h, w = maps.shape[1:3]
-    grid = torch.stack([uv[..., 0] / (w - 1) * 2 - 1, uv[..., 1] / (h - 1) * 2 - 1], -1)
-    out = torch.nn.functional.grid_sample(maps.permute(0, 3, 1, 2).float(), grid[:, :, None],
-                                          mode=mode, align_corners=True)
-    return out[..., 0].permute(0, 2, 1)
 
 
 def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor | None,
@@ -722,7 +713,7 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     h, w = camera.image_size
     vc = camera.to_camera(verts)
     uv = camera.project(vc)
-    d_t = _sample(depth[..., None], uv)[..., 0]                           # (B, N)
+    d_t = sample_maps(depth[..., None], uv)[..., 0]                           # (B, N)
     if visible is None:
         inside = (uv[..., 0] >= 0) & (uv[..., 0] <= w - 1) & (uv[..., 1] >= 0) & (uv[..., 1] <= h - 1)
         visible = (inside & (d_t > 0) & ((vc[..., 2] - d_t).abs() < tol)).detach()
@@ -733,8 +724,9 @@ def _map_residuals(verts: Tensor, camera: Camera, depth: Tensor, normals: Tensor
     out = {"depth": dres.sum(1) / wsum if per_frame else dres.sum() / wsum}
     if normals is not None:
         n_v = vertex_normals(vc, normal_faces)[:, normal_ids]
-        n_t = _sample(normals, uv[:, normal_ids])
-        vis = visible[:, normal_ids] & ((n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1).detach()
+        n_t = sample_maps(normals, uv[:, normal_ids])
+        facing = (n_v * torch.nn.functional.normalize(vc[:, normal_ids], dim=-1)).sum(-1) < -0.1
+        vis = visible[:, normal_ids] & facing.detach()
         nsum = vis.sum(1).clamp(min=1) if per_frame else vis.sum().clamp(min=1)
         nres = (n_v - n_t).abs().sum(-1) * vis
         out["normal"] = nres.sum(1) / nsum if per_frame else nres.sum() / nsum

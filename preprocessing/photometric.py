@@ -36,6 +36,8 @@ from models.render.camera import Camera
 from models.render.conditions import vertex_normals
 from models.render.rasterizer import interpolate, rasterize_torch
 
+from .mesh_solvers import conjugate_gradients, sample_maps, sub_laplacian
+
 # Real SH basis constants (order 2).
 _C0, _C1, _C2, _C3, _C4 = 0.282095, 0.488603, 1.092548, 0.315392, 0.546274
 
@@ -140,8 +142,7 @@ class PhotometricSolver:
         inner = (local[head.faces] >= 0).all(1)
         self.local_faces = local[head.faces[inner]]          # faces inside the face region, local ids
         self.near_faces = head.faces[(local[head.faces] >= 0).any(1)]
-        from .fitting import _sub_laplacian
-        lap = _sub_laplacian(head.laplacian(), self.ids.cpu())
+        lap = sub_laplacian(head.laplacian(), self.ids.cpu())
         self.lap2 = torch.sparse.mm(lap.t().coalesce(), lap).coalesce().to_sparse_csr().to(self.ids.device)   # LᵀL
         self._expr_cache: dict = {}
 
@@ -232,11 +233,11 @@ class PhotometricSolver:
         for fr in torch.arange(verts.shape[0]).split(16):
             face_idx = rasterize_torch(uvz[fr], self.near_faces, (h, w), True)
             depth, _ = interpolate(uvz[fr], vc[fr][..., 2:], self.near_faces, face_idx)
-            d = _sample(depth, uv[fr][:, self.ids])[..., 0]
+            d = sample_maps(depth, uv[fr][:, self.ids])[..., 0]
             z = vc[fr][:, self.ids, 2]
             ok = (d > 0) & (z - d < cfg.visibility_tol)
             if valid is not None:
-                ok &= _sample(valid[fr].float()[..., None], uv[fr][:, self.ids], "nearest")[..., 0] > 0.5
+                ok &= sample_maps(valid[fr].float()[..., None], uv[fr][:, self.ids], "nearest")[..., 0] > 0.5
             vis.append(ok)
         return torch.cat(vis)
 
@@ -248,7 +249,7 @@ class PhotometricSolver:
         ids = self.ids
         vc = camera.to_camera(verts)
         normals = vertex_normals(vc, self.near_faces)[:, ids]
-        colours = _sample(images, camera.project(vc[:, ids]))
+        colours = sample_maps(images, camera.project(vc[:, ids]))
         facing = -(normals * torch.nn.functional.normalize(vc[:, ids], dim=-1)).sum(-1)
         w = (visible & (facing > self.config.min_cos)).float() * facing.clamp(0, 1)
         return colours, normals, w
@@ -314,7 +315,7 @@ class PhotometricSolver:
         lam = self.config.albedo_smooth * w.sum(0).mean().clamp(min=1e-3)
         mv = lambda x: d * x + lam * (self.lap2 @ x)
         x0 = b / d.clamp(min=1e-6)
-        return x0 + _cg(mv, b - mv(x0), self.config.cg_iters * 2, d + lam * 4.0)
+        return x0 + conjugate_gradients(mv, b - mv(x0), self.config.cg_iters * 2, d + lam * 4.0)
 
     def _chroma_weight(self, albedo, smooth) -> Tensor:
         chroma = lambda a: a / a.sum(-1, keepdim=True).clamp(min=1e-4)
@@ -348,7 +349,7 @@ class PhotometricSolver:
             return data + cfg.static_magnitude * x + cfg.static_laplacian * (self.lap2 @ x)
 
         diag = _gtdg_diag(g, blocks.diagonal(dim1=-2, dim2=-1)) + cfg.static_magnitude + cfg.static_laplacian * 4.0
-        return _cg(mv, b, cfg.cg_iters, diag[:, None])[:, 0]
+        return conjugate_gradients(mv, b, cfg.cg_iters, diag[:, None])[:, 0]
 
     def _solve_dynamic(self, colours, normals, light, albedo, w, r_cam, g, q) -> Tensor:
         """One Gauss-Newton step for the per-frame heights (T, M): shading data term,
@@ -381,7 +382,7 @@ class PhotometricSolver:
 
         diag = _gtdg_diag(g, blocks.diagonal(dim1=1, dim2=2).permute(1, 0, 2)).T \
             + cfg.dyn_magnitude + cfg.dyn_laplacian * 4.0 + 2 * gam
-        return _cg(mv, b, cfg.cg_iters, diag).T
+        return conjugate_gradients(mv, b, cfg.cg_iters, diag).T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,13 +421,3 @@ def _gtdg_diag(g: Tensor, d: Tensor) -> Tensor:
     flat = d.reshape(*d.shape[:-2], -1)
     out = torch.zeros(*d.shape[:-2], g.shape[1], dtype=d.dtype, device=d.device)
     return out.index_add_(-1, cols, vals * vals * flat[..., rows])
-
-
-def _cg(matvec, b: Tensor, iters: int, diag: Tensor) -> Tensor:
-    from .fitting import _cg as cg
-    return cg(matvec, b, iters, diag)
-
-
-def _sample(maps: Tensor, uv: Tensor, mode: str = "bilinear") -> Tensor:
-    from .fitting import _sample as sample
-    return sample(maps, uv, mode)

@@ -28,7 +28,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def synthetic_model_path(tmp_path_factory):
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     cache = os.environ.get("EXPPORTRAIT_TEST_CACHE")   # reuse across runs when set
     directory = cache if cache else tmp_path_factory.mktemp("models")
     return synthetic_model_file(seed=0, directory=directory)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers.models.modeling_utils import ModelMixin
@@ -59,24 +61,72 @@ def load_checkpoint_state(path: str | Path) -> dict:
                         f"{type(exc).__name__}: {str(exc)[:200]}", checkpoint=str(path)) from None
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
-    """Rebuild the task from the checkpoint's hyperparameters and export (EMA) weights."""
+def checkpoint_ema(state: dict, checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The EMA callback's fp32 weights in a checkpoint state, by the task's parameter names."""
+    ema_state = state.get("callbacks", {}).get("EMA")
+    if ema_state is None:
+        raise KeyError(f"{checkpoint} holds no EMA state (callbacks: {list(state.get('callbacks', {}))}); "
+                       "use the live weights instead (--no-ema)")
+    return dict(ema_state["shadow"])
+
+
+@contextmanager
+def weights_swapped(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """``module`` with ``weights`` (e.g. the EMA, by parameter name) copied into its parameters
+    for the block, the live values put back after."""
+    params = dict(module.named_parameters())
+    saved = {}
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name in params:
+                saved[name] = params[name].detach().clone()
+                params[name].copy_(value.to(params[name].dtype))
+    try:
+        yield module
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def task_from_checkpoint(checkpoint: str | Path, use_ema: bool = True, overrides: dict | None = None,
+                         default_class: str = "training.tasks.transfer.TransferTask"):
+    """The one checkpoint -> (EMA) weights loader: the task named by the checkpoint's
+    ``_class_path`` rebuilt from its hyperparameters (``overrides`` replace those it has, e.g.
+    ``pretrained=None`` to skip loading base weights that the checkpoint replaces anyway), its
+    weights loaded, then the EMA weights copied in (``use_ema``). Returns (task, hyperparameters);
+    a ValueError when the checkpoint's weights lack the task's model tensors."""
     import importlib
     state = load_checkpoint_state(checkpoint)
-    path = state["hyper_parameters"].get("_class_path", "training.tasks.transfer.TransferTask")   # the CLI's
-    module_name, _, cls_name = path.rpartition(".")
-    hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
+    hp = state.get("hyper_parameters", {})
+    module_name, _, cls_name = hp.get("_class_path", default_class).rpartition(".")   # the CLI's
+    hparams = {k: v for k, v in hp.items() if not k.startswith("_")}
+    hparams.update({k: v for k, v in (overrides or {}).items() if k in hparams})
     task = getattr(importlib.import_module(module_name), cls_name)(**hparams)
     weights = state.get("state_dict") or state.get("module")
     if weights is not None:
-        task.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()}, strict=False)
-    ema = None
+        missing, _ = task.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()}, strict=False)
+        lacking = [k for k in missing if k.startswith("model.")]
+        if lacking:
+            raise ValueError(f"{checkpoint}: its weights lack {len(lacking)} model tensors, e.g. {lacking[:2]}")
     if use_ema:
-        ema_state = state.get("callbacks", {}).get("EMA")
-        if ema_state is None:
-            raise KeyError(f"{checkpoint} holds no EMA state (callbacks: {list(state.get('callbacks', {}))})")
-        ema = {k.removeprefix("model."): v for k, v in ema_state["shadow"].items() if k.startswith("model.")}
-    return export_pretrained(task.export_module(), ema, out)
+        ema = checkpoint_ema(state, checkpoint)
+        trainable = {n for n, p in task.named_parameters() if p.requires_grad and n.startswith("model.")}
+        if trainable - set(ema):
+            raise KeyError(f"{checkpoint}: the EMA lacks {sorted(trainable - set(ema))[:5]}...")
+        with torch.no_grad():
+            params = dict(task.named_parameters())
+            for name, value in ema.items():
+                if name in params:
+                    params[name].copy_(value.to(params[name].dtype))
+    return task, hparams
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Rebuild the task from the checkpoint (:func:`task_from_checkpoint`) and export its
+    (EMA) weights."""
+    task, _ = task_from_checkpoint(checkpoint, use_ema)
+    return export_pretrained(task.export_module(), None, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def _latest_run(tracking_uri: str, experiment: str) -> str:
 
 def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
     """1-3: model, corpus, head sweep, one fit, the preprocessing job."""
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 
     from . import fit, head
@@ -180,7 +180,8 @@ def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: 
     transfer_export = transfer_out / "export" / "ema"
     _train_once("transfer", transfer_out, transfer_export / "config.json",
                 f"training the expression transfer module ({scale.transfer_epochs} epochs)",
-                ["-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml", "--out", str(transfer_out),
+                ["-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml",
+                 "--out", str(transfer_out),
                  "--data.init_args.root", str(data["shards"]), "--model.init_args.head_model", str(data["model"]),
                  "--trainer.max_epochs", str(scale.transfer_epochs), *common], timings, reuse)
 
@@ -307,9 +308,12 @@ def run(args: argparse.Namespace) -> dict:
                           store=str(trained["store"]))
         reports[protocol] = {k: result[k] for k in ("report", "model", "copy", "pairs", "pairs_failed")}
         m, c, nan = result["model"], result["copy"], float("nan")
-        headline = (f"psnr {m.get('psnr', nan):.2f} dB vs copy-reference {c.get('psnr', nan):.2f} dB" if protocol == "self"
-                    else f"head-pose error (APD) {_num(m.get('apd_deg'))}° vs copy-reference {_num(c.get('apd_deg'))}°, "
-                         f"expression error (AED) {_num(m.get('aed'))} vs {_num(c.get('aed'))}")   # no ground truth
+        if protocol == "self":
+            headline = f"psnr {m.get('psnr', nan):.2f} dB vs copy-reference {c.get('psnr', nan):.2f} dB"
+        else:                                                                             # no ground truth
+            headline = (f"head-pose error (APD) {_num(m.get('apd_deg'))}° vs copy-reference "
+                        f"{_num(c.get('apd_deg'))}°, expression error (AED) {_num(m.get('aed'))} "
+                        f"vs {_num(c.get('aed'))}")
         _say(f"evaluate {protocol}: model {headline}; report {result['report']}")
     timings["evaluate"] = (time.perf_counter() - t0) / 60
     minutes = (time.perf_counter() - t_start) / 60

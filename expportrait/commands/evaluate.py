@@ -68,7 +68,8 @@ def evaluate(model: str, protocol: str, data: str | Path, out: str | Path, max_p
     out = writable_dir(out, "--out")
     if tracking_uri is None and store is None and not os.environ.get("MLFLOW_TRACKING_URI"):
         if str(model).startswith("models:/"):
-            raise ValueError("a models:/ URI needs the registry's store: --tracking-uri, --store or MLFLOW_TRACKING_URI")
+            raise ValueError("a models:/ URI needs the registry's store: --tracking-uri, --store or "
+                             "MLFLOW_TRACKING_URI")
         store = out / "mlflow"                            # embedded store beside the report
     uri = tracking_from(tracking_uri, str(store) if store else None,
                         must_exist=str(model).startswith(("models:/", "runs:/")))

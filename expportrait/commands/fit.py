@@ -51,15 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _head(model: Path | None, landmark_embedding: str = "auto"):
-    from expportrait.assets import synthetic_model_file
-    from models.head.smplx_file import HeadModelFileError, load_smplx_model, resolve_model_path
-    from preprocessing.landmark_calibration import head_with_embedding, no_calibration_note
-    try:
-        path = resolve_model_path(model)
-    except HeadModelFileError:
-        if model is not None:
-            raise
-        path = synthetic_model_file(0)
+    from models.head.resolve import head_model_path
+    from models.head.smplx_file import load_smplx_model
+    from preprocessing.landmark_embedding import head_with_embedding, no_calibration_note
+    path = head_model_path(model)
     head, embedding = head_with_embedding(load_smplx_model(path), landmark_embedding)
     if landmark_embedding == "auto" and embedding is None:     # as the preprocessing job says it
         print(no_calibration_note(path, "--landmark-embedding"), file=sys.stderr)

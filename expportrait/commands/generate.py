@@ -43,12 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ema", action="store_true", help="with --checkpoint: the live weights, not the EMA")
     p.add_argument("--reference", type=Path, required=True, help="reference image (png/jpg)")
     p.add_argument("--normals", type=Path, required=True, help="normal-map video (mp4)")
-    p.add_argument("--reference-normal", type=Path, default=None, help="reference normal map (default: first normal frame)")
+    p.add_argument("--reference-normal", type=Path, default=None,
+                   help="reference normal map (default: first normal frame)")
     p.add_argument("--out", type=Path, required=True, help="output mp4")
     p.add_argument("--size", type=positive_int, default=64, help="generated frame size (a multiple of 16)")
     p.add_argument("--window", type=positive_int, default=5, help="frames per generator window (4k+1)")
     p.add_argument("--overlap", type=nonnegative_int, default=1, help="frames shared by consecutive windows")
-    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's, else 20)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="sampler steps (default: the checkpoint's, else 20)")
     p.add_argument("--guidance", type=finite_float, default=1.0)
     p.add_argument("--shift", type=positive_float, default=None,
                    help="sampler shift (default: the checkpoint's sample_shift, else its shift, else 5)")
@@ -64,7 +66,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | None, codec_subfolder: str | None,
                    use_ema: bool = True):
     """(NormalDrivenWan, LatentCodec, settings) from an export/package folder or a checkpoint."""
-    import torch
 
     from expportrait.reenactment import PACKAGE_FILE, read_package_meta
     from models.generator import LatentCodec, NormalDrivenWan
@@ -80,27 +81,14 @@ def load_generator(weights: Path | None, checkpoint: Path | None, codec: Path | 
             inference = read_package_meta(weights).get("inference", {})
             settings = {k: inference.get(k) for k in ("shift", "steps")}
     else:
-        from training.export import load_checkpoint_state
+        from training.export import task_from_checkpoint
         from training.tasks.generator import GeneratorTask, sampler_settings
         if not checkpoint.exists():
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        state = load_checkpoint_state(checkpoint)
-        hp = {k: v for k, v in state.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        if "flavor" not in hp:
+        task, hp = task_from_checkpoint(checkpoint, use_ema, {"pretrained": None, "wan_folder": None},
+                                        default_class="training.tasks.generator.GeneratorTask")
+        if not isinstance(task, GeneratorTask) or "flavor" not in hp:
             raise ValueError(f"{checkpoint} is not a generator checkpoint (no generator hyperparameters)")
-        task = GeneratorTask(**{**hp, "pretrained": None, "wan_folder": None})
-        weights_sd = state.get("state_dict") or state.get("module") or {}
-        missing, _ = task.load_state_dict({k.removeprefix("module."): v for k, v in weights_sd.items()}, strict=False)
-        if [k for k in missing if k.startswith("model.")]:
-            raise ValueError(f"{checkpoint}: its weights lack {len(missing)} generator tensors, e.g. {missing[:2]}")
-        if use_ema:
-            ema = state.get("callbacks", {}).get("EMA")
-            if ema is None:
-                raise ValueError(f"{checkpoint} holds no EMA state (use --no-ema for the live weights)")
-            params = dict(task.named_parameters())
-            with torch.no_grad():
-                for name, value in ema["shadow"].items():
-                    params[name].copy_(value)
         model = task.model
         settings = {**sampler_settings(hp), "codec": hp.get("codec"), "codec_subfolder": hp.get("codec_subfolder")}
         if codec is None and hp.get("codec"):
@@ -203,5 +191,6 @@ def run(args: argparse.Namespace) -> dict:
               "seconds": round(time.perf_counter() - t0, 2)}
     if args.side_by_side:
         side = np.concatenate([np.repeat(reference, t, 0), normals, frames], axis=2)
-        result["side_by_side"] = str(write_video(args.out.with_name(args.out.stem + "_side_by_side.mp4"), side, out_fps))
+        side_path = args.out.with_name(args.out.stem + "_side_by_side.mp4")
+        result["side_by_side"] = str(write_video(side_path, side, out_fps))
     return result

@@ -83,14 +83,14 @@ def build_sweep(head, frames_per_segment: int, seed: int):
 
 def render(args: argparse.Namespace) -> dict:
     from models.head.head_model import PersonalizedHead
-    from models.head.smplx_file import resolve_model_path
+    from models.head.resolve import head_model_path
     from models.render.camera import portrait_camera
     from models.render.conditions import render_conditions
     from preprocessing.video import write_video
     from PIL import Image
     from tqdm import tqdm
 
-    head = PersonalizedHead.from_file(resolve_model_path(args.model),
+    head = PersonalizedHead.from_file(head_model_path(args.model),
                                       subdivision_levels=args.subdivision)
     params, static, dynamic = build_sweep(head, args.frames_per_segment, args.seed)
     t_total, f = params.num_frames, args.frames_per_segment

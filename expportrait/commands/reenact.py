@@ -4,8 +4,8 @@
         --driving VIDEO --out OUT.mp4 [--side-by-side] [--paste-back] [--max-frames N]
     expportrait reenact --model MODEL --pairs PAIRS.csv --out-dir DIR [--workers 2]   # Ray batch
 
-MODEL: a package folder, a folder of exports (with --codec/--transfer) or a ``models:/`` URI (with --tracking-uri/--store or
-$MLFLOW_TRACKING_URI). Sources and drivers: images or videos (tracked and fitted here) or
+MODEL: a package folder, a folder of exports (with --codec/--transfer) or a ``models:/`` URI (with
+--tracking-uri/--store or $MLFLOW_TRACKING_URI). Sources and drivers: images or videos (tracked and fitted here) or
 synthetic corpus clips (``clips/<id>.npz``). ``--side-by-side`` also writes
 ``OUT_side_by_side.mp4`` (reference | driving | driving normals | generated); ``--paste-back``
 puts the generated crop back into the source's full frame (raw image/video sources). A source
@@ -24,7 +24,8 @@ from .register import add_store_args
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reenact", help="drive a source portrait with a driving video (or a table of pairs)")
     p.add_argument("--model", required=True, help="package folder or models:/NAME@ALIAS | models:/NAME/N")
-    p.add_argument("--source", default=None, help="image or video (or corpus clip .npz); its first frame is the reference")
+    p.add_argument("--source", default=None,
+                   help="image or video (or corpus clip .npz); its first frame is the reference")
     p.add_argument("--driving", default=None, help="driving video (or corpus clip .npz)")
     p.add_argument("--out", type=Path, default=None, help="output mp4")
     p.add_argument("--pairs", type=Path, default=None, help="batch: a csv/parquet table with source, driving [, out]")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.pairs is not None:
         if args.out_dir is None:
             raise ValueError("--pairs needs --out-dir")
-        from pipelines.reenact import run_batch
+        from expportrait.batch_reenact import run_batch
         from preprocessing.errors import writable_dir
         writable_dir(args.out_dir, "--out-dir")
         return run_batch(args.model, args.pairs, args.out_dir, args.workers, params, args.address,

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def corpus(args: argparse.Namespace) -> dict:
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 
     model = args.model or synthetic_model_file(0)

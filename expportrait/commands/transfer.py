@@ -171,14 +171,14 @@ def run_edit(args: argparse.Namespace) -> dict:
 def _run(driver: FittedClip, target: FittedClip, args: argparse.Namespace, mode: str, target_frame: int) -> dict:
     import torch
 
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import head_model_path
     from models.head.head_model import PersonalizedHead
     from models.transfer.edit import EditSpec
     from models.transfer.inputs import scaled_camera
     from models.render.conditions import render_conditions
     from preprocessing.video import write_video
 
-    head = PersonalizedHead.from_file(args.head_model or synthetic_model_file(0), subdivision_levels=args.subdivision)
+    head = PersonalizedHead.from_file(head_model_path(args.head_model), subdivision_levels=args.subdivision)
     if target.static_offsets.shape[0] != head.num_vertices:
         raise ValueError(f"the target's Δg has {target.static_offsets.shape[0]} vertices, the head model "
                          f"{head.num_vertices}: use the head model (--head-model, --subdivision) it was fitted with")

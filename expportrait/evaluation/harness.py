@@ -3,8 +3,8 @@ run on each, metrics per pair and overall, side-by-side videos.
 
 Protocols
 - ``self``: a clip drives its own first frame; the clip is the ground truth, scored from frame 1
-  on (frame 0 is the reference itself). PSNR, SSIM, L1 (LPIPS with a local backbone) against it, CSIM to the source, AED/APD against the ground
-  truth's fit, jitter relative to the ground truth's own, identity drift.
+  on (frame 0 is the reference itself). PSNR, SSIM, L1 (LPIPS with a local backbone) against it,
+  CSIM to the source, AED/APD against the ground truth's fit, jitter relative to the ground truth's own, identity drift.
 - ``cross``: the first frame of one identity's clip driven by another identity's clip; no
   ground truth: CSIM to the source, AED/APD against the driver's fit, jitter relative to the
   driver's, identity drift.
@@ -173,7 +173,8 @@ SUMMARY_KEYS = ("psnr", "ssim", "l1", "lpips", "csim_sface", "dlib_distance", "a
 def summarize(results: list[PairResult]) -> dict:
     """Means over the evaluated pairs for the model and the copy baseline, and model − copy."""
     ok = [r for r in results if r.status == "ok"]
-    summary = {"pairs": len(results), "pairs_ok": len(ok), "pairs_failed": len(results) - len(ok), "model": {}, "copy": {}}
+    summary = {"pairs": len(results), "pairs_ok": len(ok), "pairs_failed": len(results) - len(ok),
+               "model": {}, "copy": {}}
     for who in ("model", "copy"):
         for k in SUMMARY_KEYS:
             vals = [getattr(r, who).get(k) for r in ok]

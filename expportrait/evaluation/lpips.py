@@ -49,7 +49,8 @@ class LocalLPIPS(nn.Module):
         heads = Path(inspect.getfile(tm)).parent / "lpips_models" / "alex.pth"
         lin_state = torch.load(heads, map_location="cpu", weights_only=True)
         for i, lin in enumerate(self.lins):
-            lin.load_state_dict({k.removeprefix(f"lin{i}."): v for k, v in lin_state.items() if k.startswith(f"lin{i}.")})
+            lin.load_state_dict({k.removeprefix(f"lin{i}."): v for k, v in lin_state.items()
+                                 if k.startswith(f"lin{i}.")})
         self._tm = tm
         self.eval().requires_grad_(False)
 

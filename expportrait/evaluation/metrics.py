@@ -1,4 +1,4 @@
-"""Per-video metrics on uint8 RGB frames (T, H, W, 3): pixels (torchmetrics), temporal jitter,
+"""Per-video metrics on uint8 RGB frames (T, H, W, 3): pixels (:mod:`models.metrics`), temporal jitter,
 identity drift. Identity embeddings are in :mod:`.identity`, expression/pose in :mod:`.motion`."""
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import math
 import numpy as np
 import torch
 
-PSNR_CAP_DB = 100.0      # identical frames: PSNR is infinite; reported capped here (and flagged)
+from models.metrics import PSNR_CAP_DB, UINT8, frame_psnr, l1, ssim
+
+__all__ = ["PSNR_CAP_DB", "identity_drift", "nanmean", "per_frame_psnr", "pixel_metrics", "temporal_jitter"]
 
 
-def _unit(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float in [0, 1]."""
+def _frames(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) (values still in [0, 255])."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames (T, H, W, 3), got {frames.shape}")
-    return torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255.0)
+    return torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
 
 
 def _check_pair(pred: np.ndarray, target: np.ndarray) -> None:
@@ -24,24 +26,18 @@ def _check_pair(pred: np.ndarray, target: np.ndarray) -> None:
 
 def pixel_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """PSNR (dB, per frame then averaged; capped at ``PSNR_CAP_DB``), SSIM and L1 (in [0, 1] units)
-    of a generated video against its ground truth, through torchmetrics."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    of a generated video against its ground truth (:mod:`models.metrics`, the one definition)."""
     _check_pair(pred, target)
-    p, t = _unit(pred), _unit(target)
-    psnr = peak_signal_noise_ratio(p, t, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    capped = bool(torch.isinf(psnr).any() or (psnr > PSNR_CAP_DB).any())
-    psnr = psnr.clamp(max=PSNR_CAP_DB)
-    ssim = structural_similarity_index_measure(p, t, data_range=1.0)
-    return {"psnr": float(psnr.mean()), "psnr_capped": capped, "ssim": float(ssim),
-            "l1": float((p - t).abs().mean())}
+    p, t = _frames(pred), _frames(target)
+    psnr = frame_psnr(p, t, UINT8)
+    return {"psnr": float(psnr.mean()), "psnr_capped": bool((psnr >= PSNR_CAP_DB).any()),
+            "ssim": ssim(p, t, UINT8), "l1": l1(p, t, UINT8)}
 
 
 def per_frame_psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """PSNR per frame (dB, capped), for plots."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
     _check_pair(pred, target)
-    psnr = peak_signal_noise_ratio(_unit(pred), _unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return psnr.clamp(max=PSNR_CAP_DB).numpy()
+    return frame_psnr(_frames(pred), _frames(target), UINT8).numpy()
 
 
 def temporal_jitter(frames: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:

@@ -113,7 +113,8 @@ def write_report(results: list[PairResult], summary: dict, out: str | Path, meta
 <html lang=en><head><meta charset=utf-8><title>ExpPortrait evaluation — {html.escape(protocol)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
-table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; }}
+table {{ border-collapse: collapse; margin: .5em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; }}
 .note {{ color: #666; font-size: 12px; }} .bad {{ color: #b00; }}
 .vid {{ width: 100%; max-width: 1100px; image-rendering: pixelated; background: #000; }}
 .pair {{ margin: 1.5em 0; padding-top: .5em; border-top: 1px solid #ddd; }}
@@ -122,7 +123,8 @@ img {{ max-width: 100%; }}
 <h1>ExpPortrait evaluation — protocol <code>{html.escape(protocol)}</code></h1>
 <table>{info}</table>
 <h2>Summary (mean over {summary['pairs_ok']} of {summary['pairs']} pairs)</h2>
-<table><tr><th>metric</th><th>model</th><th>copy-reference baseline</th><th>model − copy</th><th>how</th></tr>{rows}</table>
+<table><tr><th>metric</th><th>model</th><th>copy-reference baseline</th><th>model − copy</th><th>how</th></tr>
+{rows}</table>
 <ul class=note>{notes}</ul>
 <h2>Plots</h2>
 {''.join(f"<p><img src='{html.escape(p)}' alt='{html.escape(p)}'></p>" for p in images)}

@@ -9,8 +9,8 @@ from .model import NormalDrivenWan, i2v_mask, widen_patch_embedding
 from .pipeline import generate_video
 from .weights import WeightsFolderError, check_weights_folder
 
-__all__ = ["FLAVORS", "TINY_VAE", "DrivingNormalEncoder", "GeneratorConditioning", "GeneratorFlavor", "LatentCodec", "SpaceToDepthVAE", "codec_layout",
-           "NormalDrivenWan", "ReferenceNormalEncoder", "WeightsFolderError", "check_video_shape",
-           "check_weights_folder", "condition_keep", "flavor", "flow_matching_loss", "generate_video", "i2v_mask", "latent_shape",
-           "noisy_and_target", "sample", "sample_sigmas", "shift_sigma", "timestep_of", "to_pixels", "to_unit_video", "token_grid", "vae_loss",
-           "widen_patch_embedding"]
+__all__ = ["FLAVORS", "TINY_VAE", "DrivingNormalEncoder", "GeneratorConditioning", "GeneratorFlavor", "LatentCodec",
+           "SpaceToDepthVAE", "codec_layout", "NormalDrivenWan", "ReferenceNormalEncoder", "WeightsFolderError",
+           "check_video_shape", "check_weights_folder", "condition_keep", "flavor", "flow_matching_loss",
+           "generate_video", "i2v_mask", "latent_shape", "noisy_and_target", "sample", "sample_sigmas", "shift_sigma",
+           "timestep_of", "to_pixels", "to_unit_video", "token_grid", "vae_loss", "widen_patch_embedding"]

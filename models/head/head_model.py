@@ -146,6 +146,10 @@ def _pose_chain(params: HeadParams, posed_joints: list[int], kinematics: "Kinema
     return local_rots, rot, joints, rel
 
 
+def _f32(a) -> Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float32))
+
+
 class PersonalizedHead(nn.Module):
     """Batched forward of the personalized head on the upsampled head-and-torso mesh.
 
@@ -167,7 +171,30 @@ class PersonalizedHead(nn.Module):
         super().__init__()
         sub = select_submesh(model.weights, model.f, region_joints, region_threshold)
         ids = sub.vertex_ids
-        up = upsample(sub.faces, len(ids), subdivision_levels)
+        up, active, fine_w = self._init_fine_mesh(model, ids, sub.faces, subdivision_levels)
+        feat_cols = self._init_blend_shapes(model, ids)
+        self._init_skinning(model, active, fine_w)
+        self._init_upsampling(model, ids, up)
+        static_faces, contour_faces = self._init_landmarks(model, sub, up, landmark_embedding)
+        self._laplacian: Tensor | None = None
+        # What LandmarkHead needs: the coarse vertices of landmark triangles only.
+        used_faces = np.unique(np.concatenate([static_faces, contour_faces.ravel()]))
+        lmk_verts = np.unique(sub.faces[used_faces])
+        local = np.full(len(ids), -1, dtype=np.int64)
+        local[lmk_verts] = np.arange(len(lmk_verts))
+        self._landmark_data = dict(
+            v_template=model.v_template[ids[lmk_verts]], weights=model.weights[ids][lmk_verts][:, active],
+            shapedirs=model.shapedirs[ids[lmk_verts]][:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS],
+            posedirs=model.posedirs[ids[lmk_verts]][:, :, feat_cols], faces=local[sub.faces])
+
+    def _buf(self, name: str, value: Tensor) -> None:
+        self.register_buffer(name, value, persistent=False)
+
+    def _init_fine_mesh(self, model: SMPLXModelData, ids: np.ndarray, faces: np.ndarray, subdivision_levels: int):
+        """The upsampled mesh, its vertices numbered so that those skinned rigidly to one joint
+        form contiguous ranges (:attr:`skin_ranges`). Returns (upsampling, the joints that skin
+        the region, the fine vertices' weights over them)."""
+        up = upsample(faces, len(ids), subdivision_levels)
         weights = model.weights[ids]
         active = np.nonzero(np.abs(weights).max(0) > 0)[0]
         fine_w = up.interpolate(weights[:, active])
@@ -182,12 +209,14 @@ class PersonalizedHead(nn.Module):
         self.subdivision_levels = subdivision_levels
         self.num_coarse = len(ids)
         self.num_vertices = up.num_vertices
-        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))
-        buf = lambda name, value: self.register_buffer(name, value, persistent=False)
+        return up, active, fine_w
 
-        # Blend shapes as rows over (coordinate, vertex): the forward works on (T, 3, V).
-        rows = lambda d: f32(np.ascontiguousarray(d.transpose(2, 1, 0)).reshape(d.shape[2], -1))
-        buf("v_template", f32(model.v_template[ids].T))                       # (3, V_sub)
+    def _init_blend_shapes(self, model: SMPLXModelData, ids: np.ndarray) -> np.ndarray:
+        """Blend shapes as rows over (coordinate, vertex): the forward works on (T, 3, V).
+        Returns the pose-feature columns of the posed joints."""
+        buf = self._buf
+        rows = lambda d: _f32(np.ascontiguousarray(d.transpose(2, 1, 0)).reshape(d.shape[2], -1))
+        buf("v_template", _f32(model.v_template[ids].T))                      # (3, V_sub)
         dirs = model.shapedirs[ids]
         buf("shapedirs", rows(dirs[:, :, :NUM_SHAPE_COEFFS]))                  # (300, 3 V_sub)
         # Expression and pose correctives only on the vertices they move (exact, saves time).
@@ -203,21 +232,29 @@ class PersonalizedHead(nn.Module):
         buf("posedirs", rows(pdirs[pose_rows]))                                # (45, 3 V_p)
         # Joints are linear in (betas, expression): regress once, not per vertex.
         j_reg = model.J_regressor
-        buf("joint_template", f32(j_reg @ model.v_template))
+        buf("joint_template", _f32(j_reg @ model.v_template))
         full_dirs = model.shapedirs[:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS]
-        buf("joint_dirs", f32((j_reg @ full_dirs.reshape(j_reg.shape[1], -1)).reshape(-1, full_dirs.shape[-1])))
+        buf("joint_dirs", _f32((j_reg @ full_dirs.reshape(j_reg.shape[1], -1)).reshape(-1, full_dirs.shape[-1])))
+        return feat_cols
+
+    def _init_skinning(self, model: SMPLXModelData, active: np.ndarray, fine_w: np.ndarray) -> None:
+        """The kinematic chain of the joints used and the blended vertices' weights."""
         parents = model.parents.copy()
         parents[0] = -1                      # real files store the root as uint32 -1
         self.kinematics = Kinematics(parents, sorted(set(active.tolist()) | set(self.posed_joints)))
         kin_pos = {j: k for k, j in enumerate(self.kinematics.ids)}
-        buf("skin_joints", torch.as_tensor(active))
-        buf("skin_kin", torch.as_tensor([kin_pos[j] for j in active.tolist()]))
+        self._buf("skin_joints", torch.as_tensor(active))
+        self._buf("skin_kin", torch.as_tensor([kin_pos[j] for j in active.tolist()]))
         blend_start = self.skin_ranges[-1][0] if self.skin_ranges[-1][2] < 0 else self.num_vertices
-        buf("blend_weights", f32(fine_w[blend_start:].T))                   # (J, N_blend)
-        # Upsampling as a sparse (V_sub, N_s) matrix, applied from the right to (T*3, V_sub).
+        self._buf("blend_weights", _f32(fine_w[blend_start:].T))             # (J, N_blend)
+
+    def _init_upsampling(self, model: SMPLXModelData, ids: np.ndarray, up) -> None:
+        """Upsampling as a sparse (V_sub, N_s) matrix (applied from the right to (T*3, V_sub)),
+        the fine faces, the id maps and the face region on the fine mesh."""
+        buf = self._buf
         cols = np.repeat(np.arange(up.num_vertices), 3)
         up_coo = torch.sparse_coo_tensor(
-            torch.as_tensor(np.stack([up.vertex_ids.ravel(), cols])), f32(up.bary.ravel()),
+            torch.as_tensor(np.stack([up.vertex_ids.ravel(), cols])), _f32(up.bary.ravel()),
             (len(ids), up.num_vertices)).coalesce()
         buf("up_matrix_t", up_coo.to_sparse_csr())
         buf("faces", torch.as_tensor(up.faces))
@@ -228,7 +265,11 @@ class PersonalizedHead(nn.Module):
         fine_face = up.interpolate(face_mask[ids].astype(np.float64)) > 0.5
         buf("face_mask", torch.as_tensor(fine_face))
         buf("face_vertex_ids", torch.as_tensor(np.nonzero(fine_face)[0]))
-        # Landmarks: coarse faces of the full model -> sub-mesh faces -> fine vertex ids.
+
+    def _init_landmarks(self, model: SMPLXModelData, sub, up,
+                        landmark_embedding: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Landmarks: coarse faces of the full model -> sub-mesh faces -> fine vertex ids.
+        Returns the sub-mesh faces of the static (51,) and contour (bins, 17) landmarks."""
         face_remap = np.full(len(model.f), -1, dtype=np.int64)
         face_remap[sub.face_ids] = np.arange(len(sub.face_ids))
         static_faces, static_bary = face_remap[model.lmk_faces_idx], model.lmk_bary_coords
@@ -246,23 +287,15 @@ class PersonalizedHead(nn.Module):
             static_faces, static_bary = face_remap[emb_faces[17:]], emb_bary[17:]
         if (static_faces < 0).any() or (contour_faces < 0).any():
             raise ValueError("landmark faces fall outside the head-and-torso region")
+        buf = self._buf
         buf("lmk_face_vertices", torch.as_tensor(up.coarse_to_fine[sub.faces]))
         buf("static_lmk_faces", torch.as_tensor(static_faces))
-        buf("static_lmk_bary", f32(static_bary))
+        buf("static_lmk_bary", _f32(static_bary))
         buf("contour_lmk_faces", torch.as_tensor(np.ascontiguousarray(contour_faces)))
-        buf("contour_lmk_bary", f32(contour_bary))
+        buf("contour_lmk_bary", _f32(contour_bary))
         buf("submesh_face_ids", torch.as_tensor(sub.face_ids))            # sub-mesh face -> model face
         buf("neck_kin_chain", torch.as_tensor(NECK_KIN_CHAIN))
-        self._laplacian: Tensor | None = None
-        # What LandmarkHead needs: the coarse vertices of landmark triangles only.
-        used_faces = np.unique(np.concatenate([static_faces, contour_faces.ravel()]))
-        lmk_verts = np.unique(sub.faces[used_faces])
-        local = np.full(len(ids), -1, dtype=np.int64)
-        local[lmk_verts] = np.arange(len(lmk_verts))
-        self._landmark_data = dict(
-            v_template=model.v_template[ids[lmk_verts]], weights=weights[lmk_verts][:, active],
-            shapedirs=model.shapedirs[ids[lmk_verts]][:, :, :NUM_SHAPE_COEFFS + NUM_EXPRESSION_COEFFS],
-            posedirs=model.posedirs[ids[lmk_verts]][:, :, feat_cols], faces=local[sub.faces])
+        return static_faces, contour_faces
 
     # ----------------------------------------------------------------------------------------
     def landmark_model(self) -> "LandmarkHead":
@@ -532,7 +565,7 @@ class HeadConfig:
     region_threshold: float = 0.5
 
     def build(self) -> PersonalizedHead:
-        from .smplx_file import resolve_model_path
-        return PersonalizedHead.from_file(resolve_model_path(self.model_path),
+        from .resolve import head_model_path
+        return PersonalizedHead.from_file(head_model_path(self.model_path),
                                           subdivision_levels=self.subdivision_levels,
                                           region_threshold=self.region_threshold)

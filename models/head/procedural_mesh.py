@@ -170,12 +170,85 @@ def build_procedural_mesh(num_vertices: int, n_phi: int = 128, n_head_rings: int
                           n_torso_rings: int = 12, cavity_steps: int = 8,
                           eye_rings: int = 12, eye_segments: int = 16) -> ProceduralMesh:
     """Build the bust with exactly ``num_vertices`` vertices (the bottom cap absorbs the rest)."""
-    # Column azimuths: dense over the face (|phi| < 80 deg), symmetric, phi = 0 included.
+    phi = _column_azimuths(n_phi)
+    head, head_socket, top, junction, mouth_ring = _head_grid(phi, n_head_rings)
+    torso, edge = _torso_grid(junction, n_torso_rings)
+    grid = np.concatenate([head, torso], 0)                     # (R, n_phi, 3)
+    n_rings = grid.shape[0]
+    mesh = _MeshParts(n_phi)
+    mesh.add_vertices(top[None], np.zeros(1))
+    mesh.add_vertices(grid.reshape(-1, 3), np.concatenate([head_socket.ravel(), np.zeros(n_torso_rings * n_phi)]))
+    j0, j1, lower_id = _mouth_slit(mesh, grid, mouth_ring)
+    _grid_faces(mesh, n_rings, n_head_rings, mouth_ring, lower_id)
+    upper, lower, cavity_t_vals = _mouth_cavity(mesh, grid, mouth_ring, j0, j1, lower_id, cavity_steps)
+    eye_centres = [_eyeball(mesh, sx, eye_rings, eye_segments) for sx in (1.0, -1.0)]   # left (+x) then right
+    _bottom_cap(mesh, edge, n_rings, num_vertices)
+
+    vertices = np.concatenate(mesh.verts).astype(np.float64)
+    assert len(vertices) == num_vertices, (len(vertices), num_vertices)
+    faces_arr = np.concatenate(mesh.faces).astype(np.int64)
+    refs = np.concatenate(mesh.ref)
+    faces_arr = _orient(vertices, faces_arr, refs[:, :3], refs[:, 3] > 0.5)
+
+    part = np.full(num_vertices, SKIN, dtype=np.int64)
+    cav_start = 1 + n_rings * n_phi + (j1 - j0 - 1)
+    n_cav = len(cavity_t_vals)
+    part[cav_start:cav_start + n_cav] = MOUTH
+    eye_n = eye_rings * eye_segments + 2
+    part[cav_start + n_cav:cav_start + n_cav + eye_n] = LEFT_EYE
+    part[cav_start + n_cav + eye_n:cav_start + n_cav + 2 * eye_n] = RIGHT_EYE
+    lower_lip = np.zeros(num_vertices, bool)
+    lower_lip[list(lower_id.values())] = True
+    cavity_t = np.full(num_vertices, -1.0)
+    cavity_t[cav_start:cav_start + n_cav] = cavity_t_vals
+    return ProceduralMesh(vertices=vertices, faces=faces_arr, part=part, lower_lip=lower_lip,
+                          cavity_t=cavity_t, upper_slit=upper, lower_slit=lower,
+                          eye_centres=np.array(eye_centres),
+                          socket_depth=np.concatenate(mesh.socket))
+
+
+class _MeshParts:
+    """The bust as it is assembled: vertex blocks (with their eye-socket depth) and face blocks
+    (each face with a point its outward normal points away from, or towards when ``inward``)."""
+
+    def __init__(self, n_phi: int) -> None:
+        self.n_phi = n_phi
+        self.verts: list[np.ndarray] = []
+        self.socket: list[np.ndarray] = []
+        self.faces: list[np.ndarray] = []
+        self.ref: list[np.ndarray] = []
+        self.count = 0
+
+    def add_vertices(self, pts: np.ndarray, socket: np.ndarray | None = None) -> int:
+        """Append vertices; returns the id of the first."""
+        base = self.count
+        self.verts.append(pts)
+        self.socket.append(socket if socket is not None else np.zeros(len(pts)))
+        self.count += len(pts)
+        return base
+
+    def add(self, tris: np.ndarray, centre: np.ndarray, inward: bool = False) -> None:
+        centre = np.broadcast_to(centre, (len(tris), 3))
+        self.faces.append(tris)
+        self.ref.append(np.concatenate([centre, np.full((len(tris), 1), float(inward))], 1))
+
+    def gid(self, i, j):
+        """Id of grid vertex (ring ``i``, column ``j``); vertex 0 is the top."""
+        return 1 + i * self.n_phi + (j % self.n_phi)
+
+
+def _column_azimuths(n_phi: int) -> np.ndarray:
+    """Column azimuths: dense over the face (|phi| < 80 deg), symmetric, phi = 0 included."""
     face_half = np.deg2rad(80.0)
     u = np.arange(n_phi) / n_phi
-    phi = _density_quantiles(u, -np.pi, np.pi,
-                             lambda a: np.where(np.abs(a) < face_half, 1.0, 0.3))
-    # Head rings: dense over the face elevations; one ring snapped onto the lip crease.
+    return _density_quantiles(u, -np.pi, np.pi, lambda a: np.where(np.abs(a) < face_half, 1.0, 0.3))
+
+
+def _head_grid(phi: np.ndarray, n_head_rings: int):
+    """Head rings: (points (n_head_rings, n_phi, 3), their eye-socket depth, the top vertex, the
+    neck junction ring (n_phi, 3), the index of the ring snapped onto the lip crease)."""
+    n_phi = len(phi)
+    # Dense over the face elevations; one ring snapped onto the lip crease.
     lip_front = horizontal_surface_point(np.array([MOUTH_Y]), np.array([0.0]))[0]
     off = lip_front - HEAD_CENTRE
     theta_mouth = np.arccos(off[1] / np.linalg.norm(off))
@@ -206,8 +279,13 @@ def build_procedural_mesh(num_vertices: int, n_phi: int = 128, n_head_rings: int
     r_nosocket = raycast(HEAD_CENTRE, dirs, eye_sockets=False)
     head_socket = np.concatenate([(r_nosocket - r).reshape(n_free, n_phi), np.zeros((1, n_phi))])
     top = HEAD_CENTRE + raycast(HEAD_CENTRE, np.array([[0.0, 1.0, 0.0]]))[0] * np.array([0, 1.0, 0])
+    return head, head_socket, top, junction, mouth_ring
 
-    # Torso rings from the junction ring (last head ring) down to the bottom edge.
+
+def _torso_grid(junction: np.ndarray, n_torso_rings: int) -> tuple[np.ndarray, np.ndarray]:
+    """Torso rings from the junction ring (the last head ring) down to the bottom edge:
+    (points (n_torso_rings, n_phi, 3), the bottom edge ring (n_phi, 3))."""
+    n_phi = len(junction)
     rel = junction - TORSO_CENTRE
     theta0 = np.arccos(rel[:, 1] / np.linalg.norm(rel, axis=1))
     phi_t = np.arctan2(rel[:, 0], rel[:, 2])
@@ -224,37 +302,25 @@ def build_procedural_mesh(num_vertices: int, n_phi: int = 128, n_head_rings: int
         dk = _spherical_dirs(th, phi_t)
         torso[k] = TORSO_CENTRE + raycast(TORSO_CENTRE, dk)[:, None] * dk
     torso[-1] = edge
+    return torso, edge
 
-    grid = np.concatenate([head, torso], 0)                     # (R, n_phi, 3)
-    n_rings = grid.shape[0]
-    verts = [top[None], grid.reshape(-1, 3)]
-    socket = [np.zeros(1), head_socket.ravel(), np.zeros(n_torso_rings * n_phi)]
 
-    def gid(i, j):  # grid vertex id
-        return 1 + i * n_phi + (j % n_phi)
-
-    # Mouth slit: columns on the mouth ring within the lip corners.
+def _mouth_slit(mesh: _MeshParts, grid: np.ndarray, mouth_ring: int) -> tuple[int, int, dict[int, int]]:
+    """The slit: the mouth ring's columns within the lip corners (j0..j1); the interior ones get
+    a lower copy (appended). Returns (j0, j1, column -> its lower copy's id)."""
     ring_pts = grid[mouth_ring]
     slit_cols = np.where((np.abs(ring_pts[:, 0]) <= MOUTH_HALF_WIDTH) & (ring_pts[:, 2] > 0))[0]
     j0, j1 = int(slit_cols.min()), int(slit_cols.max())
     interior = np.arange(j0 + 1, j1)
-    n_next = 1 + n_rings * n_phi
-    lower_id = {int(j): n_next + k for k, j in enumerate(interior)}
-    verts.append(grid[mouth_ring, interior])
-    socket.append(np.zeros(len(interior)))
-    n_next += len(interior)
+    base = mesh.add_vertices(grid[mouth_ring, interior])
+    return j0, j1, {int(j): base + k for k, j in enumerate(interior)}
 
-    faces: list[np.ndarray] = []
-    ref: list[np.ndarray] = []   # per face: a point the outward normal points away from
 
-    def add(tris: np.ndarray, centre: np.ndarray, inward: bool = False) -> None:
-        centre = np.broadcast_to(centre, (len(tris), 3))
-        faces.append(tris)
-        ref.append(np.concatenate([centre, np.full((len(tris), 1), float(inward))], 1))
-
-    # Top cap.
-    add(np.array([[0, gid(0, j), gid(0, j + 1)] for j in range(n_phi)]), HEAD_CENTRE)
-    # Grid quads.
+def _grid_faces(mesh: _MeshParts, n_rings: int, n_head_rings: int, mouth_ring: int,
+                lower_id: dict[int, int]) -> None:
+    """The top cap and the grid's quads (two triangles each), head then torso."""
+    n_phi, gid = mesh.n_phi, mesh.gid
+    mesh.add(np.array([[0, gid(0, j), gid(0, j + 1)] for j in range(n_phi)]), HEAD_CENTRE)
     head_tris, torso_tris = [], []
     for i in range(n_rings - 1):
         for j in range(n_phi):
@@ -263,15 +329,20 @@ def build_procedural_mesh(num_vertices: int, n_phi: int = 128, n_head_rings: int
                 a = lower_id.get(j, a)
                 b = lower_id.get((j + 1) % n_phi, b)
             (head_tris if i < n_head_rings - 1 else torso_tris).extend([[a, b, c], [a, c, d]])
-    add(np.array(head_tris), HEAD_CENTRE)
-    add(np.array(torso_tris), TORSO_CENTRE)
+    mesh.add(np.array(head_tris), HEAD_CENTRE)
+    mesh.add(np.array(torso_tris), TORSO_CENTRE)
 
-    # Inner-mouth cavity: a loop from each upper slit vertex back into the mouth to its lower copy.
+
+def _mouth_cavity(mesh: _MeshParts, grid: np.ndarray, mouth_ring: int, j0: int, j1: int,
+                  lower_id: dict[int, int], cavity_steps: int):
+    """Inner-mouth cavity: a loop from each upper slit vertex back into the mouth to its lower
+    copy. Returns (upper slit ids, lower slit ids, each cavity vertex's position along its loop)."""
+    gid = mesh.gid
     upper = np.array([gid(mouth_ring, j) for j in range(j0, j1 + 1)])
     lower = np.array([lower_id.get(j, gid(mouth_ring, j)) for j in range(j0, j1 + 1)])
     cav_t = np.arange(1, cavity_steps + 1) / (cavity_steps + 1)
-    paths = []
-    cavity_pts, cavity_tv = [], []
+    paths, cavity_pts, cavity_tv = [], [], []
+    n_next = mesh.count
     for col, j in enumerate(range(j0, j1 + 1)):
         if j in lower_id:
             base = grid[mouth_ring, j]
@@ -293,48 +364,48 @@ def build_procedural_mesh(num_vertices: int, n_phi: int = 128, n_head_rings: int
                         [a_path[k], b_path[k + 1], b_path[k]]):
                 if len(set(tri)) == 3:
                     cav_tris.append(tri)
-    verts.append(np.concatenate(cavity_pts))
-    socket.append(np.zeros(sum(len(p) for p in cavity_pts)))
-    cavity_t_vals = np.concatenate(cavity_tv)
+    mesh.add_vertices(np.concatenate(cavity_pts))
     # Each loop encloses the mouth's air: cavity normals point to the loop's centre line.
     cav_tris = np.array(cav_tris)
-    cav_x = np.concatenate(verts)[cav_tris].mean(1)[:, 0]
+    cav_x = np.concatenate(mesh.verts)[cav_tris].mean(1)[:, 0]
     lip_z = np.interp(cav_x, grid[mouth_ring, j0:j1 + 1, 0], grid[mouth_ring, j0:j1 + 1, 2])
-    add(cav_tris, np.stack([cav_x, np.full_like(cav_x, MOUTH_Y), lip_z - 0.01], -1), inward=True)
+    mesh.add(cav_tris, np.stack([cav_x, np.full_like(cav_x, MOUTH_Y), lip_z - 0.01], -1), inward=True)
+    return upper, lower, np.concatenate(cavity_tv)
 
-    # Eyeballs: UV spheres with the pole on +z (the pupil), seated in the sockets.
-    eye_centres = []
-    for sx in (1.0, -1.0):   # left (+x) then right
-        ex, ey = sx * EYE_CENTRE_XY[0], EYE_CENTRE_XY[1]
-        front = front_surface_point(np.array([ex]), np.array([ey]), eye_sockets=False)[0]
-        centre = np.array([ex, ey, front[2] - 0.0015 - EYEBALL_RADIUS])
-        eye_centres.append(centre)
-        lat = np.pi * np.arange(1, eye_rings + 1) / (eye_rings + 1)
-        lon = 2 * np.pi * np.arange(eye_segments) / eye_segments
-        la, lo = np.meshgrid(lat, lon, indexing="ij")
-        sph = np.stack([np.sin(la) * np.cos(lo), np.sin(la) * np.sin(lo), np.cos(la)], -1)
-        pts = np.concatenate([[[0, 0, 1.0]], sph.reshape(-1, 3), [[0, 0, -1.0]]])
-        base = n_next
-        n_next += len(pts)
-        verts.append(centre + EYEBALL_RADIUS * pts)
-        socket.append(np.zeros(len(pts)))
 
-        def eid(i, j, base=base):
-            return base + 1 + i * eye_segments + (j % eye_segments)
-        tris = [[base, eid(0, j), eid(0, j + 1)] for j in range(eye_segments)]
-        for i in range(eye_rings - 1):
-            for j in range(eye_segments):
-                tris += [[eid(i, j), eid(i + 1, j), eid(i + 1, j + 1)],
-                         [eid(i, j), eid(i + 1, j + 1), eid(i, j + 1)]]
-        back = base + len(pts) - 1
-        tris += [[back, eid(eye_rings - 1, j + 1), eid(eye_rings - 1, j)]
-                 for j in range(eye_segments)]
-        add(np.array(tris), centre)
+def _eyeball(mesh: _MeshParts, sx: float, eye_rings: int, eye_segments: int) -> np.ndarray:
+    """An eyeball (``sx`` +1: left, -1: right): a UV sphere with the pole on +z (the pupil),
+    seated in its socket. Returns its centre."""
+    ex, ey = sx * EYE_CENTRE_XY[0], EYE_CENTRE_XY[1]
+    front = front_surface_point(np.array([ex]), np.array([ey]), eye_sockets=False)[0]
+    centre = np.array([ex, ey, front[2] - 0.0015 - EYEBALL_RADIUS])
+    lat = np.pi * np.arange(1, eye_rings + 1) / (eye_rings + 1)
+    lon = 2 * np.pi * np.arange(eye_segments) / eye_segments
+    la, lo = np.meshgrid(lat, lon, indexing="ij")
+    sph = np.stack([np.sin(la) * np.cos(lo), np.sin(la) * np.sin(lo), np.cos(la)], -1)
+    pts = np.concatenate([[[0, 0, 1.0]], sph.reshape(-1, 3), [[0, 0, -1.0]]])
+    base = mesh.add_vertices(centre + EYEBALL_RADIUS * pts)
 
-    # Bottom cap: the last torso ring plus interior points, triangulated flat (normal -y).
-    n_cap = num_vertices - n_next
+    def eid(i, j):
+        return base + 1 + i * eye_segments + (j % eye_segments)
+    tris = [[base, eid(0, j), eid(0, j + 1)] for j in range(eye_segments)]
+    for i in range(eye_rings - 1):
+        for j in range(eye_segments):
+            tris += [[eid(i, j), eid(i + 1, j), eid(i + 1, j + 1)],
+                     [eid(i, j), eid(i + 1, j + 1), eid(i, j + 1)]]
+    back = base + len(pts) - 1
+    tris += [[back, eid(eye_rings - 1, j + 1), eid(eye_rings - 1, j)]
+             for j in range(eye_segments)]
+    mesh.add(np.array(tris), centre)
+    return centre
+
+
+def _bottom_cap(mesh: _MeshParts, edge: np.ndarray, n_rings: int, num_vertices: int) -> None:
+    """Bottom cap: the last torso ring plus the remaining vertices as interior points (a
+    sunflower spiral), triangulated flat (normal -y)."""
+    n_cap = num_vertices - mesh.count
     if n_cap < 1:
-        raise ValueError(f"grid too dense: {n_next} vertices before the bottom cap, "
+        raise ValueError(f"grid too dense: {mesh.count} vertices before the bottom cap, "
                          f"{num_vertices} allowed")
     ring = edge
     centre_xz = ring[:, [0, 2]].mean(0)
@@ -351,35 +422,11 @@ def build_procedural_mesh(num_vertices: int, n_phi: int = 128, n_head_rings: int
     rr = rad * np.interp(wrapped, a_sorted, r_sorted)
     cap = np.stack([centre_xz[0] + rr * np.sin(ang), np.full(n_cap, BOTTOM_Y),
                     centre_xz[1] + rr * np.cos(ang)], -1)
-    cap_base = n_next
-    verts.append(cap)
-    socket.append(np.zeros(n_cap))
-    ring_ids = np.array([gid(n_rings - 1, j) for j in range(n_phi)])
+    cap_base = mesh.add_vertices(cap)
+    ring_ids = np.array([mesh.gid(n_rings - 1, j) for j in range(mesh.n_phi)])
     all_ids = np.concatenate([ring_ids, cap_base + k])
     tri2d = Delaunay(np.concatenate([ring[:, [0, 2]], cap[:, [0, 2]]])).simplices
-    add(all_ids[tri2d], np.array([0.0, BOTTOM_Y + 1.0, 0.0]))
-
-    vertices = np.concatenate(verts).astype(np.float64)
-    assert len(vertices) == num_vertices, (len(vertices), num_vertices)
-    faces_arr = np.concatenate(faces).astype(np.int64)
-    refs = np.concatenate(ref)
-    faces_arr = _orient(vertices, faces_arr, refs[:, :3], refs[:, 3] > 0.5)
-
-    part = np.full(num_vertices, SKIN, dtype=np.int64)
-    cav_start = 1 + n_rings * n_phi + len(interior)
-    n_cav = len(cavity_t_vals)
-    part[cav_start:cav_start + n_cav] = MOUTH
-    eye_n = eye_rings * eye_segments + 2
-    part[cav_start + n_cav:cav_start + n_cav + eye_n] = LEFT_EYE
-    part[cav_start + n_cav + eye_n:cav_start + n_cav + 2 * eye_n] = RIGHT_EYE
-    lower_lip = np.zeros(num_vertices, bool)
-    lower_lip[list(lower_id.values())] = True
-    cavity_t = np.full(num_vertices, -1.0)
-    cavity_t[cav_start:cav_start + n_cav] = cavity_t_vals
-    return ProceduralMesh(vertices=vertices, faces=faces_arr, part=part, lower_lip=lower_lip,
-                          cavity_t=cavity_t, upper_slit=upper, lower_slit=lower,
-                          eye_centres=np.array(eye_centres),
-                          socket_depth=np.concatenate(socket))
+    mesh.add(all_ids[tri2d], np.array([0.0, BOTTOM_Y + 1.0, 0.0]))
 
 
 def _orient(vertices: np.ndarray, faces: np.ndarray, centres: np.ndarray,

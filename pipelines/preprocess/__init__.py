@@ -6,7 +6,8 @@
 Modules: :mod:`.config` (the validated config), :mod:`.workers` (the worker actor and the
 failure classes), :mod:`.scheduler` (actor pool and plan-order scheduling), :mod:`.job` (the
 driver: plan, run, manifest, summary), :mod:`.cli` (arguments and exit codes). Per-clip logic
-is in :mod:`preprocessing.clip_stages`; file formats in :mod:`pipelines.job_io`.
+is in :mod:`preprocessing.clip_stages`; inputs and outputs in :mod:`pipelines.job_io`, the shard
+format in :mod:`preprocessing.shard_format`.
 """
 from .cli import (EXIT_BAD_INPUT, EXIT_ENVIRONMENT, EXIT_FAILURES, EXIT_INTERNAL, EXIT_OK, build_parser,
                   main)

@@ -56,7 +56,7 @@ class PreprocessConfig(BaseModel):
     input: str | None = None
     output: str = "outputs/preprocess"
     limit: Annotated[int, Field(ge=1)] | None = None
-    head_model: str | None = None          # SMPL-X-format .npz; None: the synthetic model
+    head_model: str | None = None          # SMPL-X-format .npz; None: $EXPPORTRAIT_SMPLX_PATH, else the synthetic model
     subdivision: Annotated[int, Field(ge=0, le=3)] = 1
     clips_per_shard: Annotated[int, Field(ge=1)] = 8
     max_failure_ratio: Annotated[float, Field(ge=0, le=1)] = 0.5

@@ -9,12 +9,12 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from preprocessing.clip_records import ClipItem, is_environment_fault, one_line
+from preprocessing.shard_format import ShardSpec, fingerprint, plan_shards
 
-from ..job_io import (JobInputError, OutputDir, ShardSpec, fingerprint, list_inputs, manifest_frame,
-                      parquet_bytes, plan_shards, retryable_clips, write_if_changed)
+from ..job_io import (JobInputError, OutputDir, list_inputs, manifest_frame, parquet_bytes, retryable_clips,
+                      write_if_changed)
 from .config import ConfigError, PreprocessConfig, RayConfig
 from .workers import FAULTS_ENV, ClipWorker, WorkerSpec
 
@@ -44,12 +44,13 @@ def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str, landmark_embedding
 def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:
     """Load and check the head model once in the driver (also for a dry run): its path and
     sha1; :class:`ConfigError` naming the file and the problem."""
-    from expportrait.assets import synthetic_model_file
+    from models.head.resolve import head_model_path
     from models.head.smplx_file import HeadModelFileError, load_smplx_model
     from preprocessing.files import file_digest
 
-    path = str(Path(cfg.head_model).resolve()) if cfg.head_model else str(synthetic_model_file())
+    path = cfg.head_model
     try:
+        path = str(head_model_path(cfg.head_model).resolve())   # given, else $EXPPORTRAIT_SMPLX_PATH, else synthetic
         load_smplx_model(path)
     except (HeadModelFileError, FileNotFoundError) as exc:
         raise ConfigError(f"head_model: {exc}") from None
@@ -63,7 +64,7 @@ def check_landmark_embedding(cfg: PreprocessConfig, model_path: str) -> str:
     the embedding used ("none" for the model's own landmarks); :class:`ConfigError` if the file
     is unreadable or made for another model."""
     from models.head.smplx_file import load_smplx_model
-    from preprocessing.landmark_calibration import resolve_embedding
+    from preprocessing.landmark_embedding import resolve_embedding
 
     try:
         emb = resolve_embedding(cfg.stages.landmark_embedding, load_smplx_model(model_path))
@@ -86,7 +87,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
     model_path, model_sha1 = check_head_model(cfg)
     embedding = check_landmark_embedding(cfg, model_path)
     if embedding == "none" and cfg.stages.landmark_embedding == "auto":
-        from preprocessing.landmark_calibration import no_calibration_note
+        from preprocessing.landmark_embedding import no_calibration_note
         print(no_calibration_note(model_path, "stages.landmark_embedding"), file=sys.stderr)
     stage_fp = stage_fingerprint(cfg, model_sha1, embedding)
     items = list_inputs(cfg.input, cfg.limit)
@@ -223,7 +224,8 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         if sched.fault is not None:
             if is_environment_fault(sched.fault):
                 f = sched.fault
-                raise EnvironmentFault(f"{f.strerror or f}" + (f": {f.filename}" if getattr(f, "filename", None) else ""))
+                where = f": {f.filename}" if getattr(f, "filename", None) else ""
+                raise EnvironmentFault(f"{f.strerror or f}{where}")
             raise InternalError(f"a shard writer failed: {type(sched.fault).__name__}: {sched.fault}")
         return {"ray_init_seconds": round(ray_init_seconds, 3),
                 "process_seconds": round(time.perf_counter() - t0 - ray_init_seconds, 3), "mode": mode,

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preprocessing.clip_records import ClipItem, ClipOutcome, IdentityFit, identity_failure_outcome
+from preprocessing.shard_format import ShardSpec
 
-from ..job_io import OutputDir, ShardSpec
+from ..job_io import OutputDir
 from .config import WorkerConfig
 from .workers import classify_call_error, outcome_of_failure
 

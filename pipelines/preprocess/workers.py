@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..actor_pool import classify_call_error
+
 from preprocessing.clip_records import (ClipItem, ClipOutcome, IdentityFit, StageConfig, is_transient,
                                         one_line)
 
@@ -88,7 +90,7 @@ class ClipWorker:
         clip whose call failed for good becomes a status row."""
         import ray
 
-        from pipelines.job_io import OutputDir, write_shard
+        from preprocessing.shard_format import ShardFolder, write_shard
 
         outcomes = []
         for item, ref in zip(shard.clips, clip_refs):
@@ -99,7 +101,7 @@ class ClipWorker:
         enospc = self.spec.faults.get("writer_enospc") or []
         if "*" in enospc or shard.name in enospc:
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(Path(out_root) / "shards"))
-        return write_shard(OutputDir(out_root), shard, outcomes)
+        return write_shard(ShardFolder(out_root), shard, outcomes)
 
     # -- one clip under the job's guards -------------------------------------------------
     def _attempt(self, item: ClipItem, work: Callable[[], ClipOutcome], lost: int = 0) -> ClipOutcome:
@@ -162,19 +164,3 @@ def outcome_of_failure(item: ClipItem, exc: BaseException) -> ClipOutcome:
     kind, stage, error = classify_call_error(exc)
     return ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, status=kind, stage=stage,
                        reason=one_line(error), error_type=type(error).__name__)
-
-
-def classify_call_error(exc: BaseException) -> tuple[str, str, BaseException]:
-    """``(status, stage, cause)`` of an exception from ``ray.get`` on a worker call."""
-    from ray import exceptions as rex
-
-    if isinstance(exc, rex.RayTaskError):          # the code raised: its own exception
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        return "stage_error", "worker", cause
-    if isinstance(exc, rex.RayActorError) and exc.actor_init_failed:   # the worker cannot be built
-        return "stage_error", "setup", exc
-    if isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
-                        rex.OwnerDiedError, rex.NodeDiedError, rex.ObjectFetchTimedOutError,
-                        rex.LocalRayletDiedError, rex.TaskCancelledError)):
-        return "worker_lost", "worker", exc
-    return "stage_error", "worker", exc

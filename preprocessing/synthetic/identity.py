@@ -142,7 +142,8 @@ def _detail_basis(rest: RestInfo, age: float) -> np.ndarray:
     pats = []
     # Forehead: horizontal ridges between the brows and the hairline.
     band = smoothstep(brow_y + 0.006, brow_y + 0.014, v[:, 1]) * smoothstep(brow_y + 0.05, brow_y + 0.03, v[:, 1])
-    pats.append(0.0006 * band * np.sin(2 * np.pi * (v[:, 1] - brow_y) / 0.008) * smoothstep(0.06, 0.03, np.abs(v[:, 0])))
+    pats.append(0.0006 * band * np.sin(2 * np.pi * (v[:, 1] - brow_y) / 0.008)
+                * smoothstep(0.06, 0.03, np.abs(v[:, 0])))
     # Nasolabial fold: a groove from the nose wing to the mouth corner.
     fold = np.zeros(len(v))
     for a, b in ((lm[31], lm[48]), (lm[35], lm[54])):
@@ -167,7 +168,8 @@ def _detail_basis(rest: RestInfo, age: float) -> np.ndarray:
     pats.append(0.0003 * dimples * gaussian(v, chin, (0.012, 0.008, 0.03)))
     # Frown lines: two vertical grooves between the brows.
     frown = sum(np.exp(-0.5 * ((v[:, 0] - sx * 0.006) / 0.0015) ** 2) for sx in (-1, 1))
-    frown = frown * smoothstep(brow_y - 0.012, brow_y - 0.002, v[:, 1]) * smoothstep(brow_y + 0.02, brow_y + 0.008, v[:, 1])
+    frown = (frown * smoothstep(brow_y - 0.012, brow_y - 0.002, v[:, 1])
+             * smoothstep(brow_y + 0.02, brow_y + 0.008, v[:, 1]))
     pats.append(-0.0007 * frown)
     basis = np.stack([depth * p[:, None] * n for p in pats])
     return basis

@@ -140,7 +140,7 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     import numpy as np
 
     import preprocessing.fitting as fitting
-    from preprocessing import landmark_calibration
+    from preprocessing import landmark_embedding
     skimage_data = pytest.importorskip("skimage.data")
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(photo)
@@ -155,10 +155,10 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     args = ["fit", "--image", str(photo), "--model", str(synthetic_model_path), "--no-overlay"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     from models.head.smplx_file import load_smplx_model
-    emb = landmark_calibration.resolve_embedding("auto", load_smplx_model(synthetic_model_path))
+    emb = landmark_embedding.resolve_embedding("auto", load_smplx_model(synthetic_model_path))
     np.testing.assert_array_equal(seen[-1], emb.weights())
     capsys.readouterr()
-    monkeypatch.setattr(landmark_calibration, "EMBEDDING_DIR", tmp_path / "none_here")
+    monkeypatch.setattr(landmark_embedding, "EMBEDDING_DIR", tmp_path / "none_here")
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     assert seen[-1] is None
     assert "no calibrated file" in capsys.readouterr().err

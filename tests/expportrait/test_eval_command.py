@@ -3,7 +3,6 @@ videos and plots, metrics next to the copy baseline, an MLflow run."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory, head):
-    from expportrait.reenactment import InferenceSettings, head_model_reference, write_package
+    from expportrait.reenactment import InferenceSettings, write_package
+    from models.head.resolve import head_model_reference
     root = tmp_path_factory.mktemp("evalpkg")
     ex = tiny_exports(root, head)
     return write_package(root / "package", ex["generator"], ex["codec"], ex["transfer"], head_model_reference(None),

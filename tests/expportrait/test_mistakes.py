@@ -84,7 +84,8 @@ def test_bogus_run_id_for_register_is_exit_2_naming_it(store, capsys):
     bogus = "0123456789abcdef0123456789abcdef"
     line = _mistake(capsys, "register", "--run", bogus, "--tracking-uri", store["uri"])
     assert line["run_id"] == bogus and bogus in line["message"]
-    line = _mistake(capsys, "register", "--run", store["run_id"], "--transfer-run", "nope", "--tracking-uri", store["uri"])
+    line = _mistake(capsys, "register", "--run", store["run_id"], "--transfer-run", "nope",
+                    "--tracking-uri", store["uri"])
     assert line["run_id"] == "nope" and "--transfer-run" in line["message"]
 
 

@@ -113,7 +113,8 @@ def test_ray_batch_finishes_with_a_failed_row_for_an_unreadable_driver(package, 
     clips = corpus / "clips"
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
-    pairs = pd.DataFrame({"source": [clips / "id000_clip00.npz", clips / "id001_clip00.npz", clips / "id000_clip00.npz"],
+    pairs = pd.DataFrame({"source": [clips / "id000_clip00.npz", clips / "id001_clip00.npz",
+                                     clips / "id000_clip00.npz"],
                           "driving": [clips / "id001_clip00.npz", bad, clips / "id000_clip00.npz"]}).astype(str)
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}

@@ -127,7 +127,7 @@ def test_fresh_process_loads_champion_and_runs_on_cpu(store, registered, tmp_pat
 
 def test_mismatched_head_model_refuses_to_load(store, registered, tmp_path, synthetic_model_path, monkeypatch):
     import mlflow
-    from expportrait.reenactment import HeadModelMismatchError
+    from models.head.resolve import HeadModelMismatchError
     with np.load(synthetic_model_path) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["shapedirs"] = arrays["shapedirs"] * 1.01            # another head model, same layout
@@ -160,10 +160,12 @@ def test_gate_config_and_checks(tmp_path):
     from expportrait.registry import check_gate, load_gate
     gate = load_gate(Path(__file__).parents[2] / "configs" / "registry" / "gate.yaml")
     assert gate["protocol"] == "self" and "psnr" in gate["thresholds"]
-    rules = {"protocol": "self", "thresholds": {"psnr": {"min": 20}, "jitter_ratio": {"max": 2}, "csim_sface": {"min": 0.4}}}
+    rules = {"protocol": "self",
+             "thresholds": {"psnr": {"min": 20}, "jitter_ratio": {"max": 2}, "csim_sface": {"min": 0.4}}}
     assert check_gate({"psnr": 25.0, "jitter_ratio": 1.0, "csim_sface": 0.5}, rules) == []
     fails = check_gate({"psnr": 25.0, "jitter_ratio": 2.5, "csim_sface": float("nan")}, rules)
-    assert fails == ["jitter_ratio = 2.5 > max 2", "csim_sface: not measurable in the evaluation (NaN, e.g. no face found)"]
+    assert fails == ["jitter_ratio = 2.5 > max 2",
+                     "csim_sface: not measurable in the evaluation (NaN, e.g. no face found)"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("thresholds:\n  psnr: {above: 3}\n")
     with pytest.raises(ValueError, match="psnr"):

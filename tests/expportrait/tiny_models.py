@@ -46,7 +46,8 @@ def tiny_corpus(out: Path, model_path: Path, frames: int = 9, identities: int = 
 
 def tiny_package(root: Path, head, **settings) -> Path:
     """A package folder (expportrait/reenactment.py) of the tiny exports."""
-    from expportrait.reenactment import InferenceSettings, head_model_reference, write_package
+    from expportrait.reenactment import InferenceSettings, write_package
+    from models.head.resolve import head_model_reference
     ex = tiny_exports(root, head)
     return write_package(Path(root) / "package", ex["generator"], ex["codec"], ex["transfer"],
                          head_model_reference(None), InferenceSettings(**settings))

@@ -193,7 +193,8 @@ def test_locked_output_and_retry_failed(inputs, first_run, synthetic_model_path,
     marker_path.write_text(json.dumps(marker))
     code, result = run_job(job_config(root, synthetic_model_path), manifest, out)
     assert code == 0 and result["last_run"]["shards_written"] == 0
-    assert pd.read_parquet(out / "manifest.parquet").set_index("clip_id").loc[lost["clip_id"], "status"] == "worker_lost"
+    manifest_rows = pd.read_parquet(out / "manifest.parquet").set_index("clip_id")
+    assert manifest_rows.loc[lost["clip_id"], "status"] == "worker_lost"
     code, result = run_job(job_config(root, synthetic_model_path), manifest, out, "--retry-failed")
     assert code == 0 and result["last_run"]["shards_written"] == 1
     assert pd.read_parquet(out / "manifest.parquet").set_index("clip_id").loc[lost["clip_id"], "status"] == "ok"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ray import exceptions as rex
 
-from pipelines.job_io import plan_shards
+from preprocessing.shard_format import plan_shards
 from pipelines.preprocess import WorkerConfig
 from pipelines.preprocess import scheduler as sched_mod
 from pipelines.preprocess.scheduler import Scheduler, WorkerPool, WorkerSetupError

@@ -32,11 +32,11 @@ def random_sample(clip_id: str = "clip", segment: int = 0, frames: int = 4, size
 def write_random_shards(root, clips: int, clips_per_shard: int = 2, **sample_args) -> dict[str, ShardSample]:
     """A preprocessing output under ``root``: ``clips`` clips of 2 random samples each, cut into
     shards of ``clips_per_shard`` by the job's own plan and writer; returns key -> sample."""
-    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from preprocessing.shard_format import ShardFolder, plan_shards, write_shard
     from preprocessing.clip_records import ClipItem, ClipOutcome
     from preprocessing.sample_schema import encode_sample
 
-    out = OutputDir(root)
+    out = ShardFolder(root)
     out.prepare()
     items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i}") for i in range(clips)]
     originals = {}

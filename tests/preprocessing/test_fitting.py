@@ -135,7 +135,7 @@ def test_real_clips_fit_every_frame(synthetic_model_path, carphone, single_face_
     from models.head.smplx_file import load_smplx_model
     from preprocessing.clip_fit import fit_frames
     from preprocessing.ingest import open_video
-    from preprocessing.landmark_calibration import head_with_embedding
+    from preprocessing.landmark_embedding import head_with_embedding
     head, embedding = head_with_embedding(load_smplx_model(synthetic_model_path), "auto")
     assert embedding is not None
     for frames in (open_video(carphone).read_all(), open_video(single_face_video).read_all(),

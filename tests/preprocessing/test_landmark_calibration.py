@@ -7,8 +7,8 @@ import torch
 
 from models.head.head_model import HeadParams
 from models.render.camera import Camera
-from preprocessing.landmark_calibration import (LandmarkEmbedding, Observation, calibrate, model_key,
-                                                resolve_embedding)
+from preprocessing.landmark_calibration import Observation, calibrate
+from preprocessing.landmark_embedding import LandmarkEmbedding, model_key, resolve_embedding
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,8 +64,8 @@ def test_calibration_recovers_known_surface_points(synthetic_data, head):
 
 def test_embedding_file_round_trip_and_model_check(synthetic_data, tmp_path):
     emb = LandmarkEmbedding(faces=np.arange(68), bary=np.full((68, 3), 1 / 3, np.float32),
-                            model_key=model_key(synthetic_data), residual_pct=np.ones(68), model_residual_pct=np.ones(68),
-                            frames=10)
+                            model_key=model_key(synthetic_data), residual_pct=np.ones(68),
+                            model_residual_pct=np.ones(68), frames=10)
     path = emb.save(tmp_path)
     assert path.name == f"mediapipe_ibug68_{emb.model_key}.npz"
     back = resolve_embedding(str(path), synthetic_data)

@@ -64,7 +64,8 @@ def test_cluster_configs_parse_and_build_on_meta(name, stage, flavor, total, tra
 def test_tiny_config_parses(tmp_path, capsys):
     from training.train import build_cli
     with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", str(CONFIGS / "dit_tiny_cpu.yaml"), "--out", str(tmp_path / "o"), "--print_config"])
+        build_cli(["fit", "--config", str(CONFIGS / "dit_tiny_cpu.yaml"), "--out", str(tmp_path / "o"),
+                   "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["init_args"]["flavor"] == "tiny_cpu"
     assert cfg["out"] == str(tmp_path / "o")

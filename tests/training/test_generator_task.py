@@ -191,7 +191,8 @@ def test_cli_fit_logs_samples_exports_ema_and_generates(gen_shards, codec_dir, t
     batch = a_batch(gen_shards, batch_size=1)
     Image.fromarray(batch["frames"][0, 0].numpy()).save(tmp_path / "ref.png")
     write_video(tmp_path / "normals.mp4", batch["normals"][0].numpy(), 25)
-    for source in (["--weights", str(export), "--codec", str(codec_dir)], ["--checkpoint", str(out / "checkpoints" / "last.ckpt")]):
+    for source in (["--weights", str(export), "--codec", str(codec_dir)],
+                   ["--checkpoint", str(out / "checkpoints" / "last.ckpt")]):
         target = tmp_path / f"gen_{source[0][2:]}.mp4"
         assert expportrait(["generate", *source, "--reference", str(tmp_path / "ref.png"), "--normals",
                             str(tmp_path / "normals.mp4"), "--out", str(target), "--size", str(SIZE), "--steps", "2",
@@ -233,7 +234,8 @@ def test_deepspeed_zero2_two_processes_resume_to_the_uninterrupted_weights(gen_s
             assert load_checkpoint_state(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 2
         else:
             assert r.returncode == 0, r.stderr[-4000:]
-    w = {n: [load_file(str(tmp_path / f"w_{n}" / f"rank{r}.safetensors")) for r in range(2)] for n in ("full", "resumed")}
+    w = {n: [load_file(str(tmp_path / f"w_{n}" / f"rank{r}.safetensors")) for r in range(2)]
+         for n in ("full", "resumed")}
     for k in w["full"][0]:
         assert torch.equal(w["full"][0][k], w["full"][1][k]), k              # ranks agree
         assert torch.equal(w["resumed"][0][k], w["resumed"][1][k]), k

@@ -93,7 +93,8 @@ def test_fit_logs_params_config_metrics_video_and_export(tmp_path, truth_shards)
     assert "val/rel_err" in run.data.metrics
     files = artifact_paths(client, run.info.run_id)
     assert "config/config.yaml" in files
-    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/config.yaml", str(tmp_path))).read_text())
+    config_file = Path(client.download_artifacts(run.info.run_id, "config/config.yaml", str(tmp_path)))
+    config = yaml.safe_load(config_file.read_text())
     assert config["model"]["init_args"]["flavor"] == "tiny_cpu"
     assert config["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(out / "checkpoints")
     assert {"videos/comparison_epoch000.mp4", "videos/comparison_final.mp4"} <= set(files)

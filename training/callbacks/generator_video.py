@@ -20,6 +20,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from training.export import weights_swapped
+
 from .config import mlflow_logger
 from .ema import EMA
 from .video import PeriodicVideo
@@ -38,9 +40,10 @@ def side_by_side(reference: torch.Tensor, normals: torch.Tensor, generated: torc
 
 
 def psnr_db(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """PSNR (dB) of videos in [-1, 1] over frames 1.. (frame 0 is the given reference)."""
-    mse = ((pred[:, :, 1:].float() - truth[:, :, 1:].float()) ** 2).mean().clamp(min=1e-10)
-    return float(10 * torch.log10(4.0 / mse))
+    """PSNR (dB, :mod:`models.metrics`) of videos (B, 3, T, H, W) in [-1, 1] over frames 1..
+    (frame 0 is the given reference)."""
+    from models.metrics import SIGNED, psnr, video_frames
+    return psnr(video_frames(pred[:, :, 1:]), video_frames(truth[:, :, 1:]), SIGNED)
 
 
 class GeneratorSamples(PeriodicVideo):
@@ -71,20 +74,12 @@ class GeneratorSamples(PeriodicVideo):
         """The side-by-side frames and the PSNR of the generated frames."""
         batch = _to(batch, pl_module.device)
         x = pl_module.inputs(batch, None, training=False)
-        saved = {}
-        params = dict(pl_module.named_parameters())
-        if ema is not None:
-            for name, value in ema.shadow.items():
-                if name in params:
-                    saved[name] = params[name].detach().clone()
-                    params[name].data.copy_(value.to(params[name].dtype))
         was_training = pl_module.training
         pl_module.eval()
         try:
-            generated = pl_module.generate(x, steps=self.steps, seed=self.seed)
+            with weights_swapped(pl_module, ema.shadow if ema is not None else {}):
+                generated = pl_module.generate(x, steps=self.steps, seed=self.seed)
         finally:
-            for name, value in saved.items():
-                params[name].data.copy_(value)
             pl_module.train(was_training)
         frames = side_by_side(x["reference_image"], x["normals"], generated, x["video"])
         return frames, psnr_db(generated, x["video"])

@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines.job_io import MARKER_SUFFIX
 from preprocessing.latent_schema import MEMBERS as LATENT_MEMBERS
 from preprocessing.latent_schema import LatentSample, decode_latent_sample
 from preprocessing.sample_schema import ShardSample, decode_sample
+from preprocessing.shard_format import MARKER_SUFFIX
 
 
 def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) -> list[str]:

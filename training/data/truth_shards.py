@@ -78,7 +78,7 @@ def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int 
     import pandas as pd
 
     from models.head.head_model import PersonalizedHead
-    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from preprocessing.shard_format import ShardFolder, plan_shards, write_shard
     from preprocessing.clip_records import ClipItem, ClipOutcome
     from preprocessing.sample_schema import encode_sample
 
@@ -90,7 +90,7 @@ def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int 
         manifest = manifest[manifest.split.isin(splits)]
     rows = {r.clip_id: r for r in manifest.itertuples()}
     items = [ClipItem(r.clip_id, str(corpus / r.video), r.identity_id, r.split) for r in rows.values()]
-    output = OutputDir(out)
+    output = ShardFolder(out)
     output.prepare()
     counts = {"clips": 0, "samples": 0, "shards": 0}
     for spec in plan_shards(items, clips_per_shard, "synthetic_truth"):

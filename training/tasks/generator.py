@@ -48,6 +48,7 @@ from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condit
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
 from models.generator.flow import residual_base
 from models.generator.flavors import check_video_shape
+from models.metrics import psnr_from_mse
 from training.tasks.reader_skips import ReaderSkipsMixin
 
 #: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
@@ -377,8 +378,8 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
         raise ValueError(f"unknown codec kind {kind!r}; known: space_to_depth, wan_vae")
     vae = codec.vae.train()
     urls = shard_urls(shards, "train")
-    ds = ShardDataset(urls, max(steps, stat_batches) * batch_size, resampled=True, shuffle_buffer=32, seed=seed, rank=0, world_size=1,
-                      fields=("frames",))
+    ds = ShardDataset(urls, max(steps, stat_batches) * batch_size, resampled=True, shuffle_buffer=32, seed=seed,
+                      rank=0, world_size=1, fields=("frames",))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
     g = torch.Generator().manual_seed(seed)
     span = (frames - 1) * frame_stride + 1
@@ -406,7 +407,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            psnr = float(10 * torch.log10(4.0 / stats["mse"].clamp(min=1e-10)))
+            psnr = float(psnr_from_mse(stats["mse"].detach(), data_range=2.0))      # [-1, 1] video
             history.append({"step": step, "loss": float(loss), "psnr_db": psnr})
             print(f"[codec] step {step} loss {float(loss):.4f} psnr {psnr:.2f} dB "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -423,7 +424,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
     codec.set_latent_stats(z.mean(1), z.std(1).clamp(min=1e-3))
     if not history:                               # the fixed codec: its (lossless) reconstruction
         m = sum(mse) / len(mse)
-        history.append({"step": 0, "loss": m, "psnr_db": 10 * math.log10(4.0 / m) if m > 0 else 99.0})
+        history.append({"step": 0, "loss": m, "psnr_db": float(psnr_from_mse(m, data_range=2.0))})
     out = Path(out)
     codec.save_pretrained(out)
     summary = {"codec": str(out), "kind": kind, "steps": steps, "seconds": time.perf_counter() - t0,

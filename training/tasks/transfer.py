@@ -23,10 +23,10 @@ from training.tasks.reader_skips import ReaderSkipsMixin
 
 
 def build_head(head_model: str | None, subdivision: int) -> PersonalizedHead:
-    """The head model the shards were made with (None: the cached synthetic model)."""
-    from expportrait.assets import synthetic_model_file
-    path = head_model or str(synthetic_model_file(0))
-    return PersonalizedHead.from_file(path, subdivision_levels=subdivision)
+    """The head model the shards were made with (None: ``$EXPPORTRAIT_SMPLX_PATH``, else the cached
+    synthetic model; :func:`models.head.resolve.head_model_path`)."""
+    from models.head.resolve import head_model_path
+    return PersonalizedHead.from_file(head_model_path(head_model), subdivision_levels=subdivision)
 
 
 def centred_mse_mm(pred: Tensor, target: Tensor) -> Tensor:

@@ -116,6 +116,7 @@ def test_reference_residual_runs_the_flow_relative_to_the_reference():
     b, _ = flow_matching_loss(plain, latents - base, cond, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b)
     for guidance in (1.0, 2.0):
-        x = sample(residual, latents.shape, cond, steps=3, guidance=guidance, generator=torch.Generator().manual_seed(2))
+        x = sample(residual, latents.shape, cond, steps=3, guidance=guidance,
+                   generator=torch.Generator().manual_seed(2))
         y = sample(plain, latents.shape, cond, steps=3, guidance=guidance, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(x, y + base)

@@ -1,7 +1,9 @@
 """Batch reenactment as a Ray job: a table of (source, driving) pairs -> one video per pair and a
 manifest with a row per pair (``ok`` or ``failed`` with the reason); one bad pair never stops
 the batch. Worker actors load the model once (a package folder or a ``models:/`` URI) and run
-pairs one at a time; an actor that dies is reported as a failed row for its pair and replaced.
+pairs one at a time on the jobs' actor-pool runtime (:mod:`pipelines.actor_pool`); an actor that
+dies is reported as a failed row for its pair and replaced. (It loads registered models, so it
+lives with the registry, above ``pipelines``.)
 
     expportrait reenact --model models:/expportrait@champion --pairs pairs.csv --out-dir DIR
         [--workers 2] [--address HOST:PORT] [--side-by-side] [--paste-back]
@@ -18,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .preprocess.config import RayConfig
-from .preprocess.job import init_ray
-from .preprocess.workers import classify_call_error
+from pipelines.actor_pool import ActorPool, ActorResources, CallFailure
+from pipelines.preprocess.config import RayConfig
+from pipelines.preprocess.job import init_ray
 
 
 class ReenactWorker:
@@ -72,33 +74,23 @@ def run_batch(model: str, table: str | Path, out_dir: str | Path, workers: int =
     rows = df.to_dict("records")
     params = params or {}
     t0 = time.perf_counter()
+
+    def failed_row(failure: CallFailure) -> dict:
+        row, cause = failure.item, failure.cause
+        return {"source": str(row["source"]), "driving": str(row["driving"]), "out": str(row["out"]),
+                "status": "failed", "frames": 0, "seconds": 0.0,
+                "message": f"{failure.status}: {type(cause).__name__}: {str(cause)[:500]}"}
+
     init_ray(RayConfig(address=address, num_cpus=num_cpus))
-    results: dict[int, dict] = {}
     try:
-        actor = ray.remote(ReenactWorker).options(num_cpus=cpus_per_worker, max_restarts=1, max_task_retries=0)
-        make = lambda: actor.remote(model, tracking_uri, head_model, max(1, int(cpus_per_worker)))
-        pool = [make() for _ in range(max(1, min(workers, len(rows))))]
-        ray.get([w.ready.remote() for w in pool])            # a model that cannot load stops here
-        queue, running, idle = list(range(len(rows))), {}, list(pool)
-        while queue or running:
-            while queue and idle:
-                w, i = idle.pop(), queue.pop(0)
-                running[w.run.remote(rows[i], params)] = (w, i)
-            done, _ = ray.wait(list(running), num_returns=1)
-            w, i = running.pop(done[0])
-            try:
-                results[i] = ray.get(done[0])
-                idle.append(w)
-            except Exception as exc:  # noqa: BLE001 - a failed row, not a failed batch
-                status, _, cause = classify_call_error(exc)
-                results[i] = {"source": str(rows[i]["source"]), "driving": str(rows[i]["driving"]),
-                              "out": str(rows[i]["out"]), "status": "failed", "frames": 0, "seconds": 0.0,
-                              "message": f"{status}: {type(cause).__name__}: {str(cause)[:500]}"}
-                idle.append(make() if status == "worker_lost" else w)
+        pool = ActorPool(ReenactWorker, (model, tracking_uri, head_model, max(1, int(cpus_per_worker))),
+                         ActorResources(num_cpus=cpus_per_worker, max_restarts=1, max_task_retries=0))
+        pool.start(min(workers, len(rows)))                  # a model that cannot load stops here
+        results = pool.map("run", rows, lambda row: (row, params), failed_row)
     finally:
         ray.shutdown()
-    manifest = pd.DataFrame([{**{k: v for k, v in rows[i].items() if k not in results[i]}, **results[i]}
-                             for i in range(len(rows))])
+    manifest = pd.DataFrame([{**{k: v for k, v in row.items() if k not in result}, **result}
+                             for row, result in zip(rows, results)])
     manifest.to_parquet(out_dir / "manifest.parquet", index=False)
     manifest.to_csv(out_dir / "manifest.csv", index=False)
     ok = int((manifest["status"] == "ok").sum()) if len(manifest) else 0
