@@ -144,6 +144,7 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
             embedding: str = "none") -> dict:
     """Manifest, errors and summary from the done markers of the plan's shards (those that
     finished, also when a fault stopped the job)."""
+    from preprocessing.clip_stages import stage_spec
     markers = [m for m in (out.read_marker(s) for s in plan) if m is not None]
     unfinished = len(plan) - len(markers)
     if unfinished and fault is None:              # only when a writer kept failing silently
@@ -165,7 +166,8 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
                     "bytes": m["bytes"]} for m in markers],
         "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
         "landmark_embedding": embedding,                  # digest of the embedding used, or "none"
-        "stages": cfg.stages.model_dump(mode="json"),     # what inference must repeat (crop size, fov)
+        "stages": cfg.stages.model_dump(mode="json"),
+        "stage_spec": stage_spec(cfg.stages, model_path, cfg.subdivision),   # packed whole by register
         "output": str(out.root.resolve()), "last_run": stats,
     }
     if fault is not None:
