@@ -180,6 +180,11 @@ def decode_clip(item: ClipItem, config: StageConfig) -> tuple[np.ndarray, float,
     return np.stack(frames), reader.plan.fps, notes
 
 
+def _bad_fraction(clip: ClipFit) -> float:
+    statuses = clip.fit.frame_status
+    return 1.0 - statuses.count("ok") / max(1, len(statuses))
+
+
 def fit_clip(frames: np.ndarray, ctx: StageContext, identity: IdentityFit | None = None,
              check_bad_frames: bool = True) -> ClipFit:
     """Track, crop and fit decoded frames (the identity's β and Δg fixed when given, else
