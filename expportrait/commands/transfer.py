@@ -9,12 +9,8 @@ A fitted clip is ``fit.npz`` from ``expportrait fit`` (or its folder), or a synt
 clip ``clips/<id>.npz`` (β and Δg read from ``identities/<id>.npz`` beside it). The target's
 reference is its frame ``--target-frame`` (a portrait fit has one frame).
 
-- expression: the driver's (ψ, jaw), edited per region (mouth, eyes, brows) and jaw scale,
-  gives the target's Δf through the exported transfer module (``--model``; without one Δf is
-  zero). ``--mode pose`` keeps the target's reference expression.
-- pose: the driver's head/neck motion relative to its first frame, applied to the target's
-  reference pose, seen in the target's camera (models/transfer/retarget.py for the
-  convention). ``--mode expression`` keeps the target's reference pose and camera.
+What is transferred (expression through the transfer module, pose retargeted) is
+:func:`preprocessing.fitted_clip.transfer`; this module parses the arguments and writes the files.
 Writes ``normals.mp4`` (the target's rendered normal maps), ``meshes.npz`` (posed vertices
 (T, N, 3) float32 in world space, faces, per-frame params, Δf) or one PLY per frame, and
 ``summary.json``; `edit` is `transfer` of a clip onto itself with edits.
@@ -28,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from preprocessing.fitted_clip import FittedClip, load_fitted, transfer
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="drive a target's personalized head from a driver's fitted clip")
@@ -72,7 +69,6 @@ def _run(driver: FittedClip, target: FittedClip, args: argparse.Namespace, mode:
     from expportrait.assets import synthetic_model_file
     from models.head.head_model import PersonalizedHead
     from models.transfer.edit import EditSpec
-    from models.transfer.inputs import scaled_camera
     from models.render.conditions import render_conditions
     from preprocessing.video import write_video
 
@@ -92,8 +88,7 @@ def _run(driver: FittedClip, target: FittedClip, args: argparse.Namespace, mode:
     args.out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         verts = head(res["params"], res["static_offsets"], res["dynamic_offsets"]).vertices.contiguous()
-        cam = res["camera"]
-        cam = scaled_camera(cam.K, cam.R, cam.t, args.size)
+        cam = res["camera"].resized(args.size)
         normals = render_conditions(verts, head.faces, cam, head.face_mask).normal_rgb().numpy()
     video = write_video(args.out / "normals.mp4", normals, args.fps)
     mesh_out = None
