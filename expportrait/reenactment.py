@@ -334,16 +334,14 @@ class Reenactor:
         """(driving normal maps (T, R, R, 3), the source's reference normal map (R, R, 3)) uint8,
         rendered as training renders them (:mod:`models.generator.frames`: R = twice the
         generator's size, at most the crop's; :meth:`generate` takes them down to its size)."""
-        from models.generator.frames import normal_render_size
-        from models.transfer.inputs import render_normal_maps
+        from models.generator.frames import generator_normal_maps
         from preprocessing.fitted_clip import transfer
-        render = normal_render_size(source.clip.image_size, self.settings.size)
         head = self.head.cpu()
         model = self.transfer.cpu() if self.transfer is not None else None
 
         def normal_maps(res: dict) -> np.ndarray:
-            return render_normal_maps(head, res["params"], res["static_offsets"], res["dynamic_offsets"],
-                                      res["camera"].resized(render)).numpy()
+            return generator_normal_maps(head, res["params"], res["static_offsets"], res["dynamic_offsets"],
+                                         res["camera"], self.settings.size).numpy()
 
         normals = normal_maps(transfer(driving.clip, source.clip, head, model, "both"))
         # the source's reference frame driven by itself: its own expression through the same

@@ -47,3 +47,14 @@ def normal_render_size(crop_size: int, size: int | None) -> int:
     """The side normal maps are rendered at for a generator of side ``size``: 2·size (antialiased
     down by :func:`generator_video` after), at most the crop's; the crop's when ``size`` is None."""
     return crop_size if not size else min(crop_size, 2 * size)
+
+
+def generator_normal_maps(head, params, static_offsets: Tensor | None, dynamic_offsets: Tensor | None,
+                          camera, size: int | None) -> Tensor:
+    """Normal maps uint8 (T, R, R, 3) of a posed head for a generator of side ``size``, rendered at
+    R = :func:`normal_render_size` in ``camera`` (the crop's cameras, square) resized there;
+    training and inference both render the generator's normals with this, then
+    :func:`generator_video` takes them to ``size``."""
+    from models.transfer.inputs import render_normal_maps
+    render = normal_render_size(int(camera.image_size[0]), size)
+    return render_normal_maps(head, params, static_offsets, dynamic_offsets, camera.resized(render))

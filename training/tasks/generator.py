@@ -46,7 +46,7 @@ from torch import Tensor
 from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condition_keep, flavor as get_flavor,
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
 from models.generator.flow import residual_base
-from models.generator.frames import normal_render_size, resize_video, unit
+from models.generator.frames import generator_normal_maps, resize_video, unit
 from models.generator.flavors import check_video_shape
 from training.tasks.reader_skips import ReaderSkipsMixin
 
@@ -197,9 +197,9 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         if pair is None:
             return torch.stack([n[i] for n, i in zip(batch["normals"], ids.to(batch["normals"].device))])
         head, module = pair
-        from models.transfer.inputs import head_params, neutral_inputs, render_normal_maps, scaled_camera
+        from models.render.camera import Camera
+        from models.transfer.inputs import head_params, neutral_inputs
         crop = batch["frames"].shape[-2]
-        size = normal_render_size(crop, self.hparams.size)     # as inference renders them
         out = []
         for b in range(ids.shape[0]):
             sm = {k: v[b].detach().float().cpu() for k, v in batch["smplx"].items()}
@@ -209,8 +209,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
             with torch.no_grad():
                 neutral, static_face = neutral_inputs(head, params.betas, static[None])
                 delta = module(params.expression[None], params.jaw_pose[None], neutral, static_face)[0]
-            cam = scaled_camera(sel["camera_K"], sel["camera_R"], sel["camera_t"], size, image_size=crop)
-            out.append(render_normal_maps(head, params, static, delta.float(), cam))
+            cam = Camera.from_matrices(sel["camera_K"], sel["camera_R"], sel["camera_t"], (crop, crop))
+            out.append(generator_normal_maps(head, params, static, delta.float(), cam, self.hparams.size))
         return torch.stack(out).to(batch["frames"].device)
 
     def inputs(self, batch: dict, generator: torch.Generator | None, training: bool) -> dict:
