@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -44,11 +45,14 @@ class StageContext:
     """What one worker process loads once: the head model (with the landmark embedding), tracker,
     fitter, estimator. ``embedding``: a :class:`LandmarkEmbedding` (or None: the model's own
     landmarks) given instead of resolving ``config.landmark_embedding``; ``fit_config``: the
-    fitter's settings given whole (a packed spec's) instead of :func:`resolved_fit_config`."""
+    fitter's settings given whole (a packed spec's) instead of :func:`resolved_fit_config`;
+    ``fit_threads``: torch threads while fitting (None: the process's), as the job's workers fit:
+    the fitter's float reductions depend on the thread count (1.7e-4 in the parameters between 1
+    and 2 threads, benchmarks/parity.py)."""
 
     def __init__(self, model_path: str | Path, config: StageConfig, subdivision: int = 1,
                  model_sha1: str | None = None, fit_config: FitConfig | None = None,
-                 embedding: object = "resolve") -> None:
+                 embedding: object = "resolve", fit_threads: int | None = None) -> None:
         from models.head.head_model import PersonalizedHead
         from models.head.smplx_file import load_smplx_model
         from .estimators import load_estimator
@@ -56,6 +60,7 @@ class StageContext:
 
         self.config = config
         self.subdivision = subdivision
+        self.fit_threads = fit_threads
         self.model_path = str(model_path)
         self.model_sha1 = model_sha1 or file_digest(model_path)   # the job passes the one it hashed
         model = load_smplx_model(model_path)
@@ -87,13 +92,16 @@ class StageContext:
             if embedding.model_key != key:
                 raise ValueError(f"stage spec: its landmark embedding was made for model {embedding.model_key}, "
                                  f"not {model_path} ({key})")
-        return cls(model_path, config, spec["subdivision"], fit_config=fit_config, embedding=embedding)
+        return cls(model_path, config, spec["subdivision"], fit_config=fit_config, embedding=embedding,
+                   fit_threads=spec.get("fit_threads"))
 
 
-def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1) -> dict:
+def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1,
+               fit_threads: int | None = None) -> dict:
     """Everything the stages do to a clip, resolved (JSON): the stage config with its defaults,
     the fitter's whole settings, the subdivision and the landmark embedding (its file, digest,
-    per-point weights and the embedding itself). The job writes it into its ``summary.json``, the
+    per-point weights and the embedding itself), the workers' torch threads (``fit_threads``). The
+    job writes it into its ``summary.json``, the
     package carries it, inference rebuilds its :class:`StageContext` from it."""
     from models.head.smplx_file import load_smplx_model
     from .landmark_calibration import CONVENTION, EMBEDDING_DIR, model_key, resolve_embedding
@@ -113,7 +121,7 @@ def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1
     import dataclasses
     return {"format": STAGE_SPEC_FORMAT, "stages": config.model_dump(mode="json"),
             "fit": dataclasses.asdict(resolved_fit_config(config)), "subdivision": subdivision,
-            "head_model_sha1": file_digest(model_path), "landmark_embedding": embedding}
+            "head_model_sha1": file_digest(model_path), "fit_threads": fit_threads, "landmark_embedding": embedding}
 
 
 def read_stage_spec(spec: dict) -> tuple[StageConfig, FitConfig, object]:
@@ -180,6 +188,18 @@ def decode_clip(item: ClipItem, config: StageConfig) -> tuple[np.ndarray, float,
     return np.stack(frames), reader.plan.fps, notes
 
 
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _bad_fraction(clip: ClipFit) -> float:
     statuses = clip.fit.frame_status
     return 1.0 - statuses.count("ok") / max(1, len(statuses))
@@ -193,8 +213,9 @@ def fit_clip(frames: np.ndarray, ctx: StageContext, identity: IdentityFit | None
     betas = static = None
     if identity is not None:
         betas, static = torch.as_tensor(identity.betas)[None], torch.as_tensor(identity.static_offsets)
-    clip = fit_frames(frames, ctx.head, ctx.tracker, fov_deg=ctx.config.fov_deg, fitter=ctx.fitter,
-                      estimator=ctx.estimator, betas=betas, static_offsets=static)
+    with torch_threads(ctx.fit_threads):
+        clip = fit_frames(frames, ctx.head, ctx.tracker, fov_deg=ctx.config.fov_deg, fitter=ctx.fitter,
+                          estimator=ctx.estimator, betas=betas, static_offsets=static)
     if clip.status != "ok":
         raise StageFailure(clip.status, "track", clip.reason, clip)
     bad = _bad_fraction(clip)

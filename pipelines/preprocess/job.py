@@ -41,6 +41,11 @@ def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str, landmark_embedding
     return fingerprint(cfg.stages.model_dump(exclude={"fit"}), fit, cfg.subdivision, model_sha1, landmark_embedding)
 
 
+def worker_threads(cfg: PreprocessConfig) -> int:
+    """torch threads of a worker actor (``workers.torch_threads``, else its CPUs rounded)."""
+    return cfg.workers.torch_threads or max(1, round(cfg.workers.num_cpus))
+
+
 def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:
     """Load and check the head model once in the driver (also for a dry run): its path and
     sha1; :class:`ConfigError` naming the file and the problem."""
@@ -167,7 +172,7 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
         "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
         "landmark_embedding": embedding,                  # digest of the embedding used, or "none"
         "stages": cfg.stages.model_dump(mode="json"),
-        "stage_spec": stage_spec(cfg.stages, model_path, cfg.subdivision),   # packed whole by register
+        "stage_spec": stage_spec(cfg.stages, model_path, cfg.subdivision, worker_threads(cfg)),   # packed whole
         "output": str(out.root.resolve()), "last_run": stats,
     }
     if fault is not None:
@@ -201,7 +206,7 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
     try:
         w = cfg.workers
         spec = WorkerSpec(model_path=model_path, model_sha1=model_sha1, stages=cfg.stages,
-                          subdivision=cfg.subdivision, threads=w.torch_threads or max(1, round(w.num_cpus)),
+                          subdivision=cfg.subdivision, threads=worker_threads(cfg),
                           clip_retries=w.clip_retries, fault_dir=str(out.root / "_faults"),
                           faults=test_faults())
         # A dead worker process: Ray restarts the actor, the scheduler runs the call again on
