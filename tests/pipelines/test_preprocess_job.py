@@ -146,6 +146,7 @@ def test_summary_records_the_whole_stage_spec(first_run):
     assert spec["stages"]["fps"] == 25 and spec["stages"]["max_side"] == 720      # a default, resolved
     assert spec["fit"]["iters_expression"] == 100 and spec["fit"]["w_landmarks"] == FitConfig().w_landmarks
     assert spec["fit"]["fov_deg"] == spec["stages"]["fov_deg"] and spec["subdivision"] == 1
+    assert spec["fit_threads"] == 1                 # the workers' torch threads (workers.num_cpus: 1)
     emb = spec["landmark_embedding"]
     assert emb["digest"] == summary["landmark_embedding"] and emb["file"].endswith(".npz") and len(emb["weights"]) == 68
     config, fit, embedding = read_stage_spec(spec)
