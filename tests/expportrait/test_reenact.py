@@ -151,8 +151,10 @@ def stages(synthetic_model_path):
     from preprocessing.clip_stages import StageContext, stage_spec
     config = StageConfig(min_frames=4, max_frames=8, segment_frames=8, crop_size=64,
                          fit={"iters_rigid": 10, "iters_expression": 10})
-    spec = json.loads(json.dumps(stage_spec(config, synthetic_model_path)))
-    return StageContext.from_spec(spec, synthetic_model_path, 1)
+    spec = json.loads(json.dumps(stage_spec(config, synthetic_model_path, fit_threads=1)))
+    ctx = StageContext.from_spec(spec, synthetic_model_path, 1)
+    assert ctx.fit_threads == 1 and ctx.config == config         # fits with the job's workers' threads
+    return ctx
 
 
 def test_driver_loaded_at_the_generators_frame_stride(corpus, stages):
