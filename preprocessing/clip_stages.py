@@ -2,13 +2,17 @@
 
 ``decode -> track + landmarks -> fit -> render conditions -> segment into schema samples``;
 :func:`fit_identity` gives the β and Δg that all clips of one identity share. The Ray driver
-(``pipelines/preprocess.py``) and the benchmark's bare loop call exactly these functions.
+(``pipelines/preprocess``), the benchmark's bare loop, ``expportrait fit`` and inference
+(``expportrait.reenactment``: :func:`decode_clip`, :func:`fit_clip` with a :class:`StageContext`
+rebuilt from the job's :func:`stage_spec`) call exactly these functions: they are the only
+implementation of the subject path.
 
 A clip never raises out of :func:`process_clip`: failures come back as a :class:`ClipOutcome`
 with a status, the stage that failed and a reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import traceback
@@ -99,10 +103,10 @@ class StageContext:
 def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1,
                fit_threads: int | None = None) -> dict:
     """Everything the stages do to a clip, resolved (JSON): the stage config with its defaults,
-    the fitter's whole settings, the subdivision and the landmark embedding (its file, digest,
-    per-point weights and the embedding itself), the workers' torch threads (``fit_threads``). The
-    job writes it into its ``summary.json``, the
-    package carries it, inference rebuilds its :class:`StageContext` from it."""
+    the fitter's whole settings, the subdivision, the landmark embedding (its file, digest,
+    per-point weights and the embedding itself) and the workers' torch threads (``fit_threads``).
+    The job writes it into its ``summary.json``, the package carries it, inference rebuilds its
+    :class:`StageContext` from it."""
     from models.head.smplx_file import load_smplx_model
     from .landmark_calibration import CONVENTION, EMBEDDING_DIR, model_key, resolve_embedding
 
@@ -118,7 +122,6 @@ def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1
                      "faces": emb.faces.astype(int).tolist(), "bary": emb.bary.astype(float).tolist(),
                      "residual_pct": emb.residual_pct.astype(float).tolist(),
                      "model_residual_pct": emb.model_residual_pct.astype(float).tolist()}
-    import dataclasses
     return {"format": STAGE_SPEC_FORMAT, "stages": config.model_dump(mode="json"),
             "fit": dataclasses.asdict(resolved_fit_config(config)), "subdivision": subdivision,
             "head_model_sha1": file_digest(model_path), "fit_threads": fit_threads, "landmark_embedding": embedding}
