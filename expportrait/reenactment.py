@@ -6,8 +6,9 @@
 
 **Package** (what ``expportrait register`` packs and :class:`Reenactor` loads), one folder::
 
-    package.json   head-model reference (sha256 of its arrays, kind, subdivision; never the
-                   file), preprocessing settings, inference settings, provenance
+    package.json   format (PACKAGE_FORMAT), head-model reference (sha256 of its arrays, kind,
+                   subdivision; never the file), the preprocessing stage spec (whole), inference
+                   settings, provenance
     transfer/      ExpressionTransfer (save_pretrained: config.json + safetensors); optional
     generator/     NormalDrivenWan (generator.json, transformer/, conditioning/)
     codec/         the latent codec (AutoencoderKLWan folder)
@@ -21,16 +22,19 @@ accumulate: no drift); overlapping frames are cross-faded with linear weights, s
 boundary is a hard cut. ``frame_stride`` n drives with every n-th frame (the tiny generator is
 trained on strided windows) and the video is written at fps / n.
 
-Subjects: a raw image or video (tracked and fitted on the fly, the aligned crops are the
-frames, the crop boxes allow paste-back) or a synthetic corpus clip ``clips/<id>.npz`` with its
-``.mp4`` (exact parameters, no fitting; tracked and cropped like a raw video, the exact
-cameras moved into the crops). Either way subjects are framed as the preprocessing job frames
-training samples (``PreprocessSettings``: the training data's crop size and field of view,
-packed at register): a generator trained on aligned crops is not shown full frames.
+Subjects go through the preprocessing job's own stages (:mod:`preprocessing.clip_stages`),
+built from the stage spec the package carries (``package.json`` ``preprocessing``: what the job
+that made the training data wrote into its ``summary.json``: frame rate, crop size, field of
+view, landmark embedding and its weights, the fitter's settings): a raw image or video is
+decoded at the spec's frame rate, tracked, cropped and fitted exactly as a training clip was
+(then every ``stride``-th frame kept, as training windows take them); a synthetic corpus clip
+``clips/<id>.npz`` with its ``.mp4`` keeps its exact parameters (no fitting; decoded at its own
+rate, which its parameters follow) and is tracked and cropped by the same tracker, the exact
+cameras moved into the crops. Frames and normal maps reach the generator through the training
+task's transform (:mod:`models.generator.frames`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -41,9 +45,13 @@ import numpy as np
 import torch
 
 from models.head.resolve import HeadModelMismatchError, resolve_head_model
+from preprocessing.clip_records import ClipItem, StageConfig
+from preprocessing.clip_stages import IMAGE_SUFFIXES, StageContext, StageFailure, decode_clip, decode_image, fit_clip
+from preprocessing.fitted_clip import FittedClip, fitted_from_clip, load_fitted
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 PACKAGE_FILE = "package.json"
+#: the package layout this code reads; 2: ``preprocessing`` is the job's whole stage spec
+PACKAGE_FORMAT = "expportrait-package/2"
 
 
 @dataclass
@@ -72,13 +80,8 @@ class InferenceSettings:
             raise ValueError(f"frame_stride {self.frame_stride} must be >= 1")
 
 
-@dataclass
-class PreprocessSettings:
-    """How subjects are tracked and fitted (as the preprocessing job does)."""
-
-    crop_size: int = 256
-    fov_deg: float = 20.0
-    fit_seed: int = 0
+class PackageFormatError(ValueError):
+    """A package written by another version of the package layout (:data:`PACKAGE_FORMAT`)."""
 
 
 # -- subjects -----------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ class Subject:
     """A fitted subject: parameters per frame, its frames (crops the fit's camera sees), and
     (raw inputs) the full frames and crop boxes for paste-back."""
 
-    clip: object                                # commands.transfer.FittedClip
+    clip: FittedClip
     frames: np.ndarray                          # (T, S, S, 3) uint8
     source: str
     full_frames: np.ndarray | None = None       # (T, H, W, 3) uint8, raw inputs only
@@ -105,78 +108,68 @@ class SubjectError(ValueError):
         self.details = {"status": status, "source": source}
 
 
-def read_frames(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """RGB frames (T, H, W, 3) and fps of an image or a video; :class:`SubjectError` otherwise."""
+def read_frames(path: str | os.PathLike, max_frames: int | None = None,
+                config: StageConfig | None = None) -> tuple[np.ndarray, float]:
+    """RGB frames (T, H, W, 3) and fps of an image or a video through the job's decode stage with
+    ``config``'s frame rate and size cap (None: the source's rate, at most 1280 px), the first
+    ``max_frames`` of them; :class:`SubjectError` otherwise."""
     path = Path(path)
     if not path.is_file():
         raise SubjectError(f"not found: {path}", "file_not_found", str(path))
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        from PIL import Image
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"))[None], 25.0
-        except Exception as exc:  # noqa: BLE001 - any decoder failure
-            raise SubjectError(f"image {path}: cannot decode: {exc}", "not_an_image", str(path)) from exc
-    from preprocessing.ingest import open_video
-    reader = open_video(path, max_side=1280, min_frames=1)
-    if not reader.probe.ok:
-        raise SubjectError(f"video {path}: {reader.probe.reason}", reader.status.value, str(path))
-    frames = []
-    for i, _, f in reader:
-        if max_frames and i >= max_frames:
-            break
-        frames.append(f)
-    if not frames:
-        raise SubjectError(f"video {path}: no frame could be decoded", "too_few_frames", str(path))
-    return np.stack(frames), float(reader.plan.fps)
+    config = config or StageConfig(fps=None, max_side=1280)
+    try:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return decode_image(path), float(config.fps or 25.0)
+        frames, fps, _ = decode_clip(ClipItem(path.stem, str(path), "subject"),
+                                     config.model_copy(update={"min_frames": 1, "max_frames": max_frames}))
+    except StageFailure as exc:
+        kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
+        raise SubjectError(f"{kind} {path}: {exc.reason}", exc.status, str(path)) from None
+    return frames, float(fps)
 
 
-def load_subject(path: str | os.PathLike, head, prep: PreprocessSettings | None = None,
-                 max_frames: int | None = None, stride: int = 1) -> Subject:
-    """A corpus clip (``.npz`` beside its ``.mp4``) or a raw image/video, fitted (see module doc);
-    the first ``max_frames`` frames, every ``stride``-th of them (fps / stride)."""
-    from expportrait.commands.transfer import FittedClip, load_fitted
-    prep = prep or PreprocessSettings()
+def load_subject(path: str | os.PathLike, stages: StageContext, max_frames: int | None = None,
+                 stride: int = 1) -> Subject:
+    """A corpus clip (``.npz`` beside its ``.mp4``) or a raw image/video through the job's stages
+    ``stages`` (module doc); the first ``max_frames`` frames, every ``stride``-th of them (fps /
+    stride)."""
     path = Path(path)
     if path.suffix == ".npz":
-        clip = load_fitted(path)
-        video = path.with_suffix(".mp4")
-        if not video.is_file():
-            raise SubjectError(f"{path}: a fitted clip is used with its frames, {video} is missing (give the "
-                               f"image or video itself: it is fitted here)", "file_not_found", str(video))
-        frames, fps = read_frames(video, max_frames)
-        t = min(len(frames), clip.num_frames, max_frames or 10**9)
-        clip.arrays = {k: v[:t:stride] for k, v in clip.arrays.items()}
-        # framed as the preprocessing job frames training samples: the tracker's aligned crops
-        # (the exact cameras moved into them), not the full frames
-        from preprocessing.clip_fit import crop_camera_matrices
-        from preprocessing.tracking import FaceTracker
-        full = frames[:t:stride]
-        track = FaceTracker(crop_size=prep.crop_size).track(full)
-        if not track.ok:
-            raise SubjectError(f"{video}: {track.status.value}" + (f": {track.reason}" if track.reason else ""),
-                               track.status.value, str(path))
-        clip.arrays["camera_K"] = crop_camera_matrices(clip.arrays["camera_K"], track.boxes, prep.crop_size)
-        clip.image_size = prep.crop_size
-        return Subject(clip, track.crops, str(path), full_frames=full, boxes=track.boxes, fps=fps / stride)
-    full, fps = read_frames(path, max_frames)
-    full, fps = full[::stride], fps / stride                  # fitted as the generator will see it
-    from preprocessing.clip_fit import fit_frames
-    from preprocessing.fitting import FitConfig
-    from preprocessing.tracking import FaceTracker
-    res = fit_frames(full, head, FaceTracker(crop_size=prep.crop_size), config=FitConfig(seed=prep.fit_seed),
-                     fov_deg=prep.fov_deg)
-    if res.fit is None:
-        raise SubjectError(f"{path}: {res.status}" + (f": {res.reason}" if res.reason else ""), res.status, str(path))
-    fit, t = res.fit, len(full)
-    arrays = {k: v.detach().numpy().astype(np.float32) for k, v in fit.params.to_dict().items() if k != "betas"}
-    arrays.update(camera_K=fit.camera.K.numpy(), camera_R=fit.camera.R.numpy(), camera_t=fit.camera.t.numpy())
-    arrays = {k: np.broadcast_to(v.reshape(-1, *v.shape[1:]), (t, *v.shape[1:])).copy() if v.shape[0] == 1 else v
-              for k, v in arrays.items()}
-    clip = FittedClip(arrays, fit.params.betas.detach().numpy().reshape(-1).astype(np.float32),
-                      fit.static_offsets.detach().numpy().astype(np.float32), prep.crop_size, str(path))
-    return Subject(clip, res.track.crops, str(path), full_frames=full, boxes=res.track.boxes, fps=fps,
+        return _corpus_subject(path, stages, max_frames, stride)
+    full, fps = read_frames(path, max_frames, stages.config)
+    try:
+        res = fit_clip(full, stages)
+    except StageFailure as exc:
+        raise SubjectError(f"{path}: {exc.status}" + (f": {exc.reason}" if exc.reason else ""), exc.status,
+                           str(path)) from None
+    every = slice(None, None, stride)                       # fitted whole, then strided as training windows
+    return Subject(fitted_from_clip(res, str(path)).select(every), res.track.crops[every], str(path),
+                   full_frames=full[every], boxes=res.track.boxes[every], fps=fps / stride,
                    fit_summary=res.summary())
+
+
+def _corpus_subject(path: Path, stages: StageContext, max_frames: int | None, stride: int) -> Subject:
+    """A synthetic corpus clip: its exact parameters, its frames tracked and cropped by the
+    stages' tracker (the exact cameras moved into the crops); decoded at its own rate (its
+    parameters are per frame of it)."""
+    from preprocessing.clip_fit import crop_camera_matrices
+    clip = load_fitted(path)
+    video = path.with_suffix(".mp4")
+    if not video.is_file():
+        raise SubjectError(f"{path}: a fitted clip is used with its frames, {video} is missing (give the "
+                           f"image or video itself: it is fitted here)", "file_not_found", str(video))
+    frames, fps = read_frames(video, max_frames, stages.config.model_copy(update={"fps": None}))
+    t = min(len(frames), clip.num_frames, max_frames or 10**9)
+    clip = clip.select(slice(0, t, stride))
+    full = frames[:t:stride]
+    track = stages.tracker.track(full)
+    if not track.ok:
+        raise SubjectError(f"{video}: {track.status.value}" + (f": {track.reason}" if track.reason else ""),
+                           track.status.value, str(path))
+    crop = stages.config.crop_size
+    clip.arrays["camera_K"] = crop_camera_matrices(clip.arrays["camera_K"], track.boxes, crop)
+    clip.image_size = crop
+    return Subject(clip, track.crops, str(path), full_frames=full, boxes=track.boxes, fps=fps / stride)
 
 
 # -- windows ------------------------------------------------------------------------------------
@@ -217,16 +210,16 @@ def generate_windows(generate_window, num_frames: int, window: int, overlap: int
 
 
 # -- the reenactor ------------------------------------------------------------------------------
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-    if frames.shape[1:3] == (size, size):
-        return frames
-    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
+def _video(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> the generator's (1, 3, T, size, size) (the training transform)."""
+    from models.generator.frames import generator_video
+    return generator_video(torch.as_tensor(np.ascontiguousarray(frames))[None], size)
 
 
-def _unit(frames: np.ndarray) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) in [-1, 1]."""
-    return torch.as_tensor(frames).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)
+def _shown(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) as the generator sees them, back in uint8 (T, size, size, 3) for display."""
+    from models.generator.frames import to_uint8
+    return to_uint8(_video(frames, size))[0].numpy()
 
 
 @dataclass
@@ -242,26 +235,28 @@ class Reenactment:
 class Reenactor:
     """The packaged models on one device; :meth:`reenact` does the whole loop."""
 
-    def __init__(self, head, generator, codec, transfer=None, settings: InferenceSettings | None = None,
-                 prep: PreprocessSettings | None = None, device: str | torch.device = "cpu") -> None:
-        self.head, self.generator, self.codec, self.transfer = head, generator, codec, transfer
+    def __init__(self, generator, codec, stages: StageContext, transfer=None,
+                 settings: InferenceSettings | None = None, device: str | torch.device = "cpu") -> None:
+        """``stages``: the preprocessing stages subjects go through (its head renders the normals)."""
+        self.stages, self.generator, self.codec, self.transfer = stages, generator, codec, transfer
+        self.head = stages.head
         self.settings = settings or InferenceSettings()
         self.settings.check()
-        self.prep = prep or PreprocessSettings()
         self.device = torch.device(device)
 
     @classmethod
     def from_package(cls, folder: str | os.PathLike, head_model: str | os.PathLike | None = None,
                      device: str | None = None) -> "Reenactor":
-        """Load a package folder (module doc); the head model is checked against its hash first."""
+        """Load a package folder (module doc); the head model is checked against its hash first,
+        the stages are built from the packed stage spec."""
         from models.generator import LatentCodec, NormalDrivenWan
-        from models.head.head_model import PersonalizedHead
         from models.transfer import ExpressionTransfer
         folder = Path(folder)
         meta = read_package_meta(folder)
         path = resolve_head_model(meta["head_model"], head_model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        head = PersonalizedHead.from_file(path, subdivision_levels=meta["head_model"].get("subdivision", 1))
+        stages = StageContext.from_spec(meta["preprocessing"], path, meta["head_model"].get("subdivision", 1))
+        head = stages.head
         has_transfer = (folder / "transfer").is_dir()
         transfer = ExpressionTransfer.from_pretrained(folder / "transfer").eval() if has_transfer else None
         if transfer is not None and transfer.num_face_vertices != head.num_face_vertices:
@@ -269,48 +264,43 @@ class Reenactor:
                                          f"the head model {head.num_face_vertices}")
         generator = NormalDrivenWan.from_pretrained(folder / "generator").eval()
         codec = LatentCodec.from_pretrained(folder / "codec").eval()
-        return cls(head.to(device), generator.to(device), codec.to(device),
+        head.to(device)
+        return cls(generator.to(device), codec.to(device), stages,
                    transfer.to(device) if transfer is not None else None,
-                   InferenceSettings(**meta.get("inference", {})), PreprocessSettings(**meta.get("preprocessing", {})),
-                   device)
+                   InferenceSettings(**meta.get("inference", {})), device)
 
     def subject(self, path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> Subject:
         """A source (or any subject): its first ``max_frames`` frames, every ``stride``-th."""
-        return load_subject(path, self.head.cpu() if self.device.type != "cpu" else self.head, self.prep,
-                            max_frames, stride)
+        self.head.cpu()                                   # the stages fit on the CPU
+        try:
+            return load_subject(path, self.stages, max_frames, stride)
+        finally:
+            self.head.to(self.device)
 
     def driving_subject(self, path: str | os.PathLike, max_frames: int | None = None) -> Subject:
         """A driver at the generator's frame stride (``settings.frame_stride``): every n-th of its
-        first ``max_frames`` frames, fitted after subsampling."""
+        first ``max_frames`` frames, fitted whole first (as the training data was)."""
         return self.subject(path, max_frames, self.settings.frame_stride)
 
     @torch.no_grad()
     def driving_normals(self, source: Subject, driving: Subject) -> tuple[np.ndarray, np.ndarray]:
-        """(driving normal maps (T, S, S, 3), the source's reference normal map (S, S, 3))."""
-        from expportrait.commands.transfer import transfer
-        from models.render.camera import Camera
-        from models.transfer.inputs import render_normal_maps
-        s = self.settings.size
+        """(driving normal maps (T, R, R, 3), the source's reference normal map (R, R, 3)) uint8,
+        rendered as training renders them (:mod:`models.generator.frames`: R = twice the
+        generator's size, at most the crop's; :meth:`generate` takes them down to its size)."""
+        from models.generator.frames import generator_normal_maps
+        from preprocessing.fitted_clip import transfer
         head = self.head.cpu()
         model = self.transfer.cpu() if self.transfer is not None else None
 
-        def camera(cam: Camera, image_size: int) -> Camera:
-            """The same camera for the image resized to s² (pixel centres at integers)."""
-            r = s / image_size
-            K = cam.K.clone()
-            K[:, :2, :2] *= r
-            K[:, :2, 2] = (K[:, :2, 2] + 0.5) * r - 0.5
-            return Camera.from_matrices(K, cam.R, cam.t, (s, s))
+        def normal_maps(res: dict) -> np.ndarray:
+            return generator_normal_maps(head, res["params"], res["static_offsets"], res["dynamic_offsets"],
+                                         res["camera"], self.settings.size).numpy()
 
-        res = transfer(driving.clip, source.clip, head, model, "both")
-        normals = render_normal_maps(head, res["params"], res["static_offsets"], res["dynamic_offsets"],
-                                     camera(res["camera"], source.clip.image_size)).numpy()
+        normals = normal_maps(transfer(driving.clip, source.clip, head, model, "both"))
         # the source's reference frame driven by itself: its own expression through the same
         # module, so the reference normal map and the driving ones share one Δf source (as trained)
-        first = dataclasses.replace(source.clip, arrays={k: v[:1] for k, v in source.clip.arrays.items()})
-        own = transfer(first, first, head, model, "both")
-        ref = render_normal_maps(head, own["params"], own["static_offsets"], own["dynamic_offsets"],
-                                 camera(own["camera"], source.clip.image_size)).numpy()[0]
+        first = source.clip.select(slice(0, 1))
+        ref = normal_maps(transfer(first, first, head, model, "both"))[0]
         if self.transfer is not None:
             self.transfer.to(self.device)
         self.head.to(self.device)
@@ -319,10 +309,11 @@ class Reenactor:
     @torch.no_grad()
     def generate(self, reference: np.ndarray, reference_normal: np.ndarray, normals: np.ndarray,
                  progress: bool = False) -> tuple[np.ndarray, list[int]]:
-        """Frames (T, S, S, 3) uint8 from the reference image, its normal map and driving normals,
-        in overlapping windows (module doc). Each generator call is Wan I2V's layout as trained:
-        frame 0 is the reference (image + its normal map), frames 1..F-1 are driven; the driven
-        frames of overlapping windows are cross-faded. Returns the windows' first driven frames."""
+        """Frames (T, S, S, 3) uint8 from the reference image, its normal map and driving normals
+        (uint8 at any size: the training transform takes them to S), in overlapping windows (module
+        doc). Each generator call is Wan I2V's layout as trained: frame 0 is the reference (image +
+        its normal map), frames 1..F-1 are driven; the driven frames of overlapping windows are
+        cross-faded. Returns the windows' first driven frames."""
         from models.generator import sample
         st = self.settings
         span = st.window - 1                                # driven frames per call
@@ -330,15 +321,14 @@ class Reenactor:
         if t < span:                                        # pad with the last frame, trimmed later
             normals = np.concatenate([normals, np.repeat(normals[-1:], span - t, 0)])
         dev = self.device
-        ref_img = _unit(_resize(reference[None], st.size))[:, :, 0].to(dev)
+        ref_img = _video(reference[None], st.size)[:, :, 0].to(dev)
         ref_latent = self.codec.encode_reference(ref_img, st.window)
-        ref_normal_u8 = _resize(reference_normal[None], st.size)
-        ref_normal = _unit(ref_normal_u8)[:, :, 0].to(dev)
+        ref_normal = _video(reference_normal[None], st.size)[:, :, 0].to(dev)
         shape = (1, *ref_latent.shape[1:])
         generator = self.generator
 
         def window(start: int) -> np.ndarray:
-            drive = _unit(np.concatenate([ref_normal_u8, normals[start:start + span]])).to(dev)
+            drive = _video(np.concatenate([reference_normal[None], normals[start:start + span]]), st.size).to(dev)
             g = torch.Generator(device=dev).manual_seed(st.seed)       # same noise in every window
             x0 = sample(generator, shape, {"reference_latent": ref_latent, "driving_normals": drive,
                                            "reference_normal": ref_normal},
@@ -360,11 +350,11 @@ class Reenactor:
         t0 = time.perf_counter()
         normals, ref_normal = self.driving_normals(source, driving)
         sec["normals"] = time.perf_counter() - t0
-        reference = _resize(source.frames[:1], s)[0]
         t0 = time.perf_counter()
-        frames, starts = self.generate(reference, ref_normal, normals)
+        frames, starts = self.generate(source.frames[0], ref_normal, normals)
         sec["generate"] = time.perf_counter() - t0
-        return Reenactment(frames, normals, reference, _resize(driving.frames, s), starts, sec)
+        return Reenactment(frames, _shown(normals, s), _shown(source.frames[:1], s)[0], _shown(driving.frames, s),
+                           starts, sec)
 
 
 def side_by_side(result: Reenactment) -> np.ndarray:
@@ -401,35 +391,56 @@ def paste_back(result: Reenactment, source: Subject, feather: float = 0.1) -> np
 
 # -- package I/O --------------------------------------------------------------------------------
 def read_package_meta(folder: str | os.PathLike) -> dict:
+    """``package.json`` of a package folder; :class:`PackageFormatError` for a package of another
+    layout (an older one carries no stage spec: register the model again)."""
     folder = Path(folder)
     path = folder / PACKAGE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not an expportrait package (no {PACKAGE_FILE})")
     meta = json.loads(path.read_text())
+    if meta.get("format") != PACKAGE_FORMAT:
+        raise PackageFormatError(
+            f"package {folder} has format {meta.get('format')!r}; this version reads {PACKAGE_FORMAT!r} (since "
+            f"format 2 a package carries the preprocessing job's whole stage spec): register the training run "
+            f"again with `expportrait register` (or re-run write_package)")
     for part in ("generator", "codec"):
         if not (folder / part).is_dir():
             raise FileNotFoundError(f"package {folder}: {part}/ is missing")
     return meta
 
 
+def default_stage_spec(head_reference: dict, head_model: str | os.PathLike | None = None) -> dict:
+    """The stage spec of the job's defaults (``StageConfig()``) for the package's head model, for
+    models whose training data has no preprocessing summary; says so in ``source``."""
+    from preprocessing.clip_stages import stage_spec
+    path = resolve_head_model(head_reference, head_model)
+    return {**stage_spec(StageConfig(), path, head_reference.get("subdivision", 1)),
+            "source": "defaults (no preprocessing summary with the training data)"}
+
+
 def write_package(out: str | os.PathLike, generator: str | os.PathLike, codec: str | os.PathLike,
                   transfer: str | os.PathLike | None, head_reference: dict,
-                  inference: InferenceSettings | None = None, prep: PreprocessSettings | None = None,
-                  provenance: dict | None = None) -> Path:
-    """Assemble a package folder from exported model folders (copied) and settings."""
+                  inference: InferenceSettings | None = None, stage_spec: dict | None = None,
+                  provenance: dict | None = None, head_model: str | os.PathLike | None = None) -> Path:
+    """Assemble a package folder from exported model folders (copied) and settings. ``stage_spec``:
+    the preprocessing job's (``summary.json`` ``stage_spec``), packed whole; None:
+    :func:`default_stage_spec` (``head_model``: the local head-model file, checked by hash)."""
     import shutil
+    from preprocessing.clip_stages import read_stage_spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     inference = inference or InferenceSettings()
     inference.check()
+    stage_spec = stage_spec or default_stage_spec(head_reference, head_model)
+    read_stage_spec(stage_spec)                               # a spec inference can read back
     for name, src in (("generator", generator), ("codec", codec), ("transfer", transfer)):
         if src is None:
             continue
         if not Path(src).is_dir():
             raise FileNotFoundError(f"{name} folder not found: {src}")
         shutil.copytree(src, out / name, dirs_exist_ok=True)
-    meta = {"format": "expportrait-package/1", "head_model": head_reference, "inference": asdict(inference),
-            "preprocessing": asdict(prep or PreprocessSettings()), "provenance": provenance or {},
+    meta = {"format": PACKAGE_FORMAT, "head_model": head_reference, "inference": asdict(inference),
+            "preprocessing": stage_spec, "provenance": provenance or {},
             "parts": sorted(p.name for p in out.iterdir() if p.is_dir())}
     (out / PACKAGE_FILE).write_text(json.dumps(meta, indent=2))
     return out

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from expportrait.reenactment import (InferenceSettings, PreprocessSettings, Reenactor, SubjectError, paste_back,
+from expportrait.reenactment import (InferenceSettings, Reenactor, SubjectError, default_stage_spec, paste_back,
                                      read_package_meta, side_by_side, write_package)
 from models.head.resolve import head_model_reference
 from preprocessing.errors import EnvironmentFault, UserError
@@ -181,44 +181,27 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def shard_crop_size(root: str | None) -> int | None:
-    """The crop size of the first sample of a shard folder (``crop_size`` in its ``.meta.json``,
-    else its frames' height); None if unknown."""
-    import tarfile
-    if not root or not Path(root).is_dir():
-        return None
-    import av
-    for tar in sorted(Path(root).rglob("*.tar"))[:3]:
-        try:
-            with tarfile.open(tar) as t:
-                for m in t:
-                    if m.name.endswith(".meta.json"):
-                        meta = json.loads(t.extractfile(m).read())
-                        if "crop_size" in meta:
-                            return int(meta["crop_size"])
-                    elif m.name.endswith(".rgb.mp4"):        # no crop_size recorded: the frames' size
-                        with av.open(t.extractfile(m)) as c:
-                            return int(c.streams.video[0].codec_context.height)
-        except (tarfile.TarError, OSError, KeyError, ValueError, TypeError, av.FFmpegError):
-            continue
-    return None
-
-
-def prep_from_data(data: str | os.PathLike | None) -> PreprocessSettings:
-    """The preprocessing settings a model's training data was made with (the job's
-    ``summary.json`` ``stages``: crop size, field of view), so inference tracks, crops and fits
-    subjects as the training samples were; defaults when the data folder or its record is absent."""
+def stage_spec_from_data(data: str | os.PathLike | None, head_reference: dict,
+                         head_model: str | os.PathLike | None = None) -> dict:
+    """The preprocessing stage spec a model's training data was made with: the ``stage_spec``
+    the job wrote into its ``summary.json`` (packed whole, so inference repeats those stages);
+    :func:`default_stage_spec` when the data is not a job's output folder. ValueError for a
+    job's summary without one (written by an older job: re-run the job on the same output,
+    its done shards are kept, to record it)."""
     summary = Path(data) / "summary.json" if data else None
     if summary is None or not summary.is_file():
-        return PreprocessSettings()
-    stages = json.loads(summary.read_text()).get("stages") or {}
-    return PreprocessSettings(**{k: stages[k] for k in ("crop_size", "fov_deg") if k in stages})
+        return default_stage_spec(head_reference, head_model)
+    spec = json.loads(summary.read_text()).get("stage_spec")
+    if spec is None:
+        raise ValueError(f"{summary} records no stage_spec (an older preprocessing job wrote it): re-run the "
+                         f"preprocessing job on that output (done shards are kept) to record it")
+    return spec
 
 
-def inference_from_run(params: dict, overrides: dict | None = None) -> InferenceSettings:
+def inference_from_run(params: dict, overrides: dict | None = None, crop_size: int | None = None) -> InferenceSettings:
     """Inference settings as the generator was trained (the run's ``frames``, ``frame_stride``,
-    ``size`` (null: its shards' crop size), ``sample_shift`` (else ``shift``), ``sample_steps``,
-    ``guidance`` params), then ``overrides``."""
+    ``size`` (null: its shards' crop size ``crop_size``, from the packed stage spec),
+    ``sample_shift`` (else ``shift``), ``sample_steps``, ``guidance`` params), then ``overrides``."""
     from dataclasses import fields
     st = {}
     for field_name, param, cast in (("window", "frames", int), ("frame_stride", "frame_stride", int),
@@ -230,10 +213,8 @@ def inference_from_run(params: dict, overrides: dict | None = None) -> Inference
     sample_shift = _param(params, "sample_shift")
     if sample_shift is not None:                                # the sampler's own shift, when set
         st["shift"] = float(sample_shift)
-    if "size" not in st:                  # size null: the generator trained at its shards' crop size
-        crop = shard_crop_size(_param(params, "root"))
-        if crop:
-            st["size"] = crop
+    if "size" not in st and crop_size:    # size null: the generator trained at its shards' crop size
+        st["size"] = int(crop_size)
     if "window" in st:
         st.setdefault("overlap", max(0, min(InferenceSettings.overlap, st["window"] - 2) // 2 * 2))
     st.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -248,7 +229,7 @@ def inference_from_run(params: dict, overrides: dict | None = None) -> Inference
 def register(run_id: str, name: str = "expportrait", alias: str | None = "candidate",
              transfer_run: str | None = None, generator: str | None = None, codec: str | None = None,
              transfer: str | None = None, head_model: str | None = None,
-             inference_overrides: dict | None = None, prep: PreprocessSettings | None = None,
+             inference_overrides: dict | None = None, stage_spec: dict | None = None,
              data: str | None = None) -> dict:
     """Package the exports of ``run_id`` (and ``transfer_run``; local folders override) as a
     pyfunc logged into that run, register it as a version of ``name`` and set ``alias``."""
@@ -278,16 +259,16 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
             if kind not in found:
                 raise FileNotFoundError(f"run {run_id}: no {kind} export found under export/ "
                                         f"(found {sorted(found)}); give --{kind} DIR")
-        inference = inference_from_run(params, inference_overrides)
         subdivision = int(_param(params, "subdivision") or 1)
         head_path = head_model or _param(params, "head_model")
         reference = head_model_reference(head_path, subdivision)
         data = data or _param(params, "root") or run.data.tags.get("data")
-        prep = prep or prep_from_data(data)
+        stage_spec = stage_spec or stage_spec_from_data(data, reference, head_path)
+        inference = inference_from_run(params, inference_overrides, stage_spec["stages"]["crop_size"])
         commit = _git_commit()
         provenance = {**runs, "code_commit": commit, "data": data, "transfer_folder": str(found.get("transfer"))}
         package = write_package(tmp / "package", found["generator"], found["codec"], found.get("transfer"),
-                                reference, inference, prep, provenance)
+                                reference, inference, stage_spec, provenance, head_path)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="expportrait", python_model=ExpPortraitModel(),
                                            artifacts={"package": str(package)}, signature=signature(),
@@ -436,7 +417,7 @@ def _from_exports(folder: Path, head_model: str | None, parts: dict[str, str | N
                                     f"(found {sorted(found)}); give --{kind} DIR")
     cache = Path(tempfile.mkdtemp(prefix="expportrait_package_"))
     package = write_package(cache / "package", found["generator"], found["codec"], found.get("transfer"),
-                            head_model_reference(head_model))
+                            head_model_reference(head_model), head_model=head_model)
     return Reenactor.from_package(package, head_model), {"model": str(folder), "package": str(package),
                                                           "parts": {k: str(v) for k, v in found.items()}}
 

@@ -2,16 +2,21 @@
 
 ``decode -> track + landmarks -> fit -> render conditions -> segment into schema samples``;
 :func:`fit_identity` gives the β and Δg that all clips of one identity share. The Ray driver
-(``pipelines/preprocess.py``) and the benchmark's bare loop call exactly these functions.
+(``pipelines/preprocess``), the benchmark's bare loop, ``expportrait fit`` and inference
+(``expportrait.reenactment``: :func:`decode_clip`, :func:`fit_clip` with a :class:`StageContext`
+rebuilt from the job's :func:`stage_spec`) call exactly these functions: they are the only
+implementation of the subject path.
 
 A clip never raises out of :func:`process_clip`: failures come back as a :class:`ClipOutcome`
 with a status, the stage that failed and a reason.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -30,33 +35,142 @@ from .sample_schema import ShardSample, encode_sample, sample_key
 from .tracking import FaceTracker
 
 
+#: the format of :func:`stage_spec` (the preprocessing spec a model package carries)
+STAGE_SPEC_FORMAT = "expportrait-stage-spec/1"
+
+
+def resolved_fit_config(config: StageConfig) -> FitConfig:
+    """The fitter's settings of a stage config: its overrides over FitConfig's defaults, the
+    stage's field of view."""
+    return FitConfig(**{**config.fit, "fov_deg": config.fov_deg})
+
+
 class StageContext:
-    """What one worker process loads once: the head model, tracker, fitter, estimator."""
+    """What one worker process loads once: the head model (with the landmark embedding), tracker,
+    fitter, estimator. ``embedding``: a :class:`LandmarkEmbedding` (or None: the model's own
+    landmarks) given instead of resolving ``config.landmark_embedding``; ``fit_config``: the
+    fitter's settings given whole (a packed spec's) instead of :func:`resolved_fit_config`;
+    ``fit_threads``: torch threads while fitting (None: the process's), as the job's workers fit:
+    the fitter's float reductions depend on the thread count (1.7e-4 in the parameters between 1
+    and 2 threads, benchmarks/parity.py)."""
 
     def __init__(self, model_path: str | Path, config: StageConfig, subdivision: int = 1,
-                 model_sha1: str | None = None) -> None:
+                 model_sha1: str | None = None, fit_config: FitConfig | None = None,
+                 embedding: object = "resolve", fit_threads: int | None = None) -> None:
+        from models.head.head_model import PersonalizedHead
         from models.head.smplx_file import load_smplx_model
         from .estimators import load_estimator
+        from .landmark_embedding import resolve_embedding
 
         self.config = config
+        self.subdivision = subdivision
+        self.fit_threads = fit_threads
         self.model_path = str(model_path)
         self.model_sha1 = model_sha1 or file_digest(model_path)   # the job passes the one it hashed
-        from .landmark_embedding import head_with_embedding
-
-        self.head, self.landmark_embedding = head_with_embedding(load_smplx_model(model_path),
-                                                                 config.landmark_embedding, subdivision)
+        model = load_smplx_model(model_path)
+        if isinstance(embedding, str):
+            embedding = resolve_embedding(config.landmark_embedding, model)
+        self.landmark_embedding = embedding
+        self.head = PersonalizedHead(model, subdivision_levels=subdivision,
+                                     landmark_embedding=embedding.as_head_argument() if embedding else None)
         self.tracker = FaceTracker(crop_size=config.crop_size)
-        self.fitter = Fitter(self.head, FitConfig(**{**config.fit, "fov_deg": config.fov_deg}),
-                             landmark_weights=self.landmark_embedding.weights() if self.landmark_embedding else None)
+        self.fit_config = fit_config or resolved_fit_config(config)
+        self.fitter = Fitter(self.head, self.fit_config,
+                             landmark_weights=embedding.weights() if embedding is not None else None)
         self.estimator = (load_estimator(config.estimator, config.estimator_weights)
                           if config.estimator else None)
         self.provenance = provenance(self.model_sha1, config.licence)
 
+    @classmethod
+    def from_spec(cls, spec: dict, model_path: str | Path, subdivision: int | None = None) -> "StageContext":
+        """The context a :func:`stage_spec` describes, for the head model at ``model_path``
+        (``subdivision``, when given, must be the spec's). ValueError naming what does not fit."""
+        config, fit_config, embedding = read_stage_spec(spec)
+        if subdivision is not None and subdivision != spec["subdivision"]:
+            raise ValueError(f"stage spec: the data was made with subdivision {spec['subdivision']}, "
+                             f"the head model is used with {subdivision}")
+        if embedding is not None:
+            from models.head.smplx_file import load_smplx_model
+            from .landmark_embedding import model_key
+            key = model_key(load_smplx_model(model_path))
+            if embedding.model_key != key:
+                raise ValueError(f"stage spec: its landmark embedding was made for model {embedding.model_key}, "
+                                 f"not {model_path} ({key})")
+        return cls(model_path, config, spec["subdivision"], fit_config=fit_config, embedding=embedding,
+                   fit_threads=spec.get("fit_threads"))
+
+
+def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1,
+               fit_threads: int | None = None) -> dict:
+    """Everything the stages do to a clip, resolved (JSON): the stage config with its defaults,
+    the fitter's whole settings, the subdivision, the landmark embedding (its file, digest,
+    per-point weights and the embedding itself) and the workers' torch threads (``fit_threads``).
+    The job writes it into its ``summary.json``, the package carries it, inference rebuilds its
+    :class:`StageContext` from it."""
+    from models.head.smplx_file import load_smplx_model
+    from .landmark_embedding import CONVENTION, EMBEDDING_DIR, model_key, resolve_embedding
+
+    model = load_smplx_model(model_path)
+    emb = resolve_embedding(config.landmark_embedding, model)
+    embedding = None
+    if emb is not None:
+        file = (EMBEDDING_DIR / f"{CONVENTION}_{model_key(model)}.npz" if config.landmark_embedding == "auto"
+                else Path(config.landmark_embedding))
+        embedding = {"setting": config.landmark_embedding, "file": file.name, "digest": emb.digest(),
+                     "weights": emb.weights().round(6).tolist(), "model_key": emb.model_key,
+                     "convention": emb.convention, "frames": int(emb.frames),
+                     "faces": emb.faces.astype(int).tolist(), "bary": emb.bary.astype(float).tolist(),
+                     "residual_pct": emb.residual_pct.astype(float).tolist(),
+                     "model_residual_pct": emb.model_residual_pct.astype(float).tolist()}
+    return {"format": STAGE_SPEC_FORMAT, "stages": config.model_dump(mode="json"),
+            "fit": dataclasses.asdict(resolved_fit_config(config)), "subdivision": subdivision,
+            "head_model_sha1": file_digest(model_path), "fit_threads": fit_threads, "landmark_embedding": embedding}
+
+
+def read_stage_spec(spec: dict) -> tuple[StageConfig, FitConfig, object]:
+    """(StageConfig, FitConfig, LandmarkEmbedding or None) of a :func:`stage_spec`; ValueError
+    for another format or an embedding whose digest does not match its arrays."""
+    from .landmark_embedding import LandmarkEmbedding
+
+    if not isinstance(spec, dict) or spec.get("format") != STAGE_SPEC_FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise ValueError(f"stage spec format {found!r}: expected {STAGE_SPEC_FORMAT!r}")
+    config = StageConfig.model_validate(spec["stages"])
+    fit_config = FitConfig(**spec["fit"])
+    e = spec.get("landmark_embedding")
+    if e is None:
+        return config, fit_config, None
+    emb = LandmarkEmbedding(faces=np.asarray(e["faces"], np.int64), bary=np.asarray(e["bary"], np.float32),
+                            model_key=e["model_key"], residual_pct=np.asarray(e["residual_pct"], np.float32),
+                            model_residual_pct=np.asarray(e["model_residual_pct"], np.float32),
+                            frames=int(e["frames"]), convention=e["convention"])
+    if emb.digest() != e["digest"]:
+        raise ValueError(f"stage spec: landmark embedding {e['file']}: digest {emb.digest()} of its arrays, "
+                         f"recorded {e['digest']}")
+    return config, fit_config, emb
+
 
 class StageFailure(Exception):
-    def __init__(self, status: str, stage: str, reason: str) -> None:
+    """A clip the stages cannot use; ``clip``: the fit so far (its timings, and its QC when the
+    fit diverged)."""
+
+    def __init__(self, status: str, stage: str, reason: str, clip: ClipFit | None = None) -> None:
         super().__init__(f"{stage}: {status}: {reason}")
-        self.status, self.stage, self.reason = status, stage, reason
+        self.status, self.stage, self.reason, self.clip = status, stage, reason, clip
+
+
+#: what :func:`decode_image` reads (a portrait source at inference, ``expportrait fit --image``)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """One RGB frame (1, H, W, 3) of an image file; StageFailure ``not_an_image`` if undecodable."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))[None]
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
+        raise StageFailure("not_an_image", "decode", f"cannot decode: {exc}") from None
 
 
 def decode_clip(item: ClipItem, config: StageConfig) -> tuple[np.ndarray, float, list[str]]:
@@ -77,14 +191,41 @@ def decode_clip(item: ClipItem, config: StageConfig) -> tuple[np.ndarray, float,
     return np.stack(frames), reader.plan.fps, notes
 
 
-def _fit(frames: np.ndarray, ctx: StageContext, betas=None, static=None) -> ClipFit:
-    return fit_frames(frames, ctx.head, ctx.tracker, fov_deg=ctx.config.fov_deg, fitter=ctx.fitter,
-                      estimator=ctx.estimator, betas=betas, static_offsets=static)
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _bad_fraction(clip: ClipFit) -> float:
     statuses = clip.fit.frame_status
     return 1.0 - statuses.count("ok") / max(1, len(statuses))
+
+
+def fit_clip(frames: np.ndarray, ctx: StageContext, identity: IdentityFit | None = None,
+             check_bad_frames: bool = True) -> ClipFit:
+    """Track, crop and fit decoded frames (the identity's β and Δg fixed when given, else
+    fitted); :class:`StageFailure` when no usable face is tracked or (``check_bad_frames``) more
+    than ``max_bad_frames`` of the frames did not fit."""
+    betas = static = None
+    if identity is not None:
+        betas, static = torch.as_tensor(identity.betas)[None], torch.as_tensor(identity.static_offsets)
+    with torch_threads(ctx.fit_threads):
+        clip = fit_frames(frames, ctx.head, ctx.tracker, fov_deg=ctx.config.fov_deg, fitter=ctx.fitter,
+                          estimator=ctx.estimator, betas=betas, static_offsets=static)
+    if clip.status != "ok":
+        raise StageFailure(clip.status, "track", clip.reason, clip)
+    bad = _bad_fraction(clip)
+    if check_bad_frames and bad > ctx.config.max_bad_frames:
+        raise StageFailure("fit_diverged", "fit", f"{bad:.0%} of frames did not fit "
+                           f"(limit {ctx.config.max_bad_frames:.0%})", clip)
+    return clip
 
 
 def fit_identity(identity_id: str, items: list[ClipItem], ctx: StageContext,
@@ -136,19 +277,9 @@ def run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = N
         frames, fps, out.notes = decode_clip(item, ctx.config)
         out.frames = len(frames)
         out.seconds["decode"] = time.perf_counter() - t0
-        if identity is None:
-            clip = _fit(frames, ctx)
-        else:
-            clip = _fit(frames, ctx, torch.as_tensor(identity.betas)[None],
-                        torch.as_tensor(identity.static_offsets))
+        clip = fit_clip(frames, ctx, identity)
         out.seconds.update(clip.seconds)
-        if clip.status != "ok":
-            raise StageFailure(clip.status, "track", clip.reason)
         out.qc = clip.summary()
-        bad = _bad_fraction(clip)
-        if bad > ctx.config.max_bad_frames:
-            raise StageFailure("fit_diverged", "fit", f"{bad:.0%} of frames did not fit "
-                               f"(limit {ctx.config.max_bad_frames:.0%})")
         t0 = time.perf_counter()
         samples = clip_samples(item, clip, fps, out.notes, ctx)
         out.seconds["render"] = time.perf_counter() - t0
@@ -158,6 +289,9 @@ def run_clip(item: ClipItem, ctx: StageContext, identity: IdentityFit | None = N
         out.fit = clip.fit if identity is None else None
     except StageFailure as exc:
         out.status, out.stage, out.reason = exc.status, exc.stage, exc.reason
+        if exc.clip is not None:
+            out.seconds.update(exc.clip.seconds)
+            out.qc = exc.clip.summary() if exc.clip.fit is not None else out.qc
     except Exception as exc:  # noqa: BLE001 - a crashing stage is a status row, not a dead job
         out.status, out.stage = "stage_error", "process"
         out.reason, out.error_type, out.transient = one_line(exc), type(exc).__name__, is_transient(exc)

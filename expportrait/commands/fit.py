@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="SMPL-X-format .npz (default: head.model_path / $EXPPORTRAIT_SMPLX_PATH, "
                         "else the synthetic model)")
-    p.add_argument("--fps", type=float, default=None, help="resample to this frame rate")
+    p.add_argument("--fps", type=float, default=25.0,
+                   help="decode at this frame rate, as the preprocessing job's stages.fps (0: the source's)")
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--crop-size", type=int, default=256)
     p.add_argument("--fov", type=float, default=20.0, help="assumed vertical FOV of the source")
@@ -50,75 +51,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _head(model: Path | None, landmark_embedding: str = "auto"):
+def _model_path(model: Path | None) -> Path:
+    """``--model``, else ``$EXPPORTRAIT_SMPLX_PATH``, else the synthetic model."""
     from models.head.resolve import head_model_path
-    from models.head.smplx_file import load_smplx_model
-    from preprocessing.landmark_embedding import head_with_embedding, no_calibration_note
-    path = head_model_path(model)
-    head, embedding = head_with_embedding(load_smplx_model(path), landmark_embedding)
-    if landmark_embedding == "auto" and embedding is None:     # as the preprocessing job says it
-        print(no_calibration_note(path, "--landmark-embedding"), file=sys.stderr)
-    return head, path, embedding
+    return head_model_path(model)
+
+
+def stage_config(args: argparse.Namespace):
+    """The preprocessing job's stage config with this command's options (one clip of any length;
+    the job's defaults otherwise: frame rate, size cap, fitter)."""
+    from preprocessing.clip_records import StageConfig
+    return StageConfig(fps=args.fps or None, min_frames=1, max_frames=args.max_frames,
+                       crop_size=args.crop_size, fov_deg=args.fov, landmark_embedding=args.landmark_embedding,
+                       fit={"seed": args.seed}, estimator=args.estimator,
+                       estimator_weights=str(args.estimator_weights) if args.estimator_weights else None)
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
-    from preprocessing.clip_fit import fit_frames, overlay_frames
-    from preprocessing.fitting import FitConfig, Fitter
-    from preprocessing.ingest import open_video
-    from preprocessing.tracking import FaceTracker
-    from preprocessing.video import write_video
+    """Decode, track, crop and fit with the preprocessing job's stages; write the fit and its QC."""
+    from preprocessing.clip_records import ClipItem, IdentityFit
+    from preprocessing.clip_stages import StageContext, StageFailure, decode_clip, decode_image, fit_clip
+    from preprocessing.landmark_embedding import no_calibration_note
 
     source = args.video or args.image
     kind = "video" if args.video else "image"
     _check_readable(source, kind)                   # before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.video:
-        reader = open_video(args.video, target_fps=args.fps, max_side=1280)
-        if not reader.probe.ok:
-            _fail(args.out, reader.status.value, f"video {source}: {reader.probe.reason}", source)
-        frames = []
-        for i, _, f in reader:
-            if args.max_frames and i >= args.max_frames:
-                break
-            frames.append(f)
-        if not frames:
-            _fail(args.out, "too_few_frames", f"video {source}: no frame could be decoded", source)
-        frames = np.stack(frames)
-        fps = reader.plan.fps
-    else:
-        from PIL import Image
-        try:
-            with Image.open(source) as img:
-                frames = np.asarray(img.convert("RGB"))[None]
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means "not an image"
-            _fail(args.out, "not_an_image", f"image {source}: cannot decode: {exc}", source)
-        fps = None
-    head, model_path, embedding = _head(args.model, args.landmark_embedding)
-    # the embedding's points and its per-point weights, as the job's workers (StageContext)
-    fitter = Fitter(head, FitConfig(seed=args.seed),
-                    landmark_weights=embedding.weights() if embedding is not None else None)
-    betas = static = None
+    config = stage_config(args)
+    model_path = _model_path(args.model)
+    try:
+        frames, fps = (decode_clip(ClipItem(source.stem, str(source), args.identity or "subject"), config)[:2]
+                       if args.video else (decode_image(source), None))
+    except StageFailure as exc:
+        _fail(args.out, exc.status, f"{kind} {source}: {exc.reason}", source)
+    ctx = StageContext(model_path, config)
+    if args.landmark_embedding == "auto" and ctx.landmark_embedding is None:     # as the job says it
+        print(no_calibration_note(model_path, "--landmark-embedding"), file=sys.stderr)
+    identity = None
     if args.identity_from:
         with np.load(args.identity_from) as prev:
-            betas = torch.as_tensor(prev["betas"])
-            static = torch.as_tensor(prev["static_offsets"].astype(np.float32))
-    estimator = None
-    if args.estimator:
-        from preprocessing.estimators import load_estimator
-        estimator = load_estimator(args.estimator, args.estimator_weights)
-    clip = fit_frames(frames, head, FaceTracker(crop_size=args.crop_size), fov_deg=args.fov,
-                      fitter=fitter, estimator=estimator, betas=betas, static_offsets=static)
-    summary = {"source": str(source), "model": str(model_path), "identity": args.identity,
-               **clip.summary()}
+            identity = IdentityFit(args.identity or "subject", "ok", betas=prev["betas"].reshape(-1),
+                                   static_offsets=prev["static_offsets"].astype(np.float32))
+    try:
+        clip = fit_clip(frames, ctx, identity, check_bad_frames=False)   # diverged frames: flagged in qc.json
+    except StageFailure as exc:
+        clip = exc.clip
+    summary = {"source": str(source), "model": str(model_path), "identity": args.identity, **clip.summary()}
     if clip.fit is None:
         _write_status(args.out, summary)
         raise FitInputError(f"{kind} {source}: {clip.status}" + (f": {clip.reason}" if clip.reason else ""),
                             clip.status, source)
+    _write_fit(args.out, clip, ctx.head)
+    if not args.no_overlay:
+        summary["overlay"] = _write_overlay(args.out, clip, ctx.head, fps)
+    ctx.head.to_trimesh(ctx.head.neutral(clip.fit.params.betas, clip.fit.static_offsets)[0]).export(
+        args.out / "neutral.ply")
+    summary["outputs"] = str(args.out)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_fit(out: Path, clip, head) -> None:
+    """``fit.npz`` (parameters, offsets, cameras, crop boxes, landmarks, QC) and ``qc.json``."""
     fit = clip.fit
-    p = fit.params
-    np.savez(args.out / "fit.npz",
-             **{k: v.numpy() for k, v in p.to_dict().items()},
+    np.savez(out / "fit.npz",
+             **{k: v.numpy() for k, v in fit.params.to_dict().items()},
              static_offsets=fit.static_offsets.numpy().astype(np.float16),
              dynamic_offsets=fit.dynamic_offsets.numpy().astype(np.float16),
              face_vertex_ids=head.face_vertex_ids.numpy(),
@@ -127,22 +124,22 @@ def run(args: argparse.Namespace) -> dict:
              landmarks_2d=clip.track.landmarks68.astype(np.float32),
              landmarks_found=clip.track.detected,
              **{f"qc_{k}": np.asarray(v) for k, v in fit.qc.items()})
-    (args.out / "qc.json").write_text(json.dumps({
+    (out / "qc.json").write_text(json.dumps({
         "frame_status": fit.frame_status, "stage_seconds": fit.stage_seconds,
         **{k: (np.asarray(v).round(4) if np.asarray(v).dtype.kind == "f" else np.asarray(v)).tolist()
            for k, v in fit.qc.items()}}))
-    if not args.no_overlay:
-        ov = overlay_frames(clip, head)
-        if len(ov) > 1:
-            summary["overlay"] = str(write_video(args.out / "overlay.mp4", ov, fps or 25.0))
-        else:
-            from PIL import Image
-            Image.fromarray(ov[0]).save(args.out / "overlay.png")
-            summary["overlay"] = str(args.out / "overlay.png")
-    head.to_trimesh(head.neutral(p.betas, fit.static_offsets)[0]).export(args.out / "neutral.ply")
-    summary["outputs"] = str(args.out)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+
+def _write_overlay(out: Path, clip, head, fps: float | None) -> str:
+    """``overlay.mp4`` (a video) or ``overlay.png`` (an image): crops, fit blended, normal map."""
+    from PIL import Image
+    from preprocessing.clip_fit import overlay_frames
+    from preprocessing.video import write_video
+    ov = overlay_frames(clip, head)
+    if len(ov) > 1:
+        return str(write_video(out / "overlay.mp4", ov, fps or 25.0))
+    Image.fromarray(ov[0]).save(out / "overlay.png")
+    return str(out / "overlay.png")
 
 
 class FitInputError(ValueError):

@@ -129,17 +129,12 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is not a readable image") from err
 
 
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
-    import cv2
-    if frames.shape[1:3] == (size, size):
-        return frames
-    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in frames])
-
-
-def _unit(frames: np.ndarray):
-    """(T, H, W, 3) uint8 -> (1, 3, T, H, W) float in [-1, 1]."""
+def _video(frames: np.ndarray, size: int):
+    """(T, H, W, 3) uint8 -> (1, 3, T, size, size) in [-1, 1]: the training task's frame transform."""
     import torch
-    return torch.from_numpy(np.array(frames, copy=True)).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)
+
+    from models.generator.frames import generator_video
+    return generator_video(torch.from_numpy(np.array(frames, copy=True))[None], size)
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -156,23 +151,22 @@ def run(args: argparse.Namespace) -> dict:
     if not 0 <= args.overlap < args.window:
         raise ValueError(f"--overlap {args.overlap} must be in [0, --window {args.window})")
     t0 = time.perf_counter()
-    reference = _resize(read_image(args.reference)[None], args.size)
+    reference = read_image(args.reference)[None]
     normals, fps = read_video(args.normals, args.max_frames)
-    normals = _resize(normals, args.size)
-    ref_normal = _resize((read_image(args.reference_normal) if args.reference_normal else normals[0])[None], args.size)
+    ref_normal = (read_image(args.reference_normal) if args.reference_normal else normals[0])[None]
     model, codec, settings = load_generator(args.weights, args.checkpoint, args.codec, args.codec_subfolder,
                                             use_ema=not args.no_ema)
     shift = args.shift if args.shift is not None else (settings.get("shift") or 5.0)
     steps = args.steps or settings.get("steps") or 20
     t = len(normals)
     padded = normals if t >= args.window else np.concatenate([normals, np.repeat(normals[-1:], args.window - t, 0)])
-    ref_img, ref_nrm = _unit(reference)[:, :, 0], _unit(ref_normal)[:, :, 0]
+    ref_img, ref_nrm = _video(reference, args.size)[:, :, 0], _video(ref_normal, args.size)[:, :, 0]
     ref_latent = codec.encode_reference(ref_img, args.window)
     starts = window_starts(len(padded), args.window, args.overlap)
     bar = tqdm(total=len(starts), desc="generate", unit="window", disable=args.no_progress)
 
     def window(start: int) -> np.ndarray:
-        drive = _unit(padded[start:start + args.window])
+        drive = _video(padded[start:start + args.window], args.size)
         g = torch.Generator().manual_seed(args.seed)            # the same noise in every window
         video = generate_video(model, codec, ref_img, drive, ref_nrm, steps=steps, guidance=args.guidance,
                                shift=shift, generator=g, reference_latent=ref_latent)[0]

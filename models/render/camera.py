@@ -49,6 +49,18 @@ class Camera:
         K, R, t = (torch.as_tensor(x) for x in (K, R, t))
         return cls(K[:, [0, 1], [0, 1]].clone(), K[:, [0, 1], [2, 2]].clone(), R, t, image_size)
 
+    def resized(self, size: int | tuple[int, int]) -> "Camera":
+        """The same cameras for the image resized to ``size`` (an int: square). Pixel centres
+        sit at integers (module doc), so a pixel covers [u - ½, u + ½] and a resize by r maps
+        u to (u + ½)·r − ½: the convention of ``cv2.resize`` and ``F.interpolate(...,
+        align_corners=False)``, which resize the frames the cameras go with."""
+        h, w = (size, size) if isinstance(size, int) else size
+        if (h, w) == tuple(self.image_size):
+            return self
+        r = torch.tensor([w / self.image_size[1], h / self.image_size[0]], dtype=self.focal.dtype,
+                         device=self.focal.device)
+        return Camera(self.focal * r, (self.principal + 0.5) * r - 0.5, self.R, self.t, (h, w))
+
     def select(self, frames) -> "Camera":
         """The cameras of some frames (an index tensor or a slice)."""
         return Camera(self.focal[frames], self.principal[frames], self.R[frames], self.t[frames],

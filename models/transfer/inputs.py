@@ -39,15 +39,15 @@ def head_params(smplx: dict, frames: slice | None = None) -> HeadParams:
                       reye_pose=get("reye_pose"), transl=get("transl"))
 
 
-def scaled_camera(K: Tensor, R: Tensor, t: Tensor, size: int):
-    """Cameras (T frames) whose image is resized to ``size``² (the source size is read off
-    the principal point, which sits at the image centre for crops and portrait cameras)."""
+def scaled_camera(K: Tensor, R: Tensor, t: Tensor, size: int, image_size: int | None = None):
+    """Cameras (T frames) of a square ``image_size``² image resized to ``size``²
+    (:meth:`Camera.resized`); ``image_size`` None: read off the principal point, which sits at
+    the image centre for crops and portrait cameras."""
     from models.render.camera import Camera
-    K = torch.as_tensor(K, dtype=torch.float32).clone()
-    src = float(2 * K[0, 0, 2] + 1)
-    K[:, :2] *= size / src
+    K = torch.as_tensor(K, dtype=torch.float32)
+    src = int(image_size or round(float(2 * K[0, 0, 2] + 1)))
     return Camera.from_matrices(K, torch.as_tensor(R, dtype=torch.float32),
-                                torch.as_tensor(t, dtype=torch.float32), (size, size))
+                                torch.as_tensor(t, dtype=torch.float32), (src, src)).resized(size)
 
 
 @torch.no_grad()

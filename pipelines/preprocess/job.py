@@ -41,6 +41,11 @@ def stage_fingerprint(cfg: PreprocessConfig, model_sha1: str, landmark_embedding
     return fingerprint(cfg.stages.model_dump(exclude={"fit"}), fit, cfg.subdivision, model_sha1, landmark_embedding)
 
 
+def worker_threads(cfg: PreprocessConfig) -> int:
+    """torch threads of a worker actor (``workers.torch_threads``, else its CPUs rounded)."""
+    return cfg.workers.torch_threads or max(1, round(cfg.workers.num_cpus))
+
+
 def check_head_model(cfg: PreprocessConfig) -> tuple[str, str]:
     """Load and check the head model once in the driver (also for a dry run): its path and
     sha1; :class:`ConfigError` naming the file and the problem."""
@@ -145,6 +150,7 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
             embedding: str = "none") -> dict:
     """Manifest, errors and summary from the done markers of the plan's shards (those that
     finished, also when a fault stopped the job)."""
+    from preprocessing.clip_stages import stage_spec
     markers = [m for m in (out.read_marker(s) for s in plan) if m is not None]
     unfinished = len(plan) - len(markers)
     if unfinished and fault is None:              # only when a writer kept failing silently
@@ -166,7 +172,8 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
                     "bytes": m["bytes"]} for m in markers],
         "identities": len(by_identity), "stage_fingerprint": stage_fp, "head_model": model_path,
         "landmark_embedding": embedding,                  # digest of the embedding used, or "none"
-        "stages": cfg.stages.model_dump(mode="json"),     # what inference must repeat (crop size, fov)
+        "stages": cfg.stages.model_dump(mode="json"),
+        "stage_spec": stage_spec(cfg.stages, model_path, cfg.subdivision, worker_threads(cfg)),   # packed whole
         "output": str(out.root.resolve()), "last_run": stats,
     }
     if fault is not None:
@@ -200,7 +207,7 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
     try:
         w = cfg.workers
         spec = WorkerSpec(model_path=model_path, model_sha1=model_sha1, stages=cfg.stages,
-                          subdivision=cfg.subdivision, threads=w.torch_threads or max(1, round(w.num_cpus)),
+                          subdivision=cfg.subdivision, threads=worker_threads(cfg),
                           clip_retries=w.clip_retries, fault_dir=str(out.root / "_faults"),
                           faults=test_faults())
         # A dead worker process: Ray restarts the actor, the scheduler runs the call again on

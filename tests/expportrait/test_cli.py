@@ -151,7 +151,8 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
             seen.append(landmark_weights)
             super().__init__(head, config, landmark_weights)
 
-    monkeypatch.setattr(fitting, "Fitter", SpyFitter)
+    import preprocessing.clip_stages as clip_stages
+    monkeypatch.setattr(clip_stages, "Fitter", SpyFitter)        # the job's stages build the fitter
     args = ["fit", "--image", str(photo), "--model", str(synthetic_model_path), "--no-overlay"]
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     from models.head.smplx_file import load_smplx_model

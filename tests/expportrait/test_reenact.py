@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from processes import run_group
 
 from expportrait.cli import main
@@ -144,14 +145,56 @@ def test_model_from_a_folder_of_exports(package):
     assert desc2["parts"]["codec"] == str(exports / "codec") and r2.transfer is None
 
 
-def test_driver_loaded_at_the_generators_frame_stride(corpus, head):
+@pytest.fixture(scope="module")
+def stages(synthetic_model_path):
+    """The job's stages with a short fit, rebuilt from their stage spec as a package's are."""
+    from preprocessing.clip_records import StageConfig
+    from preprocessing.clip_stages import StageContext, stage_spec
+    config = StageConfig(min_frames=4, max_frames=8, segment_frames=8, crop_size=64,
+                         fit={"iters_rigid": 10, "iters_expression": 10})
+    spec = json.loads(json.dumps(stage_spec(config, synthetic_model_path, fit_threads=1)))
+    ctx = StageContext.from_spec(spec, synthetic_model_path, 1)
+    assert ctx.fit_threads == 1 and ctx.config == config         # fits with the job's workers' threads
+    return ctx
+
+
+def test_driver_loaded_at_the_generators_frame_stride(corpus, stages):
     from expportrait.reenactment import load_subject
     clip = corpus / "clips" / "id001_clip00.npz"
-    full, strided = load_subject(clip, head), load_subject(clip, head, max_frames=20, stride=3)
+    full, strided = load_subject(clip, stages), load_subject(clip, stages, max_frames=20, stride=3)
     assert len(full.frames) == 21 and len(strided.frames) == 7 and strided.fps == pytest.approx(full.fps / 3)
     assert np.array_equal(strided.full_frames, full.full_frames[:20:3])
-    # framed as training samples: the tracker's aligned crops at the preprocessing crop size,
+    # framed as training samples: the tracker's aligned crops at the stage spec's crop size,
     # the exact cameras moved into them
-    assert strided.frames.shape[1:] == (256, 256, 3) and strided.clip.image_size == 256
+    assert strided.frames.shape[1:] == (64, 64, 3) and strided.clip.image_size == 64
     assert strided.boxes.shape == (7, 3)
     assert np.array_equal(strided.clip.arrays["expression"], full.clip.arrays["expression"][:20:3])
+
+
+def test_inference_subject_is_the_jobs_sample(corpus, stages, tmp_path):
+    """A raw video through inference's subject path and through the job's own clip stage
+    (``run_clip``, what its workers run) gives the same crops, parameters, cameras and normal
+    maps, at the stage spec's frame rate (the source's 30 fps is resampled to 25, not kept)."""
+    from expportrait.reenactment import load_subject
+    from models.render.camera import Camera
+    from models.transfer.inputs import head_params, render_normal_maps
+    from preprocessing.clip_records import ClipItem
+    from preprocessing.clip_stages import run_clip
+    from preprocessing.sample_schema import decode_sample
+    from preprocessing.video import write_video
+    frames = _frames(corpus / "clips" / "id000_clip00.mp4")
+    video = write_video(tmp_path / "subject.mp4", np.stack(frames), 30.0)
+    out = run_clip(ClipItem("subject", str(video), "id"), stages)
+    assert out.ok, out.reason
+    sample = decode_sample({"__key__": "k", **out.samples[0]})
+    subject = load_subject(video, stages, max_frames=8)
+    assert subject.fps == sample.meta["fps"] == 25.0
+    assert np.array_equal(subject.frames, sample.frames)
+    for k, v in subject.clip.arrays.items():
+        np.testing.assert_allclose(v, sample.smplx[k], atol=1e-5, rtol=0, err_msg=k)
+    a = subject.clip.arrays
+    cam = Camera.from_matrices(a["camera_K"], a["camera_R"], a["camera_t"], (64, 64))
+    normals = render_normal_maps(stages.head, head_params({**a, "betas": subject.clip.betas}),
+                                 torch.as_tensor(subject.clip.static_offsets),
+                                 torch.as_tensor(subject.clip.dynamic_offsets), cam).numpy()
+    assert (normals != sample.normals).any(-1).mean() < 1e-3

@@ -63,6 +63,9 @@ def test_register_sets_alias_tags_signature_and_no_head_model_file(store, regist
     assert meta["inference"] == {**meta["inference"], "window": 5, "shift": 1.0, "frame_stride": 1, "steps": 2,
                                  "size": 64, "overlap": 2}
     assert not list(package.rglob("*.npz")), "the head model file must never be packed"
+    # no preprocessing summary with the run's data: the job's defaults, packed whole and said so
+    assert meta["format"] == "expportrait-package/2" and "defaults" in meta["preprocessing"]["source"]
+    assert meta["preprocessing"]["stages"]["fps"] == 25.0 and "iters_expression" in meta["preprocessing"]["fit"]
 
 
 def test_gate_refuses_and_names_the_metric_then_promotes(store, registered, tmp_path, capsys):
@@ -173,13 +176,11 @@ def test_gate_config_and_checks(tmp_path):
 
 
 def test_inference_settings_follow_the_generator_run(tmp_path):
-    """Window, stride, shift, steps as trained; size null -> the crop size of the run's shards."""
-    from sample_factory import write_random_shards
+    """Window, stride, shift, steps as trained; size null -> the crop size of the stage spec."""
     from expportrait.registry import inference_from_run
-    write_random_shards(tmp_path / "shards", clips=2, size=48)
     params = {"model.frames": "5", "frame_stride": "5", "size": "None", "shift": "1.0", "sample_steps": "10",
               "root": str(tmp_path / "shards")}
-    st = inference_from_run(params)
+    st = inference_from_run(params, crop_size=48)         # the packed stage spec's crop size
     assert (st.window, st.frame_stride, st.size, st.shift, st.steps, st.overlap) == (5, 5, 48, 1.0, 10, 2)
     assert inference_from_run(params, {"size": 64, "steps": None}).size == 64
     assert inference_from_run({**params, "model.init_args.sample_shift": "10.0"}).shift == 10.0   # the sampler's own
@@ -188,11 +189,53 @@ def test_inference_settings_follow_the_generator_run(tmp_path):
         inference_from_run(params, {"overlap": 4})
 
 
-def test_preprocessing_settings_follow_the_training_data(tmp_path):
-    """Crop size and field of view from the preprocessing job's summary of the run's data, so
-    inference frames subjects as the training samples were; defaults without one."""
-    from expportrait.reenactment import PreprocessSettings
-    from expportrait.registry import prep_from_data
-    (tmp_path / "summary.json").write_text(json.dumps({"stages": {"crop_size": 128, "fov_deg": 22.0, "fps": 25.0}}))
-    assert prep_from_data(tmp_path) == PreprocessSettings(crop_size=128, fov_deg=22.0)
-    assert prep_from_data(tmp_path / "absent") == PreprocessSettings() == prep_from_data(None)
+def test_package_carries_the_jobs_whole_stage_spec(tmp_path, head, synthetic_model_path):
+    """The job's stage spec (``summary.json`` ``stage_spec``) is packed whole and inference builds its
+    stages from it: the frame rate is kept, with the crop size, field of view, fitter settings and
+    the landmark embedding with its weights. Data without a job summary get the job's defaults
+    (said so); a job summary without a spec is refused."""
+    from expportrait.reenactment import Reenactor, head_model_reference
+    from expportrait.registry import stage_spec_from_data
+    from preprocessing.clip_records import StageConfig
+    from preprocessing.clip_stages import stage_spec
+    from tiny_models import tiny_exports
+    spec = stage_spec(StageConfig(fps=30.0, crop_size=128, fov_deg=22.0, fit={"iters_rigid": 7}), synthetic_model_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"stages": spec["stages"], "stage_spec": spec}))
+    packed = stage_spec_from_data(tmp_path, head_model_reference(None))
+    assert packed == spec
+    ex = tiny_exports(tmp_path / "m", head)
+    from expportrait.reenactment import write_package
+    pkg = write_package(tmp_path / "pkg", ex["generator"], ex["codec"], ex["transfer"], head_model_reference(None),
+                        stage_spec=packed)
+    assert json.loads((pkg / "package.json").read_text())["preprocessing"] == json.loads(json.dumps(spec))
+    stages = Reenactor.from_package(pkg, device="cpu").stages
+    assert stages.config.fps == 30.0 and stages.config.crop_size == 128 and stages.config.fov_deg == 22.0
+    assert stages.fit_config.iters_rigid == 7 and stages.fit_config.fov_deg == 22.0
+    assert stages.landmark_embedding is not None
+    assert stages.landmark_embedding.digest() == spec["landmark_embedding"]["digest"]
+    np.testing.assert_allclose(stages.landmark_embedding.weights(), spec["landmark_embedding"]["weights"], atol=1e-6)
+    defaults = stage_spec_from_data(tmp_path / "absent", head_model_reference(None))
+    assert defaults["stages"] == StageConfig().model_dump(mode="json") and "defaults" in defaults["source"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({"stages": {"crop_size": 128}}))
+    with pytest.raises(ValueError, match="no stage_spec"):
+        stage_spec_from_data(tmp_path / "old", head_model_reference(None))
+
+
+def test_an_old_package_is_refused_clearly(tmp_path, head, capsys):
+    """A format-1 package (no stage spec) is refused, naming its format and what to do; the
+    command exits 2 with its JSON line."""
+    from expportrait.reenactment import PackageFormatError, Reenactor
+    from tiny_models import tiny_package
+    pkg = tiny_package(tmp_path, head, size=64, window=9, overlap=4, steps=2)
+    meta = json.loads((pkg / "package.json").read_text())
+    meta.update(format="expportrait-package/1", preprocessing={"crop_size": 256, "fov_deg": 20.0, "fit_seed": 0})
+    (pkg / "package.json").write_text(json.dumps(meta))
+    with pytest.raises(PackageFormatError, match="expportrait-package/1.*expportrait register"):
+        Reenactor.from_package(pkg, device="cpu")
+    from PIL import Image
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.mp4").write_bytes(b"")
+    rc, err = _cli(capsys, "reenact", "--model", pkg, "--source", tmp_path / "a.png", "--driving", tmp_path / "b.mp4",
+                   "--out", tmp_path / "o.mp4")
+    assert rc == 2 and err["error"] == "PackageFormatError" and "expportrait-package/1" in err["message"]

@@ -133,6 +133,27 @@ def test_every_input_has_a_row_and_good_clips_are_in_shards(inputs, first_run):
     assert not list(out.rglob("*.tmp-*"))
 
 
+def test_summary_records_the_whole_stage_spec(first_run):
+    """The job writes its resolved stage spec (what ``register`` packs and inference rebuilds its
+    stages from): the stage config with its defaults, the fitter's whole settings, the landmark
+    embedding it used with its weights."""
+    from preprocessing.clip_stages import STAGE_SPEC_FORMAT, read_stage_spec
+    from preprocessing.fitting import FitConfig
+    out, _ = first_run
+    summary = json.loads((out / "summary.json").read_text())
+    spec = summary["stage_spec"]
+    assert spec["format"] == STAGE_SPEC_FORMAT and spec["stages"] == summary["stages"]
+    assert spec["stages"]["fps"] == 25 and spec["stages"]["max_side"] == 720      # a default, resolved
+    assert spec["fit"]["iters_expression"] == 100 and spec["fit"]["w_landmarks"] == FitConfig().w_landmarks
+    assert spec["fit"]["fov_deg"] == spec["stages"]["fov_deg"] and spec["subdivision"] == 1
+    assert spec["fit_threads"] == 1                 # the workers' torch threads (workers.num_cpus: 1)
+    emb = spec["landmark_embedding"]
+    assert emb["digest"] == summary["landmark_embedding"] and emb["file"].endswith(".npz") and len(emb["weights"]) == 68
+    config, fit, embedding = read_stage_spec(spec)
+    assert config.model_dump(mode="json") == spec["stages"] and fit.iters_expression == 100
+    np.testing.assert_allclose(embedding.weights(), emb["weights"], atol=1e-6)
+
+
 def test_shards_round_trip_and_identity_is_shared(first_run):
     out, _ = first_run
     urls = shard_urls(out, "train")

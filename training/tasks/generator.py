@@ -41,12 +41,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condition_keep, flavor as get_flavor,
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
 from models.generator.flow import residual_base
+from models.generator.frames import generator_normal_maps, resize_video, unit
 from models.generator.flavors import check_video_shape
 from models.metrics import psnr_from_mse
 from training.tasks.reader_skips import ReaderSkipsMixin
@@ -54,23 +54,6 @@ from training.tasks.reader_skips import ReaderSkipsMixin
 #: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
 GENERATOR_FIELDS = ("frames", "normals")
 RENDER_FIELDS = ("smplx", "static_offsets", "face_vertex_ids")
-
-
-def unit(images: Tensor) -> Tensor:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1] (video: (B, T, H, W, 3) ->
-    (B, 3, T, H, W))."""
-    x = images.float().div(127.5).sub(1.0)
-    return x.permute(0, 4, 1, 2, 3) if x.ndim == 5 else x.permute(0, 3, 1, 2)
-
-
-def resize_video(video: Tensor, size: int | None) -> Tensor:
-    """(B, 3, T, H, W) -> (B, 3, T, size, size) (antialiased bilinear); unchanged if None or equal."""
-    if size is None or video.shape[-1] == size and video.shape[-2] == size:
-        return video
-    b, c, t, h, w = video.shape
-    flat = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    flat = F.interpolate(flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return flat.reshape(b, t, c, size, size).permute(0, 2, 1, 3, 4)
 
 
 def sampler_settings(hparams: dict) -> dict:
@@ -215,10 +198,9 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         if pair is None:
             return torch.stack([n[i] for n, i in zip(batch["normals"], ids.to(batch["normals"].device))])
         head, module = pair
-        from models.transfer.inputs import head_params, neutral_inputs, render_normal_maps, scaled_camera
-        size = batch["frames"].shape[-2]
-        if self.hparams.size:             # render at 2x the training size (antialiased down after), not the crop's
-            size = min(size, 2 * self.hparams.size)
+        from models.render.camera import Camera
+        from models.transfer.inputs import head_params, neutral_inputs
+        crop = batch["frames"].shape[-2]
         out = []
         for b in range(ids.shape[0]):
             sm = {k: v[b].detach().float().cpu() for k, v in batch["smplx"].items()}
@@ -228,8 +210,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
             with torch.no_grad():
                 neutral, static_face = neutral_inputs(head, params.betas, static[None])
                 delta = module(params.expression[None], params.jaw_pose[None], neutral, static_face)[0]
-            cam = scaled_camera(sel["camera_K"], sel["camera_R"], sel["camera_t"], size)
-            out.append(render_normal_maps(head, params, static, delta.float(), cam))
+            cam = Camera.from_matrices(sel["camera_K"], sel["camera_R"], sel["camera_t"], (crop, crop))
+            out.append(generator_normal_maps(head, params, static, delta.float(), cam, self.hparams.size))
         return torch.stack(out).to(batch["frames"].device)
 
     def inputs(self, batch: dict, generator: torch.Generator | None, training: bool) -> dict:
