@@ -98,7 +98,8 @@ def package(work: Path, spec: dict) -> Path:
     """A package of tiny random-weight models (never run here) carrying the job's stage spec."""
     import torch
 
-    from expportrait.reenactment import InferenceSettings, head_model_reference, write_package
+    from expportrait.reenactment import InferenceSettings, write_package
+    from models.head.resolve import head_model_reference
     from models.generator import LatentCodec, NormalDrivenWan
     from models.head.head_model import PersonalizedHead
     from models.transfer import ExpressionTransfer

@@ -194,7 +194,8 @@ def test_package_carries_the_jobs_whole_stage_spec(tmp_path, head, synthetic_mod
     stages from it: the frame rate is kept, with the crop size, field of view, fitter settings and
     the landmark embedding with its weights. Data without a job summary get the job's defaults
     (said so); a job summary without a spec is refused."""
-    from expportrait.reenactment import Reenactor, head_model_reference
+    from expportrait.reenactment import Reenactor
+    from models.head.resolve import head_model_reference
     from expportrait.registry import stage_spec_from_data
     from preprocessing.clip_records import StageConfig
     from preprocessing.clip_stages import stage_spec

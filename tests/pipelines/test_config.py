@@ -138,7 +138,7 @@ def test_help_documents_the_exit_codes(capsys):
 
 
 def test_a_landmark_embedding_of_another_model_or_unreadable_is_exit_2(tmp_path, capsys, videos):
-    from preprocessing.landmark_calibration import LandmarkEmbedding
+    from preprocessing.landmark_embedding import LandmarkEmbedding
     other = LandmarkEmbedding(faces=np.arange(68), bary=np.full((68, 3), 1 / 3, np.float32), model_key="0" * 16,
                               residual_pct=np.ones(68), model_residual_pct=np.ones(68),
                               frames=1).save(tmp_path / "o.npz")
