@@ -115,8 +115,11 @@ def process_start_time(pid: int) -> str | None:
 
 
 def alive(record: dict) -> bool:
-    """Whether the process recorded in ``record`` is still the one we started."""
-    return process_start_time(record["pid"]) == record["start_time"]
+    """Whether the process recorded in ``record`` is still the one we started (a zombie is not:
+    it is reaped here when it is our own child, e.g. a stack started in-process by a test)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(record["pid"], os.WNOHANG)
+    return process_start_time(record["pid"]) == record["start_time"] and process_state(record["pid"]) != "Z"
 
 
 def find_postgres_bin(name: str) -> str:
@@ -331,7 +334,10 @@ def up(root: Path) -> dict:
         return summary(layout, state)
     if state and any(alive(state[name]) for name in ORDER if name in state):
         down(root)                           # half-alive: restart the whole stack cleanly
-    layout.root.mkdir(parents=True, exist_ok=True)
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        raise UserError("bad_root", f"--root {root}: cannot be made a folder ({e})") from None
     creds = load_credentials(layout)
     ports = free_ports(10)
     started: dict = {}
@@ -365,12 +371,9 @@ def stop(record: dict, name: str, timeout: float = 30) -> bool:
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
-    proc = record.get("_proc")
     while time.monotonic() < deadline and alive(record):
-        if proc is not None:
-            proc.poll()               # reap our own child so it does not linger as a zombie
         time.sleep(0.2)
-    if alive(record) and process_state(pid) != "Z":
+    if alive(record):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -394,27 +397,30 @@ def down(root: Path) -> dict:
     return {"stopped": [name for name, was in stopped.items() if was], "root": str(layout.root)}
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants, in MiB (from /proc)."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
-    rss_kb: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            status_text = (entry / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        rss_kb[int(entry.name)] = next((int(line.split()[1]) for line in status_text.splitlines()
-                                        if line.startswith("VmRSS:")), 0)
-    total, todo = 0, [pid]
+        if entry.name.isdigit():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
     while todo:
         current = todo.pop()
-        total += rss_kb.get(current, 0)
+        tree.append(current)
         todo.extend(children.get(current, []))
-    return round(total / 1024, 1)
+    return tree
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MiB."""
+    total_kb = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total_kb += next((int(line.split()[1]) for line in Path(f"/proc/{member}/status").read_text().splitlines()
+                              if line.startswith("VmRSS:")), 0)
+    return round(total_kb / 1024, 1)
 
 
 def status(root: Path) -> dict:
