@@ -258,7 +258,7 @@ def start_s3(layout: Layout, creds: dict, ports: list[int]) -> dict:
     port_of = dict(zip(names, ports))
     cmd = [find_weed(), "server", f"-dir={layout.s3data}", f"-ip={HOST}", f"-ip.bind={HOST}",
            "-filer", "-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+           "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-volume.preStopSeconds=0",
            f"-filer.localSocket={layout.root / 'filer.sock'}", f"-s3.localSocket={layout.root / 's3.sock'}",
            *[f"-{name}={port}" for name, port in port_of.items()]]
     record = spawn(cmd, layout.logs / "s3.log")

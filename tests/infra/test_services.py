@@ -100,52 +100,57 @@ def test_run_on_postgres_with_artifact_in_s3(service_stack, tmp_path):
 
 
 WRITER = textwrap.dedent("""
+    # One "training": the project's logger (training.logging.LocalMLFlowLogger, Lightning's
+    # MLFlowLogger) on the server, hyperparameters then STEPS logging calls of 3 metrics.
     import sys, time
     from pathlib import Path
-    import mlflow
-    tag, steps, params, barrier = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    from training.logging import LocalMLFlowLogger
+    tag, experiment, steps, barrier, uri = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     (barrier / tag).touch()
-    while len(list(barrier.iterdir())) < 2:       # both processes start logging at the same moment
+    while len(list(barrier.iterdir())) < 2:       # both processes start at the same moment
         time.sleep(0.01)
-    mlflow.set_experiment("services-concurrent")   # both may create it: the server must cope
-    with mlflow.start_run(run_name=tag) as run:
-        for i in range(params):
-            mlflow.log_param(f"p{i:03d}", f"{tag}-{i}")
-        for step in range(steps):
-            mlflow.log_metric("loss", step * 1000 + (1 if tag == "a" else 2), step=step)
-            if step % 10 == 0:
-                mlflow.log_metrics({f"m{k}": step + k for k in range(5)}, step=step)
-    print(run.info.run_id)
+    logger = LocalMLFlowLogger(experiment_name=experiment, run_name=tag, tracking_uri=uri)
+    logger.log_hyperparams({f"p{i:03d}": f"{tag}-{i}" for i in range(40)})
+    for step in range(steps):
+        logger.log_metrics({"train/loss": step * 1000 + (1 if tag == "a" else 2), "lr": 1e-3 * step,
+                            "epoch": step // 10}, step=step)
+    logger.finalize("success")
+    print(logger.run_id)
 """)
 
 
-def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
-    """Two processes create the same experiment and log 300 metric steps, 30 batches of 5 and 40
-    params each, at the same moment: every value is on the server afterwards."""
-    steps, params = 300, 40
-    barrier = tmp_path / "barrier"
+def _two_trainings(stack, tmp_path: Path, experiment: str, steps: int) -> dict[str, subprocess.CompletedProcess]:
+    """Run two WRITER processes at once; their results by tag."""
+    barrier = tmp_path / f"barrier-{experiment}"
     barrier.mkdir()
-    env = {**os.environ, **service_stack["env"], "PYTHONPATH": str(REPO)}
-    procs = {tag: subprocess.Popen([sys.executable, "-c", WRITER, tag, str(steps), str(params), str(barrier)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {**os.environ, **stack["env"], "PYTHONPATH": str(REPO)}
+    procs = {tag: subprocess.Popen([sys.executable, "-c", WRITER, tag, experiment, str(steps), str(barrier),
+                                    stack["mlflow"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env, cwd=REPO)
              for tag in ("a", "b")}
-    run_ids = {}
-    for tag, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        run_ids[tag] = out.strip().splitlines()[-1]
+    outputs = {tag: p.communicate(timeout=600) for tag, p in procs.items()}
+    return {tag: subprocess.CompletedProcess(p.args, p.returncode, *outputs[tag]) for tag, p in procs.items()}
+
+
+def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
+    """Two trainings' loggers log 40 params and 300 steps x 3 metrics each into one experiment
+    at the same moment: every value is on the server afterwards, each run FINISHED."""
+    steps = 300
     client = _client(service_stack)
-    exp = client.get_experiment_by_name("services-concurrent")
-    assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == set(run_ids.values())
+    exp = client.create_experiment("services-concurrent")
+    done = _two_trainings(service_stack, tmp_path, "services-concurrent", steps)
+    for tag, result in done.items():
+        assert result.returncode == 0, (tag, result.stderr[-3000:])
+    run_ids = {tag: result.stdout.strip().splitlines()[-1] for tag, result in done.items()}
+    assert {r.info.run_id for r in client.search_runs([exp])} == set(run_ids.values())
     for tag, rid in run_ids.items():
         run = client.get_run(rid)
         assert run.info.status == "FINISHED"
-        assert run.data.params == {f"p{i:03d}": f"{tag}-{i}" for i in range(params)}
-        history = sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss"))
+        assert run.data.params == {f"p{i:03d}": f"{tag}-{i}" for i in range(40)}
+        history = sorted((m.step, m.value) for m in client.get_metric_history(rid, "train/loss"))
         assert history == [(s, s * 1000 + (1 if tag == "a" else 2)) for s in range(steps)]
-        for k in range(5):
-            got = sorted((m.step, m.value) for m in client.get_metric_history(rid, f"m{k}"))
-            assert got == [(s, s + k) for s in range(0, steps, 10)]
+        assert len(client.get_metric_history(rid, "lr")) == steps
+        assert len(client.get_metric_history(rid, "epoch")) == steps
 
 
 def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatch):
@@ -168,7 +173,9 @@ def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatc
         (tmp_path / tag / "weights.bin").write_bytes(payloads[tag])
         client.log_artifacts(rid, str(tmp_path / tag), artifact_path="model")
         client.set_terminated(rid)
-        versions[tag] = mlflow.register_model(f"runs:/{rid}/model", "services-model").version
+        if tag == "one":
+            client.create_registered_model("services-model")
+        versions[tag] = client.create_model_version("services-model", f"runs:/{rid}/model", run_id=rid).version
     client.set_registered_model_alias("services-model", "champion", versions["one"])
     client.set_registered_model_alias("services-model", "candidate", versions["two"])
 
