@@ -189,7 +189,18 @@ def wait_until(check, record: dict, name: str, timeout: float) -> float:
             if check():
                 return time.monotonic() - start
         time.sleep(0.3)
+    stop(record, name, timeout=10)
     raise ServiceFailed(f"{name} did not answer within {timeout:.0f} s (log: {record['log']})")
+
+
+@contextlib.contextmanager
+def stopped_on_error(record: dict, name: str):
+    """Stop the just-started service ``record`` if its setup fails (nothing left running)."""
+    try:
+        yield
+    except BaseException:
+        stop(record, name, timeout=10)
+        raise
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -228,7 +239,7 @@ def start_postgres(layout: Layout, creds: dict, port: int) -> dict:
     record = spawn(cmd, layout.logs / "postgres.log", account=account)
     record["seconds"] = wait_until(lambda: _pg_connect(creds, port, "postgres").close() or True,
                                    record, "postgres", 60)
-    with _pg_connect(creds, port, "postgres") as conn:
+    with stopped_on_error(record, "postgres"), _pg_connect(creds, port, "postgres") as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone() is None:
             conn.execute(f'CREATE DATABASE "{PG_DATABASE}" OWNER "{PG_USER}"')
     record["address"] = f"postgresql://{PG_USER}@{HOST}:{port}/{PG_DATABASE}"
@@ -265,10 +276,11 @@ def start_s3(layout: Layout, creds: dict, ports: list[int]) -> dict:
     endpoint = f"http://{HOST}:{port_of['s3.port']}"
     client = s3_client(endpoint, creds)
     record["seconds"] = wait_until(lambda: client.list_buckets() is not None, record, "s3", 90)
-    existing = {b["Name"] for b in client.list_buckets()["Buckets"]}
-    for bucket in (ARTIFACT_BUCKET, DATA_BUCKET):
-        if bucket not in existing:
-            client.create_bucket(Bucket=bucket)
+    with stopped_on_error(record, "s3"):
+        existing = {b["Name"] for b in client.list_buckets()["Buckets"]}
+        for bucket in (ARTIFACT_BUCKET, DATA_BUCKET):
+            if bucket not in existing:
+                client.create_bucket(Bucket=bucket)
     record["address"] = endpoint
     return record
 
@@ -338,6 +350,12 @@ def up(root: Path) -> dict:
         layout.root.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
         raise UserError("bad_root", f"--root {root}: cannot be made a folder ({e})") from None
+    for program in ("initdb", "postgres"):     # a missing program or an unreachable root: before any work
+        find_postgres_bin(program)
+    find_weed()
+    account = postgres_account()
+    if account:
+        check_reachable(layout.root, account)
     creds = load_credentials(layout)
     ports = free_ports(10)
     started: dict = {}

@@ -70,13 +70,21 @@ def test_cli_up_is_idempotent_status_and_down_by_pid(service_stack):
 
 @pytest.mark.services
 def test_bad_root_is_a_user_error(tmp_path):
-    """A --root that is a file: exit 2 and one JSON error line, before anything starts."""
+    """A --root under a file, or (as root) under a folder PostgreSQL's user cannot enter: exit 2
+    and one JSON error line, before anything starts."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     done = subprocess.run([sys.executable, str(LAUNCHER), "up", "--root", str(blocker / "stack")],
                           check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert json.loads(done.stdout.strip())["error"] == "bad_root"
+    if os.geteuid() == 0:          # as root, PostgreSQL runs as `postgres`: a 0700 folder above is refused
+        closed = tmp_path / "closed"
+        closed.mkdir(mode=0o700)
+        done = subprocess.run([sys.executable, str(LAUNCHER), "up", "--root", str(closed / "stack")],
+                              check=False, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and json.loads(done.stdout)["error"] == "root_not_reachable", done.stdout
+        assert not (closed / "stack" / "postgres").exists()
 
 
 @pytest.mark.services
