@@ -168,6 +168,25 @@ def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
 
 
 @pytest.mark.services
+@pytest.mark.xfail(strict=False, reason=(
+    "training/logging.py LocalMLFlowLogger.__init__: tracking_uri=None (the configs' default) always "
+    "means the local sqlite store under out_dir; $MLFLOW_TRACKING_URI is never read"))
+def test_training_logger_follows_mlflow_tracking_uri(service_stack, tmp_path, monkeypatch):
+    """With MLFLOW_TRACKING_URI naming the server and no tracking_uri in the config, the training
+    logger's run goes to the server, not to a sqlite file in the run's folder (issue 26: all runs
+    go to the server when MLFLOW_TRACKING_URI names it)."""
+    from training.logging import LocalMLFlowLogger
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service_stack["mlflow"])
+    logger = LocalMLFlowLogger(out_dir=str(tmp_path / "run"), experiment_name="services-env", run_name="env")
+    logger.log_metrics({"train/loss": 0.5}, step=0)
+    logger.finalize("success")
+    exp = _client(service_stack).get_experiment_by_name("services-env")
+    assert exp is not None, f"the run went to {logger._tracking_uri}"
+    (run,) = _client(service_stack).search_runs([exp.experiment_id])
+    assert run.data.metrics == {"train/loss": 0.5}
+
+
+@pytest.mark.services
 def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatch):
     """Two versions registered from logged artifacts; `models:/name@alias` reads back the right
     bytes; the project's promotion gate (expportrait.registry.promote) refuses, then passes, on
