@@ -20,6 +20,16 @@ from services_stack import LAUNCHER, REPO, launcher, service_stack_fixture  # no
 COMPOSE = REPO / "infra" / "docker" / "compose.yaml"
 
 
+@pytest.fixture
+def mlflow_globals(monkeypatch):
+    """Restore MLflow's process-wide tracking and registry URIs after a test that sets them (the
+    fluent API, Lightning's logger), so later test modules do not talk to a stopped server."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+
+
 def _client(stack):
     import mlflow
     return mlflow.MlflowClient(tracking_uri=stack["mlflow"], registry_uri=stack["mlflow"])
@@ -171,7 +181,7 @@ def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
 @pytest.mark.xfail(strict=False, reason=(
     "training/logging.py LocalMLFlowLogger.__init__: tracking_uri=None (the configs' default) always "
     "means the local sqlite store under out_dir; $MLFLOW_TRACKING_URI is never read"))
-def test_training_logger_follows_mlflow_tracking_uri(service_stack, tmp_path, monkeypatch):
+def test_training_logger_follows_mlflow_tracking_uri(service_stack, tmp_path, monkeypatch, mlflow_globals):
     """With MLFLOW_TRACKING_URI naming the server and no tracking_uri in the config, the training
     logger's run goes to the server, not to a sqlite file in the run's folder (issue 26: all runs
     go to the server when MLFLOW_TRACKING_URI names it)."""
@@ -187,7 +197,7 @@ def test_training_logger_follows_mlflow_tracking_uri(service_stack, tmp_path, mo
 
 
 @pytest.mark.services
-def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatch):
+def test_registry_aliases_and_promotion_gate(service_stack, tmp_path, monkeypatch, mlflow_globals):
     """Two versions registered from logged artifacts; `models:/name@alias` reads back the right
     bytes; the project's promotion gate (expportrait.registry.promote) refuses, then passes, on
     evaluations stored on the server."""
