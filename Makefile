@@ -10,9 +10,9 @@ PYTEST_ARGS ?=
 # pip, quiet; on failure show its log (minus the machine's harmless index-path warnings).
 pip = @echo "pip install $(1)"; $(BIN)/pip install --quiet $(1) > $(VENV)/pip.log 2>&1 || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 
-.PHONY: setup chromium test test-fast lint demo bench lock clean
+.PHONY: setup chromium test test-fast lint demo bench lock clean postgresql services services-down test-services
 
-setup: $(STAMP) chromium
+setup: $(STAMP) chromium postgresql
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,33 @@ chromium: $(STAMP)
 	  echo "      (tests/expportrait/test_report_browser.py) will skip. Install it (sudo apt-get install"; \
 	  echo "      chromium) or set CHROMIUM=/path/to/chrome, then run make setup again."; \
 	fi
+
+# PostgreSQL's server programs for the tracking stack (infra/services/services.py finds initdb and
+# postgres on PATH or in /usr/lib/postgresql/*/bin); else apt-get installs Debian's package when root.
+postgresql: $(STAMP)
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "apt-get install postgresql (for the tracking stack: make services, the services tests)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } > $(VENV)/apt-postgresql.log 2>&1 \
+	    || { tail -20 $(VENV)/apt-postgresql.log; echo "postgresql install failed (log: $(VENV)/apt-postgresql.log)"; exit 1; }; \
+	else \
+	  echo "NOTE: no PostgreSQL server programs (initdb) and not root with apt-get: make services and the"; \
+	  echo "      tests marked 'services' (tests/infra/test_services.py) will fail. Install them (sudo apt-get"; \
+	  echo "      install postgresql), then run make setup again."; \
+	fi
+
+# The tracking stack on this machine, on 127.0.0.1: PostgreSQL, SeaweedFS S3 and an MLflow server
+# (infra/services/services.py). `make services` prints one JSON line: mlflow, s3_endpoint, postgres, key, secret.
+SERVICES_ROOT ?= outputs/services
+services: setup
+	@$(BIN)/python infra/services/services.py up --root $(SERVICES_ROOT)
+
+services-down:
+	@$(BIN)/python infra/services/services.py down --root $(SERVICES_ROOT)
+
+# Only the tests against the real servers (marker `services`; `make test` runs them too).
+test-services: setup
+	$(BIN)/python -m pytest -q -m services $(PYTEST_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
