@@ -10,9 +10,9 @@ PYTEST_ARGS ?=
 # pip, quiet; on failure show its log (minus the machine's harmless index-path warnings).
 pip = @echo "pip install $(1)"; $(BIN)/pip install --quiet $(1) > $(VENV)/pip.log 2>&1 || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 
-.PHONY: setup chromium test test-fast lint demo bench lock clean postgresql services services-down test-services
+.PHONY: setup chromium slurm test test-fast lint demo bench lock clean postgresql services services-down test-services
 
-setup: $(STAMP) chromium postgresql
+setup: $(STAMP) chromium postgresql slurm
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,33 +24,29 @@ $(STAMP):
 	@rm -f $(VENV)/.setup-* && touch $@
 	@echo "setup done: $(VENV) ($(SETUP_KEY))"
 
-# The report's browser tests need Chromium. Found where `expportrait report-shot` looks
-# (find_chromium: the CHROMIUM variable, chromium / chrome on PATH); else apt-get installs it when root.
-chromium: $(STAMP)
-	@if $(BIN)/python -c "from expportrait.evaluation.browser import find_chromium; find_chromium()" 2>/dev/null; then :; \
+# System programs the tests use, from Debian's packages when missing (root with apt-get; else a note):
+# $(call apt_need,CHECK,PACKAGES,WHAT NEEDS THEM)
+apt_need = @if $(1) >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "apt-get install chromium (for the report's browser tests)"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } > $(VENV)/apt.log 2>&1 \
-	    || { tail -20 $(VENV)/apt.log; echo "chromium install failed (log: $(VENV)/apt.log)"; exit 1; }; \
+	  echo "apt-get install $(2) (for $(3))"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2); } > $(VENV)/apt.log 2>&1 \
+	    || { tail -20 $(VENV)/apt.log; echo "$(2): install failed (log: $(VENV)/apt.log)"; exit 1; }; \
 	else \
-	  echo "NOTE: no Chromium found and not root with apt-get: the 3 browser tests of the report"; \
-	  echo "      (tests/expportrait/test_report_browser.py) will skip. Install it (sudo apt-get install"; \
-	  echo "      chromium) or set CHROMIUM=/path/to/chrome, then run make setup again."; \
+	  echo "NOTE: $(2) not found and not root with apt-get: $(3) will fail. Install it (sudo apt-get"; \
+	  echo "      install $(2)), then run make setup again."; \
 	fi
 
-# PostgreSQL's server programs for the tracking stack (infra/services/services.py finds initdb and
-# postgres on PATH or in /usr/lib/postgresql/*/bin); else apt-get installs Debian's package when root.
+# Chromium, where `expportrait report-shot` looks (find_chromium: $$CHROMIUM, chromium / chrome on PATH)
+chromium: $(STAMP)
+	$(call apt_need,$(BIN)/python -c "from expportrait.evaluation.browser import find_chromium; find_chromium()",chromium,the report's browser tests)
+
+# PostgreSQL's server programs (infra/services/services.py finds initdb on PATH or in /usr/lib/postgresql/*/bin)
 postgresql: $(STAMP)
-	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "apt-get install postgresql (for the tracking stack: make services, the services tests)"; \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } > $(VENV)/apt-postgresql.log 2>&1 \
-	    || { tail -20 $(VENV)/apt-postgresql.log; echo "postgresql install failed (log: $(VENV)/apt-postgresql.log)"; exit 1; }; \
-	else \
-	  echo "NOTE: no PostgreSQL server programs (initdb) and not root with apt-get: make services and the"; \
-	  echo "      tests marked 'services' (tests/infra/test_services.py) will fail. Install them (sudo apt-get"; \
-	  echo "      install postgresql), then run make setup again."; \
-	fi
+	$(call apt_need,{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; },postgresql,make services and the tests marked services)
+
+# A single-host SLURM for the launcher tests (tests/infra/test_launchers.py starts its own daemons)
+slurm: $(STAMP)
+	$(call apt_need,{ command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged; },slurmctld slurmd slurm-client munge,the SLURM launcher tests)
 
 # The tracking stack on this machine, on 127.0.0.1: PostgreSQL, SeaweedFS S3 and an MLflow server
 # (infra/services/services.py). `make services` prints one JSON line: mlflow, s3_endpoint, postgres, key, secret.
