@@ -1,8 +1,10 @@
 """MLflow logger with embedded defaults: an ``sqlite:///`` store and artifacts under the run's
-output folder (``out_dir``); a server by ``tracking_uri`` (e.g. ``http://host:5000``)."""
+output folder (``out_dir``); a server by ``tracking_uri`` (e.g. ``http://host:5000``), else by
+``$MLFLOW_TRACKING_URI`` when it is set (a team's tracking server)."""
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -39,6 +41,7 @@ class LocalMLFlowLogger(MLFlowLogger):
                  run_name: str | None = None, tracking_uri: str | None = None,
                  artifact_location: str | None = None, tags: dict | None = None,
                  log_model: bool = False, run_id: str | None = None) -> None:
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         if tracking_uri is None:
             tracking_uri, default_artifacts = local_store(out_dir)
             artifact_location = artifact_location or default_artifacts

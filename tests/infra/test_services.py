@@ -178,9 +178,6 @@ def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
 
 
 @pytest.mark.services
-@pytest.mark.xfail(strict=False, reason=(
-    "training/logging.py LocalMLFlowLogger.__init__: tracking_uri=None (the configs' default) always "
-    "means the local sqlite store under out_dir; $MLFLOW_TRACKING_URI is never read"))
 def test_training_logger_follows_mlflow_tracking_uri(service_stack, tmp_path, monkeypatch, mlflow_globals):
     """With MLFLOW_TRACKING_URI naming the server and no tracking_uri in the config, the training
     logger's run goes to the server, not to a sqlite file in the run's folder (issue 26: all runs
