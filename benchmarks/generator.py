@@ -1,7 +1,7 @@
-"""The tiny generator (flavor ``tiny_cpu_s2d``) trained on a synthetic corpus, evaluated on held-out identities.
+"""The tiny generator (flavor ``tiny_z48``) trained on a synthetic corpus, evaluated on held-out identities.
 
     python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
-        --frames 48 --size 32] [--flavor tiny_cpu_s2d --codec-kind space_to_depth | --flavor tiny_cpu
+        --frames 48 --size 32] [--flavor tiny_z48 --codec-kind space_to_depth | --flavor tiny_z16
         --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19] [--train-threads N]
         [--window 5 --stride 8] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
     p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
-    p.add_argument("--flavor", default="tiny_cpu_s2d", help="generator flavor (tiny_cpu: on the tiny Wan VAE)")
+    p.add_argument("--flavor", default="tiny_z48", help="generator flavor (tiny_z16: on the tiny Wan VAE)")
     p.add_argument("--codec-kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
                    help="space_to_depth: the lossless fixed codec (z 48, /2); wan_vae: a tiny trained Wan VAE")
     p.add_argument("--codec-steps", type=int, default=2000)

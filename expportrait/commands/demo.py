@@ -9,7 +9,7 @@
 4. the expression transfer module trained on the shards (``configs/train/transfer_tiny.yaml``);
 5. the codec (the lossless ``SpaceToDepthVAE``: only its latent statistics are measured on the
    shards' frames), then the tiny generator (``configs/train/dit_tiny_cpu.yaml``, flavor
-   ``tiny_cpu_s2d``) on the shards' own normal maps (the paper renders them
+   ``tiny_z48``) on the shards' own normal maps (the paper renders them
    from the frozen transfer module's Δf: ``model.init_args.transfer_module``, ~4x slower a step
    on this CPU, see ``_train_steps``); reenactment drives it with normals rendered from the
    transfer module's Δf;
@@ -50,7 +50,7 @@ class DemoScale:
     transfer_epochs: int = 12
     generator_size: int = 32
     generator_steps: int = 500
-    generator_flavor: str = "tiny_cpu_s2d"
+    generator_flavor: str = "tiny_z48"
     window: int = 5
     frame_stride: int = 4
     eval_pairs: int = 2

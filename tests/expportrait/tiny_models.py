@@ -17,7 +17,7 @@ def tiny_exports(out: Path, head) -> dict[str, Path]:
     m = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor="tiny_cpu")
     m.set_canonical(canonical_face(head))
     m.save_pretrained(export / "transfer")
-    NormalDrivenWan("tiny_cpu").save_pretrained(export / "generator")
+    NormalDrivenWan("tiny_z16").save_pretrained(export / "generator")
     LatentCodec.tiny(seed=0, base_dim=8).save_pretrained(export / "codec")
     return {p.name: p for p in export.iterdir()}
 

@@ -250,7 +250,7 @@ def test_deepspeed_zero2_two_processes_resume_to_the_uninterrupted_weights(gen_s
 def test_fixed_codec_from_the_cli_sets_the_latent_layout(gen_shards, tmp_path):
     """``codec --kind space_to_depth`` writes the lossless codec with the training frames' latent
     statistics; a task given that folder trains on its layout (z 48 at /2) whatever the flavor's
-    own layout, and refuses a flavor too narrow for it (tiny_cpu: 64 wide, 192 values a token)."""
+    own layout, and refuses a flavor too narrow for it (tiny_z16: 64 wide, 192 values a token)."""
     from models.generator import LatentCodec
     from training.tasks.generator import GeneratorTask, main
     assert main(["codec", "--shards", str(gen_shards), "--out", str(tmp_path / "s2d"), "--kind", "space_to_depth",
@@ -260,9 +260,9 @@ def test_fixed_codec_from_the_cli_sets_the_latent_layout(gen_shards, tmp_path):
     codec = LatentCodec.from_pretrained(tmp_path / "s2d")
     assert codec.latent_channels == 48 and any(m != 0 for m in codec.vae.config.latents_mean)
     with pytest.raises(ValueError, match="dim 64 .* below the 192 values"):
-        GeneratorTask(flavor="tiny_cpu", codec=str(tmp_path / "s2d"), frames=5, frame_stride=1)
+        GeneratorTask(flavor="tiny_z16", codec=str(tmp_path / "s2d"), frames=5, frame_stride=1)
     torch.manual_seed(0)
-    task = GeneratorTask(flavor="tiny_cpu", flavor_overrides={"head_dim": 48}, codec=str(tmp_path / "s2d"),
+    task = GeneratorTask(flavor="tiny_z16", flavor_overrides={"head_dim": 48}, codec=str(tmp_path / "s2d"),
                          frames=5, frame_stride=1)
     assert (task.model.flavor.latent_channels, task.model.flavor.latent_space) == (48, 2)
     batch = a_batch(gen_shards)

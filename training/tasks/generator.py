@@ -23,7 +23,7 @@ trained, not wrapped by DeepSpeed, not cast by the precision plugin, and not sav
 (their folders are hyperparameters). Noise, σ, dropout and the window are drawn from a generator
 seeded by (seed, step, rank), so a resumed run draws what the uninterrupted one would have.
 
-The tiny codec (``tiny_cpu``): no Wan VAE weights exist here, so :func:`train_codec` trains a
+The tiny codec (``tiny_z16``): no Wan VAE weights exist here, so :func:`train_codec` trains a
 tiny ``AutoencoderKLWan`` (``models.generator.codec.TINY_VAE``: same class, z 16, 4x time, 8x
 space) on the corpus's training shards, sets its per-channel latent statistics and saves it
 as a diffusers folder; the generator then loads it exactly as it loads the real Wan VAE::
@@ -113,7 +113,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``."""
 
-    def __init__(self, flavor: str = "tiny_cpu", flavor_overrides: dict | None = None,
+    def __init__(self, flavor: str = "tiny_z16", flavor_overrides: dict | None = None,
                  pretrained: str | None = None, wan_folder: str | None = None,
                  codec: str | None = None, codec_subfolder: str | None = None,
                  transfer_module: str | None = None, head_model: str | None = None, subdivision: int = 1,
@@ -433,7 +433,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train the tiny Wan VAE of tiny_cpu on shards.")
+    p = argparse.ArgumentParser(description="Train the tiny codec (for flavors tiny_z16 / tiny_z48) on shards.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("codec", help="train the tiny codec")
     c.add_argument("--shards", required=True, help="a preprocessing output (or truth shards) folder")
