@@ -185,7 +185,7 @@ def test_inference_settings_follow_the_recipe_and_the_generator_run():
     assert inference_from_run(None, "wan1.3b") == load_recipe("wan1.3b").inference_settings()
     assert inference_from_run(None, None) == InferenceSettings()
     wan = inference_from_run({**sampling, "window": 33, "frame_stride": 1}, "wan1.3b", crop_size=512)
-    assert wan == replace(load_recipe("wan1.3b").inference_settings(), steps=10, shift=1.0)
+    assert wan == replace(load_recipe("wan1.3b").inference_settings(), steps=10, shift=1.0, guidance=1.0)
     with pytest.raises(ValueError, match="overlap"):
         inference_from_run(sampling, None, 48, {"overlap": 4})
 
