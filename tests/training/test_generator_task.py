@@ -172,6 +172,9 @@ def test_cli_fit_logs_samples_exports_ema_and_generates(gen_shards, codec_dir, t
     assert run.data.params["flavor"] == yaml.safe_load(BASE.read_text())["model"]["init_args"]["flavor"]
     assert "train/loss" in run.data.metrics
     assert "val/loss" in run.data.metrics and "val/sample_psnr_db" in run.data.metrics
+    # how the run samples, as `register` packs it (the YAML's sampler, the test config's window)
+    sampling = json.loads(Path(client.download_artifacts(run.info.run_id, "sampling.json", str(tmp_path))).read_text())
+    assert sampling == {"window": 5, "frame_stride": 1, "size": None, "steps": 2, "shift": 10.0, "guidance": 1.0}
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "videos")}
     assert "videos/samples_final.mp4" in arts
     with av.open(str(out / "mlartifacts" / run.info.run_id / "artifacts" / "videos" / "samples_final.mp4")) as c:
