@@ -308,7 +308,7 @@ def test_augmentation_is_one_draw_per_window_and_mirrors_normals(gen_shards, cod
     for b in set(range(4)) - set(mirrored):
         assert torch.equal(v3[b], video[b]) and torch.equal(n3[b], normals[b])
     from training.tasks.generator import GeneratorTask
-    task = GeneratorTask(codec=str(codec_dir), frames=5, random_start=False, augment_color=0.5, augment_flip=True)
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False, augment_color=0.5, augment_flip=True)
     val = task.inputs(batch, None, training=False)
     assert torch.equal(val["video"], video[:, :, :5]) and torch.equal(val["normals"], normals[:, :, :5])
     train = task.inputs(batch, torch.Generator().manual_seed(0), training=True)
