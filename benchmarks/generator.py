@@ -1,10 +1,11 @@
-"""The tiny generator (flavor ``tiny_cpu_s2d``) trained on a synthetic corpus, evaluated on held-out identities.
+"""The tiny generator of a recipe (default ``tiny_cpu``: flavor ``tiny_z48`` on the lossless
+space-to-depth codec, 5-frame windows every 4th frame at 32²) trained on a synthetic corpus,
+evaluated on held-out identities.
 
-    python benchmarks/generator.py [--work outputs/bench/generator] [--identities 24 --clips 2
-        --frames 48 --size 32] [--flavor tiny_cpu_s2d --codec-kind space_to_depth | --flavor tiny_cpu
-        --codec-kind wan_vae --codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19]
-        [--train-threads N]
-        [--window 5 --stride 8] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
+    python benchmarks/generator.py [--recipe tiny_cpu] [--work outputs/bench/generator] [--identities 24
+        --clips 2 --frames 48] [--codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19]
+        [--train-threads N] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
+        (experiments off the recipe: [--flavor F --codec-kind K --window W --stride S --size N])
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
    (``training.data.truth_shards``: frames + the true head's normal maps, one sample per clip).
@@ -12,8 +13,8 @@
    measured on the *training* shards); ``--codec-kind wan_vae`` trains a tiny
    ``AutoencoderKLWan`` there first (``python -m training.tasks.generator codec``), timed
    separately (``codec_minutes``).
-3. The generator through the platform's CLI (``python -m training.train fit --config
-   configs/train/dit_tiny_cpu.yaml --model.init_args.flavor FLAVOR``), capped at
+3. The generator through the platform's CLI (``python -m training.train fit`` with the recipe's
+   generator config and overrides, ``Recipe.train_args``), capped at
    ``--train-minutes`` (Lightning's ``max_time``); the EMA export is what is evaluated. Driving
    normals in training: the shards' own (the exact head's; no transfer module in this
    benchmark, see the config).
@@ -107,6 +108,15 @@ def train_codec(work: Path, shards: Path, args) -> tuple[Path, float | None]:
     return out, minutes
 
 
+def off_recipe_args(args) -> list[str]:
+    """LightningCLI overrides for what the command line changes from the recipe."""
+    out = []
+    for flag, key in (("flavor", "flavor"), ("window", "frames"), ("stride", "frame_stride"), ("size", "size")):
+        if getattr(args, f"given_{flag}"):
+            out += [f"--model.init_args.{key}", str(getattr(args, flag))]
+    return out
+
+
 def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, float | None, int]:
     out = work / "train"
     export = out / "export" / "ema"
@@ -115,13 +125,12 @@ def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, 
         return export, None, 0
     shutil.rmtree(out, ignore_errors=True)
     cap = int(args.train_minutes * 60)
-    cmd = [sys.executable, "-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml",
+    cmd = [sys.executable, "-m", "training.train", "fit", *args.recipe_obj.train_args("generator"),
            "--out", str(out), "--data.init_args.root", str(shards), "--model.init_args.codec", str(codec),
-           "--model.init_args.frames", str(args.window), "--model.init_args.frame_stride", str(args.stride),
-           "--trainer.max_steps", str(args.train_steps),
+           *off_recipe_args(args), "--trainer.max_steps", str(args.train_steps),
            "--trainer.max_time", f"00:00:{cap // 60:02d}:{cap % 60:02d}",
-           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name", "dit_tiny_cpu_bench",
-           "--model.init_args.flavor", args.flavor, *args.train_arg]
+           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name",
+           f"dit_{args.recipe}_bench", *args.train_arg]
     minutes = run(cmd, "generator training", args.train_threads)
     import torch
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -216,19 +225,39 @@ def evaluate(export: Path, codec_dir: Path, windows: list[dict], steps: int, bat
             "sample_seconds_per_frame": sample_seconds / max(frames_sampled, 1)}
 
 
+def from_recipe(args) -> None:
+    """Fill what the command line left out from the recipe (``args.given_*``: what it set)."""
+    from expportrait.recipes import load_recipe
+    recipe = args.recipe_obj = load_recipe(args.recipe)
+    g = recipe.generator_init()
+    recipe_values = {"window": g["frames"], "stride": g["frame_stride"], "flavor": g["flavor"],
+                     "size": recipe.training_size(), "codec_kind": recipe.codec.kind}
+    for name, value in recipe_values.items():
+        setattr(args, f"given_{name}", getattr(args, name) is not None)
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.codec_kind is None and not args.codec_dir:
+        raise SystemExit(f"recipe {recipe.name} names no codec kind to train: give --codec-kind or --codec-dir")
+    log(f"recipe {recipe.name}: flavor {args.flavor}, codec {args.codec_kind}, window {args.window} every "
+        f"{args.stride}, {args.size}²")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="outputs/bench/generator")
     p.add_argument("--identities", type=int, default=24)
     p.add_argument("--clips", type=int, default=2)
+    p.add_argument("--recipe", default="tiny_cpu", help="configs/recipes/NAME.yaml (its generator, codec, window)")
     p.add_argument("--frames", type=int, default=48)
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--size", type=int, default=None, help="corpus frame size (default: the recipe's training size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=5, help="frames per window (4k+1)")
-    p.add_argument("--stride", type=int, default=8, help="every stride-th frame")
-    p.add_argument("--flavor", default="tiny_cpu_s2d", help="generator flavor (tiny_cpu: on the tiny Wan VAE)")
-    p.add_argument("--codec-kind", default="space_to_depth", choices=["space_to_depth", "wan_vae"],
-                   help="space_to_depth: the lossless fixed codec (z 48, /2); wan_vae: a tiny trained Wan VAE")
+    p.add_argument("--window", type=int, default=None, help="frames per window (4k+1; default: the recipe's)")
+    p.add_argument("--stride", type=int, default=None, help="every stride-th frame (default: the recipe's)")
+    p.add_argument("--flavor", default=None,
+                   help="generator flavor (default: the recipe's; tiny_z16: on the tiny Wan VAE)")
+    p.add_argument("--codec-kind", default=None, choices=["space_to_depth", "wan_vae"],
+                   help="space_to_depth: the lossless fixed codec (z 48, /2); wan_vae: a tiny trained Wan VAE "
+                        "(default: the recipe's)")
     p.add_argument("--codec-steps", type=int, default=2000)
     p.add_argument("--codec-dim", type=int, default=8)
     p.add_argument("--codec-lr", type=float, default=2e-3)
@@ -249,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                         "runs 1-14 in the README trained on 1 thread)")
     p.add_argument("--reuse", action="store_true", help="reuse a trained codec / generator in --work")
     args = p.parse_args(argv)
+    from_recipe(args)
 
     import torch
     torch.set_num_threads(1)          # evaluation (sampling speed is per frame on one thread)
@@ -289,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_samples_per_s": round(samples / (train_minutes * 60), 3) if train_minutes else None,
         "codec_minutes": round(codec_minutes, 2) if codec_minutes is not None else None,
         "sample_seconds_per_frame": round(ev["sample_seconds_per_frame"], 4),
+        "recipe": args.recipe, "window": args.window, "stride": args.stride, "flavor": args.flavor,
         "sample_steps": steps, "sample_shift": shift, "guidance": args.guidance,
         "test_windows": ev["windows"], "eval_split": args.eval_split,
         "load_avg_1min": {"start": round(load_start, 2), "after_codec": round(load_mid, 2),

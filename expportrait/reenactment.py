@@ -56,15 +56,16 @@ PACKAGE_FORMAT = "expportrait-package/2"
 
 @dataclass
 class InferenceSettings:
-    """How the generator is run (saved in the package; overridable per call)."""
+    """How the generator is run (saved in the package; overridable per call). The defaults are
+    the ``tiny_cpu`` recipe's (``expportrait.recipes``; a test keeps them equal)."""
 
-    size: int = 64              # generated frame size (multiple of 16)
-    window: int = 9             # frames per generator call (4k+1): the reference + window-1 driven
-    overlap: int = 4            # driven frames shared by consecutive windows (cross-faded)
-    frame_stride: int = 1       # drive with every n-th frame (as trained); output fps = fps / n
-    steps: int = 8              # sampler steps
+    size: int = 32              # generated frame size (multiple of 16)
+    window: int = 5             # frames per generator call (4k+1): the reference + window-1 driven
+    overlap: int = 2            # driven frames shared by consecutive windows (cross-faded)
+    frame_stride: int = 4       # drive with every n-th frame (as trained); output fps = fps / n
+    steps: int = 4              # sampler steps
     guidance: float = 1.0       # classifier-free guidance over the normal conditions (1: off)
-    shift: float = 5.0          # flow-matching sigma shift
+    shift: float = 10.0         # flow-matching sigma shift
     seed: int = 0
     fps: float = 25.0
 

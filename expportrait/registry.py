@@ -198,25 +198,25 @@ def stage_spec_from_data(data: str | os.PathLike | None, head_reference: dict,
     return spec
 
 
-def inference_from_run(params: dict, overrides: dict | None = None, crop_size: int | None = None) -> InferenceSettings:
-    """Inference settings as the generator was trained (the run's ``frames``, ``frame_stride``,
-    ``size`` (null: its shards' crop size ``crop_size``, from the packed stage spec),
-    ``sample_shift`` (else ``shift``), ``sample_steps``, ``guidance`` params), then ``overrides``."""
-    from dataclasses import fields
-    st = {}
-    for field_name, param, cast in (("window", "frames", int), ("frame_stride", "frame_stride", int),
-                                    ("size", "size", int), ("shift", "shift", float),
-                                    ("steps", "sample_steps", int), ("guidance", "guidance", float)):
-        value = _param(params, param)
-        if value is not None:
-            st[field_name] = cast(float(value))
-    sample_shift = _param(params, "sample_shift")
-    if sample_shift is not None:                                # the sampler's own shift, when set
-        st["shift"] = float(sample_shift)
-    if "size" not in st and crop_size:    # size null: the generator trained at its shards' crop size
-        st["size"] = int(crop_size)
-    if "window" in st:
-        st.setdefault("overlap", max(0, min(InferenceSettings.overlap, st["window"] - 2) // 2 * 2))
+def inference_from_run(sampling: dict | None, recipe: str | None = None, crop_size: int | None = None,
+                       overrides: dict | None = None) -> InferenceSettings:
+    """Inference settings of a generator run: its recipe's (``recipe``: the run's ``recipe``
+    tag, ``configs/recipes/<name>.yaml``; none: the class defaults, the tiny_cpu recipe's),
+    then what the run logged it samples with (``sampling``: its ``sampling.json``, written by
+    ``GeneratorTask``: window, stride, size (None: ``crop_size``), steps, shift, guidance), then
+    ``overrides``."""
+    from dataclasses import asdict, fields
+
+    from expportrait.recipes import load_recipe
+    st = asdict(load_recipe(recipe).inference_settings() if recipe else InferenceSettings())
+    trained = dict(sampling or {})
+    if trained.get("size") is None:
+        trained.pop("size", None)
+        if crop_size:                     # size null: the generator trained at its shards' crop size
+            trained["size"] = int(crop_size)
+    if "window" in trained and trained["window"] != st["window"]:
+        st["overlap"] = max(0, min(st["overlap"], trained["window"] - 2) // 2 * 2)
+    st.update(trained)
     st.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = set(st) - {f.name for f in fields(InferenceSettings)}
     if unknown:
@@ -224,6 +224,15 @@ def inference_from_run(params: dict, overrides: dict | None = None, crop_size: i
     settings = InferenceSettings(**st)
     settings.check()
     return settings
+
+
+def sampling_record(client, run_id: str) -> dict | None:
+    """The run's ``sampling.json`` (how its generator samples), None when it logged none."""
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if "sampling.json" not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, "sampling.json", tmp)).read_text())
 
 
 def register(run_id: str, name: str = "expportrait", alias: str | None = "candidate",
@@ -264,7 +273,8 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
         reference = head_model_reference(head_path, subdivision)
         data = data or _param(params, "root") or run.data.tags.get("data")
         stage_spec = stage_spec or stage_spec_from_data(data, reference, head_path)
-        inference = inference_from_run(params, inference_overrides, stage_spec["stages"]["crop_size"])
+        inference = inference_from_run(sampling_record(client, run_id), run.data.tags.get("recipe"),
+                                       stage_spec["stages"]["crop_size"], inference_overrides)
         commit = _git_commit()
         provenance = {**runs, "code_commit": commit, "data": data, "transfer_folder": str(found.get("transfer"))}
         package = write_package(tmp / "package", found["generator"], found["codec"], found.get("transfer"),

@@ -6,12 +6,11 @@
 2. the head-representation sweep (video, normal / depth / mask maps, the personalized mesh) and
    one corpus clip fitted through the real-video path (overlay video);
 3. the preprocessing job (embedded Ray) -> WebDataset shards, read back by the training reader;
-4. the expression transfer module trained on the shards (``configs/train/transfer_tiny.yaml``);
+4. the expression transfer module trained on the shards;
 5. the codec (the lossless ``SpaceToDepthVAE``: only its latent statistics are measured on the
-   shards' frames), then the tiny generator (``configs/train/dit_tiny_cpu.yaml``, flavor
-   ``tiny_cpu_s2d``) on the shards' own normal maps (the paper renders them
-   from the frozen transfer module's Δf: ``model.init_args.transfer_module``, ~4x slower a step
-   on this CPU, see ``_train_steps``); reenactment drives it with normals rendered from the
+   shards' frames), then the tiny generator on the shards' own normal maps (the paper renders
+   them from the frozen transfer module's Δf: ``model.init_args.transfer_module``, ~4x slower a
+   step on this CPU, see ``_train_steps``); reenactment drives it with normals rendered from the
    transfer module's Δf;
 6. register the two models as one MLflow pyfunc (``@candidate``), evaluate it (self
    reenactment of held-out identities), promote it to ``@champion`` through the tiny gate
@@ -21,8 +20,11 @@
 8. evaluate (self and cross) -> HTML report; prints where the report, the videos and the
    ``mlflow ui`` command are.
 
-Every training runs as its own process through the same entry points a user runs
-(``python -m training.train fit ...``), all logging into one store: ``OUT/mlflow``.
+Steps 3-5 run the ``tiny_cpu`` recipe (``configs/recipes/tiny_cpu.yaml``: the preprocessing,
+transfer, codec and generator configs and the inference settings that agree); the demo adds only
+where things go and how long they train (:class:`DemoScale`). Every training runs as its own
+process through the same entry points a user runs (``python -m training.train fit ...``), all
+logging into one store: ``OUT/mlflow``.
 The models are tiny and trained for minutes on a synthetic world: the loop is what is shown,
 not the quality (README: what the tiny models can and cannot do).
 """
@@ -39,20 +41,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+RECIPE = "tiny_cpu"
+
+
 @dataclass
 class DemoScale:
-    """The demo's sizes (the defaults fit ~15 min on 2 cores)."""
+    """The demo's corpus and training lengths (the defaults fit ~15 min on 2 cores); everything
+    else is the recipe's."""
     identities: int = 8
     clips_per_identity: int = 2
     frames: int = 48
     corpus_size: int = 128
-    crop_size: int = 128
     transfer_epochs: int = 12
-    generator_size: int = 32
     generator_steps: int = 500
-    generator_flavor: str = "tiny_cpu_s2d"
-    window: int = 5
-    frame_stride: int = 4
     eval_pairs: int = 2
     eval_frames: int = 24
 
@@ -92,7 +93,7 @@ def _latest_run(tracking_uri: str, experiment: str) -> str:
     return runs[0].info.run_id
 
 
-def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
+def _data_steps(args, scale: DemoScale, recipe, out: Path, timings: dict) -> dict:
     """1-3: model, corpus, head sweep, one fit, the preprocessing job."""
     from models.head.resolve import synthetic_model_file
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
@@ -132,18 +133,10 @@ def _data_steps(args, scale: DemoScale, out: Path, timings: dict) -> dict:
          f"{fitted.get('median_landmark_error_pct', float('nan')):.2f} % of face size; overlay {fitted.get('overlay')}")
     timings["data_and_fit"] = (time.perf_counter() - t0) / 60
 
-    from pipelines.preprocess import load_config
     from pipelines.preprocess import run as run_job
     t0 = time.perf_counter()
-    import yaml
-    config = REPO / "configs/preprocess/local.yaml"
-    stages = (yaml.safe_load(config.read_text()) or {}).get("stages", {})
-    # The demo's shards carry Δg and Δf from the photometric offset stage, so the whole loop
-    # runs on personalized offsets; the job's default leaves it off (on the fitting benchmark it
-    # does not beat zero offsets yet, see README > Fitting).
-    stages = {**stages, "crop_size": scale.crop_size, "fit": {**stages.get("fit", {}), "photometric": True}}
-    cfg = load_config(config, {"input": str(corpus_dir / "manifest.parquet"), "output": str(out / "preprocess"),
-                               "head_model": str(model), "stages": stages})
+    cfg = recipe.preprocess_config({"input": str(corpus_dir / "manifest.parquet"), "output": str(out / "preprocess"),
+                                    "head_model": str(model)})
     _say(f"preprocessing job (embedded Ray) -> {cfg.output}")
     job = run_job(cfg)
     if job.get("fault"):                      # e.g. a full disk: say so rather than read a partial output
@@ -172,16 +165,15 @@ def _train_once(what: str, output: Path, done: Path, message: str, args: list[st
     timings[f"train_{what}"] = _python(args, f"{what} training", Path(f"{output}.log"))
 
 
-def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: bool = False) -> dict:
-    """4-5: transfer module, codec, generator; each its own process, one MLflow store."""
+def _train_steps(scale: DemoScale, recipe, out: Path, data: dict, timings: dict, reuse: bool = False) -> dict:
+    """4-5: transfer module, codec, generator of the recipe; each its own process, one MLflow store."""
     store = out / "mlflow"
     common = ["--trainer.logger.init_args.out_dir", str(store), "--trainer.enable_progress_bar", "false"]
     transfer_out = out / "train" / "transfer"
     transfer_export = transfer_out / "export" / "ema"
     _train_once("transfer", transfer_out, transfer_export / "config.json",
                 f"training the expression transfer module ({scale.transfer_epochs} epochs)",
-                ["-m", "training.train", "fit", "--config", "configs/train/transfer_tiny.yaml",
-                 "--out", str(transfer_out),
+                ["-m", "training.train", "fit", *recipe.train_args("transfer"), "--out", str(transfer_out),
                  "--data.init_args.root", str(data["shards"]), "--model.init_args.head_model", str(data["model"]),
                  "--trainer.max_epochs", str(scale.transfer_epochs), *common], timings, reuse)
 
@@ -189,11 +181,13 @@ def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: 
     # little more than a face-coloured blob at 32² (its /8 grid is 4 x 4 latents), which caps
     # the generator; this one is exact and needs only its latent statistics (README).
     codec = out / "train" / "codec"
+    g, size = recipe.generator_init(), recipe.training_size()
     _train_once("codec", codec, codec / "training.json",
-                f"the codec (lossless space-to-depth, latent statistics at {scale.generator_size}²)",
-                ["-m", "training.tasks.generator", "codec", "--kind", "space_to_depth", "--shards", str(data["shards"]),
-                 "--out", str(codec), "--frames", str(scale.window), "--frame-stride", str(scale.frame_stride),
-                 "--size", str(scale.generator_size)],
+                f"the codec ({recipe.codec.kind}, latent statistics at {size}²)",
+                ["-m", "training.tasks.generator", "codec", "--kind", recipe.codec.kind,
+                 "--shards", str(data["shards"]),
+                 "--out", str(codec), "--frames", str(g["frames"]), "--frame-stride", str(g["frame_stride"]),
+                 "--size", str(size)],
                 timings, reuse)
 
     # Driving normals: the shards' own (fitted Δf). Rendering them from the frozen transfer
@@ -202,13 +196,11 @@ def _train_steps(scale: DemoScale, out: Path, data: dict, timings: dict, reuse: 
     # the fitted Δf is zero until the offsets issue lands, so the module's Δf is ~zero too.
     gen_out = out / "train" / "generator"
     _train_once("generator", gen_out, gen_out / "export" / "ema",
-                f"training the tiny generator ({scale.generator_steps} steps at {scale.generator_size}², driving "
-                f"normals: the shards' own)",
-                ["-m", "training.train", "fit", "--config", "configs/train/dit_tiny_cpu.yaml", "--out", str(gen_out),
+                f"training the tiny generator ({scale.generator_steps} steps at {size}², flavor {g['flavor']}, "
+                f"driving normals: the shards' own)",
+                ["-m", "training.train", "fit", *recipe.train_args("generator"), "--out", str(gen_out),
                  "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec),
-                 "--model.init_args.flavor", scale.generator_flavor, "--model.init_args.head_model", str(data["model"]),
-                 "--model.init_args.size", str(scale.generator_size), "--model.init_args.frames", str(scale.window),
-                 "--model.init_args.frame_stride", str(scale.frame_stride),
+                 "--model.init_args.head_model", str(data["model"]),
                  "--trainer.max_steps", str(scale.generator_steps),
                  "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common], timings, reuse)
     from expportrait.registry import tracking_from
@@ -294,9 +286,12 @@ def run(args: argparse.Namespace) -> dict:
         scale = DemoScale(identities=5, frames=32, transfer_epochs=4, generator_steps=60,
                           eval_pairs=1, eval_frames=12)
     out = Path(args.out)
+    from expportrait.recipes import load_recipe
+    recipe = load_recipe(RECIPE)
+    _say(f"recipe {recipe.name}: {recipe.inference_settings()}")
     t_start, timings = time.perf_counter(), {}
-    data = _data_steps(args, scale, out, timings)
-    trained = _train_steps(scale, out, data, timings, reuse=args.reuse)
+    data = _data_steps(args, scale, recipe, out, timings)
+    trained = _train_steps(scale, recipe, out, data, timings, reuse=args.reuse)
     registry = _registry_steps(out, data, trained, scale, timings)
     videos = _reenact_steps(out, data, trained, scale, timings)
     from .evaluate import evaluate
@@ -321,7 +316,8 @@ def run(args: argparse.Namespace) -> dict:
     _say(f"report:  {reports['self']['report']}  (and {reports['cross']['report']})")
     _say(f"videos:  {out / 'reenact'}/{{self,cross,real_photo_by_real_clip}}_side_by_side.mp4")
     _say(f"MLflow:  mlflow ui --backend-store-uri {trained['tracking_uri']}")
-    return {"minutes": round(minutes, 2), "timings_minutes": {k: round(v, 2) for k, v in timings.items()},
+    return {"recipe": recipe.name, "minutes": round(minutes, 2),
+            "timings_minutes": {k: round(v, 2) for k, v in timings.items()},
             "model": str(data["model"]), "corpus": str(data["corpus"]), "preprocess": data["preprocess"],
             "fit": {k: data["fit"].get(k) for k in ("status", "frames", "overlay")},
             "runs": {k: trained[k] for k in ("transfer_run", "generator_run")},

@@ -1,5 +1,5 @@
 """The generator: Wan2.1 I2V DiT (diffusers, unmodified) driven by normal maps; flow matching;
-the Wan VAE codec; named flavors ``tiny_cpu`` .. ``wan14b_lora``. nn.Modules and math only."""
+the Wan VAE codec; named flavors ``tiny_z16`` .. ``wan14b_lora``. nn.Modules and math only."""
 from .codec import TINY_VAE, LatentCodec, SpaceToDepthVAE, codec_layout, to_pixels, to_unit_video, vae_loss
 from .conditioning import DrivingNormalEncoder, GeneratorConditioning, ReferenceNormalEncoder
 from .flavors import FLAVORS, GeneratorFlavor, check_video_shape, flavor, latent_shape, token_grid

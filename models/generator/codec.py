@@ -4,7 +4,7 @@ Real runs load the Wan2.1 VAE from a local diffusers folder (``LatentCodec.from_
 the ``vae/`` subfolder of a Wan Diffusers checkpoint): z 16, 4x in time (first frame alone),
 8x in space, latents normalised with the config's ``latents_mean`` / ``latents_std``.
 
-At ``tiny_cpu`` scale no Wan weights exist here, so the codec is a *tiny* ``AutoencoderKLWan``
+At ``tiny_z16`` scale no Wan weights exist here, so the codec is a *tiny* ``AutoencoderKLWan``
 (``TINY_VAE``: base_dim 16, dim_mult [1, 2, 2, 2], one res block, the same 4x/8x compression
 and z 16 as the real one, ~1 M parameters instead of 127 M). Built with random weights it is
 only a fixed random encoder (enough for shape tests); for anything judged on pixels it must be
@@ -42,7 +42,7 @@ class SpaceToDepthVAE(ModelMixin, ConfigMixin):
     folder holds a weights file like any diffusers model. ``encode`` / ``decode`` return
     diffusers' output types, so :class:`LatentCodec` drives it exactly as the Wan VAE.
 
-    Why at ``tiny_cpu`` scale: a tiny VAE trained here for minutes caps PSNR below copying the
+    Why at ``tiny_z16`` scale: a tiny VAE trained here for minutes caps PSNR below copying the
     reference on held-out identities, and its /8 grid leaves a 32² video 2x2 tokens a frame;
     this codec is lossless and, at /2, gives 8x8 tokens a frame at 32²."""
 
@@ -116,7 +116,7 @@ class LatentCodec(nn.Module):
 
     @classmethod
     def tiny(cls, seed: int | None = 0, **overrides) -> "LatentCodec":
-        """The tiny Wan VAE of ``tiny_cpu`` (random weights unless trained; see the module doc).
+        """The tiny Wan VAE of ``tiny_z16`` (random weights unless trained; see the module doc).
         ``overrides``: ``AutoencoderKLWan`` arguments, e.g. ``base_dim=8`` for a cheaper one."""
         if seed is not None:
             torch.manual_seed(seed)

@@ -1,4 +1,13 @@
-"""Named sizes of the generator, in one registry (torchtitan style): ``tiny_cpu`` .. ``wan14b_lora``.
+"""Named architectures of the generator, in one registry (torchtitan style). A flavor is the
+architecture only (widths, depth, latent layout it takes, adapters), never hardware or a
+training recipe (those are in ``configs/recipes/``):
+
+- ``tiny_z16``: 4 heads x 16, 2 layers, on a 16-channel /8 latent (the Wan VAE's layout; the
+  tiny trained Wan VAE of ``codec --kind wan_vae``); what the shape tests use;
+- ``tiny_z48``: 4 heads x 64, 3 layers, on a 48-channel /2 latent (the lossless
+  ``SpaceToDepthVAE`` at /2), the reference latent repeated and subtracted (residual); the
+  ``tiny_cpu`` recipe's;
+- ``wan1.3b``, ``wan14b``: the Wan2.1 transformers; ``wan14b_lora``: wan14b with rank-128 LoRA.
 
 The transformer shapes of ``wan1.3b`` / ``wan14b`` are the official Wan2.1 ones (head_dim 128,
 patch (1, 2, 2); 1.3B: 12 heads, ffn 8960, 30 layers; 14B: 40 heads, ffn 13824, 40 layers),
@@ -31,7 +40,6 @@ class GeneratorFlavor:
     context_tokens: int = 512       # learned context: tokens x text_dim (Wan: 512 text tokens)
     clip: bool = False              # CLIP image embedding path (image_dim 1280, added k/v)
     normal_width: int = 16          # hidden channels of the normal encoders (UniAnimate-DiT: 16)
-    codec: str = "wan"              # "wan": the Wan2.1 VAE; "tiny": a small AutoencoderKLWan
     latent_channels: int = LATENT_CHANNELS   # the codec's z (SpaceToDepthVAE at /2: 48)
     latent_space: int = VAE_SPACE   # the codec's spatial factor (SpaceToDepthVAE: 2)
     reference_repeat: bool = False  # True: the reference latent's frame 0 in every latent frame of the I2V
@@ -74,15 +82,14 @@ class GeneratorFlavor:
 
 
 FLAVORS: dict[str, GeneratorFlavor] = {
-    "tiny_cpu": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
-                                context_tokens=8, normal_width=8, codec="tiny", rope_max_seq_len=64),
-    # tiny_cpu on the lossless SpaceToDepthVAE (z 48, /2): 8x8 tokens a frame at 32²; dim 256 >
-    # the 192 values a token outputs (48 x 2 x 2: at dim 128 a third of the noise to remove was
-    # unrepresentable, and samples kept it: benchmark val loss 0.55 at dim 128 vs 0.22 at 256, README)
-    "tiny_cpu_s2d": GeneratorFlavor(num_heads=4, head_dim=64, ffn_dim=512, num_layers=3, text_dim=32, freq_dim=32,
-                                    context_tokens=8, normal_width=16, codec="space_to_depth", latent_channels=48,
-                                    latent_space=2, reference_repeat=True, reference_residual=True,
-                                    rope_max_seq_len=64),
+    "tiny_z16": GeneratorFlavor(num_heads=4, head_dim=16, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32,
+                                context_tokens=8, normal_width=8, rope_max_seq_len=64),
+    # z 48 at /2: 8x8 tokens a frame at 32²; dim 256 > the 192 values a token outputs (48 x 2 x 2;
+    # a narrower model cannot represent the noise it must remove, see __post_init__)
+    "tiny_z48": GeneratorFlavor(num_heads=4, head_dim=64, ffn_dim=512, num_layers=3, text_dim=32, freq_dim=32,
+                                context_tokens=8, normal_width=16, latent_channels=48,
+                                latent_space=2, reference_repeat=True, reference_residual=True,
+                                rope_max_seq_len=64),
     "wan1.3b": GeneratorFlavor(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30),
     "wan14b": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40),
     "wan14b_lora": GeneratorFlavor(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40,

@@ -53,7 +53,7 @@ def i2v_mask(batch: int, latent_frames: int, height: int, width: int, device=Non
 class NormalDrivenWan(nn.Module):
     """Wan2.1 I2V transformer conditioned on driving normals, a reference normal and a reference image."""
 
-    def __init__(self, flavor: GeneratorFlavor | str = "tiny_cpu",
+    def __init__(self, flavor: GeneratorFlavor | str = "tiny_z16",
                  transformer: WanTransformer3DModel | None = None,
                  conditioning: GeneratorConditioning | None = None, flavor_name: str | None = None) -> None:
         super().__init__()
@@ -211,7 +211,8 @@ class NormalDrivenWan(nn.Module):
             raise WeightsFolderError(f"generator folder {folder}: no generator.json (not written by "
                                      f"NormalDrivenWan.save_pretrained; for an official Wan folder use from_wan)")
         meta = json.loads((folder / "generator.json").read_text())
-        f = GeneratorFlavor(**{**meta["flavor_config"], "lora_rank": 0})
+        config = {k: v for k, v in meta["flavor_config"].items() if k != "codec"}   # dropped field (old exports)
+        f = GeneratorFlavor(**{**config, "lora_rank": 0})
         check_weights_folder(folder / "transformer", WanTransformer3DModel, expected=_shape_entries(f))
         check_weights_folder(folder / "conditioning", GeneratorConditioning,
                              expected={"dim": f.dim, "text_dim": f.text_dim}

@@ -38,3 +38,13 @@ def test_quick_demo_runs_the_whole_loop(tmp_path):
     assert int(champion.version) == res["register"]["version"]
     runs = {k: client.get_run(v) for k, v in res["runs"].items()}
     assert all(run.info.status == "FINISHED" for run in runs.values())
+    # the models were trained from the tiny_cpu recipe and the package carries its inference settings
+    from dataclasses import asdict
+
+    from expportrait.recipes import load_recipe
+    assert runs["generator_run"].data.tags["recipe"] == "tiny_cpu" == res["recipe"]
+    mlflow.set_tracking_uri(res["tracking_uri"])
+    mlflow.set_registry_uri(res["tracking_uri"])
+    package = Path(mlflow.artifacts.download_artifacts("models:/expportrait@champion")) / "artifacts" / "package"
+    meta = json.loads((package / "package.json").read_text())
+    assert meta["inference"] == asdict(load_recipe("tiny_cpu").inference_settings())

@@ -24,7 +24,7 @@ def package(tmp_path_factory, head):
     root = tmp_path_factory.mktemp("evalpkg")
     ex = tiny_exports(root, head)
     return write_package(root / "package", ex["generator"], ex["codec"], ex["transfer"], head_model_reference(None),
-                         InferenceSettings(size=64, window=5, overlap=2, steps=2))
+                         InferenceSettings(size=64, window=5, overlap=2, frame_stride=1, steps=2, shift=5.0))
 
 
 @pytest.fixture(scope="module")

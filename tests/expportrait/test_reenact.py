@@ -24,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")   # restored after the 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory, head):
-    return tiny_package(tmp_path_factory.mktemp("reenactpkg"), head, size=64, window=9, overlap=4, steps=2)
+    return tiny_package(tmp_path_factory.mktemp("reenactpkg"), head, size=64, window=9, overlap=4, frame_stride=1,
+                        steps=2, shift=5.0)
 
 
 @pytest.fixture(scope="module")

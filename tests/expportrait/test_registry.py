@@ -175,18 +175,24 @@ def test_gate_config_and_checks(tmp_path):
         load_gate(bad)
 
 
-def test_inference_settings_follow_the_generator_run(tmp_path):
-    """Window, stride, shift, steps as trained; size null -> the crop size of the stage spec."""
+def test_inference_settings_follow_the_recipe_and_the_generator_run():
+    """The run's recipe, then what it logged it samples with (window, stride, shift, steps;
+    size null -> the crop size), then overrides; no recipe: the class defaults."""
+    from dataclasses import replace
+
+    from expportrait.reenactment import InferenceSettings
+    from expportrait.recipes import load_recipe
     from expportrait.registry import inference_from_run
-    params = {"model.frames": "5", "frame_stride": "5", "size": "None", "shift": "1.0", "sample_steps": "10",
-              "root": str(tmp_path / "shards")}
-    st = inference_from_run(params, crop_size=48)         # the packed stage spec's crop size
+    sampling = {"window": 5, "frame_stride": 5, "size": None, "shift": 1.0, "steps": 10, "guidance": 1.0}
+    st = inference_from_run(sampling, None, crop_size=48)
     assert (st.window, st.frame_stride, st.size, st.shift, st.steps, st.overlap) == (5, 5, 48, 1.0, 10, 2)
-    assert inference_from_run(params, {"size": 64, "steps": None}).size == 64
-    assert inference_from_run({**params, "model.init_args.sample_shift": "10.0"}).shift == 10.0   # the sampler's own
-    assert inference_from_run({**params, "model.init_args.sample_shift": "None"}).shift == 1.0
+    assert inference_from_run(sampling, None, 48, {"size": 64, "steps": None}).size == 64
+    assert inference_from_run(None, "wan1.3b") == load_recipe("wan1.3b").inference_settings()
+    assert inference_from_run(None, None) == InferenceSettings()
+    wan = inference_from_run({**sampling, "window": 33, "frame_stride": 1}, "wan1.3b", crop_size=512)
+    assert wan == replace(load_recipe("wan1.3b").inference_settings(), steps=10, shift=1.0, guidance=1.0)
     with pytest.raises(ValueError, match="overlap"):
-        inference_from_run(params, {"overlap": 4})
+        inference_from_run(sampling, None, 48, {"overlap": 4})
 
 
 def test_package_carries_the_jobs_whole_stage_spec(tmp_path, head, synthetic_model_path):

@@ -17,7 +17,7 @@ def tiny_exports(out: Path, head) -> dict[str, Path]:
     m = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor="tiny_cpu")
     m.set_canonical(canonical_face(head))
     m.save_pretrained(export / "transfer")
-    NormalDrivenWan("tiny_cpu").save_pretrained(export / "generator")
+    NormalDrivenWan("tiny_z16").save_pretrained(export / "generator")
     LatentCodec.tiny(seed=0, base_dim=8).save_pretrained(export / "codec")
     return {p.name: p for p in export.iterdir()}
 
@@ -32,6 +32,8 @@ def log_training_run(tracking_uri: str, export_root: Path, data: str = "syntheti
     with mlflow.start_run(run_name="dit_tiny_cpu_test") as run:
         mlflow.log_params({"flavor": "tiny_cpu", "head_model": "None", "subdivision": 1, "root": data,
                            "frames": 5, "frame_stride": 1, "size": "None", "shift": 1.0, "sample_steps": 10})
+        mlflow.log_dict({"window": 5, "frame_stride": 1, "size": None, "shift": 1.0, "steps": 10, "guidance": 1.0},
+                        "sampling.json")                  # as GeneratorTask.on_fit_start logs it
         mlflow.log_metric("train_loss", 0.5, step=10)
         mlflow.log_artifacts(str(Path(export_root) / "export"), artifact_path="export")
         return run.info.run_id

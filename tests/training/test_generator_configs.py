@@ -67,7 +67,7 @@ def test_tiny_config_parses(tmp_path, capsys):
         build_cli(["fit", "--config", str(CONFIGS / "dit_tiny_cpu.yaml"), "--out", str(tmp_path / "o"),
                    "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["model"]["init_args"]["flavor"] == "tiny_cpu"
+    assert cfg["model"]["init_args"]["flavor"] == "tiny_z16"
     assert cfg["out"] == str(tmp_path / "o")
     assert (cfg["model"]["init_args"]["frames"] - 1) % 4 == 0
 

@@ -172,6 +172,9 @@ def test_cli_fit_logs_samples_exports_ema_and_generates(gen_shards, codec_dir, t
     assert run.data.params["flavor"] == yaml.safe_load(BASE.read_text())["model"]["init_args"]["flavor"]
     assert "train/loss" in run.data.metrics
     assert "val/loss" in run.data.metrics and "val/sample_psnr_db" in run.data.metrics
+    # how the run samples, as `register` packs it (the YAML's sampler, the test config's window)
+    sampling = json.loads(Path(client.download_artifacts(run.info.run_id, "sampling.json", str(tmp_path))).read_text())
+    assert sampling == {"window": 5, "frame_stride": 1, "size": None, "steps": 2, "shift": 10.0, "guidance": 1.0}
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "videos")}
     assert "videos/samples_final.mp4" in arts
     with av.open(str(out / "mlartifacts" / run.info.run_id / "artifacts" / "videos" / "samples_final.mp4")) as c:
@@ -252,7 +255,7 @@ def test_deepspeed_zero2_two_processes_resume_to_the_uninterrupted_weights(gen_s
 def test_fixed_codec_from_the_cli_sets_the_latent_layout(gen_shards, tmp_path):
     """``codec --kind space_to_depth`` writes the lossless codec with the training frames' latent
     statistics; a task given that folder trains on its layout (z 48 at /2) whatever the flavor's
-    own layout, and refuses a flavor too narrow for it (tiny_cpu: 64 wide, 192 values a token)."""
+    own layout, and refuses a flavor too narrow for it (tiny_z16: 64 wide, 192 values a token)."""
     from models.generator import LatentCodec
     from training.tasks.generator import GeneratorTask, main
     assert main(["codec", "--shards", str(gen_shards), "--out", str(tmp_path / "s2d"), "--kind", "space_to_depth",
@@ -262,9 +265,9 @@ def test_fixed_codec_from_the_cli_sets_the_latent_layout(gen_shards, tmp_path):
     codec = LatentCodec.from_pretrained(tmp_path / "s2d")
     assert codec.latent_channels == 48 and any(m != 0 for m in codec.vae.config.latents_mean)
     with pytest.raises(ValueError, match="dim 64 .* below the 192 values"):
-        GeneratorTask(flavor="tiny_cpu", codec=str(tmp_path / "s2d"), frames=5, frame_stride=1)
+        GeneratorTask(flavor="tiny_z16", codec=str(tmp_path / "s2d"), frames=5, frame_stride=1)
     torch.manual_seed(0)
-    task = GeneratorTask(flavor="tiny_cpu", flavor_overrides={"head_dim": 48}, codec=str(tmp_path / "s2d"),
+    task = GeneratorTask(flavor="tiny_z16", flavor_overrides={"head_dim": 48}, codec=str(tmp_path / "s2d"),
                          frames=5, frame_stride=1)
     assert (task.model.flavor.latent_channels, task.model.flavor.latent_space) == (48, 2)
     batch = a_batch(gen_shards)
@@ -307,7 +310,8 @@ def test_augmentation_is_one_draw_per_window_and_mirrors_normals(gen_shards, cod
     for b in set(range(4)) - set(mirrored):
         assert torch.equal(v3[b], video[b]) and torch.equal(n3[b], normals[b])
     from training.tasks.generator import GeneratorTask
-    task = GeneratorTask(codec=str(codec_dir), frames=5, random_start=False, augment_color=0.5, augment_flip=True)
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False, augment_color=0.5,
+                         augment_flip=True)
     val = task.inputs(batch, None, training=False)
     assert torch.equal(val["video"], video[:, :, :5]) and torch.equal(val["normals"], normals[:, :, :5])
     train = task.inputs(batch, torch.Generator().manual_seed(0), training=True)

@@ -13,6 +13,8 @@
   not counted).
 - Corrupt shards and members are skipped by the reader and counted: each batch carries
   ``reader_skipped`` (the count so far in its worker); the task logs it.
+- Samples shorter than the task's training window (its ``window_span``, when it has one) are
+  dropped by the reader and counted with the skips (``ShortSample``), instead of failing a step.
 """
 from __future__ import annotations
 
@@ -88,6 +90,11 @@ class ShardDataModule(pl.LightningDataModule):
             return self.trainer.global_rank, self.trainer.world_size
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+    def window_span(self) -> int:
+        """Frames the task's training window spans (0: the task reads whole samples)."""
+        task = self.trainer.lightning_module if self.trainer is not None else None
+        return int(getattr(task, "window_span", 0) or 0)
+
     def _dataset(self, split: str, samples: int, training: bool) -> ShardDataset:
         urls = shard_urls(self.root, split)
         rank, world = self._world()
@@ -95,7 +102,8 @@ class ShardDataModule(pl.LightningDataModule):
         return ShardDataset(urls, per_rank, resampled=training,
                             shuffle_buffer=self.hparams.shuffle_buffer if training else 0,
                             seed=self.hparams.seed, rank=rank, world_size=world, fields=self.fields,
-                            latents=self.hparams.latents, cache_mb=self.hparams.cache_mb)
+                            latents=self.hparams.latents, cache_mb=self.hparams.cache_mb,
+                            min_frames=self.window_span())
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset(self.hparams.train_split, self.hparams.samples_per_epoch, True)

@@ -11,7 +11,10 @@ Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer
   "normals")``, which decodes in half the time), see ``sample_schema.FIELDS``;
 * a corrupt shard or member (bad tar, truncated file, undecodable member) is skipped and
   counted (:class:`SkipCounter`, the pipeline's ``handler``); ``max_empty_shards`` shards in a
-  row without one good sample is an error rather than a silent spin.
+  row without one good sample is an error rather than a silent spin;
+* a sample shorter than ``min_frames`` (a training window's span: a clip shorter than one
+  segment is written as one short sample) is dropped and counted the same way, as
+  ``ShortSample`` in ``skipped.counts`` (and in ``reader_skipped``).
 
 Skips across DataLoader workers: each worker counts its own, and every sample carries its
 worker's running count (``reader_skipped``, ``reader_worker``); :class:`ShardLoader` sums the
@@ -165,6 +168,10 @@ def matching_sidecars(urls: list[str], latents: str | os.PathLike) -> dict[str, 
     return found
 
 
+class ShortSample(ValueError):
+    """A sample with fewer frames than the reader's ``min_frames`` (dropped and counted)."""
+
+
 def _split(items: list, index: int, count: int) -> list:
     """Every ``count``-th item from ``index``; all of them when that leaves none (more ranks or
     workers than shards: they share rather than stall)."""
@@ -178,7 +185,7 @@ class ShardDataset(IterableDataset):
                  shuffle_buffer: int = 0, seed: int = 0, convert: Callable | None = to_torch,
                  max_empty_shards: int = 50, rank: int | None = None, world_size: int | None = None,
                  fields: Collection[str] | None = None, latents: str | os.PathLike | None = None,
-                 cache_mb: float = 0) -> None:
+                 cache_mb: float = 0, min_frames: int = 0) -> None:
         if not urls:
             raise ValueError("no shard to read (did the preprocessing job finish any?)")
         self.urls = list(urls)
@@ -192,6 +199,7 @@ class ShardDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         self.epoch = 0
         self.skipped = SkipCounter(max_empty_shards)
+        self.min_frames = int(min_frames)      # shorter samples are dropped (ShortSample)
         self.cache_bytes = int(cache_mb * 2**20)
         self._cache: dict[str, list] = {}       # url -> its decoded samples (this process)
         self._cached_bytes = 0
@@ -291,6 +299,8 @@ class ShardDataset(IterableDataset):
 
     def _decode(self, raw: dict):
         sample = decode_sample(raw, self.fields)
+        if sample.num_frames < self.min_frames:
+            raise ShortSample(f"sample {sample.key} has {sample.num_frames} frames, the window spans {self.min_frames}")
         latents = decode_latent_sample(raw) if LATENT_MEMBERS[0] in raw else None
         self.skipped.since_good = 0
         return (sample, latents) if self.sidecars else sample
@@ -358,5 +368,5 @@ def make_loader(source, samples_per_rank: int, batch_size: int, num_workers: int
                        persistent_workers=num_workers > 0, drop_last=True)
 
 
-__all__ = ["LatentSidecarMismatch", "ShardDataset", "ShardLoader", "SkipCounter", "SkipTally", "collate",
+__all__ = ["LatentSidecarMismatch", "ShardDataset", "ShardLoader", "ShortSample", "SkipCounter", "SkipTally", "collate",
            "make_loader", "matching_sidecars", "shard_urls", "to_torch"]

@@ -23,7 +23,7 @@ trained, not wrapped by DeepSpeed, not cast by the precision plugin, and not sav
 (their folders are hyperparameters). Noise, σ, dropout and the window are drawn from a generator
 seeded by (seed, step, rank), so a resumed run draws what the uninterrupted one would have.
 
-The tiny codec (``tiny_cpu``): no Wan VAE weights exist here, so :func:`train_codec` trains a
+The tiny codec (``tiny_z16``): no Wan VAE weights exist here, so :func:`train_codec` trains a
 tiny ``AutoencoderKLWan`` (``models.generator.codec.TINY_VAE``: same class, z 16, 4x time, 8x
 space) on the corpus's training shards, sets its per-channel latent statistics and saves it
 as a diffusers folder; the generator then loads it exactly as it loads the real Wan VAE::
@@ -95,19 +95,20 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     ``codec``: a local ``AutoencoderKLWan`` folder (the Wan VAE, or the tiny one from
     :func:`train_codec`; ``codec_subfolder`` e.g. ``vae``); None: a *random* tiny codec (shape
     tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
-    ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``."""
+    ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
+    ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal)."""
 
-    def __init__(self, flavor: str = "tiny_cpu", flavor_overrides: dict | None = None,
+    def __init__(self, flavor: str = "tiny_z16", flavor_overrides: dict | None = None,
                  pretrained: str | None = None, wan_folder: str | None = None,
                  codec: str | None = None, codec_subfolder: str | None = None,
                  transfer_module: str | None = None, head_model: str | None = None, subdivision: int = 1,
-                 frames: int = 5, frame_stride: int = 1, size: int | None = None, random_start: bool = True,
-                 lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 100, min_lr_ratio: float = 0.1,
-                 optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 5.0,
-                 p_drop_driving: float = 0.05, p_drop_reference: float = 0.05,
+                 frames: int = 5, frame_stride: int = 4, size: int | None = None, random_start: bool = True,
+                 lr: float = 0.004, weight_decay: float = 0.01, warmup_steps: int = 50, min_lr_ratio: float = 0.1,
+                 optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 10.0,
+                 p_drop_driving: float = 0.05, p_drop_reference: float = 0.0,
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
                  gradient_checkpointing: bool = False,
-                 sample_steps: int = 20, sample_shift: float | None = None, guidance: float = 1.0, seed: int = 0,
+                 sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
                  dtype: str = "float32") -> None:
         super().__init__()
         self._reset_reader_skips()
@@ -167,6 +168,27 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
             self._warn("normals", "no transfer_module: driving normals are the shards' own (rendered from the "
                                   "fitted/true Δf), not the transfer module's Δf as the paper trains")
 
+    @property
+    def window_span(self) -> int:
+        """Frames a training window spans: ``(frames - 1) * frame_stride + 1``; the reader drops
+        (and counts) samples shorter than this (``ShardDataModule``)."""
+        return (self.hparams.frames - 1) * self.hparams.frame_stride + 1
+
+    def sampling_record(self) -> dict:
+        """How this run samples, as inference must repeat it (``InferenceSettings`` fields):
+        window, stride, size (None: the shards' crop size), sampler steps, shift and guidance."""
+        return {"window": self.hparams.frames, "frame_stride": self.hparams.frame_stride,
+                "size": self.hparams.size, "steps": self.hparams.sample_steps, "shift": self.sample_shift,
+                "guidance": self.hparams.guidance}
+
+    def on_fit_start(self) -> None:
+        """Log :meth:`sampling_record` as the run's ``sampling.json`` (what ``register`` packs)."""
+        from lightning.pytorch.loggers import MLFlowLogger
+        if self.global_rank == 0:
+            for logger in self.loggers:
+                if isinstance(logger, MLFlowLogger):
+                    logger.experiment.log_dict(logger.run_id, self.sampling_record(), "sampling.json")
+
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -179,8 +201,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     # -- batch -> model inputs --------------------------------------------------------------
     def window(self, total: int, batch: int, generator: torch.Generator | None, training: bool) -> Tensor:
         """Start frame per sample (B,) of a window of ``frames`` frames every ``frame_stride``."""
-        span = (self.hparams.frames - 1) * self.hparams.frame_stride + 1
-        if span > total:
+        span = self.window_span
+        if span > total:           # the datamodule's reader drops such samples; a batch from elsewhere may not
             raise ValueError(f"a window of {self.hparams.frames} frames every {self.hparams.frame_stride} spans "
                              f"{span} frames, the samples have {total}: cut longer segments or lower frame_stride")
         if not (training and self.hparams.random_start) or span == total:
@@ -416,7 +438,7 @@ def train_codec(shards: str, out: str | Path, steps: int = 600, batch_size: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train the tiny Wan VAE of tiny_cpu on shards.")
+    p = argparse.ArgumentParser(description="Train the tiny codec (for flavors tiny_z16 / tiny_z48) on shards.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("codec", help="train the tiny codec")
     c.add_argument("--shards", required=True, help="a preprocessing output (or truth shards) folder")

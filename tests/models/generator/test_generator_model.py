@@ -33,7 +33,7 @@ def _batch(b: int = 2, frames: int = F, h: int = H, w: int = W, seed: int = 0) -
 @pytest.fixture()
 def model() -> NormalDrivenWan:
     torch.manual_seed(0)
-    return NormalDrivenWan("tiny_cpu")
+    return NormalDrivenWan("tiny_z16")
 
 
 def test_forward_shapes_and_zero_init(model):
@@ -96,7 +96,7 @@ def test_loss_falls_when_overfitting_one_batch(model):
 @pytest.mark.parametrize("size", [(16, 16), (32, 48), (64, 32)])
 def test_normal_encoders_land_on_the_token_grid(frames, size):
     torch.manual_seed(0)
-    f = flavor("tiny_cpu")
+    f = flavor("tiny_z16")
     cond = GeneratorConditioning(dim=f.dim, text_dim=f.text_dim, context_tokens=4, normal_width=2)
     patch = torch.nn.Conv3d(f.in_channels, f.dim, (1, 2, 2), stride=(1, 2, 2))   # Wan's patch embedding
     h, w = size
@@ -165,7 +165,7 @@ def test_save_load_round_trip(model, tmp_path):
 
 def test_lora_round_trip(tmp_path):
     torch.manual_seed(0)
-    m = NormalDrivenWan(flavor("tiny_cpu", lora_rank=4))
+    m = NormalDrivenWan(flavor("tiny_z16", lora_rank=4))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
@@ -204,25 +204,25 @@ def test_missing_or_mismatched_folder_fails_naming_it(model, tmp_path):
 
 
 def test_from_wan_widens_a_t2v_checkpoint(tmp_path):
-    f = flavor("tiny_cpu")
+    f = flavor("tiny_z16")
     torch.manual_seed(0)
     t2v = WanTransformer3DModel(**{**f.transformer_config(), "in_channels": 16})
     t2v.save_pretrained(tmp_path / "wan" / "transformer")
-    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu", dtype=torch.float32)
+    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_z16", dtype=torch.float32)
     w = m.transformer.patch_embedding.weight
     assert w.shape[1] == 36 and m.transformer.config.in_channels == 36
     torch.testing.assert_close(w[:, :16], t2v.patch_embedding.weight)
     assert (w[:, 16:] == 0).all()
     with pytest.raises(WeightsFolderError, match="num_attention_heads"):
-        NormalDrivenWan.from_wan(tmp_path / "wan", flavor("tiny_cpu", num_heads=8, head_dim=8), dtype=torch.float32)
+        NormalDrivenWan.from_wan(tmp_path / "wan", flavor("tiny_z16", num_heads=8, head_dim=8), dtype=torch.float32)
 
 
 def test_a_flavor_narrower_than_its_token_output_is_refused():
     """dim below latent_channels x patch (what a token outputs): the noise to remove is not
-    representable, so sampling leaves it in (the old 128-wide tiny_cpu_s2d: 192 outputs)."""
+    representable, so sampling leaves it in (the old 128-wide tiny_z48: 192 outputs)."""
     with pytest.raises(ValueError, match="dim 128 .* below the 192 values"):
-        flavor("tiny_cpu_s2d", head_dim=32)
-    assert flavor("tiny_cpu_s2d").dim >= 192 and all(f.dim >= 4 * f.latent_channels for f in FLAVORS.values())
+        flavor("tiny_z48", head_dim=32)
+    assert flavor("tiny_z48").dim >= 192 and all(f.dim >= 4 * f.latent_channels for f in FLAVORS.values())
 
 
 @pytest.mark.parametrize("frames,h,w,message", [(8, 32, 32, "frame count 8 .*4k\\+1"),
@@ -344,16 +344,16 @@ def test_precomputed_context_from_a_file(model, tmp_path):
 
 def test_clip_path_only_when_given():
     torch.manual_seed(0)
-    m = NormalDrivenWan(flavor("tiny_cpu", clip=True, context_tokens=512))
+    m = NormalDrivenWan(flavor("tiny_z16", clip=True, context_tokens=512))
     latents, cond = _batch(b=1)
     out = m(latents, torch.tensor([400.0]), **cond, image_embeds=torch.randn(1, 257, 1280))
     assert out.shape == latents.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="image_embeds"):
         m(latents, torch.tensor([400.0]), **cond)
     with pytest.raises(ValueError, match="image_embeds"):
-        NormalDrivenWan("tiny_cpu")(latents, torch.tensor([400.0]), **cond, image_embeds=torch.randn(1, 257, 1280))
+        NormalDrivenWan("tiny_z16")(latents, torch.tensor([400.0]), **cond, image_embeds=torch.randn(1, 257, 1280))
     with pytest.raises(ValueError, match="context_tokens=512"):
-        flavor("tiny_cpu", clip=True)
+        flavor("tiny_z16", clip=True)
 
 
 def test_bf16_model_and_batch_keep_the_loss_in_fp32(model):
@@ -367,11 +367,11 @@ def test_bf16_model_and_batch_keep_the_loss_in_fp32(model):
 
 
 def test_from_wan_drops_the_clip_path_of_an_i2v_checkpoint(tmp_path):
-    f = flavor("tiny_cpu", clip=True, context_tokens=512)
+    f = flavor("tiny_z16", clip=True, context_tokens=512)
     torch.manual_seed(0)
     i2v = WanTransformer3DModel(**f.transformer_config())
     i2v.save_pretrained(tmp_path / "wan" / "transformer")
-    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu", dtype=torch.float32)
+    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_z16", dtype=torch.float32)
     assert m.transformer.config.image_dim is None and m.transformer.config.added_kv_proj_dim is None
     torch.testing.assert_close(m.transformer.blocks[0].attn1.to_q.weight, i2v.blocks[0].attn1.to_q.weight)
     latents, cond = _batch(b=1)
@@ -419,7 +419,7 @@ def test_tiny_codec_trains_and_pixel_layout_round_trips():
 
 def test_lora_with_checkpointing_trains_the_adapters_only():
     torch.manual_seed(0)
-    m = NormalDrivenWan(flavor("tiny_cpu", lora_rank=4))
+    m = NormalDrivenWan(flavor("tiny_z16", lora_rank=4))
     m.enable_gradient_checkpointing()
     latents, cond = _batch(b=1)
     before = m.transformer.blocks[0].attn1.to_q.base_layer.weight.clone()
@@ -438,14 +438,14 @@ def test_lora_with_checkpointing_trains_the_adapters_only():
 def test_sharded_weights_folder_is_checked_shard_by_shard(tmp_path):
     from models.generator import check_weights_folder
     torch.manual_seed(0)
-    wan = WanTransformer3DModel(**flavor("tiny_cpu").transformer_config())
+    wan = WanTransformer3DModel(**flavor("tiny_z16").transformer_config())
     folder = tmp_path / "wan" / "transformer"
     wan.save_pretrained(folder, max_shard_size="100KB")           # how the 14B checkpoints are stored
     shards = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) > 1 and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert check_weights_folder(folder, WanTransformer3DModel)["num_layers"] == 2
-    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu", dtype=torch.bfloat16)
+    m = NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_z16", dtype=torch.bfloat16)
     assert m.dtype == torch.bfloat16 and m.conditioning.context.dtype == torch.bfloat16
     shards[-1].unlink()
     with pytest.raises(WeightsFolderError, match=f"{folder}: shard {shards[-1].name} .* is missing"):
-        NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_cpu")
+        NormalDrivenWan.from_wan(tmp_path / "wan", "tiny_z16")

@@ -67,7 +67,7 @@ def test_normalisation_save_load_and_layout_from_the_config(tmp_path):
 @pytest.mark.parametrize("frames", [1, 5, 9])
 def test_generator_on_the_fixed_codec_layout(frames):
     torch.manual_seed(0)
-    model = NormalDrivenWan("tiny_cpu_s2d")
+    model = NormalDrivenWan("tiny_z48")
     codec = LatentCodec.space_to_depth()
     video = torch.rand(2, 3, frames, 32, 32) * 2 - 1
     normals = torch.rand(2, 3, frames, 32, 32) * 2 - 1
@@ -86,7 +86,7 @@ def test_generator_on_the_fixed_codec_layout(frames):
 
 def test_generator_folder_on_the_fixed_codec_round_trips(tmp_path):
     torch.manual_seed(0)
-    model = NormalDrivenWan("tiny_cpu_s2d")
+    model = NormalDrivenWan("tiny_z48")
     with torch.no_grad():
         model.conditioning.driving.proj.weight.normal_()
     model.save_pretrained(tmp_path / "gen")
@@ -103,7 +103,7 @@ def test_reference_residual_runs_the_flow_relative_to_the_reference():
 
     from models.generator import sample
     torch.manual_seed(0)
-    residual = NormalDrivenWan("tiny_cpu_s2d")
+    residual = NormalDrivenWan("tiny_z48")
     plain = NormalDrivenWan(replace(residual.flavor, reference_residual=False))
     plain.load_state_dict(residual.state_dict())
     codec = LatentCodec.space_to_depth()
