@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from preprocessing.errors import strict_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -48,17 +49,6 @@ def git_commit(repo: Path = RESULTS_DIR.parent.parent) -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def finite(value):
-    """``value`` with NaN and infinities (in dicts and lists too) replaced by None: strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def write_result(headline: dict, name: str | None = None, results_dir: Path | None = None) -> Path:
     """Write a benchmark's headline figures (its last JSON line; a ``targets`` entry is kept
     apart) to ``results_dir/<name>.json`` (default ``benchmarks/results/<calling script>.json``)
@@ -73,7 +63,7 @@ def write_result(headline: dict, name: str | None = None, results_dir: Path | No
         "command": shlex.join(["python", *sys.argv]),
         "host": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                  "python": platform.python_version()},
-        "results": finite(figures),
+        "results": strict_json(figures),
         "targets": targets,
     }
     folder = Path(results_dir or os.environ.get("EXPPORTRAIT_BENCH_RESULTS") or RESULTS_DIR)
