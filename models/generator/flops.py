@@ -11,7 +11,9 @@ tokens (multiply-add = 2 FLOPs)::
     FFN              2 · 2·d·f = 4df
     forward / token ≈ L (12d² + 4df + 4Nd + 4Td) + patch/head
 
-Training = 3 x forward (backward = 2 x forward): the model FLOPs that MFU counts (gradient
+Training = 3 x forward (backward = 2 x forward: input and weight gradients) for a full
+fine-tune; 2 x forward for a LoRA flavor (the frozen base needs input gradients only; the
+adapters' weight gradients are left out). These are the model FLOPs that MFU counts (gradient
 checkpointing's recomputed forward is not counted). The normal encoders' convolutions are left
 out (≈ 1 % at 33x512² for wan1.3b; ``benchmarks/generator_scale.py`` checks the formula against
 torch's ``FlopCounterMode``).
@@ -41,8 +43,14 @@ def analytic_forward_flops(name: str | GeneratorFlavor, frames: int, height: int
 
 
 def training_flops(name: str | GeneratorFlavor, frames: int, height: int, width: int) -> float:
-    """Model FLOPs of one training sample: 3 x the analytic forward."""
-    return 3.0 * analytic_forward_flops(name, frames, height, width)["dit"]
+    """Model FLOPs of one training sample: 3 x the analytic forward (2 x for a LoRA flavor)."""
+    f = flavor(name) if isinstance(name, str) else name
+    return backward_factor(f) * analytic_forward_flops(f, frames, height, width)["dit"]
+
+
+def backward_factor(f: GeneratorFlavor) -> float:
+    """Training FLOPs / forward FLOPs: 3 (full fine-tune) or 2 (LoRA: no base weight gradients)."""
+    return 2.0 if f.lora_rank > 0 else 3.0
 
 
 def gpu_peak_bf16(name: str) -> float:
