@@ -1,4 +1,7 @@
-"""One bf16 DeepSpeed ZeRO-2 training step of the generator at a recipe's shape (default wan1.3b: the wan1.3b flavor, 33 frames at 512²) with random weights: step time, peak memory and MFU. Not yet measured at that shape: no GPU has been lent to the project's runs; the tests run it on CPU at a tiny width.
+"""One bf16 DeepSpeed ZeRO-2 training step of the generator at a recipe's shape (default
+wan1.3b: the wan1.3b flavor, 33 frames at 512²) with random weights: step time, peak memory
+and MFU. Not yet measured at that shape: no GPU has been lent to the project's runs; the tests
+run it on CPU at a tiny width.
 
     python benchmarks/gpu_step.py [--recipe wan1.3b] [--steps 3] [--warmup 1]
     python benchmarks/gpu_step.py --width-override 64 --layers-override 2 --frames 5 --size 64   # CPU
@@ -43,7 +46,7 @@ from preprocessing.errors import (EXIT_USER, CommandParser, UserError, error_lin
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = CommandParser(description=__doc__.split("\n")[0])
+    p = CommandParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="wan1.3b", help="the recipe whose flavor, window, size and batch to use")
     p.add_argument("--width-override", type=positive_int, default=None,
                    help="model width (num_heads x head_dim, >= 64): a tiny model that runs on CPU")

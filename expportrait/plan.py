@@ -232,7 +232,8 @@ def cluster_shape(inputs: PlanInputs, shape: dict, figures: dict, train_s: float
     """Nodes that preprocess (CPU) and precompute (GPU) in ``preprocess_days`` and train in
     ``train_days``; the training's global batch and steps; reader cores a GPU needs."""
     hours = a["hours_per_day"]
-    cpu_nodes = math.ceil(figures["cpu_core_hours_preprocess"] / (inputs.cpus_per_node * hours * inputs.preprocess_days))
+    cpu_day = inputs.cpus_per_node * hours * inputs.preprocess_days
+    cpu_nodes = math.ceil(figures["cpu_core_hours_preprocess"] / cpu_day)
     precompute = figures["gpu_hours_latents"] + figures["gpu_hours_normals"]
     pre_nodes = math.ceil(precompute / (inputs.gpus_per_node * hours * inputs.preprocess_days))
     train_nodes = max(1, math.ceil(figures["gpu_hours_train"] / (inputs.gpus_per_node * hours * inputs.train_days)))
