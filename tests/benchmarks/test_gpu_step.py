@@ -45,3 +45,19 @@ def test_real_shape_without_a_gpu_is_exit_2(tmp_path):
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["exit_code"] == 2 and "needs a GPU" in line["message"] and "--width-override" in line["message"]
     assert not (tmp_path / "gpu_step.json").exists()
+
+
+def test_default_shape_is_the_wan13b_recipes():
+    """Without overrides the step is the recipe's: the wan1.3b flavor, 33 frames at 512², its
+    batch and gradient checkpointing; MFU's numerator is 3 x the analytic forward."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_step
+    from models.generator.flops import analytic_forward_flops, training_flops
+
+    shape = gpu_step.step_shape(gpu_step.parse_args([]))
+    f = shape["flavor"]
+    assert (shape["flavor_name"], shape["frames"], shape["size"], shape["batch"]) == ("wan1.3b", 33, 512, 1)
+    assert (f.dim, f.num_layers, f.ffn_dim) == (1536, 30, 8960) and shape["checkpointing"] and not shape["overridden"]
+    assert training_flops(f, 33, 512, 512) == 3 * analytic_forward_flops(f, 33, 512, 512)["dit"]
+    tiny = gpu_step.step_shape(gpu_step.parse_args(["--width-override", "64", "--layers-override", "1"]))
+    assert (tiny["flavor"].dim, tiny["flavor"].num_layers, tiny["overridden"]) == (64, 1, True)
