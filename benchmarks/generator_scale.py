@@ -43,8 +43,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "preprocessing"))   # sample_factory
 
 from models.generator import NormalDrivenWan, flavor, latent_shape, token_grid  # noqa: E402
+from models.generator.flops import GPU_PEAK_BF16, analytic_forward_flops  # noqa: E402,F401 (one definition)
 
-H100_BF16 = 989.4e12          # H100 SXM dense bf16 peak, FLOP/s
+H100_BF16 = GPU_PEAK_BF16["h100"]   # H100 SXM dense bf16 peak, FLOP/s
 MFU = 0.40
 SHAPES = {"81x480x832": (81, 480, 832), "33x512x512": (33, 512, 512)}
 GiB = 2 ** 30
@@ -57,19 +58,6 @@ def param_counts(name: str, **overrides) -> dict:
             "conditioning": sum(p.numel() for p in m.conditioning.parameters()),
             "trainable": sum(p.numel() for p in m.trainable_parameters()),
             "total": sum(p.numel() for p in m.parameters())}
-
-
-def analytic_forward_flops(name: str, frames: int, height: int, width: int) -> dict:
-    """The formula of the module doc (DiT only, and the patch embedding / head)."""
-    f = flavor(name)
-    d, ffn, layers, text = f.dim, f.ffn_dim, f.num_layers, f.context_tokens
-    t, h, w = token_grid(frames, height, width)
-    n = t * h * w
-    per_token = layers * (12 * d * d + 4 * d * ffn + 4 * n * d + 4 * text * d)
-    context_kv = layers * 4 * text * d * d
-    patch_head = n * 2 * (f.in_channels * 4 * d + d * 16 * 4)
-    return {"tokens": n, "per_token": per_token, "dit": n * per_token + context_kv + patch_head,
-            "attention_share": 4 * n * d / (12 * d * d + 4 * d * ffn + 4 * n * d + 4 * text * d)}
 
 
 def counted_flops(name: str, frames: int, height: int, width: int) -> tuple[float, float]:

@@ -27,6 +27,9 @@ edit by hand. Each benchmark writes its headline figures there when it runs (`ma
 `benchmarks/head.py` and renders this page). The figures are those of the last run of each
 script, on the machine named under it (the project's CPU machines are noisy: ±20 % between
 runs). Earlier runs, sweeps and what was tried are in [experiments/](experiments/README.md).
+No figure on this page was measured on a GPU: none has been lent to the project's runs, so the
+real-shape GPU step (`benchmarks/gpu_step.py`: step time, peak memory and MFU of the wan1.3b
+step at 33x512²) has not run yet; its tests run it on CPU at a tiny width.
 """
 
 
