@@ -13,7 +13,7 @@ name: the same keys in the same order, two members per sample::
                            render id, ``render_size``, ``frames``
 
 ``render_id`` hashes what the pixels depend on: the transfer module's config and weights, the
-head model's sha1, its subdivision and the render size; normals of another module (or of the
+head model's sha1, its subdivision and the generator's ``size`` (which sets the render side); normals of another module (or of the
 same one retrained) never mix with these. Training reads the sidecar beside the source shard
 when it exists (``ShardDataset(normals=...)``) and the generator task then renders nothing.
 """
@@ -64,8 +64,9 @@ def decode_normal_sample(raw: dict[str, bytes], max_frames: int | None = None) -
     return NormalSample(key, normals, meta)
 
 
-def render_id(transfer_id: str, head_sha1: str, subdivision: int, render_size: int) -> str:
+def render_id(transfer_id: str, head_sha1: str, subdivision: int, size: int | None) -> str:
     """16 hex digits naming a sidecar folder: the transfer module's id (``latent_schema.codec_id``
-    of its config and weights), the head model file's sha1, the subdivision, the render side."""
-    blob = json.dumps([transfer_id, head_sha1, int(subdivision), int(render_size)])
+    of its config and weights), the head model file's sha1, the subdivision and the generator's
+    ``size`` (None: the crop's)."""
+    blob = json.dumps([transfer_id, head_sha1, int(subdivision), size])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
