@@ -329,8 +329,9 @@ class ShardDataset(IterableDataset):
             extras["latents"] = decode_latent_sample(raw) if LATENT_MEMBERS[0] in raw else None
         if "normals" in self.sidecar_maps:
             extras["normals"] = decode_normal_sample(raw, self.max_frames) if NORMAL_MEMBERS[0] in raw else None
-        frames = sample.num_frames or _meta_frames(sample.meta)
-        if frames < self.min_frames:
+        normals = extras.get("normals")
+        frames = sample.num_frames or _meta_frames(sample.meta) or (len(normals.normals) if normals else 0)
+        if frames and frames < self.min_frames:             # 0: nothing per-frame decoded, count unknown
             raise ShortSample(f"sample {sample.key} has {frames} frames, the window spans {self.min_frames}")
         self.skipped.since_good = 0
         return (sample, *extras.values()) if self.sidecar_maps else sample
