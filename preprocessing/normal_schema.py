@@ -13,9 +13,10 @@ name: the same keys in the same order, two members per sample::
                            render id, ``render_size``, ``frames``
 
 ``render_id`` hashes what the pixels depend on: the transfer module's config and weights, the
-head model's sha1, its subdivision and the generator's ``size`` (which sets the render side); normals of another module (or of the
-same one retrained) never mix with these. Training reads the sidecar beside the source shard
-when it exists (``ShardDataset(normals=...)``) and the generator task then renders nothing.
+head model's sha1, its subdivision and the generator's ``size`` (which sets the render side);
+normals of another module (or of the same one retrained) never mix with these. Training reads
+the sidecar beside the source shard when it exists (``ShardDataset(normals=...)``) and the
+generator task then renders nothing.
 """
 from __future__ import annotations
 

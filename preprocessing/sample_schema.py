@@ -167,8 +167,8 @@ def decode_sample(raw: dict[str, bytes], fields: Collection[str] | None = None,
 
     ``fields``: the :data:`FIELDS` to decode (default all); the others stay None and their
     members are not decoded. ``max_frames``: keep only the first frames of every per-frame field
-    (the video stops decoding there; a training window at frame 0 needs no more). Raises :class:`SchemaError` for a missing member, an unknown
-    field or undecodable bytes."""
+    (the video stops decoding there; a training window at frame 0 needs no more). Raises
+    :class:`SchemaError` for a missing member, an unknown field or undecodable bytes."""
     key = raw.get("__key__")
     missing = [m for m in MEMBERS if m not in raw]
     if key is None or missing:
