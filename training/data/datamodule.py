@@ -112,13 +112,18 @@ class ShardDataModule(pl.LightningDataModule):
             return getattr(task, "frames_read", None)
         return self.window_span() or None
 
+    def split_fields(self, training: bool) -> tuple[str, ...]:
+        """``fields``; with ``fields: []`` (a generator step on sidecar latents and normals reads
+        no member of the shards) validation still decodes the frames: samples and PSNR need them."""
+        return self.fields if training or self.fields else ("frames",)
+
     def _dataset(self, split: str, samples: int, training: bool) -> ShardDataset:
         urls = shard_urls(self.root, split)
         rank, world = self._world()
         per_rank = max(1, samples // world)
         return ShardDataset(urls, per_rank, resampled=training,
                             shuffle_buffer=self.hparams.shuffle_buffer if training else 0,
-                            seed=self.hparams.seed, rank=rank, world_size=world, fields=self.fields,
+                            seed=self.hparams.seed, rank=rank, world_size=world, fields=self.split_fields(training),
                             latents=self.hparams.latents, cache_mb=self.hparams.cache_mb,
                             min_frames=self.window_span(), normals=self.hparams.normals,
                             max_frames=self.frames_read(training))
