@@ -163,7 +163,7 @@ def _schema_and_fields(stats: ShardStats) -> list[str]:
 
 def _head_model(recipe, stats: ShardStats, data: Path, given: str | None) -> tuple[list[str], str | None]:
     """Mismatch lines, and the head model file checked."""
-    from expportrait.reenactment import head_model_hash
+    from models.head.resolve import head_model_hash
     from preprocessing.files import file_digest
     hashes = sorted(str(h) for h in stats.head_sha1)
     if len(hashes) != 1 or hashes == ["None"]:

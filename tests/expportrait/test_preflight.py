@@ -15,7 +15,8 @@ from sample_factory import random_sample
 @pytest.fixture(scope="module")
 def demo_like_shards(tmp_path_factory, synthetic_model_path) -> Path:
     """A preprocessing output written by the job's own writer, with the meta the job stamps."""
-    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from pipelines.job_io import OutputDir
+    from preprocessing.shard_format import plan_shards, write_shard
     from preprocessing.clip_records import ClipItem, ClipOutcome
     from preprocessing.files import file_digest
     from preprocessing.sample_schema import encode_sample
