@@ -2,7 +2,7 @@
 the meta device (parameter counts), training FLOPs per sample, the memory each ZeRO stage needs
 per GPU, and whether the shard reader keeps a GPU fed.
 
-    python benchmarks/generator_scale.py [--gpus 8] [--cores-per-gpu 8] [--reader-samples 12]
+    python benchmarks/generator_scale.py [--gpus 8] [--cores-per-gpu 12] [--reader-samples 6]
 
 FLOPs: per video token and layer, with d the width, f the FFN width, N video tokens and T
 context tokens (multiply-add = 2 FLOPs):
@@ -17,13 +17,21 @@ Training = 3 x forward (backward = 2 x forward); + 1 forward with gradient check
 formula is checked against torch's ``FlopCounterMode`` on the meta-device model (forward, and
 forward + backward), which also counts the 3D normal encoder (full-resolution convs).
 
-Reader headroom = (frames/s one CPU core decodes, measured on shards of 512² samples,
-frames + normals) x (cores per GPU) / (frames/s one H100 trains on at 40 % MFU, 1.3B at
-33x512², the flavor that eats frames fastest). Two contents: ``random_sample`` of the tests
-(white noise: the worst case for the H.264 decoder, a lower bound; this is ``reader_headroom``)
-and smooth moving fields (compress like face videos; ``reader_headroom_smooth``), each with
-the lossless and the h264 frame codec (the worst codec counts); and normals alone, what the
-reader decodes when latents are precomputed (``reader_headroom_normals_only``).
+Reader headroom: what the wan1.3b recipe's task reads per sample at scale, against what one
+H100 consumes. The demand model is printed: from the recipe and its generator config, the
+window (frames, stride, size), the frames the reader decodes (the window's span when windows
+start at frame 0: ``random_start`` false), the config's DataLoader workers, the cores a GPU gets
+on an 8×H100 node with 96 cores (12; a worker is one process on one core: min(workers, cores)
+decode), and the H100's samples/s at 40 % MFU (1.3B at 33×512²). The reader's CPU time per
+sample is measured on a real 512² synthetic sample (truth shards of the synthetic world, the
+recipe's 49-frame segments) with its sidecars: latents (``pipelines.encode_latents``' format)
+and the driving normals rendered through a (random) transfer module
+(``pipelines.render_normals``' format). ``reader_headroom`` is the at-scale path (sidecar
+latents + sidecar normals, no RGB decoded); the RGB path (frames + sidecar normals: the VAE
+runs in the step) and the path the config reads today (frames, normals and what re-rendering
+needs, whole samples) are printed beside it. ``rerender_s_per_sample_512``: CPU seconds to
+re-pose and rasterize one 33-frame window at 512² through the transfer module, what the step
+would cost if it rendered (``GeneratorTask.driving_normals`` without sidecars).
 Last line: one JSON object (``params_wan1.3b``, ``params_wan14b``, ``reader_headroom`` ...).
 """
 from __future__ import annotations
@@ -109,69 +117,146 @@ def activation_gib(name: str, frames: int, height: int, width: int) -> tuple[flo
     return (kept + max(block, encoder)) / GiB, (f.num_layers * block + encoder) / GiB
 
 
-def smooth_sample(clip_id: str, frames: int, size: int, seed: int):
-    """``random_sample`` with frames and normals replaced by smooth moving fields (low-frequency
-    content that compresses like a face video, unlike white noise)."""
+def demand_model(recipe_name: str = "wan1.3b") -> dict:
+    """What the recipe's generator task reads per sample (module doc)."""
+    from expportrait.recipes import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    g = recipe.generator_init()
+    data = recipe.train_config("generator").get("data", {}).get("init_args") or {}
+    stages = recipe.preprocess_config().stages
+    span = recipe.window_span()
+    return {"recipe": recipe_name, "window": int(g["frames"]), "frame_stride": int(g["frame_stride"]),
+            "size": recipe.training_size(), "crop_size": int(stages.crop_size),
+            "segment_frames": int(stages.segment_frames), "random_start": bool(g["random_start"]),
+            "frames_decoded": span if not g["random_start"] else int(stages.segment_frames),
+            "workers": int(data.get("num_workers") or 0), "batch_size": int(data.get("batch_size") or 1)}
+
+
+def real_sample_shards(root: Path, frames: int, size: int) -> tuple[Path, Path]:
+    """Truth shards of a one-clip synthetic world at ``size``² (a sample of ``frames``
+    frames) and the synthetic head model: (shards root, head model file)."""
+    from models.head.resolve import synthetic_model_file
+    from preprocessing.synthetic.world import WorldConfig, generate_corpus
+    from training.data.truth_shards import write_truth_shards
+
+    model = synthetic_model_file(seed=0, directory=root / "model")
+    generate_corpus(root / "corpus", WorldConfig(identities=1, clips_per_identity=1, frames=frames, size=size,
+                                                 seed=0, split_fractions=(1.0, 0.0, 0.0)), model, progress=False)
+    write_truth_shards(root / "corpus", root / "shards", segment_frames=frames, clips_per_shard=1)
+    return root / "shards", model
+
+
+def write_sidecars(shards: Path, out: Path, model: Path, window: int) -> float:
+    """Latent and normal sidecars of every sample of ``shards`` in the jobs' formats (random
+    fp16 latents of the Wan VAE's shape; the normals rendered through a random tiny transfer
+    module). Returns the CPU seconds one ``window``-frame render took (the re-render cost)."""
     import numpy as np
-    from sample_factory import random_sample
+    import webdataset as wds
 
-    sample = random_sample(clip_id, 0, frames, size, seed=seed)
-    rng = np.random.default_rng(seed)
-    out = []
-    for key in ("frames", "normals"):
-        base = torch.from_numpy(rng.random((1, 3, 16, 16), dtype=np.float32))
-        video = [torch.nn.functional.interpolate(base.roll(t, 3), size=(size, size), mode="bicubic")[0]
-                 for t in range(frames)]
-        out.append((torch.stack(video).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy())
-    sample.frames, sample.normals = out
-    return sample
+    from models.generator.frames import transfer_normal_maps
+    from models.head.head_model import PersonalizedHead
+    from models.transfer import ExpressionTransfer
+    from preprocessing.latent_schema import LatentSample, encode_latent_sample, latent_frames
+    from preprocessing.normal_schema import NormalSample, encode_normal_sample
+    from preprocessing.sample_schema import decode_sample
+    from preprocessing.shard_format import MARKER_SUFFIX
+
+    head = PersonalizedHead.from_file(model, subdivision_levels=1)
+    torch.manual_seed(0)
+    module = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor="tiny_cpu").eval()
+    rerender = None
+    for tar in sorted((shards / "shards").glob("*.tar")):
+        marker = json.loads(tar.with_name(tar.stem + MARKER_SUFFIX).read_text())
+        for kind in ("latents", "normals"):
+            (out / kind).mkdir(parents=True, exist_ok=True)
+        with wds.TarWriter(str(out / "latents" / tar.name)) as lat, \
+                wds.TarWriter(str(out / "normals" / tar.name)) as nrm:
+            for raw in wds.DataPipeline(wds.SimpleShardList([str(tar)]), wds.tarfile_to_samples()):
+                s = decode_sample(raw, ("frames", "smplx", "static_offsets"))
+                smplx = {k: torch.from_numpy(v).float() for k, v in s.smplx.items()}
+                static = torch.from_numpy(s.static_offsets)
+                if rerender is None:
+                    window_smplx = {k: (v if k == "betas" else v[:window]) for k, v in smplx.items()}
+                    c0 = time.process_time()
+                    transfer_normal_maps(head, module, window_smplx, static, s.frames.shape[1], None)
+                    rerender = time.process_time() - c0
+                maps = transfer_normal_maps(head, module, smplx, static, s.frames.shape[1], None)
+                nrm.write(encode_normal_sample(NormalSample(s.key, maps.numpy(), {})))
+                t, h = latent_frames(len(s.frames)) // 4 + 1, s.frames.shape[1] // 8
+                z = np.random.default_rng(0).standard_normal((2, 16, t, h, h)).astype(np.float16)
+                lat.write(encode_latent_sample(LatentSample(s.key, z[0], z[1], {})))
+        for kind in ("latents", "normals"):
+            (out / kind / f"{tar.stem}{MARKER_SUFFIX}").write_text(json.dumps({"source_sha256": marker["sha256"]}))
+    return rerender
 
 
-def write_shards(root: Path, content: str, codec: str, samples: int, frames: int, size: int) -> float:
-    from sample_factory import random_sample
-
-    from preprocessing.shard_format import ShardFolder, plan_shards, write_shard
-    from preprocessing.clip_records import ClipItem, ClipOutcome
-    from preprocessing.sample_schema import encode_sample
-
-    make = (lambda c, i: random_sample(c, 0, frames, size, seed=i)) if content == "noise" else \
-        (lambda c, i: smooth_sample(c, frames, size, seed=i))
-    out = ShardFolder(root)
-    out.prepare()
-    items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i}") for i in range(samples)]
-    t0 = time.perf_counter()
-    for spec in plan_shards(items, 4, codec):
-        outcomes = [ClipOutcome(c.clip_id, c.identity_id, "train", c.path, "ok",
-                                samples=[encode_sample(make(c.clip_id, i), frame_codec=codec)])
-                    for i, c in enumerate(spec.clips)]
-        write_shard(out, spec, outcomes)
-    return time.perf_counter() - t0
-
-
-def reader_rate(root: Path, samples: int, fields: tuple[str, ...]) -> dict:
-    """Frames/s per CPU core of the training reader (``make_loader``, in-process), best of 2."""
+def reader_rate(root: Path, samples: int, **reader) -> dict:
+    """Samples/s per CPU core of the training reader (``make_loader``, in-process), best of 2."""
     from training.data.shards import make_loader
 
     best = None
     for _ in range(2):   # the machine is shared: keep the pass with the least CPU time
-        loader = make_loader(root / "shards", samples, batch_size=1, num_workers=0, resampled=False,
-                             fields=fields)
+        loader = make_loader(root / "shards", samples, batch_size=1, num_workers=0, resampled=False, **reader)
         c0, w0 = time.process_time(), time.perf_counter()
-        n = sum(int(b[fields[0]].shape[1]) for b in loader)
+        n = sum(1 for _ in loader)
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
         if best is None or cpu < best[1]:
             best = (n, cpu, wall)
     n, cpu, wall = best
-    size_mb = sum(p.stat().st_size for p in (root / "shards").glob("*.tar")) / 1e6
-    return {"frames": n, "cpu_s": cpu, "wall_s": wall, "frames_per_core_s": n / cpu, "MB_per_frame": size_mb / n}
+    return {"samples": n, "cpu_s": cpu, "wall_s": wall, "samples_per_core_s": n / cpu}
+
+
+def reader_section(args: argparse.Namespace, flops: dict, results: dict) -> None:
+    """The reader against the GPU (module doc); fills ``results``."""
+    demand = demand_model()
+    label = f"{demand['window']}x{demand['size']}x{demand['size']}"
+    if (("wan1.3b", label)) not in flops:
+        flops[("wan1.3b", label)] = counted_flops("wan1.3b", demand["window"], demand["size"], demand["size"])[1]
+    gpu_samples = MFU * H100_BF16 / flops[("wan1.3b", label)]
+    cores = min(demand["workers"], args.cores_per_gpu)
+    print(f"\n== reader against one H100 (demand model of the {demand['recipe']} recipe) ==")
+    print(f"demand model: window {demand['window']} frames every {demand['frame_stride']} at {demand['size']}² "
+          f"(crop {demand['crop_size']}², segments of {demand['segment_frames']}, random_start "
+          f"{demand['random_start']}: {demand['frames_decoded']} frames decoded per sample), "
+          f"{demand['workers']} DataLoader workers, {args.cores_per_gpu} cores per GPU (96-core 8×H100 node) "
+          f"-> {cores} decoding processes; one H100 at 40 % MFU trains {gpu_samples:.2f} samples/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        shards, model = real_sample_shards(tmp / "real", demand["segment_frames"], demand["crop_size"])
+        rerender = write_sidecars(shards, tmp / "side", model, demand["window"])
+        print(f"(a real {demand['segment_frames']}-frame {demand['crop_size']}² sample and its sidecars written "
+              f"in {time.perf_counter() - t0:.0f} s)")
+        side = {"latents": str(tmp / "side" / "latents"), "normals": str(tmp / "side" / "normals")}
+        window = demand["frames_decoded"]
+        paths = {
+            "sidecars": dict(fields=(), max_frames=window, **side),
+            "frames_sidecar_normals": dict(fields=("frames",), max_frames=window, normals=side["normals"]),
+            "config_today": dict(fields=("frames", "normals", "smplx", "static_offsets", "face_vertex_ids")),
+        }
+        headrooms = {}
+        for name, reader in paths.items():
+            r = reader_rate(shards, args.reader_samples, split=None, **reader)
+            headrooms[name] = r["samples_per_core_s"] * cores / gpu_samples
+            print(f"{name:24s} {r['samples_per_core_s']:6.2f} samples/s per core ({r['cpu_s'] / r['samples']:.3f} s "
+                  f"CPU per sample) -> headroom {headrooms[name]:.1f}x")
+    step_re = rerender + 1 / gpu_samples
+    print(f"re-rendering the driving normals in the step: {rerender:.2f} s CPU per {demand['window']}-frame "
+          f"{demand['crop_size']}² sample (the GPU needs {1 / gpu_samples:.2f} s): a step would take "
+          f"{step_re:.2f} s, the GPU busy {100 / gpu_samples / step_re:.0f} % of it")
+    results.update({"demand_model": demand, "cores_per_gpu": args.cores_per_gpu, "decoding_processes": cores,
+                    "gpu_samples_per_s_wan1.3b": gpu_samples, "reader_headroom": headrooms["sidecars"],
+                    "reader_headroom_frames_sidecar_normals": headrooms["frames_sidecar_normals"],
+                    "reader_headroom_config_today": headrooms["config_today"],
+                    "rerender_s_per_sample_512": rerender})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--cores-per-gpu", type=int, default=8, help="CPU cores a GPU node has per GPU")
-    ap.add_argument("--reader-samples", type=int, default=12)
-    ap.add_argument("--reader-frames", type=int, default=17)
+    ap.add_argument("--cores-per-gpu", type=int, default=12, help="CPU cores per GPU (96-core 8xH100 node: 12)")
+    ap.add_argument("--reader-samples", type=int, default=6)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -221,54 +306,12 @@ def main() -> None:
     print("-> wan1.3b: ZeRO-2 fits 80 GB; wan14b full fine-tune: ZeRO-3 (+ optimizer offload to be safe);"
           " wan14b_lora: ZeRO-2/3 with the frozen base in bf16")
 
-    print("\n== shard reader (frames + normals decoded, one process, CPU time) at 512x512 ==")
-    gpu_frames = {}
-    for name in ("wan1.3b", "wan14b"):
-        frames = SHAPES["33x512x512"][0]
-        gpu_frames[name] = MFU * H100_BF16 / flops[(name, "33x512x512")] * frames
-        print(f"one H100 at 40 % MFU trains {name} on {gpu_frames[name]:.1f} frames/s (33x512² clips)")
-    rates: dict[tuple[str, str], float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for content in ("noise", "smooth"):
-            for codec in ("lossless", "h264"):
-                root = Path(tmp) / f"{content}-{codec}"
-                write_s = write_shards(root, content, codec, args.reader_samples, args.reader_frames, 512)
-                r = reader_rate(root, args.reader_samples, ("frames", "normals"))
-                rates[(content, codec)] = r["frames_per_core_s"]
-                print(f"{content:6s} {codec:9s} frames+normals: {r['frames']} frames in {r['cpu_s']:.2f} s CPU "
-                      f"({r['wall_s']:.2f} s wall) = {r['frames_per_core_s']:6.1f} frames/s per core, "
-                      f"{r['MB_per_frame']:.2f} MB/frame (writing took {write_s:.0f} s)")
-                if content == "smooth" and codec == "h264":
-                    n = reader_rate(root, args.reader_samples, ("normals",))
-                    rates[("smooth", "normals_only")] = n["frames_per_core_s"]
-                    print(f"smooth normals only (the path with precomputed latents): "
-                          f"{n['frames_per_core_s']:6.1f} frames/s per core")
-
-    def headroom(rate: float, cores: int, name: str = "wan1.3b") -> float:
-        return rate * cores / gpu_frames[name]
-
-    noise = min(rates[("noise", c)] for c in ("lossless", "h264"))
-    smooth = min(rates[("smooth", c)] for c in ("lossless", "h264"))
-    cores = args.cores_per_gpu
-    print(f"reader headroom (wan1.3b, {cores} cores per GPU; worst codec): random-noise samples "
-          f"{headroom(noise, cores):.1f}x, smooth samples {headroom(smooth, cores):.1f}x, normals only "
-          f"(precomputed latents) {headroom(rates[('smooth', 'normals_only')], cores):.1f}x; wan14b: "
-          f"{headroom(noise, cores, 'wan14b'):.1f}x / {headroom(smooth, cores, 'wan14b'):.1f}x; "
-          f"with 12 / 14 cores per GPU (14: a 112-core 8-GPU node) the noise figure is "
-          f"{headroom(noise, 12):.1f}x / {headroom(noise, 14):.1f}x")
-
+    reader_section(args, flops, results)
     results.update({
         "params_wan1.3b": counts["wan1.3b"]["transformer"],
         "params_wan14b": counts["wan14b"]["transformer"],
         "params_wan14b_clip": counts["wan14b+clip"]["transformer"],
         "trainable_wan14b_lora": counts["wan14b_lora"]["trainable"],
-        **{f"reader_frames_per_core_s_{a}_{b}": v for (a, b), v in rates.items()},
-        "gpu_frames_per_s_wan1.3b": gpu_frames["wan1.3b"],
-        "gpu_frames_per_s_wan14b": gpu_frames["wan14b"],
-        "cores_per_gpu": args.cores_per_gpu,
-        "reader_headroom": headroom(noise, cores),
-        "reader_headroom_smooth": headroom(smooth, cores),
-        "reader_headroom_normals_only": headroom(rates[("smooth", "normals_only")], cores),
     })
     headline = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in results.items()}
     headline["targets"] = {"reader_headroom": ">= 10"}

@@ -161,12 +161,14 @@ def encode_sample(sample: ShardSample, frame_codec: str = "lossless", crf: int =
     }
 
 
-def decode_sample(raw: dict[str, bytes], fields: Collection[str] | None = None) -> ShardSample:
+def decode_sample(raw: dict[str, bytes], fields: Collection[str] | None = None,
+                  max_frames: int | None = None) -> ShardSample:
     """WebDataset raw sample (``__key__`` + member bytes) -> :class:`ShardSample`.
 
     ``fields``: the :data:`FIELDS` to decode (default all); the others stay None and their
-    members are not decoded. Raises :class:`SchemaError` for a missing member, an unknown
-    field or undecodable bytes."""
+    members are not decoded. ``max_frames``: keep only the first frames of every per-frame field
+    (the video stops decoding there; a training window at frame 0 needs no more). Raises
+    :class:`SchemaError` for a missing member, an unknown field or undecodable bytes."""
     key = raw.get("__key__")
     missing = [m for m in MEMBERS if m not in raw]
     if key is None or missing:
@@ -191,7 +193,7 @@ def decode_sample(raw: dict[str, bytes], fields: Collection[str] | None = None) 
             if "silhouette" not in wanted:
                 del arrays["silhouette"]
         sample = ShardSample(
-            key=key, frames=decode_frames(raw["rgb.mp4"]) if "frames" in wanted else None,
+            key=key, frames=decode_frames(raw["rgb.mp4"], max_frames) if "frames" in wanted else None,
             normals=arrays.get("normals"), silhouette=arrays.get("silhouette"),
             face_mask=arrays.get("face_mask"), depth=arrays.get("depth"), valid=arrays.get("valid"),
             smplx=load_npz(raw["smplx.npz"]) if "smplx" in wanted else None,
@@ -201,11 +203,22 @@ def decode_sample(raw: dict[str, bytes], fields: Collection[str] | None = None) 
         for name in wanted - {"depth", "frames", "smplx", "qc"}:
             if getattr(sample, name) is None:
                 raise SchemaError(f"{FIELDS[name]} has no {name!r}")
+        if max_frames is not None:
+            _keep_first_frames(sample, max_frames)
     except SchemaError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt member
         raise SchemaError(f"sample {key!r}: {type(exc).__name__}: {exc}") from exc
     return sample.validate(partial=True)
+
+
+def _keep_first_frames(sample: ShardSample, count: int) -> None:
+    """Cut every per-frame field of ``sample`` to its first ``count`` frames (in place)."""
+    for name in ("normals", "silhouette", "face_mask", "depth", "valid", "dynamic_offsets"):
+        if getattr(sample, name) is not None:
+            setattr(sample, name, getattr(sample, name)[:count])
+    if sample.smplx is not None:
+        sample.smplx = {k: (v[:count] if k in SMPLX_PER_FRAME else v) for k, v in sample.smplx.items()}
 
 
 # -- member codecs -------------------------------------------------------------------------
@@ -264,12 +277,16 @@ def encode_frames(frames: np.ndarray, codec: str = "lossless", crf: int = 18, fp
     return buf.getvalue()
 
 
-def decode_frames(data: bytes) -> np.ndarray:
-    """mp4 bytes -> (T, H, W, 3) uint8 RGB. Lossless frames decode to planar RGB (gbrp),
-    which PyAV returns in RGB order without a colour conversion (half the decode time)."""
+def decode_frames(data: bytes, max_frames: int | None = None) -> np.ndarray:
+    """mp4 bytes -> (T, H, W, 3) uint8 RGB (only the first ``max_frames``, when given: decoding
+    stops there). Lossless frames decode to planar RGB (gbrp), which PyAV returns in RGB order
+    without a colour conversion (half the decode time)."""
+    frames = []
     with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray() if f.format.name == "gbrp" else f.to_ndarray(format="rgb24")
-                  for f in container.decode(video=0)]
+        for f in container.decode(video=0):
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+            frames.append(f.to_ndarray() if f.format.name == "gbrp" else f.to_ndarray(format="rgb24"))
     if not frames:
         raise SchemaError("rgb.mp4 holds no frame")
     return np.stack(frames)

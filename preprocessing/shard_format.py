@@ -8,9 +8,14 @@ Layout::
     ROOT/shards/<split>-<k>.done.json    done marker: fingerprint, sha256, samples, manifest rows
     ROOT/identities/<identity>.npz       shared β and Δg of an identity (+ anchor clip)
 
-Shard assignment is deterministic: the inputs of each split, sorted by clip id, are cut into
-consecutive groups of ``clips_per_shard``; a shard's fingerprint covers its clips and whatever
-the caller's ``config_fingerprint`` covers, so a rerun skips every shard whose marker matches.
+Shard assignment is deterministic: the inputs of each split are put in a seeded order that
+interleaves identities (:func:`interleaved`: each identity's clips in a seeded permutation,
+then taken round-robin over the identities, themselves in a seeded permutation), and cut into
+consecutive groups of ``clips_per_shard``, so a shard holds clips of up to ``clips_per_shard``
+identities instead of one identity's consecutive clips. The plan is a pure function of the
+clips (whatever order they are listed in) and the seed, so a resumed run plans the same
+shards; a shard's fingerprint covers its clips and whatever the caller's
+``config_fingerprint`` covers, so a rerun skips every shard whose marker matches.
 """
 from __future__ import annotations
 
@@ -45,13 +50,34 @@ def fingerprint(*parts) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def plan_shards(items: list[ClipItem], clips_per_shard: int, config_fingerprint: str) -> list[ShardSpec]:
+def _seeded_key(seed: int, text: str) -> str:
+    return hashlib.sha1(f"{seed}:{text}".encode()).hexdigest()
+
+
+def interleaved(items: list[ClipItem], seed: int = 0) -> list[ClipItem]:
+    """The clips in the plan's order: identities in a seeded permutation, each identity's clips
+    in a seeded permutation, taken round-robin (one clip of each identity in turn). Depends on
+    the set of clips and the seed only (not on the order they are given in)."""
+    by_identity: dict[str, list[ClipItem]] = {}
+    for item in sorted(items, key=lambda c: _seeded_key(seed, c.clip_id)):
+        by_identity.setdefault(item.identity_id, []).append(item)
+    queues = [by_identity[i] for i in sorted(by_identity, key=lambda i: _seeded_key(seed, f"identity:{i}"))]
+    out = []
+    for turn in range(max((len(q) for q in queues), default=0)):
+        out += [q[turn] for q in queues if turn < len(q)]
+    return out
+
+
+def plan_shards(items: list[ClipItem], clips_per_shard: int, config_fingerprint: str,
+                seed: int = 0) -> list[ShardSpec]:
+    """Shards of each split: the split's clips in :func:`interleaved` order, cut into groups of
+    ``clips_per_shard`` (see the module docstring)."""
     by_split: dict[str, list[ClipItem]] = {}
     for item in items:
         by_split.setdefault(item.split, []).append(item)
     shards = []
     for split in sorted(by_split):
-        group = by_split[split]
+        group = interleaved(by_split[split], seed)
         for k in range(0, len(group), clips_per_shard):
             clips = group[k:k + clips_per_shard]
             shards.append(ShardSpec(f"{split}-{k // clips_per_shard:06d}", split, clips,

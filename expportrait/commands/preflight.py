@@ -10,7 +10,12 @@ Checked before a launch, from the tar members' headers (no video is decoded):
   ``synthetic`` head its arrays must be those of the synthetic model of seed 0;
 - when the recipe trains on latent sidecars (``data.init_args.latents``, or ``--latents``):
   every shard has one made from its bytes, by one codec (``codec_id``), the recipe's when its
-  codec folder is here.
+  codec folder is here;
+- when the recipe trains on driving-normal sidecars (``data.init_args.normals``, or
+  ``--normals``): every shard has one made from its bytes, by one render id, the recipe's
+  (transfer module, head model, subdivision, size) when its transfer module is here. The
+  summary says where the driving normals come from (``driving_normals``: ``sidecar``,
+  ``rendered in the step`` or ``the shards' own``).
 
 Exit 0 with one JSON summary line when they fit; exit 2 with one line per mismatch, then the
 JSON error line.
@@ -38,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-model", default=None, help="the head model file the shards were made with "
                                                       "(default: the recipe's, else the job summary's)")
     p.add_argument("--latents", default=None, help="the latent sidecar folder (default: the recipe's, if it uses one)")
+    p.add_argument("--normals", default=None,
+                   help="the driving-normal sidecar folder (default: the recipe's, if it uses one)")
     p.set_defaults(func=run)
 
 
@@ -156,7 +163,7 @@ def _schema_and_fields(stats: ShardStats) -> list[str]:
 
 def _head_model(recipe, stats: ShardStats, data: Path, given: str | None) -> tuple[list[str], str | None]:
     """Mismatch lines, and the head model file checked."""
-    from expportrait.reenactment import head_model_hash
+    from models.head.resolve import head_model_hash
     from preprocessing.files import file_digest
     hashes = sorted(str(h) for h in stats.head_sha1)
     if len(hashes) != 1 or hashes == ["None"]:
@@ -218,7 +225,44 @@ def _latents(recipe, urls: list[str], latents: str | None) -> tuple[list[str], s
     return out, codec_id
 
 
-def check(recipe_name: str, data: Path, head_model: str | None = None, latents: str | None = None) -> dict:
+def _sidecar_ids(found: dict[str, str], key: str) -> set:
+    return {json.loads(Path(side).with_name(Path(side).stem + ".done.json").read_text()).get(key)
+            for side in found.values()}
+
+
+def _normals(recipe, urls: list[str], normals: str | None, head_path: str | None) -> tuple[list[str], dict]:
+    """Driving-normal sidecar lines, and the summary's ``driving_normals`` / ``normals_render_id``."""
+    from training.data.shards import matching_sidecars
+    folder = normals or (recipe.train_config("generator").get("data", {}).get("init_args") or {}).get("normals")
+    init = recipe.generator_init()
+    if not folder:
+        source = "rendered in the step" if init.get("transfer_module") else "the shards' own"
+        return [], {"driving_normals": source, "normals_render_id": None}
+    if not Path(folder).is_dir():
+        return [f"normals: the recipe trains on driving-normal sidecars; {folder} does not exist "
+                f"(python -m pipelines.render_normals)"], {}
+    found = matching_sidecars(urls, folder)
+    out = []
+    if len(found) < len(urls):
+        out.append(f"normals: {len(urls) - len(found)} of {len(urls)} shards have no sidecar made from their bytes "
+                   f"in {folder}")
+    ids = _sidecar_ids(found, "render_id")
+    if len(ids) > 1:
+        out.append(f"normals: sidecars of {len(ids)} render ids: {sorted(map(str, ids))}")
+    rid = next(iter(ids)) if len(ids) == 1 else None
+    if rid and init.get("transfer_module") and Path(init["transfer_module"]).is_dir() and head_path:
+        from pipelines.render_normals import load_renderer
+        from preprocessing.normal_schema import render_id
+        _, _, (transfer_id, head_sha1) = load_renderer(init["transfer_module"], head_path, int(init["subdivision"]))
+        expected = render_id(transfer_id, head_sha1, int(init["subdivision"]), init.get("size"))
+        if expected != rid:
+            out.append(f"normals: the sidecars' render id {rid} is not the recipe's {expected} (transfer module, "
+                       f"head model, subdivision, size)")
+    return out, {"driving_normals": "sidecar", "normals_render_id": rid}
+
+
+def check(recipe_name: str, data: Path, head_model: str | None = None, latents: str | None = None,
+          normals: str | None = None) -> dict:
     """The summary when the shards fit the recipe; :class:`PreflightMismatch` (its ``lines``)
     otherwise."""
     from expportrait.recipes import load_recipe
@@ -233,7 +277,8 @@ def check(recipe_name: str, data: Path, head_model: str | None = None, latents: 
     lines = _frames_and_size(recipe, stats) + _schema_and_fields(stats)
     head_lines, head_path = _head_model(recipe, stats, Path(data), head_model)
     latent_lines, codec_id = _latents(recipe, urls, latents)
-    lines += head_lines + latent_lines
+    normal_lines, normal_summary = _normals(recipe, urls, normals, head_path)
+    lines += head_lines + latent_lines + normal_lines
     if not stats.frames:
         lines.append(f"samples: none of the {stats.samples} samples has a normal map to count frames from")
     if lines:
@@ -245,12 +290,13 @@ def check(recipe_name: str, data: Path, head_model: str | None = None, latents: 
             "frames": {"min": min(stats.frames), "max": max(stats.frames)}, "window_span": recipe.window_span(),
             "crop_size": recipe.preprocess_config().stages.crop_size,
             "schema_versions": sorted(stats.versions), "head_model": head_path,
-            "head_model_sha1": next(iter(stats.head_sha1)), "latents_codec_id": codec_id, "fits": True}
+            "head_model_sha1": next(iter(stats.head_sha1)), "latents_codec_id": codec_id, **normal_summary,
+            "fits": True}
 
 
 def run(args: argparse.Namespace) -> dict:
     try:
-        return check(args.recipe, args.data, args.head_model, args.latents)
+        return check(args.recipe, args.data, args.head_model, args.latents, getattr(args, "normals", None))
     except PreflightMismatch as exc:
         for line in exc.lines:
             print(line)

@@ -58,3 +58,21 @@ def generator_normal_maps(head, params, static_offsets: Tensor | None, dynamic_o
     from models.transfer.inputs import render_normal_maps
     render = normal_render_size(int(camera.image_size[0]), size)
     return render_normal_maps(head, params, static_offsets, dynamic_offsets, camera.resized(render))
+
+
+def transfer_normal_maps(head, module, smplx: dict[str, Tensor], static_offsets: Tensor, crop_size: int,
+                         size: int | None) -> Tensor:
+    """The driving normals of one sample's frames: uint8 (T, R, R, 3), the head re-posed with the
+    sample's (ψ, jaw, pose, camera, β, Δg) and the Δf that the frozen transfer ``module``
+    predicts, rendered by :func:`generator_normal_maps` in the sample's crop cameras. ``smplx``:
+    per-frame arrays (T, ...) and ``betas``; ``static_offsets`` Δg (N, 3). The generator task
+    renders its window with this, and ``pipelines.render_normals`` whole samples."""
+    from models.render.camera import Camera
+    from models.transfer.inputs import head_params, neutral_inputs
+    params = head_params(smplx)
+    static = static_offsets.detach().float().cpu()
+    with torch.no_grad():
+        neutral, static_face = neutral_inputs(head, params.betas, static[None])
+        delta = module(params.expression[None], params.jaw_pose[None], neutral, static_face)[0]
+    cam = Camera.from_matrices(smplx["camera_K"], smplx["camera_R"], smplx["camera_t"], (crop_size, crop_size))
+    return generator_normal_maps(head, params, static, delta.float(), cam, size)

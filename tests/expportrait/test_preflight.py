@@ -15,7 +15,8 @@ from sample_factory import random_sample
 @pytest.fixture(scope="module")
 def demo_like_shards(tmp_path_factory, synthetic_model_path) -> Path:
     """A preprocessing output written by the job's own writer, with the meta the job stamps."""
-    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from pipelines.job_io import OutputDir
+    from preprocessing.shard_format import plan_shards, write_shard
     from preprocessing.clip_records import ClipItem, ClipOutcome
     from preprocessing.files import file_digest
     from preprocessing.sample_schema import encode_sample
@@ -74,3 +75,31 @@ def test_another_head_model_and_a_missing_folder_are_named(demo_like_shards, cap
     assert rc == 2 and json.loads(lines[-1])["error"] == "FileNotFoundError" and "absent" in lines[-1]
     rc, lines = _run(capsys, "--recipe", "nope", "--data", demo_like_shards)
     assert rc == 2 and "unknown recipe 'nope'" in json.loads(lines[-1])["message"]
+
+
+def test_driving_normal_sidecars_are_checked_and_their_source_named(demo_like_shards, capsys, tmp_path):
+    """Without sidecars the summary says where the driving normals come from; a sidecar folder
+    missing a shard, or holding two render ids, is named."""
+    rc, lines = _run(capsys, "--recipe", "tiny_cpu", "--data", demo_like_shards)
+    assert rc == 0 and json.loads(lines[-1])["driving_normals"] in ("the shards' own", "rendered in the step")
+    side = tmp_path / "nrm"
+    side.mkdir()
+    markers = sorted((demo_like_shards / "shards").glob("*.done.json"))
+    for k, marker in enumerate(markers[:1]):             # the first shard only
+        sha = json.loads(marker.read_text())["sha256"]
+        name = marker.name.replace(".done.json", "")
+        (side / f"{name}.tar").write_bytes(b"")
+        (side / marker.name).write_text(json.dumps({"source_sha256": sha, "render_id": f"r{k}"}))
+    rc, lines = _run(capsys, "--recipe", "tiny_cpu", "--data", demo_like_shards, "--normals", side)
+    assert rc == 2 and any(line.startswith(f"normals: 1 of {len(markers)} shards have no sidecar") for line in lines)
+    name = markers[1].name.replace(".done.json", "")
+    (side / f"{name}.tar").write_bytes(b"")
+    (side / markers[1].name).write_text(json.dumps({"source_sha256": json.loads(markers[1].read_text())["sha256"],
+                                                    "render_id": "r1"}))
+    rc, lines = _run(capsys, "--recipe", "tiny_cpu", "--data", demo_like_shards, "--normals", side)
+    assert rc == 2 and any(line.startswith("normals: sidecars of 2 render ids") for line in lines), lines
+    (side / markers[1].name).write_text(json.dumps({"source_sha256": json.loads(markers[1].read_text())["sha256"],
+                                                    "render_id": "r0"}))
+    rc, lines = _run(capsys, "--recipe", "tiny_cpu", "--data", demo_like_shards, "--normals", side)
+    summary = json.loads(lines[-1])
+    assert rc == 0 and summary["driving_normals"] == "sidecar" and summary["normals_render_id"] == "r0"

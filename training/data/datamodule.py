@@ -15,6 +15,10 @@
   ``reader_skipped`` (the count so far in its worker); the task logs it.
 - Samples shorter than the task's training window (its ``window_span``, when it has one) are
   dropped by the reader and counted with the skips (``ShortSample``), instead of failing a step.
+- What is decoded is what the task reads: ``fields`` (the members of the shards), the first
+  ``window_span`` frames only when the task's windows start at frame 0 (its ``frames_read``;
+  validation windows always do), and the sidecars given (``latents``, ``normals``). Samples
+  are shuffled as bytes and decoded after the shuffle buffer (``ShardDataset``).
 """
 from __future__ import annotations
 
@@ -70,10 +74,13 @@ class ShardDataModule(pl.LightningDataModule):
     def __init__(self, root: str, train_split: str = "train", val_split: str | None = "val",
                  batch_size: int = 4, samples_per_epoch: int = 64, val_samples: int = 16,
                  num_workers: int = 0, shuffle_buffer: int = 16, seed: int = 0,
-                 fields: list[str] | None = None, latents: str | None = None, cache_mb: float = 0) -> None:
+                 fields: list[str] | None = None, latents: str | None = None, cache_mb: float = 0,
+                 normals: str | None = None) -> None:
         """``latents``: a latent sidecar folder (``LATENTS_DIR/<codec_id>/shards``, written by
         ``pipelines.encode_latents``); samples of shards with a matching sidecar carry
-        ``latents`` and ``reference_latent``. ``cache_mb``: keep up to that many MiB of decoded
+        ``latents`` and ``reference_latent``. ``normals``: a driving-normal sidecar folder
+        (``NORMALS_DIR/<render_id>/shards``, ``pipelines.render_normals``); samples carry
+        ``driving_normals`` and the generator task renders nothing. ``cache_mb``: keep up to that many MiB of decoded
         samples in memory per loader process (0: off; for corpora that fit, see ``shards``)."""
         super().__init__()
         check_root(root, train_split)
@@ -95,15 +102,31 @@ class ShardDataModule(pl.LightningDataModule):
         task = self.trainer.lightning_module if self.trainer is not None else None
         return int(getattr(task, "window_span", 0) or 0)
 
+    def frames_read(self, training: bool) -> int | None:
+        """Frames of a sample the task reads (None: all of them; the task's ``frames_read``
+        for training, its window span for validation, whose windows start at frame 0)."""
+        task = self.trainer.lightning_module if self.trainer is not None else None
+        if task is None:
+            return None
+        if training:
+            return getattr(task, "frames_read", None)
+        return self.window_span() or None
+
+    def split_fields(self, training: bool) -> tuple[str, ...]:
+        """``fields``; with ``fields: []`` (a generator step on sidecar latents and normals reads
+        no member of the shards) validation still decodes the frames: samples and PSNR need them."""
+        return self.fields if training or self.fields else ("frames",)
+
     def _dataset(self, split: str, samples: int, training: bool) -> ShardDataset:
         urls = shard_urls(self.root, split)
         rank, world = self._world()
         per_rank = max(1, samples // world)
         return ShardDataset(urls, per_rank, resampled=training,
                             shuffle_buffer=self.hparams.shuffle_buffer if training else 0,
-                            seed=self.hparams.seed, rank=rank, world_size=world, fields=self.fields,
+                            seed=self.hparams.seed, rank=rank, world_size=world, fields=self.split_fields(training),
                             latents=self.hparams.latents, cache_mb=self.hparams.cache_mb,
-                            min_frames=self.window_span())
+                            min_frames=self.window_span(), normals=self.hparams.normals,
+                            max_frames=self.frames_read(training))
 
     def train_dataloader(self) -> DataLoader:
         ds = self._dataset(self.hparams.train_split, self.hparams.samples_per_epoch, True)

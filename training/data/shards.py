@@ -54,6 +54,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from preprocessing.latent_schema import MEMBERS as LATENT_MEMBERS
 from preprocessing.latent_schema import LatentSample, decode_latent_sample
+from preprocessing.normal_schema import MEMBERS as NORMAL_MEMBERS
+from preprocessing.normal_schema import NormalSample, decode_normal_sample
 from preprocessing.sample_schema import ShardSample, decode_sample
 from preprocessing.shard_format import MARKER_SUFFIX
 
@@ -128,13 +130,19 @@ TENSOR_FIELDS = {"frames": None, "normals": None, "silhouette": None, "face_mask
                  "face_vertex_ids": np.int64}
 
 
-def to_torch(sample: ShardSample, latents: LatentSample | None = None) -> dict:
-    """Schema sample (and its precomputed latents) -> tensors a training step takes. Fields
-    the reader did not decode are left out."""
+#: sidecar kind -> its members (merged into the shard's sample by key)
+SIDECAR_MEMBERS = {"latents": LATENT_MEMBERS, "normals": NORMAL_MEMBERS}
+
+
+def to_torch(sample: ShardSample, latents: LatentSample | None = None, normals: NormalSample | None = None) -> dict:
+    """Schema sample (and its precomputed latents and driving normals) -> tensors a training step
+    takes. Fields the reader did not decode are left out."""
     out = {"key": sample.key}
     if latents is not None:
         out["latents"] = torch.from_numpy(latents.video)
         out["reference_latent"] = torch.from_numpy(latents.reference)
+    if normals is not None:
+        out["driving_normals"] = torch.from_numpy(normals.normals)
     for name, dtype in TENSOR_FIELDS.items():
         value = getattr(sample, name)
         if value is not None:
@@ -146,7 +154,7 @@ def to_torch(sample: ShardSample, latents: LatentSample | None = None) -> dict:
 
 
 class LatentSidecarMismatch(ValueError):
-    """A latent sidecar whose keys do not follow its shard's."""
+    """A sidecar (latents or driving normals) whose keys do not follow its shard's."""
 
 
 def matching_sidecars(urls: list[str], latents: str | os.PathLike) -> dict[str, str]:
@@ -185,11 +193,16 @@ class ShardDataset(IterableDataset):
                  shuffle_buffer: int = 0, seed: int = 0, convert: Callable | None = to_torch,
                  max_empty_shards: int = 50, rank: int | None = None, world_size: int | None = None,
                  fields: Collection[str] | None = None, latents: str | os.PathLike | None = None,
-                 cache_mb: float = 0, min_frames: int = 0) -> None:
+                 cache_mb: float = 0, min_frames: int = 0, normals: str | os.PathLike | None = None,
+                 max_frames: int | None = None) -> None:
         if not urls:
             raise ValueError("no shard to read (did the preprocessing job finish any?)")
         self.urls = list(urls)
-        self.sidecars = matching_sidecars(self.urls, latents) if latents is not None else {}
+        #: sidecar kind -> {shard url: sidecar tar}, for the kinds given (latents first)
+        self.sidecar_maps = {kind: matching_sidecars(self.urls, folder)
+                             for kind, folder in (("latents", latents), ("normals", normals)) if folder is not None}
+        self.sidecars = self.sidecar_maps.get("latents", {})
+        self.max_frames = max_frames            # decode only the first frames (a window at frame 0)
         self.fields = tuple(fields) if fields is not None else None     # None: every field
         self.samples_per_rank = int(samples_per_rank)
         self.resampled = resampled
@@ -218,8 +231,10 @@ class ShardDataset(IterableDataset):
         return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
     def pipeline(self):
-        """This (rank, worker)'s ``wds.DataPipeline``: shard urls -> tar members -> decoded
-        samples -> shuffled -> converted, ``with_epoch`` its share of the rank's samples."""
+        """This (rank, worker)'s ``wds.DataPipeline``: shard urls -> tar members (bytes) ->
+        shuffled -> decoded -> converted, ``with_epoch`` its share of the rank's samples. The
+        shuffle buffer holds members' bytes, not decoded arrays (with ``cache_mb`` the decoded
+        samples are shuffled: the cache serves decoded samples)."""
         import webdataset as wds
 
         rank, world, worker, workers = self._topology()
@@ -233,10 +248,13 @@ class ShardDataset(IterableDataset):
             mine = _split(_split(self.urls, rank, world), worker, workers)
             stages = [wds.SimpleShardList(mine)]
         worker_id = f"{rank}-{worker}"
-        stages += [self._guard, self._cached_decode if self.cache_bytes > 0 else self._read_decode]
-        if self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 2,
-                                      rng=random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")))
+        shuffle = [wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 2,
+                               rng=random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}"))
+                   ] if self.shuffle_buffer > 1 else []
+        if self.cache_bytes > 0:
+            stages += [self._guard, self._cached_decode, *shuffle]
+        else:
+            stages += [self._guard, self._members, *shuffle, wds.map(self._decode, handler=self.skipped)]
         stages.append(wds.map(lambda sample: self._tag(sample, worker_id)))
         return wds.DataPipeline(*stages).with_epoch(quota), quota
 
@@ -252,12 +270,17 @@ class ShardDataset(IterableDataset):
             self.skipped.shard_started()
             yield url
 
-    def _read_decode(self, urls: Iterable[dict]) -> Iterator:
-        """Tar members of each shard (merged with its latent sidecar's) -> decoded samples."""
+    def _members(self, urls: Iterable[dict]) -> Iterator[dict]:
+        """Tar members (bytes) of each shard, merged with its sidecars'."""
         import webdataset as wds
 
-        members = self._paired(urls) if self.sidecars else wds.tarfile_to_samples(handler=self.skipped)(urls)
-        return wds.map(self._decode, handler=self.skipped)(members)
+        return self._paired(urls) if self.sidecar_maps else wds.tarfile_to_samples(handler=self.skipped)(urls)
+
+    def _read_decode(self, urls: Iterable[dict]) -> Iterator:
+        """Tar members of each shard (merged with its sidecars') -> decoded samples."""
+        import webdataset as wds
+
+        return wds.map(self._decode, handler=self.skipped)(self._members(urls))
 
     def _cached_decode(self, urls: Iterable[dict]) -> Iterator:
         """:meth:`_read_decode`, served from memory for shards read before (see the module docstring)."""
@@ -277,42 +300,62 @@ class ShardDataset(IterableDataset):
                 self._cached_bytes += size
 
     def _paired(self, urls: Iterable[dict]) -> Iterator[dict]:
-        """Tar members of each shard, merged with its latent sidecar's (same keys, same order)."""
+        """Tar members of each shard, merged with its sidecars' (same keys, same order); a
+        sidecar out of step is counted (``LatentSidecarMismatch``) and left out from there."""
         import webdataset as wds
 
+        expand = wds.tarfile_to_samples(handler=self.skipped)     # a stage: applied to a url stream
         for entry in urls:
-            side = self.sidecars.get(entry["url"])
-            expand = wds.tarfile_to_samples(handler=self.skipped)     # a stage: applied to a url stream
-            samples = expand([entry])
-            if side is None:
-                yield from samples
-                continue
-            latents = iter(expand([{"url": side}]))
-            in_step = True
-            for raw in samples:
-                lat = next(latents, None) if in_step else None
-                if in_step and (lat is None or lat["__key__"] != raw["__key__"]):
-                    self.skipped(LatentSidecarMismatch(f"{side} is out of step with {entry['url']} at "
-                                                       f"{raw['__key__']}"))
-                    in_step, lat = False, None
-                yield {**raw, **{k: v for k, v in (lat or {}).items() if k in LATENT_MEMBERS}}
+            sides = {kind: m[entry["url"]] for kind, m in self.sidecar_maps.items() if entry["url"] in m}
+            streams = {kind: iter(expand([{"url": side}])) for kind, side in sides.items()}
+            for raw in expand([entry]):
+                merged = dict(raw)
+                for kind in list(streams):
+                    side = next(streams[kind], None)
+                    if side is None or side["__key__"] != raw["__key__"]:
+                        self.skipped(LatentSidecarMismatch(f"{sides[kind]} is out of step with {entry['url']} at "
+                                                           f"{raw['__key__']}"))
+                        del streams[kind]
+                        continue
+                    merged.update({k: v for k, v in side.items() if k in SIDECAR_MEMBERS[kind]})
+                yield merged
 
     def _decode(self, raw: dict):
-        sample = decode_sample(raw, self.fields)
-        if sample.num_frames < self.min_frames:
-            raise ShortSample(f"sample {sample.key} has {sample.num_frames} frames, the window spans {self.min_frames}")
-        latents = decode_latent_sample(raw) if LATENT_MEMBERS[0] in raw else None
+        """Raw members -> the sample (only ``fields``, only the first ``max_frames``), or
+        (sample, latents[, normals]) with sidecars (None where a shard has none)."""
+        sample = decode_sample(raw, self.fields, self.max_frames)
+        extras = {}
+        if "latents" in self.sidecar_maps:
+            extras["latents"] = decode_latent_sample(raw) if LATENT_MEMBERS[0] in raw else None
+        if "normals" in self.sidecar_maps:
+            extras["normals"] = decode_normal_sample(raw, self.max_frames) if NORMAL_MEMBERS[0] in raw else None
+        normals = extras.get("normals")
+        frames = sample.num_frames or _meta_frames(sample.meta) or (len(normals.normals) if normals else 0)
+        if frames and frames < self.min_frames:             # 0: nothing per-frame decoded, count unknown
+            raise ShortSample(f"sample {sample.key} has {frames} frames, the window spans {self.min_frames}")
         self.skipped.since_good = 0
-        return (sample, latents) if self.sidecars else sample
+        return (sample, *extras.values()) if self.sidecar_maps else sample
 
     def _tag(self, item, worker_id: str):
-        sample, latents = item if self.sidecars else (item, None)
         if self.convert is None:
             return item
-        out = self.convert(sample, latents) if latents is not None else self.convert(sample)
+        if self.sidecar_maps:
+            sample, *sides = item
+            out = self.convert(sample, **dict(zip(self.sidecar_maps, sides)))
+        else:
+            out = self.convert(item)
         if isinstance(out, dict):
             out["reader_worker"], out["reader_skipped"] = worker_id, self.skipped.total
         return out
+
+
+def _meta_frames(meta: dict) -> int:
+    """A sample's frame count from its meta (``frame_stop - frame_start``; 0 if absent): for a
+    sample decoded without any per-frame field."""
+    try:
+        return int(meta["frame_stop"]) - int(meta["frame_start"])
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def _nbytes(obj) -> int:

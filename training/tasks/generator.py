@@ -46,7 +46,7 @@ from torch import Tensor
 from models.generator import (LatentCodec, NormalDrivenWan, codec_layout, condition_keep, flavor as get_flavor,
                               flow_matching_loss, generate_video, noisy_and_target, timestep_of, vae_loss)
 from models.generator.flow import residual_base
-from models.generator.frames import generator_normal_maps, resize_video, unit
+from models.generator.frames import resize_video, transfer_normal_maps, unit
 from models.generator.flavors import check_video_shape
 from models.metrics import psnr_from_mse
 from training.tasks.reader_skips import ReaderSkipsMixin
@@ -174,6 +174,12 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         (and counts) samples shorter than this (``ShardDataModule``)."""
         return (self.hparams.frames - 1) * self.hparams.frame_stride + 1
 
+    @property
+    def frames_read(self) -> int | None:
+        """Frames of a training sample the step reads: the window's span when windows start at
+        frame 0 (``random_start`` false), else None (all); the reader decodes no more."""
+        return None if self.hparams.random_start else self.window_span
+
     def sampling_record(self) -> dict:
         """How this run samples, as inference must repeat it (``InferenceSettings`` fields):
         window, stride, size (None: the shards' crop size), sampler steps, shift and guidance."""
@@ -214,50 +220,70 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         return starts[:, None] + torch.arange(self.hparams.frames)[None] * self.hparams.frame_stride
 
     def driving_normals(self, batch: dict, ids: Tensor) -> Tensor:
-        """Normal maps (B, T, H, W, 3) uint8 of the window: rendered from the transfer module's
-        Δf when it is given, else the shards' own."""
+        """Normal maps (B, T, H, W, 3) uint8 of the window: the precomputed sidecar's when the
+        batch carries them (``driving_normals``: ``pipelines.render_normals``, the reader's
+        ``normals=``; nothing is rendered in the step), else rendered from the transfer module's
+        Δf when it is given (on the CPU, every step), else the shards' own. The path taken is
+        logged once."""
+        if "driving_normals" in batch:
+            self._say("normals", "driving normals: precomputed sidecar (pipelines.render_normals); no "
+                                 "rendering in the step")
+            maps = batch["driving_normals"]
+            return torch.stack([n[i] for n, i in zip(maps, ids.to(maps.device))])
         pair = self._transfer()
         if pair is None:
             return torch.stack([n[i] for n, i in zip(batch["normals"], ids.to(batch["normals"].device))])
+        self._say("normals", "driving normals: RENDERED IN THE STEP on the CPU through the transfer module "
+                             "(slow at scale: precompute them with python -m pipelines.render_normals and "
+                             "give the sidecar folder as data.init_args.normals)")
         head, module = pair
-        from models.render.camera import Camera
-        from models.transfer.inputs import head_params, neutral_inputs
         crop = batch["frames"].shape[-2]
         out = []
         for b in range(ids.shape[0]):
             sm = {k: v[b].detach().float().cpu() for k, v in batch["smplx"].items()}
             sel = {k: (v if k == "betas" else v[ids[b]]) for k, v in sm.items()}
-            params = head_params(sel)
-            static = batch["static_offsets"][b].detach().float().cpu()
-            with torch.no_grad():
-                neutral, static_face = neutral_inputs(head, params.betas, static[None])
-                delta = module(params.expression[None], params.jaw_pose[None], neutral, static_face)[0]
-            cam = Camera.from_matrices(sel["camera_K"], sel["camera_R"], sel["camera_t"], (crop, crop))
-            out.append(generator_normal_maps(head, params, static, delta.float(), cam, self.hparams.size))
+            out.append(transfer_normal_maps(head, module, sel, batch["static_offsets"][b], crop, self.hparams.size))
         return torch.stack(out).to(batch["frames"].device)
+
+    def _say(self, key: str, message: str) -> None:
+        """Log ``message`` once (rank 0)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            from lightning.pytorch.utilities import rank_zero_info
+            rank_zero_info(message)
 
     def inputs(self, batch: dict, generator: torch.Generator | None, training: bool) -> dict:
         """Model inputs of a batch: ``video`` (B, 3, F, H, W) in [-1, 1], ``normals`` (same),
         ``reference_image`` (B, 3, H, W), ``reference_normal``, ``latents`` and
         ``reference_latent`` (normalised, fp32)."""
-        frames = batch["frames"]
-        b, total = frames.shape[:2]
+        frames = batch.get("frames")        # absent when only sidecar latents and normals are read
+        timeline = frames if frames is not None else batch.get("driving_normals", batch.get("normals"))
+        b, total = timeline.shape[:2]
         starts = self.window(total, b, generator, training)
         augment = training and (self.hparams.augment_color > 0 or self.hparams.augment_flip)
+        t = (self.hparams.frames - 1) // 4 + 1
         use_sidecar = "latents" in batch and self.hparams.frame_stride == 1 and self.hparams.size is None \
-            and not starts.any() and not augment
+            and not starts.any() and not augment and batch["latents"].shape[2] >= t
         ids = self.frame_ids(starts)
-        video = unit(torch.stack([v[i] for v, i in zip(frames, ids.to(frames.device))]))
-        normals = unit(self.driving_normals(batch, ids))
-        video, normals = resize_video(video, self.hparams.size), resize_video(normals, self.hparams.size)
+        normals = resize_video(unit(self.driving_normals(batch, ids)), self.hparams.size)
+        video = None
+        if frames is not None:
+            video = resize_video(unit(torch.stack([v[i] for v, i in zip(frames, ids.to(frames.device))])),
+                                 self.hparams.size)
+        elif not use_sidecar:
+            raise ValueError("the batch has no frames and no sidecar latents of this window: decode 'frames' "
+                             "(data fields) or train on latent sidecars with windows at frame 0, stride 1")
         if augment:
             video, normals = augment_window(video, normals, self.hparams.augment_color, self.hparams.augment_flip,
                                             generator)
-        check_video_shape(*video.shape[2:])
-        out = {"video": video, "normals": normals, "reference_image": video[:, :, 0],
-               "reference_normal": normals[:, :, 0]}
-        t = (self.hparams.frames - 1) // 4 + 1
-        if use_sidecar and batch["latents"].shape[2] >= t:
+        check_video_shape(*normals.shape[2:])
+        out = {"normals": normals, "reference_normal": normals[:, :, 0]}
+        if video is not None:
+            out.update(video=video, reference_image=video[:, :, 0])
+        self._say("latents", "latents: precomputed sidecar (pipelines.encode_latents); no VAE in the step"
+                  if use_sidecar else "latents: ENCODED IN THE STEP by the frozen codec (precompute them with "
+                  "python -m pipelines.encode_latents; windows at frame 0, stride 1, size null)")
+        if use_sidecar:
             # the Wan VAE is causal in time: the first k+1 latents code exactly the first 4k+1 frames
             out["latents"] = batch["latents"][:, :, :t].float()
             out["reference_latent"] = batch["reference_latent"][:, :, :t].float()

@@ -13,7 +13,8 @@ from sample_factory import random_sample
 @pytest.fixture(scope="module")
 def mixed_shards(tmp_path_factory) -> Path:
     """Two shards by the job's writer: per clip a 9-frame sample and a 4-frame one (32²)."""
-    from pipelines.job_io import OutputDir, plan_shards, write_shard
+    from pipelines.job_io import OutputDir
+    from preprocessing.shard_format import plan_shards, write_shard
     from preprocessing.clip_records import ClipItem, ClipOutcome
     from preprocessing.sample_schema import encode_sample
     root = tmp_path_factory.mktemp("mixed")
