@@ -50,6 +50,7 @@ from models.generator.frames import generator_normal_maps, resize_video, unit
 from models.generator.flavors import check_video_shape
 from models.metrics import psnr_from_mse
 from training.tasks.reader_skips import ReaderSkipsMixin
+from training.tasks.sharded import build_partitioned, zero3_partitioning
 
 #: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
 GENERATOR_FIELDS = ("frames", "normals")
@@ -113,30 +114,58 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         super().__init__()
         self._reset_reader_skips()
         self.save_hyperparameters()
-        overrides = dict(flavor_overrides or {})
-        if codec:                                   # the latent layout follows the codec (Wan VAE: z 16, /8)
-            z, space = codec_layout(codec, codec_subfolder)
-            base = get_flavor(flavor)
+        self._frozen: dict = {"codec": None, "head": None, "transfer": None}   # out of the module tree
+        self._warned: set[str] = set()
+        self.flavor_config = self._flavor()        # checks the flavor (and its codec layout) before any build
+
+    # -- construction -----------------------------------------------------------------------
+    def _flavor(self):
+        """The flavor with ``flavor_overrides`` and the codec's latent layout applied."""
+        hp = self.hparams
+        overrides = dict(hp.flavor_overrides or {})
+        if hp.codec:                                # the latent layout follows the codec (Wan VAE: z 16, /8)
+            z, space = codec_layout(hp.codec, hp.codec_subfolder)
+            base = get_flavor(hp.flavor)
             if (z, space) != (base.latent_channels, base.latent_space):
                 overrides.setdefault("latent_channels", z)
                 overrides.setdefault("latent_space", space)
-        f = get_flavor(flavor, **overrides)
-        weights_dtype = getattr(torch, dtype)       # bfloat16: load real-scale weights at half the host memory
-        if pretrained:
-            self.model = NormalDrivenWan.from_pretrained(pretrained, dtype=weights_dtype)
-        elif wan_folder:
-            self.model = NormalDrivenWan.from_wan(wan_folder, f if overrides else flavor, dtype=weights_dtype)
+        return get_flavor(hp.flavor, **overrides)
+
+    def __getattr__(self, name: str):
+        # ``task.model`` before Lightning's ``configure_model`` (a script, a test, the exporter): build it now,
+        # whole, on this process; inside ``fit`` Lightning calls ``configure_model`` first (sharded under ZeRO-3)
+        if name == "model" and "model" not in self.__dict__.get("_modules", {}) and "_frozen" in self.__dict__:
+            self.configure_model()
+        return super().__getattr__(name)
+
+    def configure_model(self) -> None:
+        """Build the model once (idempotent). Lightning calls this inside ``deepspeed.zero.Init`` under
+        ZeRO-3, so every parameter is partitioned over the ranks as its layer is created and no rank
+        ever holds the whole model; weights (``pretrained`` / ``wan_folder``) are then read by rank 0
+        only and copied in layer by layer under ``GatheredParameters`` (:mod:`training.tasks.sharded`).
+        Elsewhere the model is built whole, weights loaded by diffusers."""
+        if "model" in self._modules:
+            return
+        hp, f = self.hparams, self.flavor_config
+        weights_dtype = getattr(torch, hp.dtype)    # bfloat16: load real-scale weights at half the host memory
+        if zero3_partitioning(self):
+            model = build_partitioned(f, hp.flavor, pretrained=hp.pretrained, wan_folder=hp.wan_folder)
+        elif hp.pretrained:
+            model = NormalDrivenWan.from_pretrained(hp.pretrained, dtype=weights_dtype)
+        elif hp.wan_folder:
+            model = NormalDrivenWan.from_wan(hp.wan_folder, f if f != get_flavor(hp.flavor) else hp.flavor,
+                                             dtype=weights_dtype)
         else:
-            self.model = NormalDrivenWan(f, flavor_name=flavor)
-        mf = self.model.flavor
-        if codec and (mf.latent_channels, mf.latent_space) != codec_layout(codec, codec_subfolder):
-            raise ValueError(f"codec {codec} codes z={codec_layout(codec, codec_subfolder)[0]} at "
-                             f"/{codec_layout(codec, codec_subfolder)[1]}, the generator expects "
+            model = NormalDrivenWan(f, flavor_name=hp.flavor)
+        mf = model.flavor
+        if hp.codec and (mf.latent_channels, mf.latent_space) != codec_layout(hp.codec, hp.codec_subfolder):
+            layout = codec_layout(hp.codec, hp.codec_subfolder)
+            raise ValueError(f"codec {hp.codec} codes z={layout[0]} at /{layout[1]}, the generator expects "
                              f"z={mf.latent_channels} at /{mf.latent_space}")
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self._frozen: dict = {"codec": None, "head": None, "transfer": None}   # out of the module tree
-        self._warned: set[str] = set()
+        if hp.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.model = model
+
 
     # -- frozen parts -----------------------------------------------------------------------
     @property
