@@ -72,3 +72,56 @@ def test_zero3_builds_the_model_partitioned_and_consolidates(gen_shards, codec_d
     assert sum(p.numel() * 4 for p in model.parameters()) == whole
     assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for n, p in model.named_parameters()
                if n.startswith("transformer.blocks.0.attn1"))
+
+
+@pytest.mark.slow
+def test_a_killed_then_requeued_run_continues_its_mlflow_run(gen_shards, codec_dir, tmp_path):
+    """SIGKILL at step 3 (the step-2 checkpoint written), then the requeue (`--ckpt_path last`):
+    one MLflow run, ended FINISHED, whose loss history runs from step 0 to the last step."""
+    import mlflow
+    kill = [{"class_path": "train_probes.KillAtStep", "init_args": {"step": 3}}]
+    out = tmp_path / "run"
+    killed = scale_config(tmp_path / "killed", gen_shards, codec_dir, 5, callbacks=kill, every=2)
+    resumed = scale_config(tmp_path / "resumed", gen_shards, codec_dir, 5, every=2)
+    r = _run_cli(["fit", "--config", str(BASE), "--config", str(killed), "--out", str(out)])
+    assert r.returncode != 0
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("generator").experiment_id
+    [run] = client.search_runs([experiment])
+    assert run.info.status == "RUNNING"                                 # killed: nobody ended it
+    r = _run_cli(["fit", "--config", str(BASE), "--config", str(resumed), "--out", str(out), "--ckpt_path", "last"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["run_id"] == run.info.run_id
+    runs = client.search_runs([experiment])
+    assert [x.info.run_id for x in runs] == [run.info.run_id]           # no second run
+    assert runs[0].info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps[0] <= 1 and steps[-1] >= 4 and set(range(steps[0], 5)) <= set(steps), steps
+    # a fresh fit (no --ckpt_path) in the same folder opens a new run
+    r = _run_cli(["fit", "--config", str(BASE), "--config", str(resumed), "--out", str(out),
+                  "--trainer.max_steps", "1"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(client.search_runs([experiment])) == 2
+
+
+def test_geometry_stays_fp32_under_bf16():
+    """The strategies' DeepSpeed precision plugin casts the batch to bf16 except the task's
+    geometry (``GeneratorTask.fp32_batch_keys``): a 700 px focal length keeps its sub-pixel part."""
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+    from training.strategies import CPUDeepSpeedStrategy, DeepSpeedStrategy, GeometryFp32Precision
+    from training.tasks.generator import GeneratorTask
+    for cls in (CPUDeepSpeedStrategy, DeepSpeedStrategy):
+        strategy = cls(stage=2)
+        strategy.precision_plugin = DeepSpeedPrecision("bf16-mixed")          # what the Trainer assigns
+        assert isinstance(strategy.precision_plugin, GeometryFp32Precision)
+    plugin = GeometryFp32Precision("bf16-mixed", keep_fp32=GeneratorTask.fp32_batch_keys)
+    focal = torch.tensor([[700.3, 0.0, 255.7]])
+    batch = {"frames": torch.zeros(1, 5, 16, 16, 3, dtype=torch.uint8), "latents": torch.randn(1, 16, 2, 2, 2),
+             "smplx": {"camera_K": focal.clone(), "expression": torch.randn(5, 10)},
+             "static_offsets": torch.randn(1, 30, 3)}
+    out = plugin.convert_input(batch)
+    assert out["latents"].dtype == torch.bfloat16 and out["frames"].dtype == torch.uint8
+    assert out["smplx"]["camera_K"].dtype == torch.float32 and torch.equal(out["smplx"]["camera_K"], focal)
+    assert out["static_offsets"].dtype == torch.float32
+    assert float(focal.bfloat16()[0, 0]) != float(focal[0, 0])                # what bf16 would have done

@@ -99,6 +99,10 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal)."""
 
+    #: batch entries of geometry (SMPL-X parameters and cameras, static offsets): left fp32 by the
+    #: precision plugin of ``training.strategies`` under bf16 (the rest of the batch is cast)
+    fp32_batch_keys = ("smplx", "static_offsets")
+
     def __init__(self, flavor: str = "tiny_z16", flavor_overrides: dict | None = None,
                  pretrained: str | None = None, wan_folder: str | None = None,
                  codec: str | None = None, codec_subfolder: str | None = None,
@@ -164,6 +168,9 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                              f"z={mf.latent_channels} at /{mf.latent_space}")
         if hp.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        # LoRA: checkpoints hold only the trainable parameters (DeepSpeed's exclude_frozen_parameters);
+        # on resume the frozen base stays as built from wan_folder / pretrained
+        self.strict_loading = not model.has_lora
         self.model = model
 
 
