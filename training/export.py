@@ -50,7 +50,8 @@ def load_checkpoint_state(path: str | Path) -> dict:
     one is the user's mistake naming it."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("**/mp_rank_00_model_states.pt"))
+        # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt a rank
+        files = sorted(path.glob("**/mp_rank_00_model_states.pt")) or sorted(path.glob("**/*mp_rank_00_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint folder")
         path = files[0]
@@ -132,7 +133,8 @@ def task_from_checkpoint(checkpoint: str | Path, use_ema: bool = True, overrides
 def consolidated_zero3_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of a ZeRO-3 checkpoint folder, merged from every rank's shard on CPU
     (DeepSpeed's ``zero_to_fp32``), by the task's parameter names. DeepSpeed's reader unpickles;
-    here every ``torch.load`` it makes is ``weights_only=True`` (tensors and plain data only)."""
+    here every ``torch.load`` it makes is ``weights_only=True`` (tensors and plain data, plus two
+    plain DeepSpeed classes allowed by name: the ZeRO stage enum and the loss-scaler record)."""
     from unittest import mock
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -143,9 +145,11 @@ def consolidated_zero3_weights(checkpoint: str | Path) -> dict[str, torch.Tensor
         kwargs.pop("mmap", None)
         return real_load(*args, **kwargs)
 
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
     folder = Path(checkpoint)
-    tag = next(p.parent.name for p in folder.glob("*/mp_rank_00_model_states.pt"))
-    with mock.patch("torch.load", safe_load):
+    tag = next(p.parent.name for p in folder.glob("*/*mp_rank_00_model_states.pt"))
+    with mock.patch("torch.load", safe_load), torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     return {k.removeprefix("_forward_module."): v for k, v in state.items()}
 

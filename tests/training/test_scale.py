@@ -79,10 +79,13 @@ def test_a_killed_then_requeued_run_continues_its_mlflow_run(gen_shards, codec_d
     """SIGKILL at step 3 (the step-2 checkpoint written), then the requeue (`--ckpt_path last`):
     one MLflow run, ended FINISHED, whose loss history runs from step 0 to the last step."""
     import mlflow
-    kill = [{"class_path": "train_probes.KillAtStep", "init_args": {"step": 3}}]
+    lr_monitor = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
+    kill = [{"class_path": "train_probes.KillAtStep", "init_args": {"step": 3}}, lr_monitor]
     out = tmp_path / "run"
-    killed = scale_config(tmp_path / "killed", gen_shards, codec_dir, 5, callbacks=kill, every=2)
-    resumed = scale_config(tmp_path / "resumed", gen_shards, codec_dir, 5, every=2)
+    # the learning-rate rule: lr 0.004 is for a global batch of 4; this one is 1 (1 sample, 1 process) -> 0.002
+    rule = {"lr": 0.004, "lr_reference_batch": 4, "lr_scaling": "sqrt"}
+    killed = scale_config(tmp_path / "killed", gen_shards, codec_dir, 5, rule, callbacks=kill, every=2)
+    resumed = scale_config(tmp_path / "resumed", gen_shards, codec_dir, 5, rule, callbacks=[lr_monitor], every=2)
     r = _run_cli(["fit", "--config", str(BASE), "--config", str(killed), "--out", str(out)])
     assert r.returncode != 0
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -95,6 +98,8 @@ def test_a_killed_then_requeued_run_continues_its_mlflow_run(gen_shards, codec_d
     runs = client.search_runs([experiment])
     assert [x.info.run_id for x in runs] == [run.info.run_id]           # no second run
     assert runs[0].info.status == "FINISHED"
+    lr = sorted(client.get_metric_history(run.info.run_id, "lr-AdamW"), key=lambda m: m.step)
+    assert lr[0].step == 0 and abs(lr[0].value - 0.002) < 1e-9, lr[0]
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
     assert steps[0] <= 1 and steps[-1] >= 4 and set(range(steps[0], 5)) <= set(steps), steps
     # a fresh fit (no --ckpt_path) in the same folder opens a new run
@@ -125,3 +130,15 @@ def test_geometry_stays_fp32_under_bf16():
     assert out["smplx"]["camera_K"].dtype == torch.float32 and torch.equal(out["smplx"]["camera_K"], focal)
     assert out["static_offsets"].dtype == torch.float32
     assert float(focal.bfloat16()[0, 0]) != float(focal[0, 0])                # what bf16 would have done
+
+
+def test_learning_rate_rule_for_another_global_batch():
+    from training.tasks.generator import scaled_lr
+    assert scaled_lr(1e-4, 32, 8, "sqrt") == pytest.approx(2e-4)            # 1 node -> 4 nodes
+    assert scaled_lr(1e-4, 32, 8, "linear") == pytest.approx(4e-4)
+    assert scaled_lr(1e-4, 32, None) == scaled_lr(1e-4, 32, 8, "none") == 1e-4
+    with pytest.raises(ValueError, match="lr_scaling"):
+        scaled_lr(1e-4, 32, 8, "cubic")
+    for name in ("dit_wan1.3b_zero2.yaml", "dit_wan14b_lora_zero2.yaml"):    # the GPU configs state the rule
+        init = yaml.safe_load((REPO / "configs" / "train" / name).read_text())["model"]["init_args"]
+        assert init["lr_reference_batch"] == 8 and init["lr_scaling"] == "sqrt"

@@ -88,6 +88,18 @@ def augment_window(video: Tensor, normals: Tensor, color: float = 0.0, flip: boo
     return video, normals
 
 
+def scaled_lr(lr: float, global_batch: int, reference_batch: int | None, rule: str = "sqrt") -> float:
+    """The learning rate for ``global_batch`` samples a step when ``lr`` was set for
+    ``reference_batch`` (None: ``lr`` as given): ``sqrt`` (Adam: lr ∝ √batch, the usual rule for
+    Adam-family optimizers), ``linear`` (lr ∝ batch, Goyal et al., SGD-style) or ``none``."""
+    if reference_batch is None or rule == "none":
+        return lr
+    if rule not in ("sqrt", "linear"):
+        raise ValueError(f"unknown lr_scaling {rule!r}; known: sqrt, linear, none")
+    ratio = global_batch / reference_batch
+    return lr * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
 class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     """Trains :class:`NormalDrivenWan` of flavor ``flavor`` on shards (see the module docstring).
 
@@ -96,7 +108,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     ``codec``: a local ``AutoencoderKLWan`` folder (the Wan VAE, or the tiny one from
     :func:`train_codec`; ``codec_subfolder`` e.g. ``vae``); None: a *random* tiny codec (shape
     tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
-    ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
+    ``lr_reference_batch``, ``lr_scaling``: the learning-rate rule for another global batch
+    (:func:`scaled_lr`; None: ``lr`` as given). ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal)."""
 
     #: batch entries of geometry (SMPL-X parameters and cameras, static offsets): left fp32 by the
@@ -114,7 +127,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
                  gradient_checkpointing: bool = False,
                  sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", lr_reference_batch: int | None = None, lr_scaling: str = "sqrt") -> None:
         super().__init__()
         self._reset_reader_skips()
         self.save_hyperparameters()
@@ -359,19 +372,27 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         """The sampler's σ shift: ``sample_shift``, else the training ``shift``."""
         return sampler_settings(self.hparams)["shift"]
 
+    def global_batch(self) -> int:
+        """Samples per optimizer step: per-device batch x devices x nodes x accumulation."""
+        trainer = self.trainer
+        data = getattr(trainer, "datamodule", None)
+        per_device = int(data.hparams.get("batch_size", 1)) if hasattr(data, "hparams") else 1
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
     def configure_optimizers(self):
         params = self.model.trainable_parameters()
         kind = self.hparams.optimizer
+        lr = scaled_lr(self.hparams.lr, self.global_batch(), self.hparams.lr_reference_batch, self.hparams.lr_scaling)
+        self.effective_lr = lr
         if kind == "adamw":
-            opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                    betas=(0.9, 0.99))
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99))
         elif kind == "cpu_adam":                    # DeepSpeed's, for ZeRO-Offload of the optimizer
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            opt = DeepSpeedCPUAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+            opt = DeepSpeedCPUAdam(params, lr=lr, weight_decay=self.hparams.weight_decay,
                                    betas=(0.9, 0.99), adamw_mode=True)
         elif kind == "fused_adam":                  # DeepSpeed's fused CUDA Adam
             from deepspeed.ops.adam import FusedAdam
-            opt = FusedAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99),
+            opt = FusedAdam(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99),
                             adam_w_mode=True)
         else:
             raise ValueError(f"unknown optimizer {kind!r}; known: adamw, cpu_adam, fused_adam")
