@@ -51,7 +51,8 @@ def load_checkpoint_state(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt a rank
-        files = sorted(path.glob("**/mp_rank_00_model_states.pt")) or sorted(path.glob("**/*mp_rank_00_model_states.pt"))
+        files = sorted(path.glob("**/mp_rank_00_model_states.pt")) or \
+            sorted(path.glob("**/*mp_rank_00_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint folder")
         path = files[0]
@@ -107,6 +108,7 @@ def task_from_checkpoint(checkpoint: str | Path, use_ema: bool = True, overrides
     hparams = {k: v for k, v in hp.items() if not k.startswith("_")}
     hparams.update({k: v for k, v in (overrides or {}).items() if k in hparams})
     task = getattr(importlib.import_module(module_name), cls_name)(**hparams)
+    task.configure_model()                   # a task that builds its model there (the generator) builds it now
     weights = state.get("state_dict") or state.get("module")
     if weights is not None and any(v.numel() == 0 for v in weights.values()):   # ZeRO-3: per-rank placeholders
         weights = consolidated_zero3_weights(checkpoint)

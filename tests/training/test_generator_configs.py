@@ -26,7 +26,9 @@ def _meta_task(init_args: dict):
     from training.tasks.generator import GeneratorTask
     args = {**init_args, "wan_folder": None, "pretrained": None, "codec": None, "transfer_module": None}
     with torch.device("meta"):
-        return GeneratorTask(**args)
+        task = GeneratorTask(**args)
+        task.configure_model()             # the model is built here (Lightning calls it in fit), on meta
+        return task
 
 
 def _lora_params(layers: int, dim: int, ffn: int, rank: int) -> int:

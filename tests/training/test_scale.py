@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_generator_task import BASE, REPO, _run_cli, codec_dir, gen_shards  # noqa: F401  (fixtures)
+import test_generator_task as generator_tests
+from test_generator_task import BASE, REPO, _run_cli
+
+gen_shards, codec_dir = generator_tests.gen_shards, generator_tests.codec_dir     # their module-scoped fixtures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STRATEGY = REPO / "configs" / "train" / "strategy" / "deepspeed_cpu.yaml"
@@ -142,3 +145,50 @@ def test_learning_rate_rule_for_another_global_batch():
     for name in ("dit_wan1.3b_zero2.yaml", "dit_wan14b_lora_zero2.yaml"):    # the GPU configs state the rule
         init = yaml.safe_load((REPO / "configs" / "train" / name).read_text())["model"]["init_args"]
         assert init["lr_reference_batch"] == 8 and init["lr_scaling"] == "sqrt"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_holds_the_adapters_not_the_frozen_base(gen_shards, codec_dir, tmp_path):
+    """LoRA from a Wan folder under ZeRO-2 with ``exclude_frozen_parameters`` (the wan14b_lora
+    recipe's setting, at a mid size): the checkpoint folder is the trainable parameters with their
+    fp32 Adam state (16 bytes each), not the frozen base; the export rebuilds the base from the
+    Wan folder and takes the trained adapters from the checkpoint."""
+    from diffusers import WanTransformer3DModel
+
+    from models.generator.flavors import flavor
+    from training.export import task_from_checkpoint
+    torch.manual_seed(0)
+    base = WanTransformer3DModel(**flavor("tiny_z16", **MID).transformer_config())
+    base.save_pretrained(tmp_path / "wan" / "transformer")
+    base_bytes = sum(p.numel() * 4 for p in base.parameters())
+    model = {"flavor_overrides": {**MID, "lora_rank": 4}, "wan_folder": str(tmp_path / "wan"), "lr": 1e-3}
+    cfg = scale_config(tmp_path, gen_shards, codec_dir, 1, model,
+                       strategy={"stage": 2, "exclude_frozen_parameters": True})
+    out = tmp_path / "run"
+    r = _run_cli(["fit", "--config", str(BASE), "--config", str(STRATEGY), "--config", str(cfg), "--out", str(out),
+                  "--trainer.devices", "1"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    ckpt = out / "checkpoints" / "last.ckpt"
+    task, _ = task_from_checkpoint(ckpt, use_ema=False)
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    size = folder_bytes(ckpt / "checkpoint")
+    assert size < 0.3 * base_bytes, (size, base_bytes)                       # not the base
+    assert 16 * trainable < size < 16 * trainable * 1.3 + 2e6, (size, trainable)
+    params = dict(task.model.transformer.named_parameters())
+    assert torch.equal(params["blocks.0.attn1.to_q.base_layer.weight"], base.blocks[0].attn1.to_q.weight)
+    assert params["blocks.0.attn1.to_q.lora_B.default.weight"].abs().sum() > 0     # trained (starts at 0)
+
+
+@pytest.mark.slow
+def test_ema_under_zero3_is_refused_before_the_model_is_built(gen_shards, codec_dir, tmp_path):
+    cfg = scale_config(tmp_path, gen_shards, codec_dir, 1, strategy={"stage": 3},
+                       callbacks=[{"class_path": "training.callbacks.EMA", "init_args": {"decay": 0.9}}])
+    r = _run_cli(["fit", "--config", str(BASE), "--config", str(STRATEGY), "--config", str(cfg),
+                  "--out", str(tmp_path / "run"), "--trainer.devices", "1"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["error"] == "UserError" and "ZeRO-3" in line["message"] and "--no-ema" in line["message"]

@@ -109,8 +109,12 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     :func:`train_codec`; ``codec_subfolder`` e.g. ``vae``); None: a *random* tiny codec (shape
     tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
     ``lr_reference_batch``, ``lr_scaling``: the learning-rate rule for another global batch
-    (:func:`scaled_lr`; None: ``lr`` as given). ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
-    ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal)."""
+    (:func:`scaled_lr`; None: ``lr`` as given).
+    ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
+    ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
+
+    The model is built in :meth:`configure_model` (under ZeRO-3: partitioned as it is created,
+    see :mod:`training.tasks.sharded`), or on first use of ``task.model`` outside ``fit``."""
 
     #: batch entries of geometry (SMPL-X parameters and cameras, static offsets): left fp32 by the
     #: precision plugin of ``training.strategies`` under bf16 (the rest of the batch is cast)
