@@ -190,7 +190,6 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         self.strict_loading = not model.has_lora
         self.model = model
 
-
     # -- frozen parts -----------------------------------------------------------------------
     @property
     def codec(self) -> LatentCodec:
