@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 RUN_FILE = "mlflow_run.json"
 
@@ -81,6 +82,21 @@ class LocalMLFlowLogger(MLFlowLogger):
             tmp.write_text(json.dumps(record))
             tmp.replace(path)
         return client
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        """As the stock logger; in a continued run a parameter whose value changed (MLflow params
+        are immutable: logging it again would fail the resume) is recorded as the tag
+        ``resumed_param.<name>`` instead."""
+        if not self.continued:
+            return super().log_hyperparams(params)
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+        logged = self.experiment.get_run(self.run_id).data.params
+        flat = {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
+        changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
+        for key, value in changed.items():
+            self.experiment.set_tag(self.run_id, f"resumed_param.{key}", value)
+        super().log_hyperparams({k: v for k, v in flat.items() if k not in changed})
 
 
 def previous_run(out_dir: str | Path, tracking_uri: str, experiment_name: str) -> str | None:

@@ -192,3 +192,22 @@ def test_ema_under_zero3_is_refused_before_the_model_is_built(gen_shards, codec_
     assert r.returncode == 2, r.stderr[-3000:]
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["error"] == "UserError" and "ZeRO-3" in line["message"] and "--no-ema" in line["message"]
+
+
+def test_a_continued_run_keeps_its_params_and_tags_changed_ones(tmp_path):
+    """Resuming with a changed hyperparameter (MLflow params are immutable) does not fail: the
+    new value is a ``resumed_param.<name>`` tag; the run is reopened RUNNING, then FINISHED."""
+    from training.logging import LocalMLFlowLogger
+    first = LocalMLFlowLogger(out_dir=str(tmp_path), experiment_name="e")
+    first.log_hyperparams({"lr": 0.1, "seed": 0})
+    run_id = first.run_id                                                 # killed: never finalized
+    again = LocalMLFlowLogger(out_dir=str(tmp_path), experiment_name="e", continue_run=True)
+    assert again.run_id == run_id
+    again.log_hyperparams({"lr": 0.05, "seed": 0, "new": 1})
+    run = again.experiment.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.params == {"lr": "0.1", "seed": "0", "new": "1"} and run.data.tags["resumed_param.lr"] == "0.05"
+    again.finalize("success")
+    assert again.experiment.get_run(run_id).info.status == "FINISHED"
+    other = LocalMLFlowLogger(out_dir=str(tmp_path), experiment_name="other", continue_run=True)
+    assert other.run_id != run_id                                         # another experiment: a new run
