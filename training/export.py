@@ -2,7 +2,10 @@
 
 ``python -m training.export --checkpoint CKPT --out DIR`` exports the EMA weights of a
 checkpoint: a Lightning ``.ckpt`` file or a DeepSpeed checkpoint folder (whose client state
-holds the EMA callback's state), of the task named by the checkpoint's ``_class_path``.
+holds the EMA callback's state), of the task named by the checkpoint's ``_class_path``. It is
+also the one consolidation command of a sharded checkpoint: a ZeRO-3 folder (each rank's shard)
+is merged into whole fp32 weights on CPU first (``--no-ema``: there is no EMA under ZeRO-3); a
+LoRA checkpoint saved without its frozen base takes the base from the task's ``wan_folder``.
 ``ExpressionTransfer.from_pretrained(DIR)`` / ``NormalDrivenWan.from_pretrained(DIR)`` load them.
 """
 from __future__ import annotations
@@ -47,7 +50,9 @@ def load_checkpoint_state(path: str | Path) -> dict:
     one is the user's mistake naming it."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("**/mp_rank_00_model_states.pt"))
+        # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt a rank
+        files = sorted(path.glob("**/mp_rank_00_model_states.pt")) or \
+            sorted(path.glob("**/*mp_rank_00_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint folder")
         path = files[0]
@@ -103,10 +108,15 @@ def task_from_checkpoint(checkpoint: str | Path, use_ema: bool = True, overrides
     hparams = {k: v for k, v in hp.items() if not k.startswith("_")}
     hparams.update({k: v for k, v in (overrides or {}).items() if k in hparams})
     task = getattr(importlib.import_module(module_name), cls_name)(**hparams)
+    task.configure_model()                   # a task that builds its model there (the generator) builds it now
     weights = state.get("state_dict") or state.get("module")
+    if weights is not None and any(v.numel() == 0 for v in weights.values()):   # ZeRO-3: per-rank placeholders
+        weights = consolidated_zero3_weights(checkpoint)
     if weights is not None:
         missing, _ = task.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()}, strict=False)
-        lacking = [k for k in missing if k.startswith("model.")]
+        # a checkpoint saved with exclude_frozen_parameters (LoRA) lacks the frozen base: the task built it
+        trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+        lacking = [k for k in missing if k.startswith("model.") and k in trainable]
         if lacking:
             raise ValueError(f"{checkpoint}: its weights lack {len(lacking)} model tensors, e.g. {lacking[:2]}")
     if use_ema:
@@ -120,6 +130,30 @@ def task_from_checkpoint(checkpoint: str | Path, use_ema: bool = True, overrides
                 if name in params:
                     params[name].copy_(value.to(params[name].dtype))
     return task, hparams
+
+
+def consolidated_zero3_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO-3 checkpoint folder, merged from every rank's shard on CPU
+    (DeepSpeed's ``zero_to_fp32``), by the task's parameter names. DeepSpeed's reader unpickles;
+    here every ``torch.load`` it makes is ``weights_only=True`` (tensors and plain data, plus two
+    plain DeepSpeed classes allowed by name: the ZeRO stage enum and the loss-scaler record)."""
+    from unittest import mock
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    real_load = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        kwargs.pop("mmap", None)
+        return real_load(*args, **kwargs)
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    folder = Path(checkpoint)
+    tag = next(p.parent.name for p in folder.glob("*/*mp_rank_00_model_states.pt"))
+    with mock.patch("torch.load", safe_load), torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    return {k.removeprefix("_forward_module."): v for k, v in state.items()}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, use_ema: bool = True) -> Path:

@@ -66,11 +66,24 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             check_data(cfg)                        # a missing data root: exit 2 before model setup
             fill_out_paths(cfg, cfg.out)
+            continue_mlflow_run(cfg)
 
     return TrainCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
                     subclass_mode_data=True, save_config_callback=MLflowSaveConfigCallback,
                     save_config_kwargs={"overwrite": True}, args=args, run=run,
                     auto_configure_optimizers=False)
+
+
+def continue_mlflow_run(cfg) -> None:
+    """A resumed fit (``--ckpt_path``: a requeue, a restart after ``kill -9``) logs into the MLflow
+    run the interrupted one opened (``training.logging.LocalMLFlowLogger(continue_run=True)``)."""
+    if not getattr(cfg, "ckpt_path", None):
+        return
+    loggers = getattr(cfg.trainer, "logger", None)
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = getattr(logger, "init_args", None)
+        if init is not None and "continue_run" in init and init.get("run_id") is None:
+            init["continue_run"] = True
 
 
 def check_data(cfg) -> None:

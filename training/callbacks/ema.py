@@ -9,8 +9,11 @@ state (``checkpoint["callbacks"]["EMA"]``), a key the DeepSpeed client state kee
 
 - shadow = decay_n · shadow + (1 − decay_n) · θ after every optimizer step, in fp32 whatever
   the training precision; decay_n = min(decay, (1 + n) / (10 + n)) (warm-up, n = updates);
-- ZeRO-1/2 keep full parameters on every rank, so every rank holds the same EMA (ZeRO-3
-  shards parameters: not supported, raises);
+- ZeRO-1/2 keep full parameters on every rank, so every rank holds the same EMA. ZeRO-3 is
+  refused at setup, before any model is built (a user error, exit 2): its parameters are
+  per-rank shards, and a full fp32 EMA on each rank would undo the partitioning. Under ZeRO-3
+  export the live weights (``python -m training.export --checkpoint DIR --out OUT --no-ema``);
+  an EMA on the master shards (Open-Sora's ``update_ema(sharded=True)``) is not built;
 - at the end of fit, rank 0 exports the EMA weights with the module's config
   (``save_pretrained``: safetensors + config.json) into ``export_dir`` and logs the folder to
   MLflow when the trainer has an MLflow logger.
@@ -48,10 +51,16 @@ class EMA(Callback):
     def _params(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
         return {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            from preprocessing.errors import UserError
+            raise UserError("the EMA callback keeps full fp32 weights on every rank, which ZeRO-3 partitions: "
+                            "remove training.callbacks.EMA from trainer.callbacks under stage 3 (export the live "
+                            "weights: python -m training.export --checkpoint DIR --out OUT --no-ema), or train "
+                            "under ZeRO-1/2", callback="training.callbacks.EMA", stage=3)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start, not on_fit_start: DeepSpeed restores callback states after fit start
-        if getattr(trainer.strategy, "zero_stage_3", False):
-            raise RuntimeError("EMA keeps full weights: ZeRO-3 shards them (use ZeRO-1/2)")
         if self.shadow is None:
             self.shadow = {n: p.detach().float().clone() for n, p in self._params(pl_module).items()}
         else:                                      # restored from a checkpoint

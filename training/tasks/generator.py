@@ -50,6 +50,7 @@ from models.generator.frames import resize_video, transfer_normal_maps, unit
 from models.generator.flavors import check_video_shape
 from models.metrics import psnr_from_mse
 from training.tasks.reader_skips import ReaderSkipsMixin
+from training.tasks.sharded import build_partitioned, zero3_partitioning
 
 #: what a generator step decodes: frames and normal maps (+ what re-rendering normals needs)
 GENERATOR_FIELDS = ("frames", "normals")
@@ -87,6 +88,18 @@ def augment_window(video: Tensor, normals: Tensor, color: float = 0.0, flip: boo
     return video, normals
 
 
+def scaled_lr(lr: float, global_batch: int, reference_batch: int | None, rule: str = "sqrt") -> float:
+    """The learning rate for ``global_batch`` samples a step when ``lr`` was set for
+    ``reference_batch`` (None: ``lr`` as given): ``sqrt`` (Adam: lr ∝ √batch, the usual rule for
+    Adam-family optimizers), ``linear`` (lr ∝ batch, Goyal et al., SGD-style) or ``none``."""
+    if reference_batch is None or rule == "none":
+        return lr
+    if rule not in ("sqrt", "linear"):
+        raise ValueError(f"unknown lr_scaling {rule!r}; known: sqrt, linear, none")
+    ratio = global_batch / reference_batch
+    return lr * (ratio if rule == "linear" else math.sqrt(ratio))
+
+
 class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     """Trains :class:`NormalDrivenWan` of flavor ``flavor`` on shards (see the module docstring).
 
@@ -95,8 +108,17 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     ``codec``: a local ``AutoencoderKLWan`` folder (the Wan VAE, or the tiny one from
     :func:`train_codec`; ``codec_subfolder`` e.g. ``vae``); None: a *random* tiny codec (shape
     tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
+    ``lr_reference_batch``, ``lr_scaling``: the learning-rate rule for another global batch
+    (:func:`scaled_lr`; None: ``lr`` as given).
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
-    ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal)."""
+    ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
+
+    The model is built in :meth:`configure_model` (under ZeRO-3: partitioned as it is created,
+    see :mod:`training.tasks.sharded`), or on first use of ``task.model`` outside ``fit``."""
+
+    #: batch entries of geometry (SMPL-X parameters and cameras, static offsets): left fp32 by the
+    #: precision plugin of ``training.strategies`` under bf16 (the rest of the batch is cast)
+    fp32_batch_keys = ("smplx", "static_offsets")
 
     def __init__(self, flavor: str = "tiny_z16", flavor_overrides: dict | None = None,
                  pretrained: str | None = None, wan_folder: str | None = None,
@@ -109,34 +131,64 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
                  gradient_checkpointing: bool = False,
                  sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", lr_reference_batch: int | None = None, lr_scaling: str = "sqrt") -> None:
         super().__init__()
         self._reset_reader_skips()
         self.save_hyperparameters()
-        overrides = dict(flavor_overrides or {})
-        if codec:                                   # the latent layout follows the codec (Wan VAE: z 16, /8)
-            z, space = codec_layout(codec, codec_subfolder)
-            base = get_flavor(flavor)
+        self._frozen: dict = {"codec": None, "head": None, "transfer": None}   # out of the module tree
+        self._warned: set[str] = set()
+        self.flavor_config = self._flavor()        # checks the flavor (and its codec layout) before any build
+
+    # -- construction -----------------------------------------------------------------------
+    def _flavor(self):
+        """The flavor with ``flavor_overrides`` and the codec's latent layout applied."""
+        hp = self.hparams
+        overrides = dict(hp.flavor_overrides or {})
+        if hp.codec:                                # the latent layout follows the codec (Wan VAE: z 16, /8)
+            z, space = codec_layout(hp.codec, hp.codec_subfolder)
+            base = get_flavor(hp.flavor)
             if (z, space) != (base.latent_channels, base.latent_space):
                 overrides.setdefault("latent_channels", z)
                 overrides.setdefault("latent_space", space)
-        f = get_flavor(flavor, **overrides)
-        weights_dtype = getattr(torch, dtype)       # bfloat16: load real-scale weights at half the host memory
-        if pretrained:
-            self.model = NormalDrivenWan.from_pretrained(pretrained, dtype=weights_dtype)
-        elif wan_folder:
-            self.model = NormalDrivenWan.from_wan(wan_folder, f if overrides else flavor, dtype=weights_dtype)
+        return get_flavor(hp.flavor, **overrides)
+
+    def __getattr__(self, name: str):
+        # ``task.model`` before Lightning's ``configure_model`` (a script, a test, the exporter): build it now,
+        # whole, on this process; inside ``fit`` Lightning calls ``configure_model`` first (sharded under ZeRO-3)
+        if name == "model" and "model" not in self.__dict__.get("_modules", {}) and "_frozen" in self.__dict__:
+            self.configure_model()
+        return super().__getattr__(name)
+
+    def configure_model(self) -> None:
+        """Build the model once (idempotent). Lightning calls this inside ``deepspeed.zero.Init`` under
+        ZeRO-3, so every parameter is partitioned over the ranks as its layer is created and no rank
+        ever holds the whole model; weights (``pretrained`` / ``wan_folder``) are then read by rank 0
+        only and copied in layer by layer under ``GatheredParameters`` (:mod:`training.tasks.sharded`).
+        Elsewhere the model is built whole, weights loaded by diffusers."""
+        if "model" in self._modules:
+            return
+        hp, f = self.hparams, self.flavor_config
+        weights_dtype = getattr(torch, hp.dtype)    # bfloat16: load real-scale weights at half the host memory
+        if zero3_partitioning(self):
+            model = build_partitioned(f, hp.flavor, pretrained=hp.pretrained, wan_folder=hp.wan_folder)
+        elif hp.pretrained:
+            model = NormalDrivenWan.from_pretrained(hp.pretrained, dtype=weights_dtype)
+        elif hp.wan_folder:
+            model = NormalDrivenWan.from_wan(hp.wan_folder, f if f != get_flavor(hp.flavor) else hp.flavor,
+                                             dtype=weights_dtype)
         else:
-            self.model = NormalDrivenWan(f, flavor_name=flavor)
-        mf = self.model.flavor
-        if codec and (mf.latent_channels, mf.latent_space) != codec_layout(codec, codec_subfolder):
-            raise ValueError(f"codec {codec} codes z={codec_layout(codec, codec_subfolder)[0]} at "
-                             f"/{codec_layout(codec, codec_subfolder)[1]}, the generator expects "
+            model = NormalDrivenWan(f, flavor_name=hp.flavor)
+        mf = model.flavor
+        if hp.codec and (mf.latent_channels, mf.latent_space) != codec_layout(hp.codec, hp.codec_subfolder):
+            layout = codec_layout(hp.codec, hp.codec_subfolder)
+            raise ValueError(f"codec {hp.codec} codes z={layout[0]} at /{layout[1]}, the generator expects "
                              f"z={mf.latent_channels} at /{mf.latent_space}")
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self._frozen: dict = {"codec": None, "head": None, "transfer": None}   # out of the module tree
-        self._warned: set[str] = set()
+        if hp.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        # LoRA: checkpoints hold only the trainable parameters (DeepSpeed's exclude_frozen_parameters);
+        # on resume the frozen base stays as built from wan_folder / pretrained
+        self.strict_loading = not model.has_lora
+        self.model = model
 
     # -- frozen parts -----------------------------------------------------------------------
     @property
@@ -349,19 +401,27 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         """The sampler's σ shift: ``sample_shift``, else the training ``shift``."""
         return sampler_settings(self.hparams)["shift"]
 
+    def global_batch(self) -> int:
+        """Samples per optimizer step: per-device batch x devices x nodes x accumulation."""
+        trainer = self.trainer
+        data = getattr(trainer, "datamodule", None)
+        per_device = int(data.hparams.get("batch_size", 1)) if hasattr(data, "hparams") else 1
+        return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
     def configure_optimizers(self):
         params = self.model.trainable_parameters()
         kind = self.hparams.optimizer
+        lr = scaled_lr(self.hparams.lr, self.global_batch(), self.hparams.lr_reference_batch, self.hparams.lr_scaling)
+        self.effective_lr = lr
         if kind == "adamw":
-            opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                    betas=(0.9, 0.99))
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99))
         elif kind == "cpu_adam":                    # DeepSpeed's, for ZeRO-Offload of the optimizer
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            opt = DeepSpeedCPUAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+            opt = DeepSpeedCPUAdam(params, lr=lr, weight_decay=self.hparams.weight_decay,
                                    betas=(0.9, 0.99), adamw_mode=True)
         elif kind == "fused_adam":                  # DeepSpeed's fused CUDA Adam
             from deepspeed.ops.adam import FusedAdam
-            opt = FusedAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99),
+            opt = FusedAdam(params, lr=lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.99),
                             adam_w_mode=True)
         else:
             raise ValueError(f"unknown optimizer {kind!r}; known: adamw, cpu_adam, fused_adam")
