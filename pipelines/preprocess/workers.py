@@ -71,8 +71,10 @@ class ClipWorker:
         ``lost``: earlier runs of this call whose worker died (counted in ``attempts``)."""
         from preprocessing.clip_stages import fit_identity, run_clip
 
-        identity, tried = fit_identity(identity_id, items, self.ctx,
-                                       run=lambda item: self._attempt(item, lambda: on_local_disk(item, lambda it: run_clip(it, self.ctx)), lost))
+        def run(item: ClipItem) -> ClipOutcome:
+            return self._attempt(item, lambda: on_local_disk(item, lambda it: run_clip(it, self.ctx)), lost)
+
+        identity, tried = fit_identity(identity_id, items, self.ctx, run=run)
         anchor = tried.pop(identity.anchor_clip_id, None) if identity.anchor_clip_id else None
         return identity, tried, anchor
 
