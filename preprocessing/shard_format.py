@@ -151,26 +151,33 @@ class _HashingSink:
         self.fh.flush()
 
 
+def write_tar(location: str | os.PathLike, samples) -> tuple[str, int]:
+    """Write encoded WebDataset samples as a reproducible tar (fixed mtime, owner and mode)
+    whole under its final name (path or URL, :class:`preprocessing.storage.writer`); returns
+    its sha256 and size, hashed while it streams out (no second read)."""
+    import webdataset as wds
+
+    with storage.writer(location) as fh:
+        stream = _HashingSink(fh)
+        with wds.TarWriter(stream, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
+            for sample in samples:
+                sink.write(sample)
+    return stream.sha256.hexdigest(), stream.bytes
+
+
 def write_shard(out: ShardFolder, spec: ShardSpec, outcomes: list[ClipOutcome]) -> dict:
     """Write the shard's samples (clip order, then segment order) and its done marker.
 
     The tar is reproducible: fixed mtime, owner and mode, so the same samples give the same
     sha256. Returns the marker (which carries the manifest rows of the shard's clips).
     """
-    import webdataset as wds
-
     by_id = {o.clip_id: o for o in outcomes}
     ordered = [by_id[c.clip_id] for c in spec.clips]
     samples = [s for o in ordered for s in o.samples]
     tar_name = f"{spec.name}.tar" if samples else None
     digest, size = None, 0
     if samples:
-        with storage.writer(out.path(tar_name)) as fh:      # whole under its final name, or nothing
-            stream = _HashingSink(fh)
-            with wds.TarWriter(stream, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
-                for sample in samples:
-                    sink.write(sample)
-        digest, size = stream.sha256.hexdigest(), stream.bytes
+        digest, size = write_tar(out.path(tar_name), samples)
     rows = []
     for o in ordered:
         row = o.row()

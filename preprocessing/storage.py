@@ -282,3 +282,45 @@ def makedirs(location: str | os.PathLike) -> None:
     local = local_path(location)
     if local is not None:
         os.makedirs(local, exist_ok=True)
+
+
+def put_tree(local_dir: str | os.PathLike, location: str | os.PathLike) -> list[str]:
+    """Upload every file under a local folder to ``location`` (each written whole); the
+    relative names uploaded."""
+    names = []
+    for dirpath, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(dirpath, name), local_dir).replace(os.sep, "/")
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                put_bytes(url_join(location, *rel.split("/")), fh.read())
+            names.append(rel)
+    return sorted(names)
+
+
+class staged_folder:
+    """``with staged_folder(location) as local:`` a local folder to write into: ``location``
+    itself when it is local, else a temporary folder uploaded to it (:func:`put_tree`) when the
+    block ends without an error."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = os.fspath(location)
+        self.tmp = None
+
+    def __enter__(self) -> str:
+        local = local_path(self.location)
+        if local is not None:
+            os.makedirs(local, exist_ok=True)
+            return local
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="expportrait-stage-")
+        return self.tmp.name
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self.tmp is None:
+            return
+        try:
+            if kind is None:
+                put_tree(self.tmp.name, self.location)
+        finally:
+            self.tmp.cleanup()
