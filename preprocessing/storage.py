@@ -103,6 +103,12 @@ def _make_wrapper():
             path = self._strip_protocol(path)
             return path.rsplit("/", 1)[0] if "/" in path else ""
 
+        def open(self, path, mode="rb", **kwargs):
+            # No deferred commit inside fsspec transactions (Lightning's _atomic_save): an
+            # object appears whole when its upload completes, which is the commit S3 has.
+            kwargs["autocommit"] = True
+            return super().open(path, mode, **kwargs)
+
     return ArrowS3FileSystem
 
 
