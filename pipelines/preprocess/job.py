@@ -96,12 +96,12 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
         from preprocessing.landmark_embedding import no_calibration_note
         print(no_calibration_note(model_path, "stages.landmark_embedding"), file=sys.stderr)
     stage_fp = stage_fingerprint(cfg, model_sha1, embedding)
-    items = list_inputs(cfg.input, cfg.limit)
+    items = reaching_storage("input", cfg.input, lambda: list_inputs(cfg.input, cfg.limit))
     if not items:
         raise JobInputError(f"no video found in {cfg.input}")
     plan = plan_shards(items, cfg.clips_per_shard, stage_fp)
     out = OutputDir(cfg.output)
-    present = set(storage.listdir(out.shards))         # one listing; markers read only where present
+    present = reaching_storage("output", out.root, lambda: set(storage.listdir(out.shards)))  # one listing
     done = {s.name: out.read_marker(s) for s in plan if f"{s.name}{MARKER_SUFFIX}" in present}
     if retry_failed:          # done shards holding lost or crashed clips are done again
         done = {k: m for k, m in done.items() if m is None or not retryable_clips(m)}
@@ -246,6 +246,21 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         if pool is not None:
             pool.shutdown()
         ray.shutdown()
+
+
+def reaching_storage(role: str, location: str, call):
+    """``call()``; an object store that cannot be reached or refuses the credentials (an
+    ``OSError`` from the S3 client) is an :class:`EnvironmentFault` naming the URL, not a bug.
+    The message is the client's: it names the bucket and key, never the credentials."""
+    try:
+        return call()
+    except OSError as exc:
+        if storage.local_path(location) is not None and not is_environment_fault(exc):
+            raise
+        if storage.local_path(location) is not None:
+            raise EnvironmentFault(f"{role} {location}: {exc.strerror or exc}") from None
+        raise EnvironmentFault(f"{role} {location}: the object store cannot be used "
+                               f"({' '.join(str(exc).split())[:300]})") from None
 
 
 def output_location(root: str) -> str:

@@ -54,3 +54,23 @@ def test_failed_write_leaves_no_local_file(tmp_path):
             fh.write(b"partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_refused_credentials_are_an_environment_fault(s3_server, tmp_path):
+    """Wrong S3 credentials: exit 3 and one JSON line naming the URL, before any work; the
+    secret itself appears nowhere in the output."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **s3_server["env"], "AWS_SECRET_ACCESS_KEY": "wrong-" + s3_server["secret"],
+           "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    manifest = f"{s3_server['data_bucket']}/refused/inputs.csv"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--input", manifest,
+                           "--output", f"{s3_server['data_bucket']}/refused/out", "--no-progress"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["error"] == "EnvironmentFault" and manifest in result["message"]
+    assert s3_server["secret"] not in proc.stdout + proc.stderr
