@@ -86,11 +86,16 @@ def tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterable[dict
     def open_streams(src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
             try:
-                yield {**sample, "stream": storage.open_url(sample["url"])}
+                stream = storage.open_url(sample["url"])
             except Exception as exn:  # noqa: BLE001 - the handler decides (skip or raise)
                 exn.args = exn.args + (sample["url"],)
                 if not handler(exn):
                     break
+                continue
+            try:
+                yield {**sample, "stream": stream}     # read to its end before the next is asked for
+            finally:
+                stream.close()
 
     def stage(src: Iterable[dict]) -> Iterator[dict]:
         return group_by_keys(tar_file_expander(open_streams(src), handler=handler), handler=handler)
