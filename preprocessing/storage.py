@@ -168,9 +168,11 @@ def open_url(location: str | os.PathLike, mode: str = "rb") -> IO[bytes]:
 
 
 class writer:
-    """``with writer(url) as fh:`` writes the object whole or not at all under its final name:
-    a local file goes to ``.<name>.tmp-<id>`` and is renamed at the end; an object store upload
-    completes at close (an error or a kill before that leaves no object)."""
+    """``with writer(url) as fh:`` writes a file under its final name: a local file goes to
+    ``.<name>.tmp-<id>`` and is renamed at the end (an error leaves nothing); an object-store
+    upload becomes visible whole when it completes at close (a kill before that leaves no
+    object). pyarrow's streams cannot abort an upload, so an *exception* inside the block still
+    completes it: callers commit objects by a marker written afterwards, never by existence."""
 
     def __init__(self, location: str | os.PathLike):
         self.location = os.fspath(location)
@@ -190,10 +192,7 @@ class writer:
 
     def __exit__(self, kind, exc, tb) -> None:
         if self.tmp is None:
-            if kind is None:
-                self.fh.close()
-            else:                         # abort: pyarrow completes multipart uploads on close
-                _abort(self.fh)
+            self.fh.close()
             return
         try:
             if kind is None:
@@ -205,15 +204,6 @@ class writer:
             os.replace(self.tmp, os.path.abspath(self.local))
         else:
             os.unlink(self.tmp)
-
-
-def _abort(fh) -> None:
-    stream = getattr(fh, "stream", None)
-    abort = getattr(stream, "abort", None)
-    if abort is not None:
-        abort()
-    else:
-        fh.close()
 
 
 def put_bytes(location: str | os.PathLike, data: bytes) -> None:
