@@ -60,7 +60,7 @@ def source_shards(source: str | Path) -> list[dict]:
     """The finished shards of a preprocessing output (a path or URL): their done markers."""
     shards = storage.url_join(source, "shards")
     names = storage.listdir(shards)
-    if not names:
+    if not names and not storage.is_dir(shards):        # (an empty prefix is no folder on S3)
         raise JobInputError(f"{source} is not a preprocessing output (no shards/ folder)")
     markers = []
     for name in (n for n in names if n.endswith(MARKER_SUFFIX)):
