@@ -22,11 +22,11 @@ import json
 import sys
 import time
 import traceback
-import uuid
 from pathlib import Path
 
+from preprocessing import storage
 from preprocessing.clip_records import is_environment_fault
-from preprocessing.shard_format import MARKER_SUFFIX, TMP_TAG, atomic_write
+from preprocessing.shard_format import MARKER_SUFFIX, TMP_TAG, atomic_write, write_tar
 
 from .actor_pool import ActorPool, ActorResources, CallFailure
 from .job_io import JobInputError, parquet_bytes, write_if_changed
@@ -57,15 +57,16 @@ def codec_id_of(codec) -> str:
 
 
 def source_shards(source: str | Path) -> list[dict]:
-    """The finished shards of a preprocessing output: their done markers (with samples)."""
-    shards = Path(source) / "shards"
-    if not shards.is_dir():
+    """The finished shards of a preprocessing output (a path or URL): their done markers."""
+    shards = storage.url_join(source, "shards")
+    names = storage.listdir(shards)
+    if not names and not storage.is_dir(shards):        # (an empty prefix is no folder on S3)
         raise JobInputError(f"{source} is not a preprocessing output (no shards/ folder)")
     markers = []
-    for path in sorted(shards.glob(f"*{MARKER_SUFFIX}")):
-        marker = json.loads(path.read_text())
-        if marker.get("tar") and (shards / marker["tar"]).is_file():
-            markers.append({"name": marker["name"], "tar": str(shards / marker["tar"]),
+    for name in (n for n in names if n.endswith(MARKER_SUFFIX)):
+        marker = json.loads(storage.get_bytes(storage.url_join(shards, name)))
+        if marker.get("tar") and marker["tar"] in names:
+            markers.append({"name": marker["name"], "tar": storage.url_join(shards, marker["tar"]),
                             "sha256": marker["sha256"], "samples": marker["samples"]})
     if not markers:
         raise JobInputError(f"no finished shard in {shards}")
@@ -86,18 +87,19 @@ class LatentEncoder:
         return self.codec_id
 
     def encode_shard(self, source: dict, out_dir: str, batch: int) -> dict:
-        """Encode one source shard into its sidecar (temp name, fsync, rename, marker)."""
+        """Encode one source shard into its sidecar (written whole, then committed by its marker)."""
         import numpy as np
         import torch
         import webdataset as wds
 
         from models.generator import to_unit_video
-        from preprocessing.files import file_digest
         from preprocessing.latent_schema import LatentSample, encode_latent_sample, latent_frames
         from preprocessing.sample_schema import decode_sample
 
         t0 = time.perf_counter()
-        raws = list(wds.DataPipeline(wds.SimpleShardList([source["tar"]]), wds.tarfile_to_samples()))
+        with storage.open_url(source["tar"]) as fh:
+            raws = list(wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"stream": fh,
+                                                                                             "url": source["tar"]}])))
         samples, pending = [], []
 
         def flush() -> None:
@@ -122,31 +124,26 @@ class LatentEncoder:
                 flush()
         if pending:
             flush()
-        out = Path(out_dir)
-        final = out / f"{source['name']}.tar"
-        tmp = final.with_name(f".{final.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as fh:
-            with wds.TarWriter(fh, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
-                for s in samples:
-                    sink.write(encode_latent_sample(s))
-        digest = file_digest(tmp, "sha256")
-        tmp.replace(final)
-        marker = {"name": source["name"], "tar": final.name, "sha256": digest, "samples": len(samples),
+        tar_name = f"{source['name']}.tar"
+        digest, _ = write_tar(storage.url_join(out_dir, tar_name), (encode_latent_sample(s) for s in samples))
+        marker = {"name": source["name"], "tar": tar_name, "sha256": digest, "samples": len(samples),
                   "keys": [s.key for s in samples], "source_sha256": source["sha256"],
                   "codec_id": self.codec_id, "frames_rule": FRAMES_RULE}
-        atomic_write(out / f"{source['name']}{MARKER_SUFFIX}", json.dumps(marker, indent=1).encode())
+        atomic_write(storage.url_join(out_dir, f"{source['name']}{MARKER_SUFFIX}"),
+                     json.dumps(marker, indent=1).encode())                    # the commit
         return {"shard": source["name"], "status": "ok", "samples": len(samples),
                 "seconds": round(time.perf_counter() - t0, 3), "reason": ""}
 
 
-def pending_shards(sources: list[dict], out: Path, codec_id: str) -> list[dict]:
+def pending_shards(sources: list[dict], out: str, codec_id: str) -> list[dict]:
     """Source shards whose sidecar is missing or stale (another source sha256 or frame rule)."""
     todo = []
+    present = set(storage.listdir(out))
     for s in sources:
         try:
-            marker = json.loads((out / f"{s['name']}{MARKER_SUFFIX}").read_text())
+            marker = json.loads(storage.get_bytes(storage.url_join(out, f"{s['name']}{MARKER_SUFFIX}")))
             fresh = (marker["source_sha256"] == s["sha256"] and marker["codec_id"] == codec_id
-                     and marker["frames_rule"] == FRAMES_RULE and (out / marker["tar"]).is_file())
+                     and marker["frames_rule"] == FRAMES_RULE and marker["tar"] in present)
         except (OSError, ValueError, KeyError):
             fresh = False
         if not fresh:
@@ -160,26 +157,28 @@ def run(args: argparse.Namespace) -> dict:
     codec = load_codec(args.codec, args.codec_subfolder)
     cid = codec_id_of(codec)
     del codec
-    out = Path(args.output) / cid / "shards"
-    todo = pending_shards(sources, out, cid) if out.is_dir() else list(sources)
-    summary = {"codec_id": cid, "output": str(out.parent), "source_shards": len(sources), "pending": len(todo)}
+    base = storage.url_join(args.output, cid)
+    out = storage.url_join(base, "shards")
+    todo = pending_shards(sources, out, cid)
+    summary = {"codec_id": cid, "output": base, "source_shards": len(sources), "pending": len(todo)}
     if args.dry_run or not todo:
         return {**summary, "written": 0, "failed": 0, "dry_run": args.dry_run}
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out)
     except OSError as exc:
         raise EnvironmentFault(f"output {out}: {exc.strerror}") from None
-    for orphan in out.glob(f"*{TMP_TAG}*"):
-        orphan.unlink(missing_ok=True)
+    if storage.local_path(out) is not None:         # a killed local run's temp files
+        for orphan in [n for n in storage.listdir(out) if TMP_TAG in n]:
+            storage.remove(storage.url_join(out, orphan))
     rows = _encode_on_pool(args, todo, out, cid)
     failed = sum(r["status"] != "ok" for r in rows)
     summary.update(written=len(rows) - failed, failed=failed, samples=sum(r["samples"] for r in rows),
                    seconds=round(time.perf_counter() - started, 2))
-    (out.parent / "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.put_bytes(storage.url_join(base, "summary.json"), json.dumps(summary, indent=1).encode())
     return summary
 
 
-def _encode_on_pool(args: argparse.Namespace, todo: list[dict], out: Path, cid: str) -> list[dict]:
+def _encode_on_pool(args: argparse.Namespace, todo: list[dict], out: str, cid: str) -> list[dict]:
     """Encode the pending shards on a pool of :class:`LatentEncoder` actors; a row per shard
     (also ``manifest.parquet``, written even when the job stops on an environment fault)."""
     from tqdm import tqdm
@@ -207,7 +206,8 @@ def _encode_on_pool(args: argparse.Namespace, todo: list[dict], out: Path, cid: 
         ray.shutdown()
         if rows:
             import pandas as pd
-            write_if_changed(out.parent / "manifest.parquet", parquet_bytes(pd.DataFrame(rows)))
+            write_if_changed(storage.url_join(out.rsplit("/shards", 1)[0], "manifest.parquet"),
+                             parquet_bytes(pd.DataFrame(rows)))
     return rows
 
 

@@ -3,13 +3,17 @@ and the shard format it writes are :mod:`preprocessing.shard_format`.
 
 Output layout::
 
-    OUT/shards/<split>-<k>.tar          WebDataset shard (written to a temp name, then renamed)
+    OUT/shards/<split>-<k>.tar          WebDataset shard (committed by its done marker)
     OUT/shards/<split>-<k>.done.json    done marker: fingerprint, sha256, samples, manifest rows
     OUT/identities/<identity>.npz       shared β and Δg of an identity (+ anchor clip)
     OUT/manifest.parquet                a row per input video (status, reason, shard, samples, ...)
     OUT/errors.parquet                  the rows that are not ok
     OUT/summary.json                    totals, failure ratio, shard list, the last run's figures
-    OUT/.job.lock                       held (flock) by the running job: one job per output
+    OUT/.job.lock                       held by the running job: one job per output (a local
+                                        flock; on an object store a lease object, see
+                                        :meth:`OutputDir.locked`)
+
+OUT and the input are paths or URLs (``s3://bucket/prefix``; :mod:`preprocessing.storage`).
 
 A shard's fingerprint covers its clips, the stage configuration and the head model
 (:func:`preprocessing.shard_format.plan_shards`), so a rerun skips every shard whose marker matches.
@@ -20,11 +24,16 @@ import fcntl
 import io
 import json
 import os
+import socket
+import threading
+import time
+import uuid
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from preprocessing import storage
 from preprocessing.clip_records import ClipItem
 from preprocessing.sample_schema import safe_id
 from preprocessing.shard_format import ShardFolder, atomic_write
@@ -44,7 +53,8 @@ class OutputBusy(JobInputError):
 # -- inputs -------------------------------------------------------------------------------
 
 def list_inputs(source: str | os.PathLike, limit: int | None = None) -> list[ClipItem]:
-    """Clips from a folder of videos or a manifest (.parquet / .csv), sorted by clip id.
+    """Clips from a folder of videos or a manifest (.parquet / .csv), sorted by clip id; the
+    folder or manifest is a path or a URL (a video's path is then a URL too).
 
     Folder: every file with a video suffix, recursively; the identity is the first folder
     below the root (files directly in the root are their own identity); split ``train``.
@@ -52,16 +62,19 @@ def list_inputs(source: str | os.PathLike, limit: int | None = None) -> list[Cli
     ``split`` and ``clip_id``; relative paths are relative to the manifest. ``limit`` keeps
     the first clips in that order (deterministic).
     """
-    source = Path(source)
-    if source.is_dir():
+    source = os.fspath(source)
+    remote = storage.is_url(source)
+    if remote and storage.is_dir(source) or not remote and Path(source).is_dir():
         items = []
-        for p in sorted(source.rglob("*")):
-            if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
-                rel = p.relative_to(source)
-                identity = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-                items.append(ClipItem(safe_id(str(rel.with_suffix(""))), str(p.resolve()),
-                                      safe_id(identity), "train"))
-    elif source.is_file():
+        for rel in storage.walk_files(source) if remote else \
+                sorted(p.relative_to(source).as_posix() for p in Path(source).rglob("*") if p.is_file()):
+            stem, suffix = os.path.splitext(rel)
+            if suffix.lower() in VIDEO_SUFFIXES:
+                parts = rel.split("/")
+                identity = parts[0] if len(parts) > 1 else stem
+                where = storage.url_join(source, rel) if remote else str((Path(source) / rel).resolve())
+                items.append(ClipItem(safe_id(stem), where, safe_id(identity), "train"))
+    elif storage.is_file(source):
         items = _manifest_items(source)
     else:
         raise JobInputError(f"input {source} does not exist (a folder of videos or a manifest)")
@@ -72,13 +85,15 @@ def list_inputs(source: str | os.PathLike, limit: int | None = None) -> list[Cli
     return items[:limit] if limit else items
 
 
-def _manifest_items(path: Path) -> list[ClipItem]:
+def _manifest_items(path: str) -> list[ClipItem]:
     import pandas as pd
 
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    elif path.suffix == ".csv":
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if path.endswith(".parquet"):
+        fs, inner = storage.arrow_filesystem(path)
+        df = pd.read_parquet(inner, filesystem=fs)
+    elif path.endswith(".csv"):
+        with storage.open_url(path) as fh:
+            df = pd.read_csv(fh, dtype=str, keep_default_na=False)
     else:
         raise JobInputError(f"manifest {path} must be .parquet or .csv")
     path_col = next((c for c in ("path", "video") if c in df.columns), None)
@@ -87,9 +102,8 @@ def _manifest_items(path: Path) -> list[ClipItem]:
         raise JobInputError(f"manifest {path} needs a 'path' (or 'video') and an 'identity_id' "
                             f"(or 'identity') column; it has {list(df.columns)}")
     # Column-wise, no per-row filesystem calls: a manifest of a million rows lists in seconds.
-    base = os.path.abspath(path.parent)
     raw_paths = df[path_col].astype(str).tolist()
-    paths = [os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p)) for p in raw_paths]
+    paths = _resolve_against(path, raw_paths)
     clip_col = df["clip_id"].astype(str).tolist() if "clip_id" in df.columns else [""] * len(df)
     clips = [c if c and c != "None" and c != "nan" else os.path.splitext(p)[0].replace("/", "__")
              for c, p in zip(clip_col, raw_paths)]
@@ -97,6 +111,20 @@ def _manifest_items(path: Path) -> list[ClipItem]:
     identities = df[id_col].astype(str).tolist()
     return [ClipItem(safe_id(c), p, safe_id(i), s if s and s not in ("None", "nan") else "train")
             for c, p, i, s in zip(clips, paths, identities, splits)]
+
+
+def _resolve_against(manifest: str, raw_paths: list[str]) -> list[str]:
+    """Absolute paths and URLs stay; relative ones are relative to the manifest's folder."""
+    import posixpath
+
+    if storage.is_url(manifest):
+        base = manifest.rsplit("/", 1)[0]
+        scheme, rest = base.split("://", 1)
+        return [p if "://" in p else f"{scheme}://{posixpath.normpath(posixpath.join(rest, p))}"
+                for p in raw_paths]
+    base = os.path.abspath(os.path.dirname(storage.local_path(manifest)))
+    return [p if "://" in p else os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+            for p in raw_paths]
 
 
 # -- output directory (the shard plan and the shard format: preprocessing.shard_format) -----
@@ -112,26 +140,101 @@ def retryable_clips(marker: dict) -> list[str]:
     return [r["clip_id"] for r in marker.get("clips", []) if r.get("status") in RETRYABLE]
 
 
+#: an object-store lock's lease: renewed every third of it while the job runs
+LOCK_LEASE_SECONDS = 120.0
+
+
 class OutputDir(ShardFolder):
-    """The job's output folder: the shard folder plus the job's lock."""
+    """The job's output folder (a path or a URL): the shard folder plus the job's lock."""
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold ``OUT/.job.lock`` (an exclusive ``flock``) while the job runs: a second job on
-        the same output stops at once with :class:`OutputBusy` instead of racing this one.
-        The lock goes with the process, so a killed job leaves none behind; the file is
-        created once and never written, so a rerun still writes nothing."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_NAME, "a") as fh:
+        """One job per output: a second job stops at once with :class:`OutputBusy`.
+
+        Local folder: an exclusive ``flock`` on ``OUT/.job.lock`` (it goes with the process;
+        the file is created once and never written, so a rerun writes nothing). Object store
+        (no flock there): :func:`object_lock`."""
+        if storage.local_path(self.root) is None:
+            with object_lock(storage.url_join(self.root, LOCK_NAME)):
+                yield
+            return
+        root = Path(storage.local_path(self.root))
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / LOCK_NAME, "a") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 raise OutputBusy(f"output {self.root} is being written by another job (it holds "
-                                 f"{self.root / LOCK_NAME}); run one job per output folder") from exc
+                                 f"{root / LOCK_NAME}); run one job per output folder") from exc
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _lock_is_live(holder: dict) -> bool:
+    """A lock object still holds: its lease has not expired, and when it was taken on this
+    host, its process is alive (a job killed here is taken over at once, not after the lease)."""
+    if float(holder.get("expires", 0)) < time.time():
+        return False
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, ValueError):
+            pass
+    return True
+
+
+def _read_lock(url: str) -> dict | None:
+    try:
+        return json.loads(storage.get_bytes(url))
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def object_lock(url: str, lease: float | None = None) -> Iterator[None]:
+    """A lease object on an object store: ``{"owner", "host", "pid", "expires"}`` (no secret).
+
+    Taken when there is none or it is stale (lease expired, or its process on this host is
+    gone); a thread renews it every third of the lease; deleted at the end. Two jobs starting in
+    the same instant could both write it: each reads it back after a pause and only the one
+    whose owner id is there goes on (S3 is read-after-write consistent). The lease is
+    ``$EXPPORTRAIT_LOCK_LEASE_S`` or :data:`LOCK_LEASE_SECONDS`."""
+    lease = lease or float(os.environ.get("EXPPORTRAIT_LOCK_LEASE_S", LOCK_LEASE_SECONDS))
+    owner = uuid.uuid4().hex
+    record = {"owner": owner, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def write() -> None:
+        storage.put_bytes(url, json.dumps({**record, "expires": time.time() + lease}).encode())
+
+    holder = _read_lock(url)
+    if holder is not None and _lock_is_live(holder):
+        raise OutputBusy(f"output lock {url} is held by another job (host {holder.get('host')}, pid "
+                         f"{holder.get('pid')}, lease until {time.ctime(float(holder['expires']))}); "
+                         f"run one job per output folder")
+    write()
+    time.sleep(min(1.0, lease / 10))
+    holder = _read_lock(url)
+    if holder is None or holder.get("owner") != owner:
+        raise OutputBusy(f"output lock {url} was taken by another job starting at the same time")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease / 3):
+            write()
+
+    thread = threading.Thread(target=renew, name="output-lock-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        if (_read_lock(url) or {}).get("owner") == owner:
+            storage.remove(url)
 
 
 # -- manifests ----------------------------------------------------------------------------
@@ -158,9 +261,9 @@ def manifest_frame(markers: list[dict]):
     return df.sort_values("clip_id", kind="stable").reset_index(drop=True)
 
 
-def write_if_changed(path: Path, data: bytes) -> bool:
-    """Atomic write unless the file already holds exactly ``data`` (reruns write nothing)."""
-    if path.is_file() and path.read_bytes() == data:
+def write_if_changed(path: str | os.PathLike, data: bytes) -> bool:
+    """Whole write (path or URL) unless it already holds exactly ``data`` (reruns write nothing)."""
+    if storage.size(path) == len(data) and storage.get_bytes(path) == data:
         return False
     atomic_write(path, data)
     return True

@@ -4,9 +4,15 @@ job and the training data tools both write it, the training reader reads it).
 
 Layout::
 
-    ROOT/shards/<split>-<k>.tar          WebDataset shard (written to a temp name, then renamed)
+    ROOT/shards/<split>-<k>.tar          WebDataset shard
     ROOT/shards/<split>-<k>.done.json    done marker: fingerprint, sha256, samples, manifest rows
     ROOT/identities/<identity>.npz       shared β and Δg of an identity (+ anchor clip)
+
+ROOT is a path or a URL (``s3://bucket/prefix``, :mod:`preprocessing.storage`). A shard is
+committed by its marker: the tar is written whole under its final name (a local temp name and a
+rename on a disk; one upload that appears at completion on an object store), then the marker
+that names it, its size and sha256; a reader or a resumed job trusts only a shard whose marker
+matches (no rename-is-atomic assumption).
 
 Shard assignment is deterministic: the inputs of each split are put in a seeded order that
 interleaves identities (:func:`interleaved`: each identity's clips in a seeded permutation,
@@ -23,16 +29,14 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from . import storage
 from .clip_records import ClipItem, ClipOutcome, IdentityFit
-from .files import file_digest
+from .storage import TMP_TAG
 
-TMP_TAG = ".tmp-"
 MARKER_SUFFIX = ".done.json"
 
 
@@ -87,48 +91,58 @@ def plan_shards(items: list[ClipItem], clips_per_shard: int, config_fingerprint:
 
 
 class ShardFolder:
-    """A shard folder's layout: ``shards/`` (tars and done markers) and ``identities/``."""
+    """A shard folder's layout: ``shards/`` (tars and done markers) and ``identities/``;
+    ``root`` is a path or a URL (kept as text)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        self.shards = self.root / "shards"
-        self.identities = self.root / "identities"
+        self.root = os.fspath(root)
+        self.shards = storage.url_join(self.root, "shards")
+        self.identities = storage.url_join(self.root, "identities")
 
-    def prepare(self) -> list[Path]:
-        """Create the folders; delete temporary files a killed run left behind (returned)."""
-        self.shards.mkdir(parents=True, exist_ok=True)
-        self.identities.mkdir(parents=True, exist_ok=True)
-        orphans = [p for d in (self.shards, self.identities) for p in d.iterdir() if TMP_TAG in p.name]
-        for p in orphans:
-            p.unlink(missing_ok=True)
+    def prepare(self) -> list[str]:
+        """Create the folders (local disks; an object store has none); delete temporary files
+        a killed local run left behind (their names are returned). An upload a killed job left
+        unfinished on an object store is invisible and never committed."""
+        orphans = []
+        for folder in (self.shards, self.identities):
+            storage.makedirs(folder)
+            if storage.local_path(folder) is not None:
+                orphans += [n for n in storage.listdir(folder) if TMP_TAG in n]
+                for name in [n for n in storage.listdir(folder) if TMP_TAG in n]:
+                    storage.remove(storage.url_join(folder, name))
         return orphans
 
-    def marker_path(self, name: str) -> Path:
-        return self.shards / f"{name}{MARKER_SUFFIX}"
+    def path(self, name: str) -> str:
+        """The location of a file in ``shards/``."""
+        return storage.url_join(self.shards, name)
+
+    def marker_path(self, name: str) -> str:
+        return self.path(f"{name}{MARKER_SUFFIX}")
 
     def read_marker(self, spec: ShardSpec) -> dict | None:
-        """The shard's done marker if it matches the plan and its tar is intact, else None."""
-        path = self.marker_path(spec.name)
+        """The shard's done marker if it matches the plan and its tar is there with the
+        committed size, else None."""
         try:
-            marker = json.loads(path.read_text())
+            marker = json.loads(storage.get_bytes(self.marker_path(spec.name)))
         except (OSError, ValueError):
             return None
         if marker.get("fingerprint") != spec.fingerprint:
             return None
-        if marker.get("tar") and not (self.shards / marker["tar"]).is_file():
+        if marker.get("tar") and storage.size(self.path(marker["tar"])) != marker.get("bytes"):
             return None
         return marker
 
     # identities
-    def identity_path(self, identity_id: str) -> Path:
-        return self.identities / f"{identity_id}.npz"
+    def identity_path(self, identity_id: str) -> str:
+        return storage.url_join(self.identities, f"{identity_id}.npz")
 
     def load_identity(self, identity_id: str, config_fingerprint: str) -> IdentityFit | None:
-        path = self.identity_path(identity_id)
-        if not path.is_file():
+        try:
+            blob = storage.get_bytes(self.identity_path(identity_id))
+        except (OSError, ValueError):
             return None
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
                 if str(z["fingerprint"]) != config_fingerprint:
                     return None
                 return IdentityFit(identity_id, "ok", anchor_clip_id=str(z["anchor_clip_id"]),
@@ -143,14 +157,38 @@ class ShardFolder:
         atomic_write(self.identity_path(fit.identity_id), buf.getvalue())
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to ``.<name>.tmp-<uuid>`` beside ``path``, fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` whole under ``path`` (a path or URL; :func:`preprocessing.storage.put_bytes`)."""
+    storage.put_bytes(path, data)
+
+
+class _HashingSink:
+    """A write-only stream that hashes and counts what passes through to ``fh``."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha256, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def write_tar(location: str | os.PathLike, samples) -> tuple[str, int]:
+    """Write encoded WebDataset samples as a reproducible tar (fixed mtime, owner and mode)
+    whole under its final name (path or URL, :class:`preprocessing.storage.writer`); returns
+    its sha256 and size, hashed while it streams out (no second read)."""
+    import webdataset as wds
+
+    with storage.writer(location) as fh:
+        stream = _HashingSink(fh)
+        with wds.TarWriter(stream, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
+            for sample in samples:
+                sink.write(sample)
+    return stream.sha256.hexdigest(), stream.bytes
 
 
 def write_shard(out: ShardFolder, spec: ShardSpec, outcomes: list[ClipOutcome]) -> dict:
@@ -159,24 +197,13 @@ def write_shard(out: ShardFolder, spec: ShardSpec, outcomes: list[ClipOutcome]) 
     The tar is reproducible: fixed mtime, owner and mode, so the same samples give the same
     sha256. Returns the marker (which carries the manifest rows of the shard's clips).
     """
-    import webdataset as wds
-
     by_id = {o.clip_id: o for o in outcomes}
     ordered = [by_id[c.clip_id] for c in spec.clips]
     samples = [s for o in ordered for s in o.samples]
     tar_name = f"{spec.name}.tar" if samples else None
     digest, size = None, 0
     if samples:
-        final = out.shards / tar_name
-        tmp = final.with_name(f".{final.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
-        with open(tmp, "wb") as fh:
-            with wds.TarWriter(fh, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
-                for sample in samples:
-                    sink.write(sample)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest, size = file_digest(tmp, "sha256"), tmp.stat().st_size
-        os.replace(tmp, final)
+        digest, size = write_tar(out.path(tar_name), samples)
     rows = []
     for o in ordered:
         row = o.row()
@@ -185,5 +212,5 @@ def write_shard(out: ShardFolder, spec: ShardSpec, outcomes: list[ClipOutcome]) 
     marker = {"name": spec.name, "split": spec.split, "fingerprint": spec.fingerprint,
               "tar": tar_name, "sha256": digest, "bytes": size, "samples": len(samples),
               "keys": [s["__key__"] for s in samples], "clips": rows}
-    atomic_write(out.marker_path(spec.name), json.dumps(marker, indent=1, default=str).encode())
+    atomic_write(out.marker_path(spec.name), json.dumps(marker, indent=1, default=str).encode())  # the commit
     return marker

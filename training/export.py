@@ -21,10 +21,20 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 
-def export_pretrained(module: ModelMixin, weights: dict[str, torch.Tensor] | None, out: str | Path) -> Path:
+def export_pretrained(module: ModelMixin, weights: dict[str, torch.Tensor] | None, out: str | Path) -> str | Path:
     """Save a copy of ``module`` with ``weights`` (e.g. the EMA) replacing its parameters;
-    buffers (such as the canonical vertices) come from ``module``."""
-    out = Path(out)
+    buffers (such as the canonical vertices) come from ``module``. ``out`` is a folder or a URL
+    (``s3://...``: written locally, then uploaded file by file)."""
+    from preprocessing import storage
+
+    if storage.is_url(out):
+        with storage.staged_folder(out) as local:
+            _export_to_folder(module, weights, Path(local))
+        return str(out)
+    return _export_to_folder(module, weights, Path(out))
+
+
+def _export_to_folder(module: ModelMixin, weights: dict[str, torch.Tensor] | None, out: Path) -> Path:
     state = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
     if weights:
         missing = {n for n, p in module.named_parameters() if p.requires_grad} - set(weights)
@@ -47,7 +57,15 @@ def export_pretrained(module: ModelMixin, weights: dict[str, torch.Tensor] | Non
 def load_checkpoint_state(path: str | Path) -> dict:
     """The checkpoint dict of a Lightning file or a DeepSpeed folder (its client state; the
     engine's weights under ``module``), loaded with ``weights_only=True``; a file that is not
-    one is the user's mistake naming it."""
+    one is the user's mistake naming it. A Lightning file may be a URL (``s3://...``)."""
+    from preprocessing import storage
+
+    if storage.is_url(path):
+        if not storage.is_file(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist (a Lightning .ckpt object)")
+        import io
+        path_or_buffer = io.BytesIO(storage.get_bytes(path))
+        return _load_weights_only(path_or_buffer, path)
     path = Path(path)
     if path.is_dir():
         # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt a rank
@@ -58,8 +76,12 @@ def load_checkpoint_state(path: str | Path) -> dict:
         path = files[0]
     elif not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return _load_weights_only(path, path)
+
+
+def _load_weights_only(source, path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain data only
+        return torch.load(source, map_location="cpu", weights_only=True)     # tensors and plain data only
     except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, UnicodeDecodeError) as exc:
         from preprocessing.errors import UserError
         raise UserError(f"{path} is not a checkpoint (a Lightning .ckpt or a DeepSpeed folder): "
@@ -170,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead")
     args = p.parse_args(argv)
     out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
-    print(json.dumps({"exported": str(out), "files": sorted(f.name for f in out.iterdir())}))
+    from preprocessing import storage
+    print(json.dumps({"exported": str(out), "files": storage.listdir(out)}))
     return 0
 
 

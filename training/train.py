@@ -21,6 +21,8 @@ def _environment() -> None:
     # DeepSpeed JIT-compiles ops on first use: keep them in a cache that survives runs.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from preprocessing.storage import register_s3
+    register_s3()          # s3:// checkpoint and export folders through fsspec (Lightning's checkpoint IO)
 
 
 #: (init arg, sub-path of ``--out``) filled in where a config leaves them null

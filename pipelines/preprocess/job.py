@@ -10,8 +10,9 @@ import sys
 import time
 import traceback
 
+from preprocessing import storage
 from preprocessing.clip_records import ClipItem, is_environment_fault, one_line
-from preprocessing.shard_format import ShardSpec, fingerprint, plan_shards
+from preprocessing.shard_format import MARKER_SUFFIX, ShardSpec, fingerprint, plan_shards
 
 from ..job_io import (JobInputError, OutputDir, list_inputs, manifest_frame, parquet_bytes, retryable_clips,
                       write_if_changed)
@@ -95,12 +96,13 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
         from preprocessing.landmark_embedding import no_calibration_note
         print(no_calibration_note(model_path, "stages.landmark_embedding"), file=sys.stderr)
     stage_fp = stage_fingerprint(cfg, model_sha1, embedding)
-    items = list_inputs(cfg.input, cfg.limit)
+    items = reaching_storage("input", cfg.input, lambda: list_inputs(cfg.input, cfg.limit))
     if not items:
         raise JobInputError(f"no video found in {cfg.input}")
     plan = plan_shards(items, cfg.clips_per_shard, stage_fp)
     out = OutputDir(cfg.output)
-    done = {s.name: out.read_marker(s) for s in plan} if out.shards.is_dir() else {}
+    present = reaching_storage("output", out.root, lambda: set(storage.listdir(out.shards)))  # one listing
+    done = {s.name: out.read_marker(s) for s in plan if f"{s.name}{MARKER_SUFFIX}" in present}
     if retry_failed:          # done shards holding lost or crashed clips are done again
         done = {k: m for k, m in done.items() if m is None or not retryable_clips(m)}
     pending = [s for s in plan if not done.get(s.name)]
@@ -119,7 +121,7 @@ def run(cfg: PreprocessConfig, dry_run: bool = False, progress: bool = True,
     try:
         with out.locked():
             orphans = out.prepare()
-            stats = {"started": started, "orphans_removed": [p.name for p in orphans],
+            stats = {"started": started, "orphans_removed": orphans,
                      "clips_processed": 0, "shards_written": 0, "identities_fitted": 0}
             fault = None
             if pending:
@@ -174,14 +176,15 @@ def _finish(cfg: PreprocessConfig, out: OutputDir, plan: list[ShardSpec], by_ide
         "landmark_embedding": embedding,                  # digest of the embedding used, or "none"
         "stages": cfg.stages.model_dump(mode="json"),
         "stage_spec": stage_spec(cfg.stages, model_path, cfg.subdivision, worker_threads(cfg)),   # packed whole
-        "output": str(out.root.resolve()), "last_run": stats,
+        "output": output_location(out.root), "last_run": stats,
     }
     if fault is not None:
         summary["fault"] = {"error": type(fault).__name__, "message": str(fault)}
     try:
-        stats["manifest_written"] = write_if_changed(out.root / "manifest.parquet", parquet_bytes(manifest))
-        stats["errors_written"] = write_if_changed(out.root / "errors.parquet", parquet_bytes(errors))
-        (out.root / "summary.json").write_text(json.dumps(summary, indent=1))
+        stats["manifest_written"] = write_if_changed(storage.url_join(out.root, "manifest.parquet"),
+                                                     parquet_bytes(manifest))
+        stats["errors_written"] = write_if_changed(storage.url_join(out.root, "errors.parquet"), parquet_bytes(errors))
+        storage.put_bytes(storage.url_join(out.root, "summary.json"), json.dumps(summary, indent=1).encode())
     except OSError as exc:
         if not is_environment_fault(exc) and fault is None:
             raise
@@ -208,7 +211,7 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         w = cfg.workers
         spec = WorkerSpec(model_path=model_path, model_sha1=model_sha1, stages=cfg.stages,
                           subdivision=cfg.subdivision, threads=worker_threads(cfg),
-                          clip_retries=w.clip_retries, fault_dir=str(out.root / "_faults"),
+                          clip_retries=w.clip_retries, fault_dir=fault_flags_dir(out.root),
                           faults=test_faults())
         # A dead worker process: Ray restarts the actor, the scheduler runs the call again on
         # a live worker (max_retries; Ray's own max_task_retries answers ActorUnavailableError
@@ -243,6 +246,40 @@ def _run_pending(cfg: PreprocessConfig, out: OutputDir, pending: list[ShardSpec]
         if pool is not None:
             pool.shutdown()
         ray.shutdown()
+
+
+def reaching_storage(role: str, location: str, call):
+    """``call()``; an object store that cannot be reached or refuses the credentials (an
+    ``OSError`` from the S3 client) is an :class:`EnvironmentFault` naming the URL, not a bug.
+    The message is the client's: it names the bucket and key, never the credentials."""
+    try:
+        return call()
+    except OSError as exc:
+        if storage.local_path(location) is not None and not is_environment_fault(exc):
+            raise
+        if storage.local_path(location) is not None:
+            raise EnvironmentFault(f"{role} {location}: {exc.strerror or exc}") from None
+        raise EnvironmentFault(f"{role} {location}: the object store cannot be used "
+                               f"({' '.join(str(exc).split())[:300]})") from None
+
+
+def output_location(root: str) -> str:
+    """The output as the summary names it: a URL as given (it holds no credentials: those come
+    from the environment), a path made absolute."""
+    local = storage.local_path(root)
+    return root if local is None else os.path.abspath(local)
+
+
+def fault_flags_dir(root: str) -> str:
+    """Where the test hook's one-shot flags go: ``OUT/_faults`` on a local output, a folder in
+    the temp dir named after the URL otherwise (the flags need an atomic local create)."""
+    import hashlib
+    import tempfile
+
+    local = storage.local_path(root)
+    if local is not None:
+        return os.path.join(local, "_faults")
+    return os.path.join(tempfile.gettempdir(), "expportrait-faults-" + hashlib.sha1(root.encode()).hexdigest()[:12])
 
 
 def test_faults() -> dict:

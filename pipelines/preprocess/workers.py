@@ -71,8 +71,10 @@ class ClipWorker:
         ``lost``: earlier runs of this call whose worker died (counted in ``attempts``)."""
         from preprocessing.clip_stages import fit_identity, run_clip
 
-        identity, tried = fit_identity(identity_id, items, self.ctx,
-                                       run=lambda item: self._attempt(item, lambda: run_clip(item, self.ctx), lost))
+        def run(item: ClipItem) -> ClipOutcome:
+            return self._attempt(item, lambda: on_local_disk(item, lambda it: run_clip(it, self.ctx)), lost)
+
+        identity, tried = fit_identity(identity_id, items, self.ctx, run=run)
         anchor = tried.pop(identity.anchor_clip_id, None) if identity.anchor_clip_id else None
         return identity, tried, anchor
 
@@ -82,7 +84,8 @@ class ClipWorker:
         fetches)."""
         from preprocessing.clip_stages import process_clip
 
-        outcome = self._attempt(item, lambda: process_clip(item, identity, self.ctx), lost)
+        outcome = self._attempt(item, lambda: on_local_disk(item, lambda it: process_clip(it, identity, self.ctx)),
+                                lost)
         return outcome, outcome.status
 
     def write_shard(self, out_root: str, shard, clip_refs: list) -> dict:
@@ -131,6 +134,26 @@ class ClipWorker:
         outcome.node = ray.util.get_node_ip_address()
         outcome.started_at, outcome.finished_at = started_at, time.time()
         return outcome
+
+
+def on_local_disk(item: ClipItem, work: Callable[[ClipItem], ClipOutcome]) -> ClipOutcome:
+    """Run ``work`` on the clip; a video at a URL (``s3://...``) is first copied to a temporary
+    local file (the decoders read files), removed afterwards; the outcome keeps the URL."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from preprocessing import storage
+
+    if not storage.is_url(item.path):
+        return work(item)
+    with tempfile.TemporaryDirectory(prefix="expportrait-clip-") as tmp:
+        local = os.path.join(tmp, storage.url_name(item.path))
+        with storage.open_url(item.path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        outcome = work(dataclasses.replace(item, path=local))
+    outcome.path = item.path
+    return outcome
 
 
 def _failed(item: ClipItem, stage: str, exc: BaseException) -> ClipOutcome:

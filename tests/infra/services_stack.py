@@ -66,3 +66,27 @@ def service_stack_fixture():
     finally:
         services.down(root / "stack")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", name="s3_server")
+def s3_server_fixture():
+    """SeaweedFS's S3 alone (faster than the whole stack), through the same launcher: yields
+    ``s3_endpoint``, ``key``, ``secret``, ``data_bucket`` and ``env`` (the AWS_* variables a
+    client process needs, AWS_ENDPOINT_URL included); stopped by pid after the session."""
+    services = launcher()
+    root = stack_root()
+    layout = services.Layout(root / "s3only")
+    record = None
+    try:
+        layout.root.mkdir(parents=True)
+        creds = services.load_credentials(layout)
+        record = services.start_s3(layout, creds, services.free_ports(8))
+        record.pop("_proc", None)
+        endpoint = record["address"]
+        env = {**services.mlflow_env(creds, endpoint), "AWS_ENDPOINT_URL": endpoint}
+        yield {"s3_endpoint": endpoint, "key": creds["key"], "secret": creds["secret"],
+               "data_bucket": f"s3://{services.DATA_BUCKET}", "env": env, "root": layout.root}
+    finally:
+        if record is not None:
+            services.stop(record, "s3")
+        shutil.rmtree(root, ignore_errors=True)

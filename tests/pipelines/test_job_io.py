@@ -1,5 +1,6 @@
 """Inputs, shard plan and shard writing of the preprocessing job (no Ray)."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -76,26 +77,26 @@ def test_write_shard_is_atomic_reproducible_and_marks_done(tmp_path):
     assert marker["keys"] == ["c0_s000", "c0_s001", "c2_s000", "c2_s001"]     # plan order
     assert [r["status"] for r in marker["clips"]] == ["ok", "no_face", "ok"]
     assert [r["shard"] for r in marker["clips"]] == ["train-000000.tar", None, "train-000000.tar"]
-    digests = {file_digest(o.shards / "train-000000.tar", "sha256") for o in (a, b)}
+    digests = {file_digest(Path(o.shards) / "train-000000.tar", "sha256") for o in (a, b)}
     assert digests == {marker["sha256"]}
     assert a.read_marker(spec)["samples"] == 4
-    assert sorted(p.name for p in a.shards.iterdir()) == ["train-000000.done.json", "train-000000.tar"]
+    assert sorted(p.name for p in Path(a.shards).iterdir()) == ["train-000000.done.json", "train-000000.tar"]
     # a marker whose tar vanished, or from another plan, does not count as done
     other = plan_shards(items, 3, "changed-config")[0]
     assert a.read_marker(other) is None
-    (a.shards / "train-000000.tar").unlink()
+    (Path(a.shards) / "train-000000.tar").unlink()
     assert a.read_marker(spec) is None
 
 
 def test_prepare_removes_orphans_only(tmp_path):
     out = OutputDir(tmp_path)
     out.prepare()
-    (out.shards / ".train-000000.tar.tmp-deadbeef").write_bytes(b"half")
-    (out.identities / ".id.npz.tmp-0").write_bytes(b"half")
-    (out.shards / "train-000001.tar").write_bytes(b"keep")
+    (Path(out.shards) / ".train-000000.tar.tmp-deadbeef").write_bytes(b"half")
+    (Path(out.identities) / ".id.npz.tmp-0").write_bytes(b"half")
+    (Path(out.shards) / "train-000001.tar").write_bytes(b"keep")
     removed = out.prepare()
-    assert sorted(p.name for p in removed) == [".id.npz.tmp-0", ".train-000000.tar.tmp-deadbeef"]
-    assert [p.name for p in out.shards.iterdir()] == ["train-000001.tar"]
+    assert sorted(removed) == [".id.npz.tmp-0", ".train-000000.tar.tmp-deadbeef"]
+    assert [p.name for p in Path(out.shards).iterdir()] == ["train-000001.tar"]
 
 
 def test_empty_shard_has_marker_but_no_tar(tmp_path):
@@ -105,7 +106,7 @@ def test_empty_shard_has_marker_but_no_tar(tmp_path):
     out.prepare()
     marker = write_shard(out, spec, _outcomes(spec, bad={"c0"}))
     assert marker["tar"] is None and marker["samples"] == 0
-    assert json.loads(out.marker_path(spec.name).read_text())["clips"][0]["status"] == "no_face"
+    assert json.loads(Path(out.marker_path(spec.name)).read_text())["clips"][0]["status"] == "no_face"
     assert out.read_marker(spec) is not None
 
 

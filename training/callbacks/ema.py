@@ -101,10 +101,13 @@ class EMA(Callback):
         if self.export_dir is None or not hasattr(pl_module, "export_module"):
             return
         if trainer.is_global_zero:
+            from preprocessing import storage
             from training.export import export_pretrained
-            out = Path(self.export_dir) / self.export_name
-            self.exported = export_pretrained(pl_module.export_module(), self.ema_weights(), out)
-            logger = mlflow_logger(trainer)
-            if logger is not None:
-                logger.experiment.log_artifacts(logger.run_id, str(out), artifact_path=f"export/{self.export_name}")
+            out = storage.url_join(self.export_dir, self.export_name)     # a folder or a URL
+            with storage.staged_folder(out) as local:                     # uploaded at the end if a URL
+                export_pretrained(pl_module.export_module(), self.ema_weights(), local)
+                logger = mlflow_logger(trainer)
+                if logger is not None:
+                    logger.experiment.log_artifacts(logger.run_id, local, artifact_path=f"export/{self.export_name}")
+            self.exported = Path(out) if storage.local_path(out) is not None else out
         trainer.strategy.barrier()

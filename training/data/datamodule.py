@@ -55,12 +55,12 @@ def check_root(root: str | os.PathLike | list[str], split: str = "train") -> Non
     """A shard root given as a folder exists and holds finished ``<split>-*.tar`` shards; else a
     user's mistake naming the folder (checked before any model is built)."""
     import glob
-    from pathlib import Path
 
+    from preprocessing import storage
     from preprocessing.errors import UserError
     if isinstance(root, (list, tuple)) or glob.has_magic(str(root)):
         return
-    if not Path(root).is_dir():
+    if not storage.is_dir(root):
         raise UserError(f"data root {root} does not exist (a preprocessing output or shards folder)",
                         root=str(root))
     if not shard_urls(root, split):

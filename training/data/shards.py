@@ -45,13 +45,13 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from preprocessing import storage
 from preprocessing.latent_schema import MEMBERS as LATENT_MEMBERS
 from preprocessing.latent_schema import LatentSample, decode_latent_sample
 from preprocessing.normal_schema import MEMBERS as NORMAL_MEMBERS
@@ -61,16 +61,48 @@ from preprocessing.shard_format import MARKER_SUFFIX
 
 
 def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) -> list[str]:
-    """Finished shards of an output folder (those with a done marker), a glob, or a list."""
+    """Finished shards of an output folder (those with a done marker: the commit), a glob, or
+    a list; the folder is a path or a URL (``s3://bucket/prefix``), listed once."""
+    import fnmatch
+
     if isinstance(source, (list, tuple)):
         return list(source)
-    path = Path(source)
-    if path.is_dir():
-        shards = path / "shards" if (path / "shards").is_dir() else path
+    source = os.fspath(source)
+    if storage.is_url(source) or os.path.isdir(storage.local_path(source)):
+        names = storage.listdir(storage.url_join(source, "shards"))
+        folder = storage.url_join(source, "shards") if names else source
+        names = names or storage.listdir(source)
+        present = set(names)
         pattern = f"{split}-*.tar" if split else "*.tar"
-        return [str(p) for p in sorted(shards.glob(pattern))
-                if p.with_name(p.stem + MARKER_SUFFIX).is_file()]
-    return sorted(glob.glob(str(source)))
+        return [storage.url_join(folder, n) for n in names
+                if fnmatch.fnmatch(n, pattern) and n[:-len(".tar")] + MARKER_SUFFIX in present]
+    return sorted(glob.glob(storage.local_path(source)))
+
+
+def tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """webdataset's ``tarfile_to_samples`` stage with each shard opened through
+    :mod:`preprocessing.storage` (paths, ``file://``, ``s3://``: streamed, webdataset's own
+    ``gopen`` has no object-store scheme)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def open_streams(src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                stream = storage.open_url(sample["url"])
+            except Exception as exn:  # noqa: BLE001 - the handler decides (skip or raise)
+                exn.args = exn.args + (sample["url"],)
+                if not handler(exn):
+                    break
+                continue
+            try:
+                yield {**sample, "stream": stream}     # read to its end before the next is asked for
+            finally:
+                stream.close()
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        return group_by_keys(tar_file_expander(open_streams(src), handler=handler), handler=handler)
+
+    return stage
 
 
 @dataclass
@@ -163,16 +195,19 @@ def matching_sidecars(urls: list[str], latents: str | os.PathLike) -> dict[str, 
     import json
 
     found = {}
+    present = set(storage.listdir(latents))
     for url in urls:
-        tar = Path(url)
-        side = Path(latents) / tar.name
+        name = storage.url_name(url)
+        stem = name[:-len(".tar")]
+        if name not in present or stem + MARKER_SUFFIX not in present:
+            continue
         try:
-            source = json.loads(tar.with_name(tar.stem + MARKER_SUFFIX).read_text())
-            marker = json.loads(side.with_name(side.stem + MARKER_SUFFIX).read_text())
+            source = json.loads(storage.get_bytes(url[:-len(".tar")] + MARKER_SUFFIX))
+            marker = json.loads(storage.get_bytes(storage.url_join(latents, stem + MARKER_SUFFIX)))
         except (OSError, ValueError):
             continue
-        if marker.get("source_sha256") == source.get("sha256") and side.is_file():
-            found[url] = str(side)
+        if marker.get("source_sha256") == source.get("sha256"):
+            found[url] = storage.url_join(os.fspath(latents), name)
     return found
 
 
@@ -272,9 +307,7 @@ class ShardDataset(IterableDataset):
 
     def _members(self, urls: Iterable[dict]) -> Iterator[dict]:
         """Tar members (bytes) of each shard, merged with its sidecars'."""
-        import webdataset as wds
-
-        return self._paired(urls) if self.sidecar_maps else wds.tarfile_to_samples(handler=self.skipped)(urls)
+        return self._paired(urls) if self.sidecar_maps else tar_samples(self.skipped)(urls)
 
     def _read_decode(self, urls: Iterable[dict]) -> Iterator:
         """Tar members of each shard (merged with its sidecars') -> decoded samples."""
@@ -302,9 +335,7 @@ class ShardDataset(IterableDataset):
     def _paired(self, urls: Iterable[dict]) -> Iterator[dict]:
         """Tar members of each shard, merged with its sidecars' (same keys, same order); a
         sidecar out of step is counted (``LatentSidecarMismatch``) and left out from there."""
-        import webdataset as wds
-
-        expand = wds.tarfile_to_samples(handler=self.skipped)     # a stage: applied to a url stream
+        expand = tar_samples(self.skipped)     # a stage: applied to a url stream
         for entry in urls:
             sides = {kind: m[entry["url"]] for kind, m in self.sidecar_maps.items() if entry["url"] in m}
             streams = {kind: iter(expand([{"url": side}])) for kind, side in sides.items()}
@@ -412,4 +443,4 @@ def make_loader(source, samples_per_rank: int, batch_size: int, num_workers: int
 
 
 __all__ = ["LatentSidecarMismatch", "ShardDataset", "ShardLoader", "ShortSample", "SkipCounter", "SkipTally", "collate",
-           "make_loader", "matching_sidecars", "shard_urls", "to_torch"]
+           "make_loader", "matching_sidecars", "shard_urls", "tar_samples", "to_torch"]
