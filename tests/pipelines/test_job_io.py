@@ -45,12 +45,15 @@ def test_bad_inputs_are_clear(tmp_path):
         list_inputs(tmp_path / "d.csv")
 
 
-def test_plan_groups_by_split_in_clip_order():
+def test_plan_groups_by_split_and_interleaves_identities():
     items = [ClipItem(f"c{i}", f"/v/{i}.mp4", f"id{i // 2}", "val" if i == 3 else "train") for i in range(6)]
     plan = plan_shards(items, 2, "cfg")
-    assert [(s.name, [c.clip_id for c in s.clips]) for s in plan] == [
-        ("train-000000", ["c0", "c1"]), ("train-000001", ["c2", "c4"]), ("train-000002", ["c5"]),
-        ("val-000000", ["c3"])]
+    assert [s.name for s in plan] == ["train-000000", "train-000001", "train-000002", "val-000000"]
+    assert sorted(c.clip_id for s in plan[:3] for c in s.clips) == ["c0", "c1", "c2", "c4", "c5"]
+    assert [c.clip_id for c in plan[3].clips] == ["c3"]
+    assert all(len({c.identity_id for c in s.clips}) == len(s.clips) for s in plan[:2])   # mixed identities
+    again = plan_shards(list(reversed(items)), 2, "cfg")                 # listing order does not matter
+    assert [[c.clip_id for c in s.clips] for s in again] == [[c.clip_id for c in s.clips] for s in plan]
     assert plan_shards(items, 2, "cfg")[0].fingerprint == plan[0].fingerprint
     assert plan_shards(items, 2, "other")[0].fingerprint != plan[0].fingerprint
 
@@ -74,9 +77,10 @@ def test_write_shard_is_atomic_reproducible_and_marks_done(tmp_path):
     for out in (a, b):
         out.prepare()
         marker = write_shard(out, spec, list(reversed(_outcomes(spec, bad={"c1"}))))
-    assert marker["keys"] == ["c0_s000", "c0_s001", "c2_s000", "c2_s001"]     # plan order
-    assert [r["status"] for r in marker["clips"]] == ["ok", "no_face", "ok"]
-    assert [r["shard"] for r in marker["clips"]] == ["train-000000.tar", None, "train-000000.tar"]
+    order = [c.clip_id for c in spec.clips]                                   # the plan's (seeded) order
+    assert marker["keys"] == [f"{c}_s00{s}" for c in order if c != "c1" for s in range(2)]
+    assert [r["status"] for r in marker["clips"]] == ["no_face" if c == "c1" else "ok" for c in order]
+    assert [r["shard"] for r in marker["clips"]] == [None if c == "c1" else "train-000000.tar" for c in order]
     digests = {file_digest(Path(o.shards) / "train-000000.tar", "sha256") for o in (a, b)}
     assert digests == {marker["sha256"]}
     assert a.read_marker(spec)["samples"] == 4
