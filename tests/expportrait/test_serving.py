@@ -176,3 +176,99 @@ def test_resample_frames_keeps_the_driving_timeline():
     out = resample_frames(gen, 1.0, 6, 2.0)                                        # 6 frames at 2 fps
     assert out.shape == (6, 2, 2, 3)
     assert [int(f[0, 0, 0]) for f in out] == [0, 50, 100, 150, 200, 200]
+
+
+# -- a clean virtualenv serving the champion over HTTP --------------------------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def clean_venv(model_dir: Path) -> tuple[Path, dict]:
+    """A virtualenv made only from ``model_dir/requirements.txt`` (``python -m venv``, then
+    ``pip install -r`` from the model folder: its wheel paths are relative to it), cached under
+    ``.cache/serving-venv/<sha256 of the requirements>``; with the build's record (seconds)."""
+    import hashlib
+    import shutil
+    import subprocess
+    import time
+    reqs = (model_dir / "requirements.txt").read_text()
+    key = hashlib.sha256(reqs.encode()).hexdigest()[:16]
+    venv = REPO / ".cache" / "serving-venv" / key
+    record = venv / "built.json"
+    if record.is_file():
+        return venv, {**json.loads(record.read_text()), "cached": True}
+    shutil.rmtree(venv, ignore_errors=True)             # a build that did not finish
+    t0 = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, env=env, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "-r", "requirements.txt"], cwd=model_dir, env=env, capture_output=True, text=True,
+                         timeout=3000)
+    assert pip.returncode == 0, pip.stderr[-4000:]
+    seconds = round(time.perf_counter() - t0, 1)
+    size = subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True).stdout.split()[0]
+    built = {"seconds": seconds, "megabytes": int(size), "requirements_sha256": key}
+    record.write_text(json.dumps(built))               # written last: the venv is complete
+    return venv, {**built, "cached": False}
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_clean_virtualenv_serves_the_champion_over_http(champion, media, tmp_path):
+    """Only the model's requirements, the repository not importable (cwd elsewhere, no
+    PYTHONPATH): ``mlflow models serve`` on the champion answers a POST (dataframe_split, base64)
+    with a playable video."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    import mlflow
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "m")))
+    venv, built = clean_venv(model_dir)
+    print("clean venv:", json.dumps(built))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MLFLOW_TRACKING_URI") and not k.startswith("EXPPORTRAIT_")}
+    env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               HOME=str(tmp_path / "home"))
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import expportrait"], cwd=work, env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'expportrait'" in probe.stderr
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([str(venv / "bin" / "mlflow"), "models", "serve", "-m", str(model_dir), "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=work, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                urllib.request.urlopen(url + "/ping", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(2)
+        body = {"dataframe_split": {"columns": ["source", "driving"],
+                                    "data": [[b64(media["photo"]), b64(media["drive8"])]]},
+                "params": {"steps": 1, "seed": 3}}
+        request = urllib.request.Request(url + "/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=900) as answer:
+            rows = json.loads(answer.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)              # the server and its worker, started here
+        server.wait(timeout=60)
+        log.close()
+    assert rows[0]["status"] == "ok", (rows[0]["message"], (tmp_path / "serve.log").read_text()[-4000:])
+    frames, rate = video_frames(base64.b64decode(rows[0]["video"]), tmp_path)
+    assert len(frames) == 8 and rate == pytest.approx(24.0) and frames[0].shape == (32, 32, 3)
+    assert json.loads(rows[0]["message"])["seed"] == 3
