@@ -119,14 +119,13 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def cast_package(package: Path, dtype: str) -> None:
-    """Store the package's generator and transfer weights in ``dtype`` (:data:`DTYPES`) in place
-    (``training.export.cast_weights_folder``); the codec stays fp32."""
+    """Store the package's generator weights (nearly all of its size) in ``dtype`` (:data:`DTYPES`)
+    in place (``training.export.cast_weights_folder``; loading casts them back to the model's
+    dtype); the codec and the small transfer module (its canonical-face buffer) stay fp32."""
     import torch
 
     from training.export import cast_weights_folder
-    for part in ("generator", "transfer"):
-        if (package / part).is_dir():
-            cast_weights_folder(package / part, getattr(torch, DTYPES[dtype]))
+    cast_weights_folder(package / "generator", getattr(torch, DTYPES[dtype]))
 
 
 def _download_exports(client, run_id: str, dst: Path) -> dict[str, Path]:
@@ -302,8 +301,8 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
              data: str | None = None, dtype: str = "fp32") -> dict:
     """Package the exports of ``run_id`` (and ``transfer_run``; local folders override) as a
     pyfunc logged into that run (from code: :func:`log_package_model`), register it as a version
-    of ``name`` and set ``alias``. ``dtype`` ``bf16``: the generator and transfer weights stored
-    in bfloat16 (half the size; the codec stays fp32)."""
+    of ``name`` and set ``alias``. ``dtype`` ``bf16``: the generator's weights stored in
+    bfloat16 (half the size; the codec and transfer module stay fp32)."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: one of {sorted(DTYPES)}", dtype=dtype)
     client = mlflow.MlflowClient()

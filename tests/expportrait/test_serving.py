@@ -272,3 +272,27 @@ def test_a_clean_virtualenv_serves_the_champion_over_http(champion, media, tmp_p
     frames, rate = video_frames(base64.b64decode(rows[0]["video"]), tmp_path)
     assert len(frames) == 8 and rate == pytest.approx(24.0) and frames[0].shape == (32, 32, 3)
     assert json.loads(rows[0]["message"])["seed"] == 3
+
+
+def test_a_bf16_package_is_half_the_size_and_loads(tmp_path, head):
+    """``register --dtype bf16`` (:func:`cast_package`): the generator stored in bfloat16, loaded
+    back as the fp32 model within bfloat16's precision; the codec and transfer module untouched."""
+    import torch
+    from safetensors.torch import load_file
+
+    from expportrait.reenactment import Reenactor
+    from expportrait.registry import cast_package
+    from tiny_models import tiny_package
+    pkg = tiny_package(tmp_path, head)
+    size = {p: sum(f.stat().st_size for f in (pkg / p).rglob("*.safetensors")) for p in ("generator", "codec")}
+    before = Reenactor.from_package(pkg, device="cpu").generator.state_dict()
+    cast_package(pkg, "bf16")
+    files = sorted((pkg / "generator").rglob("*.safetensors"))
+    assert files and all(t.dtype == torch.bfloat16 for f in files for t in load_file(str(f)).values()
+                         if t.is_floating_point())
+    assert sum(f.stat().st_size for f in files) < 0.55 * size["generator"]
+    assert sum(f.stat().st_size for f in (pkg / "codec").rglob("*.safetensors")) == size["codec"]
+    after = Reenactor.from_package(pkg, device="cpu").generator.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype
+        torch.testing.assert_close(after[k], v.to(torch.bfloat16).to(v.dtype))
