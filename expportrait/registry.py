@@ -11,10 +11,12 @@ tags and aliases; promotion gated by evaluation thresholds in a config file.
                                      naming the failing metric
     load(uri)                       ``mlflow.pyfunc.load_model("models:/expportrait@champion")``
 
-The pyfunc takes a table of (source, driving, out) paths and returns a row per pair with its
-status (``ok`` or ``failed`` with the message), so one bad pair never fails the batch. The
-licensed SMPL-X file is never packed: ``package.json`` holds its sha256 (over its arrays) and
-the model refuses to load against a different local file (:class:`HeadModelMismatchError`).
+The pyfunc (:mod:`expportrait.serving`) is logged from code (``expportrait/model_code.py``,
+nothing pickled) with the project's packages as its ``code_paths`` and pinned requirements
+(:func:`log_package_model`); it takes base64 bytes in and gives an mp4's bytes out, never a
+server path. :func:`reenact_to_file` and :func:`run_pair` are the local CLI's (the operator's
+own paths). The licensed SMPL-X file is never packed: ``package.json`` holds its sha256 (over
+its arrays) and the model refuses to load against a different local file (:class:`HeadModelMismatchError`).
 """
 from __future__ import annotations
 

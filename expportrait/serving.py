@@ -76,9 +76,10 @@ def call_settings(params: dict) -> dict:
     return {"steps": steps or None, "seed": seed if seed >= 0 else None, "guidance": guidance}
 
 
-def decode_column(row: dict, column: str, folder: Path) -> Path:
-    """The base64 bytes of ``row[column]`` written into ``folder`` (a file the model names);
-    :class:`BadInput` naming the column for anything else (a path is never opened)."""
+def decode_column(row: dict, column: str, folder: Path) -> tuple[Path, int, float]:
+    """The base64 bytes of ``row[column]`` written into ``folder`` (a file the model names), with
+    its frame count and rate (:func:`check_media`); :class:`BadInput` naming the column for
+    anything else (a path is never opened)."""
     value = row.get(column)
     if not isinstance(value, str) or not value:
         raise BadInput(f"column {column!r}: missing (base64 image or video bytes expected)")
@@ -94,8 +95,7 @@ def decode_column(row: dict, column: str, folder: Path) -> Path:
         raise BadInput("column 'driving': an image; a driving video is expected")
     path = folder / (column + (".png" if is_image else ".mp4"))
     path.write_bytes(data)
-    check_media(path, column, is_image)
-    return path
+    return (path, *check_media(path, column, is_image))
 
 
 def check_media(path: Path, column: str, is_image: bool) -> tuple[int, float]:
@@ -139,9 +139,8 @@ def reenact_bytes(reenactor, row: dict, overrides: dict) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="expportrait_request_"))   # 0700, ours alone
     t0 = time.perf_counter()
     try:
-        source = decode_column(row, "source", folder)
-        driving = decode_column(row, "driving", folder)
-        frames_in, fps_in = check_media(driving, "driving", False)
+        source = decode_column(row, "source", folder)[0]
+        driving, frames_in, fps_in = decode_column(row, "driving", folder)
         call = reenactor.with_settings(**overrides)
         src = call.subject(source, max_frames=1)
         drv = call.driving_subject(driving)
