@@ -228,6 +228,7 @@ def test_a_clean_virtualenv_serves_the_champion_over_http(champion, media, tmp_p
     import signal
     import subprocess
     import time
+    import urllib.error
     import urllib.request
 
     import mlflow
@@ -263,8 +264,11 @@ def test_a_clean_virtualenv_serves_the_champion_over_http(champion, media, tmp_p
                 "params": {"steps": 1, "seed": 3}}
         request = urllib.request.Request(url + "/invocations", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=900) as answer:
-            rows = json.loads(answer.read())["predictions"]
+        try:
+            with urllib.request.urlopen(request, timeout=900) as answer:
+                rows = json.loads(answer.read())["predictions"]
+        except urllib.error.HTTPError as exc:          # the server's error (its traceback) in the failure
+            pytest.fail(f"HTTP {exc.code}: {exc.read().decode()[-3000:]}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)              # the server and its worker, started here
         server.wait(timeout=60)
