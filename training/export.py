@@ -54,6 +54,17 @@ def _export_to_folder(module: ModelMixin, weights: dict[str, torch.Tensor] | Non
     return out
 
 
+def cast_weights_folder(folder: str | Path, dtype: torch.dtype) -> list[Path]:
+    """Rewrite every ``*.safetensors`` under an exported folder with its floating-point tensors
+    in ``dtype`` (e.g. bfloat16: half the size of fp32; loaders cast back to their dtype)."""
+    from safetensors.torch import load_file, save_file
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    for path in files:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        save_file(state, str(path), metadata={"format": "pt"})
+    return files
+
+
 def load_checkpoint_state(path: str | Path) -> dict:
     """The checkpoint dict of a Lightning file or a DeepSpeed folder (its client state; the
     engine's weights under ``module``), loaded with ``weights_only=True``; a file that is not
@@ -190,9 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="stored weights' dtype")
     args = p.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
     from preprocessing import storage
+    if args.dtype == "bf16" and storage.is_url(args.out):          # checked before the work
+        print(json.dumps({"error": "UserError", "message": f"--dtype bf16 casts a local export folder, not "
+                          f"{args.out}: export to a path, then upload it", "out": args.out}))
+        return 2
+    out = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+    if args.dtype == "bf16":
+        cast_weights_folder(Path(out), torch.bfloat16)
     print(json.dumps({"exported": str(out), "files": storage.listdir(out)}))
     return 0
 

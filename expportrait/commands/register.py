@@ -5,6 +5,7 @@ preprocessing/inference settings as one MLflow pyfunc, register a version, set t
     expportrait register --store outputs/train/dit_tiny_cpu --run RUN_ID [--transfer-run ID]
         [--generator DIR --codec DIR --transfer DIR] [--head-model SMPLX.npz]
         [--size 64 --window 9 --overlap 4 --frame-stride 1 --steps 8]   (default: the run's params)
+        [--dtype bf16]                                                  (the generator's stored weights)
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       ("shift", positive_float), ("fps", positive_float)):
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None,
                        help=f"inference {name} packed with the model (default: the run's, else the package default)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="stored dtype of the generator weights (bf16: half the size; codec and transfer stay fp32)")
     add_store_args(p)
     p.set_defaults(func=run)
 
@@ -54,4 +57,5 @@ def run(args: argparse.Namespace) -> dict:
                                                "shift", "fps")}
     return register(args.run, args.name, args.alias or None, transfer_run=args.transfer_run,
                     generator=args.generator, codec=args.codec, transfer=args.transfer,
-                    head_model=args.head_model, inference_overrides=overrides, data=args.data)
+                    head_model=args.head_model, inference_overrides=overrides, data=args.data,
+                    dtype=args.dtype)

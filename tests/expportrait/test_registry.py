@@ -51,8 +51,9 @@ def test_register_sets_alias_tags_signature_and_no_head_model_file(store, regist
     assert mv.tags["data"] == "synthetic-test-corpus" and mv.tags["metrics.train_loss"] == "0.5"
     assert len(mv.tags["code_commit"]) == 40 and len(mv.tags["head_model_sha256"]) == 64
     info = mlflow.models.get_model_info(f"models:/{NAME}@candidate")
-    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["source", "driving", "out"]
-    assert {p.name for p in info.signature.params.params} >= {"steps", "side_by_side", "paste_back"}
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["source", "driving"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["video", "status", "message"]
+    assert {p.name for p in info.signature.params.params} == {"steps", "seed", "guidance"}
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@candidate"))
     assert (local / "input_example.json").is_file()
     package = local / "artifacts" / "package"
@@ -91,13 +92,14 @@ def test_gate_refuses_and_names_the_metric_then_promotes(store, registered, tmp_
 
 
 FRESH = r"""
-import json, sys, torch
+import base64, json, sys, torch
 torch.set_num_threads(1)
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/expportrait@champion")
-rows = pd.DataFrame([{"source": sys.argv[1], "driving": sys.argv[2], "out": sys.argv[3]},
-                     {"source": sys.argv[1], "driving": sys.argv[4], "out": sys.argv[5]}])
-out = model.predict(rows, params={"side_by_side": True})
+data = lambda p: base64.b64encode(open(p, "rb").read()).decode()
+rows = pd.DataFrame([{"source": data(sys.argv[1]), "driving": data(sys.argv[2])},
+                     {"source": data(sys.argv[1]), "driving": "missing.mp4"}])
+out = model.predict(rows, params={"steps": 1})
 print(json.dumps(out.to_dict("records")))
 """
 
@@ -113,18 +115,18 @@ def test_fresh_process_loads_champion_and_runs_on_cpu(store, registered, tmp_pat
     promote(NAME, registered["version"], "champion", gate)
     clips = store["corpus"] / "clips"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", FRESH, clips / "id000_clip00.npz", clips / "id001_clip00.npz",
-                           tmp_path / "out.mp4", tmp_path / "missing.mp4", tmp_path / "bad.mp4"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", FRESH, clips / "id000_clip00.mp4", clips / "id001_clip00.mp4"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ok, bad = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert ok["status"] == "ok" and ok["frames"] == 9, ok
+    assert ok["status"] == "ok" and json.loads(ok["message"])["frames"] == 9, ok
     import av
+    import base64
+    (tmp_path / "out.mp4").write_bytes(base64.b64decode(ok["video"]))
     with av.open(str(tmp_path / "out.mp4")) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
-    assert (tmp_path / "out_side_by_side.mp4").is_file()
-    assert bad["status"] == "failed" and "missing.mp4" in bad["message"]
+    assert bad["status"] == "bad_input" and "'driving'" in bad["message"] and not (tmp_path / "missing.mp4").exists()
     assert str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version) == str(registered["version"])
 
 
