@@ -193,7 +193,8 @@ def clean_venv(model_dir: Path) -> tuple[Path, dict]:
     import time
     reqs = (model_dir / "requirements.txt").read_text()
     key = hashlib.sha256(reqs.encode()).hexdigest()[:16]
-    venv = REPO / ".cache" / "serving-venv" / key
+    cache = Path(os.environ.get("EXPPORTRAIT_CACHE") or Path.home() / ".cache" / "expportrait")
+    venv = cache / "serving-venv" / key
     record = venv / "built.json"
     if record.is_file():
         return venv, {**json.loads(record.read_text()), "cached": True}
