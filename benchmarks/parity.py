@@ -111,7 +111,7 @@ def package(work: Path, spec: dict) -> Path:
     m = ExpressionTransfer(num_face_vertices=head.num_face_vertices, flavor="tiny_cpu")
     m.set_canonical(canonical_face(head))
     m.save_pretrained(export / "transfer")
-    NormalDrivenWan("tiny_cpu").save_pretrained(export / "generator")
+    NormalDrivenWan("tiny_z16").save_pretrained(export / "generator")
     LatentCodec.tiny(seed=0, base_dim=8).save_pretrained(export / "codec")
     return write_package(work / "package", export / "generator", export / "codec", export / "transfer",
                          head_model_reference(None), InferenceSettings(size=64), spec)
@@ -162,7 +162,7 @@ def generator_normals(sample, subject, reenactor, frames: int = 5) -> dict:
     from models.transfer.inputs import head_params, neutral_inputs
     from training.tasks.generator import GeneratorTask
     size = reenactor.settings.size
-    task = GeneratorTask(flavor="tiny_cpu", transfer_module=str(reenactor.package / "transfer"), frames=frames,
+    task = GeneratorTask(flavor="tiny_z16", transfer_module=str(reenactor.package / "transfer"), frames=frames,
                          size=size, random_start=False)
     batch = {"frames": torch.as_tensor(sample.frames)[None],
              "smplx": {k: torch.as_tensor(v)[None] for k, v in sample.smplx.items()},
