@@ -163,7 +163,7 @@ def generator_normals(sample, subject, reenactor, frames: int = 5) -> dict:
     from training.tasks.generator import GeneratorTask
     size = reenactor.settings.size
     task = GeneratorTask(flavor="tiny_z16", transfer_module=str(reenactor.package / "transfer"), frames=frames,
-                         size=size, random_start=False)
+                         frame_stride=1, size=size, random_start=False)
     batch = {"frames": torch.as_tensor(sample.frames)[None],
              "smplx": {k: torch.as_tensor(v)[None] for k, v in sample.smplx.items()},
              "static_offsets": torch.as_tensor(sample.static_offsets)[None]}
