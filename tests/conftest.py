@@ -15,6 +15,21 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 sys.path.insert(0, str(Path(__file__).parent / "preprocessing"))   # video_fixtures, fake_estimator
 
 
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_restored():
+    """``mlflow.set_tracking_uri()`` also sets ``$MLFLOW_TRACKING_URI`` for the whole process
+    (MLflow 3), which the training logger follows: a test that calls it must not send a later
+    test's runs to its store. Restored after every test (only where mlflow was imported)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
+        sys.modules["mlflow"].set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny shapes: one intra-op thread for a test module (on a loaded 2-core host two threads

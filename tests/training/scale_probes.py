@@ -22,8 +22,7 @@ def peak_rss_bytes() -> int:
 
 class ConstructionMemory(Callback):
     """Each rank writes ``<folder>/rank<r>.json``: the resident memory before ``configure_model``,
-    the peak resident memory at its end (``ru_maxrss``: a high-water mark, so growth measured
-    from the memory before is an upper bound), and after setup its local and total parameter
+    the highest resident memory sampled (every 5 ms) while it runs, and after setup its local and total parameter
     bytes (ZeRO-3: ``ds_tensor`` is the rank's partition, ``ds_numel`` the full size)."""
 
     def __init__(self, folder: str) -> None:
@@ -34,9 +33,24 @@ class ConstructionMemory(Callback):
         build = pl_module.configure_model
 
         def measured() -> None:
+            import threading
             self.record["rss_before_build"] = rss_bytes()
-            build()
-            self.record["peak_after_build"] = peak_rss_bytes()
+            highest, done = [rss_bytes()], threading.Event()
+
+            def sample() -> None:                   # resident memory every 5 ms while the model is built
+                while not done.wait(0.005):
+                    highest[0] = max(highest[0], rss_bytes())
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                build()
+            finally:
+                done.set()
+                sampler.join()
+            # the peak *during* the build (ru_maxrss is the process's high-water mark: an earlier
+            # peak, e.g. while importing or compiling, would hide the build's own)
+            self.record["peak_after_build"] = max(highest[0], rss_bytes())
+            self.record["process_peak_rss"] = peak_rss_bytes()
         pl_module.configure_model = measured
 
     def on_fit_start(self, trainer, pl_module) -> None:
