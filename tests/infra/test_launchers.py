@@ -110,5 +110,8 @@ def test_torchrun_two_nodes_on_loopback(truth_shards, tmp_path):
             kill_group(p.pid)
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"node {rank}:\n{log[-3000:]}"
-    assert sum("MEMBER: 2/2" in log for log in logs) == 2, logs[0][-3000:]   # one world of two ranks
+    import re
+    members = {m for log in logs for m in re.findall(r"MEMBER: \d+/(\d+)", log)}
+    assert members == {"2"}, logs[0][-3000:]                          # one world of two ranks (Lightning
+    #                                                                   prints the line on ranks > 0)
     assert (out / "checkpoints" / "last.ckpt").exists()
