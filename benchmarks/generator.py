@@ -132,8 +132,8 @@ def train_generator(work: Path, shards: Path, codec: Path, args) -> tuple[Path, 
            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name",
            f"dit_{args.recipe}_bench", *args.train_arg]
     minutes = run(cmd, "generator training", args.train_threads)
-    import torch
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    from training.export import load_checkpoint_state
+    ckpt = load_checkpoint_state(out / "checkpoints" / "last.ckpt")          # weights_only: the one loader
     steps, batch = trained_steps(out, int(ckpt["global_step"])), int(ckpt["datamodule_hyper_parameters"]["batch_size"])
     log(f"generator: {steps} steps of {batch} samples in {minutes:.1f} min (incl. process start) -> {export}")
     return export, minutes, steps * batch
@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"evaluating {len(windows)} {args.eval_split} windows")
     # the sampler as the trained task samples (and as `register` packs it), unless given
     from training.tasks.generator import sampler_settings
-    hp = torch.load(work / "train" / "checkpoints" / "last.ckpt", map_location="cpu",
-                    weights_only=False)["hyper_parameters"]
+    from training.export import load_checkpoint_state
+    hp = load_checkpoint_state(work / "train" / "checkpoints" / "last.ckpt")["hyper_parameters"]
     trained = sampler_settings(hp)
     shift = args.sample_shift if args.sample_shift is not None else float(trained["shift"])
     steps = args.sample_steps or int(trained["steps"] or 10)
