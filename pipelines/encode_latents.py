@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from preprocessing import storage
@@ -230,22 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The job in the one command wrapper (preprocessing/errors.py): 0 done, 1 a shard failed,
+    2 bad input, 3 environment fault, 4 a bug; the last line is one JSON object."""
+    from preprocessing.errors import run_command
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> dict:
         summary = run(args)
-    except JobInputError as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc), "exit_code": 2}))
-        return 2
-    except EnvironmentFault as exc:
-        print(json.dumps({"error": type(exc).__name__, "message": str(exc), "exit_code": 3}))
-        return 3
-    except Exception as exc:  # noqa: BLE001 - a bug: traceback on stderr, the JSON line still
-        traceback.print_exc(file=sys.stderr)
-        print(json.dumps({"error": "InternalError", "message": f"{type(exc).__name__}: {exc}", "exit_code": 4}))
-        return 4
-    code = 1 if summary.get("failed") else 0
-    print(json.dumps({**summary, "exit_code": code}))
-    return code
+        return {**summary, "exit_code": 1 if summary.get("failed") else 0}
+    return run_command(work, user_errors=(JobInputError,), environment_errors=(EnvironmentFault,))
 
 
 if __name__ == "__main__":
