@@ -15,6 +15,25 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 sys.path.insert(0, str(Path(__file__).parent / "preprocessing"))   # video_fixtures, fake_estimator
 
 
+def _restore_tracking_uri(before: str | None) -> None:
+    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
+        sys.modules["mlflow"].set_tracking_uri(before)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mlflow_tracking_uri_restored_after_module():
+    """As below, for module-scoped fixtures that set the URI (a registered ``champion``): autouse
+    fixtures are set up first in their scope, so this snapshot is taken before them and restored
+    after their teardown."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    _restore_tracking_uri(before)
+
+
 @pytest.fixture(autouse=True)
 def mlflow_tracking_uri_restored():
     """``mlflow.set_tracking_uri()`` also sets ``$MLFLOW_TRACKING_URI`` for the whole process
@@ -22,12 +41,7 @@ def mlflow_tracking_uri_restored():
     test's runs to its store. Restored after every test (only where mlflow was imported)."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
-        sys.modules["mlflow"].set_tracking_uri(before)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    _restore_tracking_uri(before)
 
 
 @pytest.fixture(scope="module")
