@@ -8,7 +8,7 @@ import warnings
 from .commands import demo, fit, head, synth, transfer, video
 from .commands import evaluate, promote, reenact, register
 from .commands import generate, preflight
-from .commands import plan
+from .commands import plan, recipe
 from .commands import report_shot
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_shot.add_parser(sub)                               # a report in headless Chromium: videos play + PNG
     preflight.add_parser(sub)                                 # shards against a recipe, before a launch
     plan.add_parser(sub)                                      # capacity plan: hours, bytes, cluster shape
+    recipe.add_parser(sub)                                    # a recipe's resolved configs, for launchers
     return parser
 
 

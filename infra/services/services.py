@@ -450,13 +450,36 @@ def status(root: Path) -> dict:
                    "startup_s": round(state[name]["seconds"], 1)} for name in ORDER if name in state}
 
 
+def client_exports(root: Path) -> str:
+    """``export`` lines for a client shell of the running stack (``eval "$(... env)"``): the
+    tracking URI and the S3 endpoint and credentials (AWS_ENDPOINT_URL for the jobs' own S3
+    client, MLFLOW_S3_ENDPOINT_URL for MLflow's)."""
+    import shlex
+    layout = Layout(root.resolve())
+    state = read_state(layout)
+    if not state or not all(alive(state[name]) for name in ORDER):
+        raise UserError("not_running", f"no running stack under {root} (run `make services` first)")
+    env = client_env(summary(layout, state))
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def client_env(s: dict) -> dict:
+    """The environment of a client process of the stack whose `up` summary is ``s``."""
+    return {"MLFLOW_TRACKING_URI": s["mlflow"], "AWS_ENDPOINT_URL": s["s3_endpoint"],
+            **mlflow_env({"key": s["key"], "secret": s["secret"]}, s["s3_endpoint"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "env"],
+                        help="env: print `export` lines for a client shell (eval \"$(... env)\")")
     parser.add_argument("--root", type=Path, default=Path("outputs/services"),
                         help="where the stack keeps its data, logs, pids and credentials")
     args = parser.parse_args(argv)
     try:
+        if args.command == "env":
+            print(client_exports(args.root))
+            return 0
         result = {"up": up, "down": down, "status": status}[args.command](args.root)
     except UserError as e:
         print(json.dumps({"error": e.error, "message": e.message}))

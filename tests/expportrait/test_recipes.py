@@ -82,3 +82,26 @@ def test_unknown_keys_and_names_are_refused(tmp_path):
     (tmp_path / "y.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="crop_sise"):
         load_recipe(tmp_path / "y.yaml")
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "wan1.3b", "wan14b_lora"])
+def test_recipe_command_writes_the_resolved_configs_launchers_take(tmp_path, name):
+    """`expportrait recipe NAME --out DIR`: the preprocessing config is the recipe's (validated
+    again as the job reads it), the training configs carry its overrides and its tag."""
+    import json
+
+    from expportrait.cli import main
+    from pipelines.preprocess.config import validate_config
+    assert main(["recipe", name, "--out", str(tmp_path)]) == 0
+    recipe = load_recipe(name)
+    pre = validate_config(yaml.safe_load((tmp_path / "preprocess.yaml").read_text()))
+    assert pre == recipe.preprocess_config().model_copy(update={"input": None})
+    for part in ("transfer", "generator"):
+        written = yaml.safe_load((tmp_path / f"{part}.yaml").read_text())
+        assert written["trainer"]["logger"]["init_args"]["tags"]["recipe"] == recipe.name
+        written["trainer"]["logger"]["init_args"]["tags"].pop("recipe")
+        expected = recipe.train_config(part)
+        expected["trainer"]["logger"]["init_args"].setdefault("tags", {})
+        assert written == expected
+    codec = json.loads((tmp_path / "codec.json").read_text())
+    assert codec["size"] == recipe.training_size() and codec["frames"] == recipe.generator_init()["frames"]

@@ -48,9 +48,7 @@ def stack_root() -> Path:
 
 def client_env(summary: dict) -> dict:
     """Environment variables of a client process of the stack (tracking URI + S3 credentials)."""
-    return {"MLFLOW_TRACKING_URI": summary["mlflow"],
-            **launcher().mlflow_env({"key": summary["key"], "secret": summary["secret"]},
-                                    summary["s3_endpoint"])}
+    return launcher().client_env(summary)
 
 
 @pytest.fixture(scope="session", name="service_stack")
