@@ -14,7 +14,7 @@ import pytest
 from processes import run_group
 from services_stack import REPO, launcher, service_stack_fixture  # noqa: F401
 
-pytestmark = [pytest.mark.services, pytest.mark.slow]
+pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def test_the_walkthrough_runs_from_a_bucket_to_a_served_model(service_stack, tmp_path):
