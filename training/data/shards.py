@@ -340,10 +340,9 @@ class ShardDataset(IterableDataset):
         start, position = self.start, (0, 0)
         logical = (worker + start.rotation) % workers if start is not None else worker
         quota = self.quota(logical, workers)
-        self.skipped.carried = 0
         if start is not None and self.resampled:
             quota = start.remaining.get(logical, quota)
-            self.skipped.carried = start.skipped.get(logical, 0)
+            self.skipped.carried = start.skipped.get(logical, 0) - sum(self.skipped.counts.values())
             if start.positions is not None:
                 position = tuple(start.positions.get(logical, position))
             elif start.consumed.get(logical, 0):
