@@ -217,6 +217,18 @@ def get_bytes(location: str | os.PathLike) -> bytes:
         return fh.read()
 
 
+def read_range(location: str | os.PathLike, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a file: a seek on a disk, one ranged GET on an object store
+    (fewer than ``end - start`` at the end of a short file)."""
+    local = local_path(location)
+    if local is not None:
+        with open(local, "rb") as fh:
+            fh.seek(start)
+            return fh.read(end - start)
+    fs, path = filesystem(location)
+    return fs.cat_file(path, start=start, end=end)
+
+
 def exists(location: str | os.PathLike) -> bool:
     fs, path = filesystem(location)
     return fs.exists(path)

@@ -165,14 +165,16 @@ def task_from_checkpoint(checkpoint: str | Path, use_ema: bool = True, overrides
     return task, hparams
 
 
-def consolidated_zero3_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a ZeRO-3 checkpoint folder, merged from every rank's shard on CPU
-    (DeepSpeed's ``zero_to_fp32``), by the task's parameter names. DeepSpeed's reader unpickles;
-    here every ``torch.load`` it makes is ``weights_only=True`` (tensors and plain data, plus two
-    plain DeepSpeed classes allowed by name: the ZeRO stage enum and the loss-scaler record)."""
+@contextmanager
+def deepspeed_loads_weights_only(*allowed: type) -> Iterator[None]:
+    """Within the block every ``torch.load`` (DeepSpeed's checkpoint readers unpickle) is
+    ``weights_only=True``: tensors and plain data, plus the plain DeepSpeed classes its
+    checkpoints hold, allowed by name (the ZeRO stage enum, the loss-scaler record, and
+    ``allowed``)."""
     from unittest import mock
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
     real_load = torch.load
 
     def safe_load(*args, **kwargs):
@@ -180,11 +182,18 @@ def consolidated_zero3_weights(checkpoint: str | Path) -> dict[str, torch.Tensor
         kwargs.pop("mmap", None)
         return real_load(*args, **kwargs)
 
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    with mock.patch("torch.load", safe_load), torch.serialization.safe_globals([ZeroStageEnum, LossScaler, *allowed]):
+        yield
+
+
+def consolidated_zero3_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO-3 checkpoint folder, merged from every rank's shard on CPU
+    (DeepSpeed's ``zero_to_fp32``), by the task's parameter names; loaded weights-only
+    (:func:`deepspeed_loads_weights_only`)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     folder = Path(checkpoint)
     tag = next(p.parent.name for p in folder.glob("*/*mp_rank_00_model_states.pt"))
-    with mock.patch("torch.load", safe_load), torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+    with deepspeed_loads_weights_only():
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     return {k.removeprefix("_forward_module."): v for k, v in state.items()}
 

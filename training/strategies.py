@@ -10,6 +10,11 @@ tensor of a batch to the training dtype (``convert_input``), cameras and poses i
 keeps 8 bits of mantissa: 2-4 px at a 700 px focal length). Both strategies here give the plugin
 the batch keys the LightningModule names in ``fp32_batch_keys`` (the generator: the SMPL-X
 parameters and cameras, the static offsets), which it leaves untouched.
+
+Resume on another world size: both DeepSpeed strategies load a universal checkpoint folder
+(``python -m training.checkpoints to-universal``: it holds ``latest_universal``) as DeepSpeed's
+universal checkpoint (its ``load_universal`` setting, switched on for that load only), so a run
+saved on N processes resumes on M with the same fp32 master weights and Adam moments.
 """
 from __future__ import annotations
 
@@ -54,11 +59,26 @@ class _GeometryFp32:
         super().setup(trainer)
 
 
-class DeepSpeedStrategy(_GeometryFp32, StockDeepSpeedStrategy):
+class _UniversalResume:
+    """Mixin: a checkpoint folder written by ``training.checkpoints.to_universal`` is loaded as
+    DeepSpeed's universal checkpoint (on any number of processes); others as before."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from training.checkpoints import is_universal
+        config = self.deepspeed_engine._config          # the engine reads load_universal from it at load time
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = before or is_universal(checkpoint_path)
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            config.load_universal_checkpoint = before
+
+
+class DeepSpeedStrategy(_UniversalResume, _GeometryFp32, StockDeepSpeedStrategy):
     """Lightning's DeepSpeed strategy (GPUs) with geometry kept fp32 in the batch."""
 
 
-class CPUDeepSpeedStrategy(_GeometryFp32, StockDeepSpeedStrategy):
+class CPUDeepSpeedStrategy(_UniversalResume, _GeometryFp32, StockDeepSpeedStrategy):
     """DeepSpeed on CPU: root device is the CPU, the environment is DDP's, no device-index
     check. Everything else (engine, ZeRO partitioning, checkpoint folders) is the stock path."""
 

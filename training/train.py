@@ -1,6 +1,7 @@
 """The training entry point (LightningCLI):
 
     python -m training.train fit --config configs/train/transfer_tiny.yaml [--ckpt_path last]
+    python -m training.train fit ... --ckpt_path UNIVERSAL   # another world size: python -m training.checkpoints
     python -m training.train validate --config ... --ckpt_path PATH
     python -m training.train fit --config configs/train/transfer_tiny.yaml \
         --config configs/train/strategy/ddp_cpu.yaml              # strategies by configuration

@@ -211,3 +211,90 @@ def test_a_continued_run_keeps_its_params_and_tags_changed_ones(tmp_path):
     assert again.experiment.get_run(run_id).info.status == "FINISHED"
     other = LocalMLFlowLogger(out_dir=str(tmp_path), experiment_name="other", continue_run=True)
     assert other.run_id != run_id                                         # another experiment: a new run
+
+
+TRANSFER = REPO / "configs" / "train" / "transfer_tiny.yaml"
+
+
+def transfer_config(tmp: Path, shards: Path, steps: int, probe: Path) -> Path:
+    """A --config for the world-size runs: the tiny transfer task, a checkpoint every 2 steps,
+    the optimizer state written at the start and the end (train_probes.OptimizerState)."""
+    cbs = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": None, "filename": "step{step:04d}", "auto_insert_metric_name": False,
+                          "every_n_train_steps": 2, "save_last": True, "save_top_k": 2, "monitor": "step",
+                          "mode": "max"}},
+           {"class_path": "train_probes.OptimizerState", "init_args": {"folder": str(probe)}}]
+    cfg = {"trainer": {"max_steps": steps, "max_epochs": -1, "enable_progress_bar": False, "log_every_n_steps": 1,
+                       "check_val_every_n_epoch": 1000, "callbacks": cbs},
+           "model": {"init_args": {"vertex_samples": 512, "warmup_steps": 1}},
+           "data": {"init_args": {"root": str(shards), "batch_size": 2, "samples_per_epoch": 24, "val_samples": 2,
+                                  "shuffle_buffer": 4}}}
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "world_run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_a_zero2_run_resumes_on_one_process_and_back_on_two(truth_shards, tmp_path):
+    """ZeRO-2 on 2 processes for 4 steps; its checkpoint made universal
+    (``python -m training.checkpoints to-universal``) resumes on 1 process to step 6, and that
+    one's, made universal, on 2 processes to step 8. After each load the fp32 master weights and
+    Adam moments are those saved; the loss goes on from where it was; the data position is the
+    samples consumed globally (24 an epoch: 12 a rank on 2 processes, 24 on 1)."""
+    import mlflow
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from training.checkpoints import main as checkpoints
+    from training.export import load_checkpoint_state
+    legs = (("two", 2, 4, None), ("one", 1, 6, "two"), ("again", 2, 8, "one"))
+    for name, devices, steps, source in legs:
+        cfg = transfer_config(tmp_path / f"cfg_{name}", truth_shards, steps, tmp_path / f"opt_{name}")
+        args = ["fit", "--config", str(TRANSFER), "--config", str(STRATEGY), "--config", str(cfg),
+                "--out", str(tmp_path / name), "--trainer.devices", str(devices)]
+        if source:
+            universal = tmp_path / f"{source}.universal"
+            saved = tmp_path / source / "checkpoints" / "last.ckpt"
+            assert checkpoints(["to-universal", str(saved), str(universal)]) == 0
+            args += ["--ckpt_path", str(universal)]
+        r = _run_cli(args)
+        assert r.returncode == 0, r.stderr[-4000:]
+    for saved, loaded, step in (("two", "one", "4"), ("one", "again", "6")):
+        before, after = load_file(str(tmp_path / f"opt_{saved}" / "end.safetensors")), \
+            load_file(str(tmp_path / f"opt_{loaded}" / "start.safetensors"))
+        assert before.keys() == after.keys() and len(before) == 3 * len([k for k in before if k.endswith("/fp32")])
+        for key in before:
+            assert torch.equal(before[key], after[key]), key                    # same optimizer state
+        with safe_open(str(tmp_path / f"opt_{saved}" / "end.safetensors"), "pt") as f:
+            saved_meta = f.metadata()
+        with safe_open(str(tmp_path / f"opt_{loaded}" / "start.safetensors"), "pt") as f:
+            assert f.metadata()["step"] == saved_meta["step"] == step
+            assert f.metadata()["fixed_loss"] == saved_meta["fixed_loss"]     # the loss goes on from there
+    positions = {name: load_checkpoint_state(tmp_path / name / "checkpoints" / "last.ckpt")["ShardDataModule"]
+                 for name, *_ in legs}
+    # an epoch of 24 samples: 2 x 4 batches of 2 (16); on 1 process 8 of 12 batches done, 2 more (20);
+    # on 2 processes 5 of 6 batches a rank done, 1 more ends the epoch, then 1 of the next
+    assert [(p["epoch"], p["consumed"], p["world_size"]) for p in positions.values()] == \
+        [(0, 4, 2), (0, 10, 1), (1, 1, 2)]
+    losses = {}
+    for name, *_ in legs:
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        [run] = client.search_runs([client.get_experiment_by_name("transfer").experiment_id])
+        losses[name] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_mm2")}
+    assert [sorted(losses[name]) for name, *_ in legs] == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    fixed = {}
+    for name, *_ in legs:
+        for when in ("start", "end"):
+            with safe_open(str(tmp_path / f"opt_{name}" / f"{when}.safetensors"), "pt") as f:
+                fixed[name, when] = float(f.metadata()["fixed_loss"])
+    assert all(fixed[name, "end"] != fixed[name, "start"] for name, *_ in legs)      # each leg trained
+
+
+def test_to_universal_refuses_a_folder_that_is_not_a_deepspeed_checkpoint(tmp_path, capsys):
+    from training.checkpoints import main as checkpoints
+    (tmp_path / "plain.ckpt").mkdir()
+    assert checkpoints(["to-universal", str(tmp_path / "plain.ckpt"), str(tmp_path / "out")]) == 2
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["error"] == "UserError" and "not a DeepSpeed checkpoint" in line["message"]
+    assert not (tmp_path / "out").exists()

@@ -57,3 +57,59 @@ class TinyData(pl.LightningDataModule):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(32, 4, generator=g)
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+
+
+class OptimizerState(Callback):
+    """Rank 0 writes ``<folder>/start.safetensors`` when training starts (after a resume has
+    loaded its checkpoint) and ``<folder>/end.safetensors`` when it ends: every trainable
+    parameter's fp32 master weights and Adam moments, whole (DeepSpeed's ``safe_get_full_*``,
+    which every rank takes part in), with the global step and the transfer task's loss on a
+    fixed batch (the first validation batch) in the metadata."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def _dump(self, trainer, pl_module, name: str) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        from safetensors.torch import save_file
+        zero = trainer.strategy.deepspeed_engine.optimizer
+        if trainer.global_step > 0:
+            # DeepSpeed (ZeRO-1/2) links the fragments to the Adam state after the first step of the
+            # first param group, before the other groups have any state: link them again now
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+        state = {}
+        for n, p in pl_module.named_parameters():
+            if p.requires_grad:
+                state[f"{n}/fp32"] = safe_get_full_fp32_param(p)
+                if trainer.global_step > 0:              # no Adam state before the first step (all ranks agree)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[f"{n}/{key}"] = safe_get_full_optimizer_state(p, key)
+        if trainer.global_rank == 0:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            meta = {"step": str(trainer.global_step), "fixed_loss": repr(self.fixed_loss(trainer, pl_module))}
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items() if v is not None},
+                      str(Path(self.folder) / f"{name}.safetensors"), metadata=meta)
+
+    @staticmethod
+    def fixed_loss(trainer, pl_module) -> float:
+        """The transfer task's loss (mm²) on the first 2 validation samples (whatever the world
+        size), with the weights as they are."""
+        import torch
+
+        from training.data.datamodule import TRANSFER_FIELDS
+        from training.data.shards import ShardDataset, collate, shard_urls
+        from training.tasks.transfer import centred_mse_mm
+        dataset = ShardDataset(shard_urls(trainer.datamodule.root, "val"), 2, resampled=False, rank=0, world_size=1,
+                               fields=TRANSFER_FIELDS)
+        batch = collate(list(dataset))
+        with torch.no_grad():
+            expr, jaw, neutral, static = pl_module.inputs(batch)
+            pred = pl_module.model(expr, jaw, neutral, static).float()
+        return float(centred_mse_mm(pred, batch["dynamic_offsets"].float()))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "end")

@@ -5,12 +5,15 @@
 - Training draws resampled shards (a seeded stream per epoch, rank and worker): every rank
   gets exactly ``samples_per_epoch / world_size`` samples, so DDP ranks never wait on each
   other. Validation reads its shards once each, split by rank.
-- **Data position**: the training stream is a pure function of (seed, epoch, rank, worker),
-  so the module's checkpoint state is (epoch, batches consumed). On resume the loader
-  fast-forwards past the consumed batches (their samples are decoded and dropped), and the
-  next batch is the one the interrupted run would have read. Consumed batches are counted in
-  ``on_after_batch_transfer`` (batches a step actually took; the loop's prefetched batch is
-  not counted).
+- **Data position**: the training stream is a pure function of (seed, epoch, rank, worker)
+  and addressable by position (``ShardDataset``: blocks of seeded shard draws), so the module's
+  checkpoint state is (epoch, batches consumed) plus each rank's worker positions after their
+  last consumed batch (gathered from every rank when a checkpoint is saved). On resume each
+  worker starts at its position: nothing consumed is read or decoded again, the resume costs
+  the same after 10 steps as after 10 000, and the next batch is the one the interrupted run
+  would have read. Consumed batches are counted in ``on_after_batch_transfer`` (batches a step
+  actually took; the loop's prefetched batch is not counted). Resumed on another world size
+  (a universal checkpoint, ``training.checkpoints``): see :func:`resume_point`.
 - Corrupt shards and members are skipped by the reader and counted: each batch carries
   ``reader_skipped`` (the count so far in its worker); the task logs it.
 - Samples shorter than the task's training window (its ``window_span``, when it has one) are
@@ -28,7 +31,7 @@ from typing import Iterator
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from .shards import ShardDataset, collate, shard_urls
+from .shards import ResumePoint, ShardDataset, collate, shard_urls
 
 #: what a transfer-module step decodes (frames, normals and masks are skipped)
 TRANSFER_FIELDS = ("smplx", "dynamic_offsets", "face_vertex_ids", "static_offsets")
@@ -36,19 +39,63 @@ TRANSFER_FIELDS = ("smplx", "dynamic_offsets", "face_vertex_ids", "static_offset
 
 class ResumableLoader(DataLoader):
     """A DataLoader over a :class:`ShardDataset` that sets the dataset's epoch on each pass
-    and skips the batches its owner says were consumed already."""
+    and, for a resumed pass, where each of its workers starts (no batch is read to skip it)."""
 
     def __init__(self, dataset: ShardDataset, owner: "ShardDataModule", **kwargs) -> None:
         super().__init__(dataset, **kwargs)
         self._owner = owner
 
     def __iter__(self) -> Iterator:
-        epoch, skip = self._owner._begin_pass()
+        epoch, start = self._owner._begin_pass(self.dataset, self.num_workers, self.batch_size)
         self.dataset.set_epoch(epoch)
-        it = super().__iter__()
-        for _ in range(skip):
-            next(it)
+        self.dataset.start = start
+        it = super().__iter__()          # the workers (or the in-process reader) take the start now
+        self.dataset.start = None
         yield from it
+
+
+def round_robin(batches: list[int], consumed: int) -> tuple[list[int], int]:
+    """Batches each loader worker gave in the first ``consumed`` batches of a pass, and the
+    worker due next: the DataLoader takes one batch from each worker in turn, passing over
+    workers that are done (``batches``: what each gives in a pass)."""
+    taken, worker = [0] * len(batches), 0
+    for _ in range(min(consumed, sum(batches))):
+        while taken[worker] >= batches[worker]:
+            worker = (worker + 1) % len(batches)
+        taken[worker] += 1
+        worker = (worker + 1) % len(batches)
+    return taken, worker
+
+
+def resume_point(state: dict, dataset: ShardDataset, rank: int, world: int, workers: int,
+                 batch_size: int) -> tuple[ResumePoint, int]:
+    """Where this rank's loader workers start a resumed pass, and the batches it counts as
+    consumed, from the data module's checkpoint state.
+
+    Same world, workers and batch size: each worker continues at the position its last consumed
+    sample recorded (exact: the next batch is the one the interrupted run would have read).
+    Another world size (a universal checkpoint resumed on more or fewer processes): the samples
+    consumed globally (``consumed x batch_size x world_size`` of the saving run) become this
+    world's batches per rank; a (rank, worker) stream that existed continues where it stopped,
+    a new one starts at its beginning (every stream is an independent seeded draw, so the
+    sample distribution is unchanged); the epoch keeps its length in samples. A state without
+    positions (an older checkpoint) derives them from the consumed counts."""
+    consumed = int(state["consumed"])
+    saved = (int(state.get("world_size", world)), int(state.get("batch_size", batch_size)),
+             int(state.get("num_workers", max(workers, 1))))
+    if saved != (world, batch_size, max(workers, 1)):
+        consumed = consumed * saved[0] * saved[1] // (world * batch_size)
+    count = max(workers, 1)
+    quotas = [dataset.quota(w, count) for w in range(count)]
+    taken, due = round_robin([q // batch_size for q in quotas], consumed)
+    ranks = state.get("ranks")
+    mine = (ranks or {}).get(rank, {})
+    positions = None if ranks is None else {int(w): tuple(p) for w, p in mine.get("positions", {}).items()}
+    point = ResumePoint(rotation=due, positions=positions,
+                        consumed={w: t * batch_size for w, t in enumerate(taken)},
+                        remaining={w: q - t * batch_size for w, (q, t) in enumerate(zip(quotas, taken))},
+                        skipped={int(w): int(n) for w, n in mine.get("skipped", {}).items()})
+    return point, sum(taken)
 
 
 def check_root(root: str | os.PathLike | list[str], split: str = "train") -> None:
@@ -89,6 +136,8 @@ class ShardDataModule(pl.LightningDataModule):
         self.fields = tuple(fields) if fields is not None else TRANSFER_FIELDS
         self._epoch = 0
         self._consumed = 0             # training batches taken by steps in the current epoch
+        self._positions: dict[int, tuple[int, int]] = {}     # loader worker -> position after its last batch
+        self._skips: dict[int, int] = {}                      # loader worker -> its skips at that batch
         self._restored: dict | None = None
 
     # -- topology -----------------------------------------------------------------------
@@ -141,28 +190,54 @@ class ShardDataModule(pl.LightningDataModule):
                           collate_fn=collate)
 
     # -- data position ------------------------------------------------------------------
-    def _begin_pass(self) -> tuple[int, int]:
-        """(epoch, batches to skip) for a new pass over the training loader."""
+    def _begin_pass(self, dataset: ShardDataset, workers: int, batch_size: int) -> tuple[int, ResumePoint | None]:
+        """(epoch, where the workers start: None for the beginning) for a new pass over the
+        training loader."""
         epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
-        skip = 0
-        if self._restored is not None and self._restored["epoch"] == epoch:
-            skip = int(self._restored["consumed"])
-        if epoch != self._epoch or skip:
-            self._epoch, self._consumed = epoch, skip
-        elif self._restored is None:
-            self._consumed = 0
-        return epoch, skip
+        restored = self._restored if self._restored is not None and self._restored["epoch"] == epoch else None
+        self._epoch = epoch
+        if restored is None:
+            self._consumed, self._positions, self._skips = 0, {}, {}
+            return epoch, None
+        rank, world = self._world()
+        point, self._consumed = resume_point(restored, dataset, rank, world, workers, batch_size)
+        self._positions = dict(point.positions or {})
+        self._skips = dict(point.skipped)
+        return epoch, point
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:
-            self._consumed += 1
-            self._restored = None          # the restored position has been used
+            self.consumed(batch)
         return batch
 
+    def consumed(self, batch: dict) -> None:
+        """A training step took ``batch``: count it, and note its worker's position after it."""
+        self._consumed += 1
+        self._restored = None          # the restored position has been used
+        if "reader_pos" in batch:
+            worker = int(str(batch["reader_worker"][-1]).rsplit("-", 1)[1])
+            self._positions[worker] = tuple(int(v) for v in batch["reader_pos"][-1])
+            self._skips[worker] = int(batch["reader_skipped"][-1])
+
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "consumed": self._consumed}
+        """(epoch, batches consumed) and each rank's worker positions (gathered from every rank:
+        Lightning asks every rank for it when it saves), with the topology they belong to."""
+        rank, world = self._world()
+        mine = {"positions": {w: list(p) for w, p in self._positions.items()}, "skipped": dict(self._skips)}
+        return {"epoch": self._epoch, "consumed": self._consumed, "world_size": world,
+                "batch_size": self.hparams.batch_size, "num_workers": max(self.hparams.num_workers, 1),
+                "ranks": _gather(mine, rank, world)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
         self._epoch, self._consumed = int(state_dict["epoch"]), int(state_dict["consumed"])
 
+
+def _gather(mine: dict, rank: int, world: int) -> dict[int, dict]:
+    """rank -> each rank's ``mine`` (every rank must call it together when the world is > 1)."""
+    import torch.distributed as dist
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine)
+        return dict(enumerate(everyone))
+    return {rank: mine}

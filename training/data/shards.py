@@ -1,17 +1,26 @@
-"""Training reader of the preprocessing job's WebDataset shards, on webdataset's own pipeline.
+"""Training reader of the preprocessing job's WebDataset shards, addressed by position.
 
-Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer uses.
+Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer uses. Each
+shard is indexed once per process from its tar headers (:mod:`.shard_index`: each sample's
+members and byte offsets), and a sample is read by range when the stream reaches it, then
+decoded: samples are shuffled as positions, before any byte is read or decoded.
 
-* ``resampled=True`` (training): every (rank, worker) draws shards with replacement from its
-  own seeded stream (``wds.ResampledShards``, deterministic), so no rank ever runs out;
-* ``resampled=False`` (evaluation): shards are split by rank, then by worker, and cycled;
-* either way each rank yields the same number of samples per epoch (``with_epoch``), so uneven
+* ``resampled=True`` (training): every (rank, worker) has its own seeded stream of **blocks**.
+  Block ``b`` draws shards with replacement (seeded by seed, epoch, rank, worker and ``b``)
+  until it holds ``shuffle_buffer`` samples, and yields all of their samples in a seeded
+  order. A position is (block, offset): the stream can start anywhere by building that one
+  block (tar headers of its shards), without reading or decoding what came before, which is
+  how a resumed run continues (``ShardDataset.start``, :class:`ResumePoint`, set by the data
+  module). Every sample carries the position after it (``reader_pos``);
+* ``resampled=False`` (evaluation): shards are split by rank, then by worker, and cycled, each
+  read in order;
+* either way each rank yields the same number of samples per epoch (its quota), so uneven
   shards cannot leave one DDP rank waiting for another;
 * ``fields`` picks what is decoded (default all; a generator step needs ``("frames",
   "normals")``, which decodes in half the time), see ``sample_schema.FIELDS``;
 * a corrupt shard or member (bad tar, truncated file, undecodable member) is skipped and
-  counted (:class:`SkipCounter`, the pipeline's ``handler``); ``max_empty_shards`` shards in a
-  row without one good sample is an error rather than a silent spin;
+  counted (:class:`SkipCounter`, the reader's ``handler``); ``max_empty_shards`` empty shards
+  (or blocks without one good sample) in a row is an error rather than a silent spin;
 * a sample shorter than ``min_frames`` (a training window's span: a clip shorter than one
   segment is written as one short sample) is dropped and counted the same way, as
   ``ShortSample`` in ``skipped.counts`` (and in ``reader_skipped``).
@@ -19,24 +28,22 @@ Samples are decoded by :mod:`preprocessing.sample_schema`, the module the writer
 Skips across DataLoader workers: each worker counts its own, and every sample carries its
 worker's running count (``reader_skipped``, ``reader_worker``); :class:`ShardLoader` sums the
 latest count of each worker as batches arrive (``loader.skipped``), and :class:`SkipTally`
-does the same for any consumer of the batches.
+does the same for any consumer of the batches. ``ShardDataset.io`` counts what this process
+indexed, read and decoded.
 
 Precomputed latents (``latents=LATENTS_DIR/<codec_id>/shards``, written by
 ``pipelines.encode_latents``): a shard whose sidecar is there and was made from the same bytes
-(the markers' sha256) is read in lockstep with it, and its samples carry ``latents`` and
-``reference_latent``; other shards' samples come without them (the trainer encodes those on the
-fly). A sidecar out of step with its shard is skipped and counted (``LatentSidecarMismatch``).
+(the markers' sha256) has each sample merged with the sidecar's sample of the same key, and its
+samples carry ``latents`` and ``reference_latent``; other shards' samples come without them
+(the trainer encodes those on the fly). A sidecar lacking a key is counted
+(``LatentSidecarMismatch``) and that sample comes without it. Driving normals
+(``normals=...``, ``pipelines.render_normals``) are merged the same way.
 
-Decoded-sample cache (``cache_mb``, off by default): a worker keeps the decoded samples of the
-shards it has read, up to that many MiB, and serves later draws of those shards from memory
-(same samples in the same order, so the stream and the data position are unchanged). For
-corpora that fit in memory (the tiny CPU benchmark: decoding was 27 % of a training step,
-README); each DataLoader worker holds its own copy. Once the budget is spent, further shards
-are read from disk as usual.
-
-Why a ``wds.DataPipeline`` of webdataset's public stages rather than the ``wds.WebDataset``
-class: that class's resampled mode seeds from the process id and the clock (not reproducible),
-and its splitters give a worker with no shard an empty stream that ``with_epoch`` ends early.
+Decoded-sample cache (``cache_mb``, off by default): a worker keeps the decoded samples it has
+read, up to that many MiB, and serves later draws of them from memory (same samples in the
+same order, so the stream and the data position are unchanged). For corpora that fit in memory
+(the tiny CPU benchmark: decoding was 27 % of a training step, README); each DataLoader worker
+holds its own copy. Once the budget is spent, further samples are read from disk as usual.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -58,6 +65,8 @@ from preprocessing.normal_schema import MEMBERS as NORMAL_MEMBERS
 from preprocessing.normal_schema import NormalSample, decode_normal_sample
 from preprocessing.sample_schema import ShardSample, decode_sample
 from preprocessing.shard_format import MARKER_SUFFIX
+
+from .shard_index import SampleSpan, index_tar, read_sample
 
 
 def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) -> list[str]:
@@ -79,41 +88,16 @@ def shard_urls(source: str | os.PathLike | list[str], split: str | None = None) 
     return sorted(glob.glob(storage.local_path(source)))
 
 
-def tar_samples(handler: Callable[[Exception], bool]) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """webdataset's ``tarfile_to_samples`` stage with each shard opened through
-    :mod:`preprocessing.storage` (paths, ``file://``, ``s3://``: streamed, webdataset's own
-    ``gopen`` has no object-store scheme)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def open_streams(src: Iterable[dict]) -> Iterator[dict]:
-        for sample in src:
-            try:
-                stream = storage.open_url(sample["url"])
-            except Exception as exn:  # noqa: BLE001 - the handler decides (skip or raise)
-                exn.args = exn.args + (sample["url"],)
-                if not handler(exn):
-                    break
-                continue
-            try:
-                yield {**sample, "stream": stream}     # read to its end before the next is asked for
-            finally:
-                stream.close()
-
-    def stage(src: Iterable[dict]) -> Iterator[dict]:
-        return group_by_keys(tar_file_expander(open_streams(src), handler=handler), handler=handler)
-
-    return stage
-
-
 @dataclass
 class SkipCounter:
-    """Counts what was skipped, by exception type; the pipeline's ``handler``. It also
-    guards against a stream with nothing readable (see :meth:`shard_started`)."""
+    """Counts what was skipped, by exception type; the reader's ``handler``. It also guards
+    against a stream with nothing readable (see :meth:`shard_started`)."""
 
     max_empty_shards: int = 50
     counts: Counter = field(default_factory=Counter)
     last: str = ""
-    since_good: int = 0               # shards started since the last good sample
+    since_good: int = 0               # shards (blocks) started since the last good sample
+    carried: int = 0                  # skips before a resumed pass (its worker's count at the checkpoint)
 
     def __call__(self, exc: BaseException) -> bool:
         self.counts[type(exc).__name__] += 1
@@ -122,13 +106,16 @@ class SkipCounter:
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return self.carried + sum(self.counts.values())
 
     def shard_started(self) -> None:
         self.since_good += 1
         if self.since_good > self.max_empty_shards:
-            raise RuntimeError(f"{self.max_empty_shards} shards in a row gave no readable sample "
-                               f"(skipped {dict(self.counts)}; last: {self.last})")
+            self.give_up()
+
+    def give_up(self) -> None:
+        raise RuntimeError(f"{self.max_empty_shards} shards in a row gave no readable sample "
+                           f"(skipped {dict(self.counts)}; last: {self.last})")
 
 
 class SkipTally:
@@ -221,6 +208,24 @@ def _split(items: list, index: int, count: int) -> list:
     return items[index::count] or items
 
 
+@dataclass
+class ResumePoint:
+    """Where each loader worker of a rank starts its pass (the data module derives it from its
+    checkpoint state): logical worker ids, since a resumed DataLoader starts its round robin at
+    physical worker 0 while the interrupted one was due to read from ``rotation``."""
+
+    rotation: int = 0                                  # physical worker p plays (p + rotation) % workers
+    #: logical worker -> its next (block, offset); None: derive it from ``consumed`` (exact when
+    #: nothing was dropped); a worker missing from the dict starts its stream afresh
+    positions: dict[int, tuple[int, int]] | None = None
+    consumed: dict[int, int] = field(default_factory=dict)     # logical worker -> samples it gave
+    remaining: dict[int, int] = field(default_factory=dict)    # logical worker -> samples still due
+    skipped: dict[int, int] = field(default_factory=dict)      # logical worker -> its skips so far
+
+
+_MISSING = object()
+
+
 class ShardDataset(IterableDataset):
     """A fixed-length epoch of decoded samples for this rank (see the module docstring)."""
 
@@ -241,15 +246,20 @@ class ShardDataset(IterableDataset):
         self.fields = tuple(fields) if fields is not None else None     # None: every field
         self.samples_per_rank = int(samples_per_rank)
         self.resampled = resampled
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer = shuffle_buffer    # a training block holds at least this many samples
         self.seed = seed
         self.convert = convert
         self._rank, self._world = rank, world_size
         self.epoch = 0
+        self.start: ResumePoint | None = None   # set by the data module for a resumed pass
         self.skipped = SkipCounter(max_empty_shards)
         self.min_frames = int(min_frames)      # shorter samples are dropped (ShortSample)
+        #: what this process read: shards indexed, samples read (bytes) and decoded
+        self.io: Counter = Counter()
+        self._indexes: dict[str, list[SampleSpan]] = {}          # tar -> its samples (this process)
+        self._side_indexes: dict[str, dict[str, SampleSpan]] = {}  # sidecar tar -> key -> its sample
         self.cache_bytes = int(cache_mb * 2**20)
-        self._cache: dict[str, list] = {}       # url -> its decoded samples (this process)
+        self._cache: dict[str, dict[int, object]] = {}   # url -> sample index -> decoded (this process)
         self._cached_bytes = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -258,6 +268,10 @@ class ShardDataset(IterableDataset):
     def __len__(self) -> int:
         return self.samples_per_rank
 
+    def quota(self, worker: int, workers: int) -> int:
+        """Samples a loader worker gives per pass (the rank's samples split over its workers)."""
+        return self.samples_per_rank // workers + (worker < self.samples_per_rank % workers)
+
     def _topology(self) -> tuple[int, int, int, int]:
         rank, world = rank_and_world()
         rank = self._rank if self._rank is not None else rank
@@ -265,95 +279,151 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         return rank, world, (info.id if info else 0), (info.num_workers if info else 1)
 
-    def pipeline(self):
-        """This (rank, worker)'s ``wds.DataPipeline``: shard urls -> tar members (bytes) ->
-        shuffled -> decoded -> converted, ``with_epoch`` its share of the rank's samples. The
-        shuffle buffer holds members' bytes, not decoded arrays (with ``cache_mb`` the decoded
-        samples are shuffled: the cache serves decoded samples)."""
-        import webdataset as wds
+    # -- the stream: positions -> (shard, sample index) -------------------------------------
+    def index(self, url: str) -> list[SampleSpan]:
+        """The samples of a shard (its tar headers, read once per process; errors counted)."""
+        if url not in self._indexes:
+            self.io["shards_indexed"] += 1
+            self._indexes[url] = index_tar(url, self.skipped)
+        return self._indexes[url]
 
-        rank, world, worker, workers = self._topology()
-        quota = self.samples_per_rank // workers + (worker < self.samples_per_rank % workers)
-        if self.resampled:
-            worker_seed = rank * 1000 + worker
-            shards = wds.ResampledShards(self.urls, seed=self.seed * 100_003 + self.epoch,
-                                         worker_seed=lambda: worker_seed, deterministic=True)
-            stages = [shards]
-        else:
-            mine = _split(_split(self.urls, rank, world), worker, workers)
-            stages = [wds.SimpleShardList(mine)]
-        worker_id = f"{rank}-{worker}"
-        shuffle = [wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 2,
-                               rng=random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}"))
-                   ] if self.shuffle_buffer > 1 else []
-        if self.cache_bytes > 0:
-            stages += [self._guard, self._cached_decode, *shuffle]
-        else:
-            stages += [self._guard, self._members, *shuffle, wds.map(self._decode, handler=self.skipped)]
-        stages.append(wds.map(lambda sample: self._tag(sample, worker_id)))
-        return wds.DataPipeline(*stages).with_epoch(quota), quota
+    def block(self, rank: int, worker: int, number: int) -> list[tuple[str, int]]:
+        """Block ``number`` of a (rank, worker)'s training stream: shards drawn with replacement
+        (seeded by seed, epoch, rank, worker and block) until it holds ``shuffle_buffer`` samples,
+        all of their samples in a seeded order, as (shard, sample index). Reads tar headers only."""
+        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}-{number}")
+        members: list[tuple[str, int]] = []
+        empty = 0
+        while len(members) < max(self.shuffle_buffer, 1):
+            url = self.urls[rng.randrange(len(self.urls))]
+            count = len(self.index(url))
+            empty = empty + 1 if count == 0 else 0
+            if empty > self.skipped.max_empty_shards:
+                self.skipped.give_up()
+            members += [(url, k) for k in range(count)]
+        rng.shuffle(members)
+        return members
+
+    def position_after(self, rank: int, worker: int, samples: int) -> tuple[int, int]:
+        """The (block, offset) that follows ``samples`` samples of a (rank, worker)'s training
+        stream, when none of them was dropped: arithmetic on block sizes, no sample read."""
+        number = 0
+        while True:
+            size = len(self.block(rank, worker, number))
+            if samples < size:
+                return number, samples
+            samples, number = samples - size, number + 1
+
+    def _training_positions(self, rank: int, worker: int, start: tuple[int, int]) -> Iterator[tuple]:
+        number, offset = start
+        while True:
+            members = self.block(rank, worker, number)
+            for k in range(offset, len(members)):
+                yield (*members[k], (number, k + 1))
+            number, offset = number + 1, 0
+
+    def _evaluation_positions(self, rank: int, world: int, worker: int, workers: int) -> Iterator[tuple]:
+        """This worker's shards (split by rank, then worker), each read in order, cycled."""
+        mine = _split(_split(self.urls, rank, world), worker, workers)
+        slot = 0
+        while True:
+            for url in mine:
+                count = len(self.index(url))
+                if count == 0:
+                    self.skipped.shard_started()
+                for k in range(count):
+                    yield url, k, (slot, k + 1)
+                slot += 1
 
     def __iter__(self) -> Iterator:
-        pipeline, quota = self.pipeline()
-        if quota == 0:
+        rank, world, worker, workers = self._topology()
+        start, position = self.start, (0, 0)
+        logical = (worker + start.rotation) % workers if start is not None else worker
+        quota = self.quota(logical, workers)
+        if start is not None and self.resampled:
+            quota = start.remaining.get(logical, quota)
+            self.skipped.carried = start.skipped.get(logical, 0) - sum(self.skipped.counts.values())
+            if start.positions is not None:
+                position = tuple(start.positions.get(logical, position))
+            elif start.consumed.get(logical, 0):
+                position = self.position_after(rank, logical, start.consumed[logical])
+        if quota <= 0:
             return iter(())
+        positions = (self._training_positions(rank, logical, position) if self.resampled
+                     else self._evaluation_positions(rank, world, logical, workers))
+        return self._samples(positions, quota, f"{rank}-{logical}")
+
+    def _samples(self, positions: Iterator[tuple], quota: int, worker_id: str) -> Iterator:
+        """Decoded samples at the positions until ``quota`` of them; what cannot be read or is
+        dropped is counted. A block (or evaluation shard) without one good sample counts towards
+        ``max_empty_shards``."""
         self.skipped.since_good = 0
-        return iter(pipeline)
-
-    def _guard(self, urls: Iterable[dict]) -> Iterator[dict]:
-        for url in urls:
-            self.skipped.shard_started()
-            yield url
-
-    def _members(self, urls: Iterable[dict]) -> Iterator[dict]:
-        """Tar members (bytes) of each shard, merged with its sidecars'."""
-        return self._paired(urls) if self.sidecar_maps else tar_samples(self.skipped)(urls)
-
-    def _read_decode(self, urls: Iterable[dict]) -> Iterator:
-        """Tar members of each shard (merged with its sidecars') -> decoded samples."""
-        import webdataset as wds
-
-        return wds.map(self._decode, handler=self.skipped)(self._members(urls))
-
-    def _cached_decode(self, urls: Iterable[dict]) -> Iterator:
-        """:meth:`_read_decode`, served from memory for shards read before (see the module docstring)."""
-        for entry in urls:
-            url = entry["url"]
-            if url in self._cache:
-                self.skipped.since_good = 0
-                yield from self._cache[url]
+        given, block, fruitful = 0, None, True
+        for url, number, position in positions:
+            if position[0] != block:
+                if not fruitful:
+                    self.skipped.shard_started()
+                block, fruitful = position[0], False
+            try:
+                item = self._load(url, number)
+            except Exception as exc:  # noqa: BLE001 - counted, as webdataset's handler would
+                self.skipped(exc)
                 continue
-            decoded = []
-            for item in self._read_decode([entry]):
-                decoded.append(item)
-                yield item
-            size = sum(_nbytes(item) for item in decoded)
-            if decoded and self._cached_bytes + size <= self.cache_bytes:
-                self._cache[url] = decoded
-                self._cached_bytes += size
+            self.skipped.since_good, fruitful = 0, True
+            yield self._tag(item, worker_id, position)
+            given += 1
+            if given >= quota:
+                return
 
-    def _paired(self, urls: Iterable[dict]) -> Iterator[dict]:
-        """Tar members of each shard, merged with its sidecars' (same keys, same order); a
-        sidecar out of step is counted (``LatentSidecarMismatch``) and left out from there."""
-        expand = tar_samples(self.skipped)     # a stage: applied to a url stream
-        for entry in urls:
-            sides = {kind: m[entry["url"]] for kind, m in self.sidecar_maps.items() if entry["url"] in m}
-            streams = {kind: iter(expand([{"url": side}])) for kind, side in sides.items()}
-            for raw in expand([entry]):
-                merged = dict(raw)
-                for kind in list(streams):
-                    side = next(streams[kind], None)
-                    if side is None or side["__key__"] != raw["__key__"]:
-                        self.skipped(LatentSidecarMismatch(f"{sides[kind]} is out of step with {entry['url']} at "
-                                                           f"{raw['__key__']}"))
-                        del streams[kind]
-                        continue
-                    merged.update({k: v for k, v in side.items() if k in SIDECAR_MEMBERS[kind]})
-                yield merged
+    # -- reading one sample ----------------------------------------------------------------
+    def _load(self, url: str, number: int):
+        """Sample ``number`` of a shard, decoded (from the cache where it holds it)."""
+        cached = self._cache.get(url, {}).get(number, _MISSING)
+        if cached is not _MISSING:
+            if isinstance(cached, BaseException):
+                raise cached
+            return cached
+        try:
+            item = self._decode(self._raw(url, number))
+        except OSError:
+            raise                                  # may be transient: not remembered
+        except Exception as exc:
+            self._remember(url, number, exc)
+            raise
+        self._remember(url, number, item)
+        return item
+
+    def _remember(self, url: str, number: int, item) -> None:
+        if self.cache_bytes <= 0:
+            return
+        size = 0 if isinstance(item, BaseException) else _nbytes(item)
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache.setdefault(url, {})[number] = item
+            self._cached_bytes += size
+
+    def _raw(self, url: str, number: int) -> dict:
+        """A sample's member bytes, merged with its sidecars' (by key; a sidecar without the key
+        is counted as ``LatentSidecarMismatch`` and left out)."""
+        span = self.index(url)[number]
+        raw = read_sample(url, span)
+        self.io["samples_read"] += 1
+        for kind, sidecars in self.sidecar_maps.items():
+            side = sidecars.get(url)
+            if side is None:
+                continue
+            if side not in self._side_indexes:
+                self._side_indexes[side] = {s.key: s for s in index_tar(side, self.skipped)}
+            side_span = self._side_indexes[side].get(span.key)
+            if side_span is None:
+                self.skipped(LatentSidecarMismatch(f"{side} has no sample {span.key} of {url}"))
+                continue
+            raw.update({k: v for k, v in read_sample(side, side_span).items() if k in SIDECAR_MEMBERS[kind]})
+        return raw
 
     def _decode(self, raw: dict):
         """Raw members -> the sample (only ``fields``, only the first ``max_frames``), or
         (sample, latents[, normals]) with sidecars (None where a shard has none)."""
+        self.io["samples_decoded"] += 1
         sample = decode_sample(raw, self.fields, self.max_frames)
         extras = {}
         if "latents" in self.sidecar_maps:
@@ -364,10 +434,9 @@ class ShardDataset(IterableDataset):
         frames = sample.num_frames or _meta_frames(sample.meta) or (len(normals.normals) if normals else 0)
         if frames and frames < self.min_frames:             # 0: nothing per-frame decoded, count unknown
             raise ShortSample(f"sample {sample.key} has {frames} frames, the window spans {self.min_frames}")
-        self.skipped.since_good = 0
         return (sample, *extras.values()) if self.sidecar_maps else sample
 
-    def _tag(self, item, worker_id: str):
+    def _tag(self, item, worker_id: str, position: tuple[int, int]):
         if self.convert is None:
             return item
         if self.sidecar_maps:
@@ -377,6 +446,7 @@ class ShardDataset(IterableDataset):
             out = self.convert(item)
         if isinstance(out, dict):
             out["reader_worker"], out["reader_skipped"] = worker_id, self.skipped.total
+            out["reader_pos"] = position
         return out
 
 
@@ -443,4 +513,4 @@ def make_loader(source, samples_per_rank: int, batch_size: int, num_workers: int
 
 
 __all__ = ["LatentSidecarMismatch", "ShardDataset", "ShardLoader", "ShortSample", "SkipCounter", "SkipTally", "collate",
-           "make_loader", "matching_sidecars", "shard_urls", "tar_samples", "to_torch"]
+           "make_loader", "matching_sidecars", "shard_urls", "to_torch"]
