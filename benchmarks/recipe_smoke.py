@@ -205,7 +205,8 @@ def generator_config(recipe, work: Path, shards: Path, codec: Path, codec_sub: s
     strategy = trainer.get("strategy")
     put("trainer.accelerator", "cpu")
     put("trainer.devices", 2)
-    put("trainer.num_nodes", 1)
+    if "num_nodes" in trainer:
+        put("trainer.num_nodes", 1)
     if isinstance(strategy, dict) and "DeepSpeed" in strategy.get("class_path", ""):
         put("trainer.strategy.class_path", CPU_STRATEGY)          # the GPU recipe's ZeRO stage and init args kept
     else:                                                         # the tiny recipe's 2-process ZeRO-2
@@ -213,12 +214,14 @@ def generator_config(recipe, work: Path, shards: Path, codec: Path, codec_sub: s
         for key, value in extra.items():
             put(f"trainer.{key}", value)
     put("trainer.max_steps", steps)
+    put("trainer.val_check_interval", steps)                      # one validation (+ its samples) at the end
+    put("trainer.check_val_every_n_epoch", None)
     put("trainer.log_every_n_steps", 1)
     put("trainer.enable_progress_bar", False)
     for k, cb in enumerate(trainer.get("callbacks") or []):
         if cb["class_path"].endswith("ModelCheckpoint"):
+            changed[f"trainer.callbacks[{k}].every_n_train_steps"] = [cb["init_args"].get("every_n_train_steps"), 1]
             cb["init_args"]["every_n_train_steps"] = 1
-            changed[f"trainer.callbacks[{k}].every_n_train_steps"] = "1"
     overrides = tiny_flavor_overrides(model["flavor"])
     if overrides:
         put("model.init_args.flavor_overrides", {**(model.get("flavor_overrides") or {}), **overrides})
@@ -240,6 +243,15 @@ def generator_config(recipe, work: Path, shards: Path, codec: Path, codec_sub: s
     path = work / "generator.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, changed
+
+
+def step_reads(log_text: str) -> dict:
+    """What the generator's step read, from the lines the task logs once (``GeneratorTask._say``)."""
+    latents = ("sidecar" if "latents: precomputed sidecar" in log_text else
+               "encoded in the step" if "latents: ENCODED IN THE STEP" in log_text else None)
+    normals = ("sidecar" if "driving normals: precomputed sidecar" in log_text else
+               "rendered in the step" if "driving normals: RENDERED IN THE STEP" in log_text else "the shards' own")
+    return {"latents": latents, "driving_normals": normals}
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
@@ -309,6 +321,8 @@ def smoke(name: str, args, head_model: Path) -> dict:
                   work / "logs" / "generator.log", args.timeout)
         minutes["train"] = fit["minutes"]
         res["steps"] = int(fit.get("steps", 0))
+        res["step_reads"] = step_reads((work / "logs" / "generator.log").read_text(errors="replace"))
+        res["val_loss"] = (fit.get("metrics") or {}).get("val/loss")
         saved = checkpoint_step(work / "generator")
         log(f"{name}: {res['steps']} steps (last checkpoint at step {saved}); resuming for {args.resume_steps}")
         total = args.steps + args.resume_steps
