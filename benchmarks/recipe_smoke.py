@@ -335,6 +335,8 @@ def smoke(name: str, args, head_model: Path) -> dict:
         res["resumed"] = (saved == args.steps and res["resumed_steps"] == total
                           and "Restoring states from the checkpoint" in resumed_log)
         res["train_loss"] = (again.get("metrics") or {}).get("train/loss")
+        res["checkpoint_kb"] = round(sum(f.stat().st_size for f in (work / "generator" / "checkpoints" / "last.ckpt")
+                                         .rglob("*") if f.is_file()) / 1024, 1)    # LoRA: the frozen base left out
         res["ok"] = res["steps"] == args.steps and res["resumed"] and bool(flight.get("fits"))
     except StepFailed as exc:
         res["error"] = str(exc).splitlines()[0]
