@@ -146,12 +146,17 @@ class Recipe(BaseModel):
         return settings
 
     def needs_latents(self) -> bool:
-        data = self.train_config("generator").get("data", {}).get("init_args") or {}
-        return bool(data.get("latents"))
+        return bool(self.sidecar_folders()["latents"])
 
     def generator_fields(self) -> list[str]:
+        """The shard members the generator's training decodes (``[]``: none, sidecars only)."""
+        fields = (self.train_config("generator").get("data", {}).get("init_args") or {}).get("fields")
+        return list(fields) if fields is not None else ["frames", "normals"]
+
+    def sidecar_folders(self) -> dict[str, str | None]:
+        """The generator config's precomputed sidecar folders: ``latents``, ``normals`` (None: not used)."""
         data = self.train_config("generator").get("data", {}).get("init_args") or {}
-        return list(data.get("fields") or ["frames", "normals"])
+        return {kind: data.get(kind) or None for kind in ("latents", "normals")}
 
     # -- agreement ------------------------------------------------------------------------------
     def problems(self) -> list[str]:

@@ -5,7 +5,8 @@ frozen expression-transfer module, as sidecar shards.
         --transfer-module EXPORT_DIR [--head-model SMPLX.npz] [--subdivision 1] [--size S]
         [--workers N] [--cpus-per-worker C] [--address RAY_ADDRESS] [--dry-run]
 
-Writes ``NORMALS_DIR/<render_id>/shards/<name>.tar`` (+ ``.done.json``) per finished source shard
+Writes ``NORMALS_DIR/<render_id>/shards/<name>.tar`` (+ ``.done.json``; a path or an object-store
+URL, ``s3://bucket/prefix``, as ``encode_latents``) per finished source shard
 (format: :mod:`preprocessing.normal_schema`), a ``manifest.parquet`` with a row per source
 shard and a ``summary.json``. ``render_id`` hashes the transfer module's config and weights, the
 head model's sha1, the subdivision and the generator's ``--size`` (the task's ``size``: it sets
@@ -27,11 +28,11 @@ import argparse
 import json
 import sys
 import time
-import uuid
 from pathlib import Path
 
+from preprocessing import storage
 from preprocessing.clip_records import is_environment_fault
-from preprocessing.shard_format import MARKER_SUFFIX, TMP_TAG, atomic_write
+from preprocessing.shard_format import MARKER_SUFFIX, TMP_TAG, atomic_write, write_tar
 
 from .actor_pool import ActorPool, ActorResources, CallFailure
 from .encode_latents import source_shards
@@ -102,40 +103,41 @@ class NormalRenderer:
             "crop_size": crop, "render_size": int(maps.shape[1]), "frames": int(maps.shape[0])})
 
     def render_shard(self, source: dict, out_dir: str) -> dict:
-        """Render one source shard into its sidecar (temp name, rename, marker)."""
+        """Render one source shard into its sidecar (written whole under its name, path or URL,
+        then committed by its marker), as ``encode_latents`` writes its sidecars."""
         import webdataset as wds
 
-        from preprocessing.files import file_digest
         from preprocessing.normal_schema import encode_normal_sample
 
         t0 = time.perf_counter()
-        raws = wds.DataPipeline(wds.SimpleShardList([source["tar"]]), wds.tarfile_to_samples())
-        out = Path(out_dir)
-        final = out / f"{source['name']}.tar"
-        tmp = final.with_name(f".{final.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
-        keys = []
-        with open(tmp, "wb") as fh:
-            with wds.TarWriter(fh, user="expportrait", group="expportrait", mode=0o644, mtime=0.0) as sink:
-                for raw in raws:
-                    sink.write(encode_normal_sample(self.render_sample(raw, source)))
+        keys: list[str] = []
+
+        def samples():
+            with storage.open_url(source["tar"]) as fh:
+                for raw in wds.tariterators.group_by_keys(
+                        wds.tariterators.tar_file_expander([{"stream": fh, "url": source["tar"]}])):
                     keys.append(raw["__key__"])
-        digest = file_digest(tmp, "sha256")
-        tmp.replace(final)
-        marker = {"name": source["name"], "tar": final.name, "sha256": digest, "samples": len(keys),
+                    yield encode_normal_sample(self.render_sample(raw, source))
+
+        tar_name = f"{source['name']}.tar"
+        digest, _ = write_tar(storage.url_join(out_dir, tar_name), samples())
+        marker = {"name": source["name"], "tar": tar_name, "sha256": digest, "samples": len(keys),
                   "keys": keys, "source_sha256": source["sha256"], "render_id": self.render_id}
-        atomic_write(out / f"{source['name']}{MARKER_SUFFIX}", json.dumps(marker, indent=1).encode())
+        atomic_write(storage.url_join(out_dir, f"{source['name']}{MARKER_SUFFIX}"),
+                     json.dumps(marker, indent=1).encode())                    # the commit
         return {"shard": source["name"], "status": "ok", "samples": len(keys),
                 "seconds": round(time.perf_counter() - t0, 3), "reason": ""}
 
 
-def pending_shards(sources: list[dict], out: Path, rid: str) -> list[dict]:
+def pending_shards(sources: list[dict], out: str, rid: str) -> list[dict]:
     """Source shards whose sidecar is missing or stale (another source sha256 or render id)."""
     todo = []
+    present = set(storage.listdir(out))
     for s in sources:
         try:
-            marker = json.loads((out / f"{s['name']}{MARKER_SUFFIX}").read_text())
+            marker = json.loads(storage.get_bytes(storage.url_join(out, f"{s['name']}{MARKER_SUFFIX}")))
             fresh = (marker["source_sha256"] == s["sha256"] and marker["render_id"] == rid
-                     and (out / marker["tar"]).is_file())
+                     and marker["tar"] in present)
         except (OSError, ValueError, KeyError):
             fresh = False
         if not fresh:
@@ -149,26 +151,28 @@ def run(args: argparse.Namespace) -> dict:
         raise JobInputError(f"--size {args.size}: the generator's side, a positive multiple of 16 (or omit it)")
     sources = source_shards(args.input)
     rid = render_id_of(args)
-    out = Path(args.output) / rid / "shards"
-    todo = pending_shards(sources, out, rid) if out.is_dir() else list(sources)
-    summary = {"render_id": rid, "output": str(out.parent), "source_shards": len(sources), "pending": len(todo)}
+    base = storage.url_join(args.output, rid)
+    out = storage.url_join(base, "shards")
+    todo = pending_shards(sources, out, rid)
+    summary = {"render_id": rid, "output": base, "source_shards": len(sources), "pending": len(todo)}
     if args.dry_run or not todo:
         return {**summary, "written": 0, "failed": 0, "dry_run": args.dry_run}
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(out)
     except OSError as exc:
         raise EnvironmentFault(f"output {out}: {exc.strerror}") from None
-    for orphan in out.glob(f"*{TMP_TAG}*"):
-        orphan.unlink(missing_ok=True)
+    if storage.local_path(out) is not None:         # a killed local run's temp files
+        for orphan in [n for n in storage.listdir(out) if TMP_TAG in n]:
+            storage.remove(storage.url_join(out, orphan))
     rows = _render_on_pool(args, todo, out, rid)
     failed = sum(r["status"] != "ok" for r in rows)
     summary.update(written=len(rows) - failed, failed=failed, samples=sum(r["samples"] for r in rows),
                    seconds=round(time.perf_counter() - started, 2))
-    (out.parent / "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.put_bytes(storage.url_join(base, "summary.json"), json.dumps(summary, indent=1).encode())
     return summary
 
 
-def _render_on_pool(args: argparse.Namespace, todo: list[dict], out: Path, rid: str) -> list[dict]:
+def _render_on_pool(args: argparse.Namespace, todo: list[dict], out: str, rid: str) -> list[dict]:
     """Render the pending shards on a pool of :class:`NormalRenderer` actors; a row per shard
     (also ``manifest.parquet``, written even when the job stops on an environment fault)."""
     from tqdm import tqdm
@@ -198,15 +202,16 @@ def _render_on_pool(args: argparse.Namespace, todo: list[dict], out: Path, rid: 
         ray.shutdown()
         if rows:
             import pandas as pd
-            write_if_changed(out.parent / "manifest.parquet", parquet_bytes(pd.DataFrame(rows)))
+            write_if_changed(storage.url_join(out.rsplit("/shards", 1)[0], "manifest.parquet"),
+                             parquet_bytes(pd.DataFrame(rows)))
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipelines.render_normals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="a preprocessing job's output folder")
-    p.add_argument("--output", required=True, help="folder of normal sidecars (a subfolder per render id)")
+    p.add_argument("--input", required=True, help="a preprocessing job's output folder or URL")
+    p.add_argument("--output", required=True, help="folder or URL of normal sidecars (a subfolder per render id)")
     p.add_argument("--transfer-module", required=True, help="an exported transfer module folder (frozen)")
     p.add_argument("--head-model", default=None, help="SMPL-X-format .npz (default: as training resolves it)")
     p.add_argument("--subdivision", type=int, default=1, help="the generator task's subdivision")

@@ -90,13 +90,20 @@ def continue_mlflow_run(cfg) -> None:
 
 
 def check_data(cfg) -> None:
-    """The data module's shard root exists and holds training shards (before any model is built)."""
+    """The data module's shard root exists and holds training shards, and its sidecar folders
+    cover what it does not decode (``training.data.sidecars``), before any model is built."""
     data = getattr(cfg, "data", None)
     init = getattr(data, "init_args", None)
     if init is None or "root" not in init:
         return
-    from training.data.datamodule import check_root
+    from training.data.datamodule import TRANSFER_FIELDS, check_root
     check_root(init["root"], init.get("train_split") or "train")
+    folders = {kind: init.get(kind) for kind in ("latents", "normals") if kind in init}
+    if folders or init.get("fields") is not None:
+        from training.data.sidecars import resolve_sidecars
+        fields = init.get("fields")
+        resolve_sidecars(init["root"], tuple(fields) if fields is not None else TRANSFER_FIELDS, folders,
+                         (init.get("train_split") or "train", init.get("val_split")))
 
 
 def summary(cli) -> dict:

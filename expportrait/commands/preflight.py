@@ -194,24 +194,38 @@ def _summary(data: Path) -> dict:
     return {}
 
 
+def _sidecar_shards(kind: str, folder: str, urls: list[str], job: str) -> tuple[list[str], str | None]:
+    """(mismatch lines, the sidecar shards folder) for a ``kind`` folder: the shards folder itself,
+    its id folder or the job's ``--output`` (``training.data.sidecars``: one resolution for both)."""
+    from preprocessing.errors import UserError
+    from training.data.sidecars import sidecar_folder
+    try:
+        found = sidecar_folder(folder, urls)
+    except UserError as exc:
+        return [f"{kind}: {exc}"], None
+    except OSError as exc:
+        return [f"{kind}: {folder} cannot be listed: {exc}"], None
+    if found is None:
+        return [f"{kind}: the recipe trains on {kind} sidecars; {folder} holds none ({job})"], None
+    return [], found
+
+
 def _latents(recipe, urls: list[str], latents: str | None) -> tuple[list[str], str | None]:
     """Sidecar lines (when the recipe trains on latents), and the codec id found."""
     from training.data.shards import matching_sidecars
-    folder = latents or (recipe.train_config("generator").get("data", {}).get("init_args") or {}).get("latents")
+    folder = latents or recipe.sidecar_folders()["latents"]
     if not folder:
+        if not recipe.generator_fields():
+            return ["latents: the recipe decodes no frames (data fields: []) and names no latent sidecars"], None
         return [], None
-    if not Path(folder).is_dir():
-        return [f"latents: the recipe trains on latent sidecars; {folder} does not exist "
-                f"(python -m pipelines.encode_latents)"], None
+    out, folder = _sidecar_shards("latents", folder, urls, "python -m pipelines.encode_latents")
+    if folder is None:
+        return out, None
     found = matching_sidecars(urls, folder)
-    out = []
     if len(found) < len(urls):
         out.append(f"latents: {len(urls) - len(found)} of {len(urls)} shards have no sidecar made from their bytes "
                    f"in {folder}")
-    ids = set()
-    for side in found.values():
-        marker = Path(side).with_name(Path(side).stem + ".done.json")
-        ids.add(json.loads(marker.read_text()).get("codec_id"))
+    ids = _sidecar_ids(found, "codec_id")
     if len(ids) > 1:
         out.append(f"latents: sidecars of {len(ids)} codecs: {sorted(map(str, ids))}")
     codec_id = next(iter(ids)) if len(ids) == 1 else None
@@ -226,23 +240,22 @@ def _latents(recipe, urls: list[str], latents: str | None) -> tuple[list[str], s
 
 
 def _sidecar_ids(found: dict[str, str], key: str) -> set:
-    return {json.loads(Path(side).with_name(Path(side).stem + ".done.json").read_text()).get(key)
-            for side in found.values()}
+    from preprocessing import storage
+    return {json.loads(storage.get_bytes(side[:-len(".tar")] + ".done.json")).get(key) for side in found.values()}
 
 
 def _normals(recipe, urls: list[str], normals: str | None, head_path: str | None) -> tuple[list[str], dict]:
     """Driving-normal sidecar lines, and the summary's ``driving_normals`` / ``normals_render_id``."""
     from training.data.shards import matching_sidecars
-    folder = normals or (recipe.train_config("generator").get("data", {}).get("init_args") or {}).get("normals")
+    folder = normals or recipe.sidecar_folders()["normals"]
     init = recipe.generator_init()
     if not folder:
         source = "rendered in the step" if init.get("transfer_module") else "the shards' own"
         return [], {"driving_normals": source, "normals_render_id": None}
-    if not Path(folder).is_dir():
-        return [f"normals: the recipe trains on driving-normal sidecars; {folder} does not exist "
-                f"(python -m pipelines.render_normals)"], {}
+    out, folder = _sidecar_shards("normals", folder, urls, "python -m pipelines.render_normals")
+    if folder is None:
+        return out, {}
     found = matching_sidecars(urls, folder)
-    out = []
     if len(found) < len(urls):
         out.append(f"normals: {len(urls) - len(found)} of {len(urls)} shards have no sidecar made from their bytes "
                    f"in {folder}")

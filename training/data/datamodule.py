@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from .shards import ResumePoint, ShardDataset, collate, shard_urls
+from .sidecars import resolve_sidecars
 
 #: what a transfer-module step decodes (frames, normals and masks are skipped)
 TRANSFER_FIELDS = ("smplx", "dynamic_offsets", "face_vertex_ids", "static_offsets")
@@ -128,12 +129,18 @@ class ShardDataModule(pl.LightningDataModule):
         ``latents`` and ``reference_latent``. ``normals``: a driving-normal sidecar folder
         (``NORMALS_DIR/<render_id>/shards``, ``pipelines.render_normals``); samples carry
         ``driving_normals`` and the generator task renders nothing. ``cache_mb``: keep up to that many MiB of decoded
-        samples in memory per loader process (0: off; for corpora that fit, see ``shards``)."""
+        samples in memory per loader process (0: off; for corpora that fit, see ``shards``).
+        ``latents`` / ``normals`` may also name the precompute job's ``--output`` (its
+        ``<id>/shards`` is found); a run that could not train from what it reads is refused
+        before any model is built (``training.data.sidecars``)."""
         super().__init__()
         check_root(root, train_split)
         self.save_hyperparameters()
         self.root = root
         self.fields = tuple(fields) if fields is not None else TRANSFER_FIELDS
+        #: kind -> the sidecar shards folder read (None: none given)
+        self.sidecars = resolve_sidecars(root, self.fields, {"latents": latents, "normals": normals},
+                                         (train_split, val_split))
         self._epoch = 0
         self._consumed = 0             # training batches taken by steps in the current epoch
         self._positions: dict[int, tuple[int, int]] = {}     # loader worker -> position after its last batch
@@ -173,8 +180,8 @@ class ShardDataModule(pl.LightningDataModule):
         return ShardDataset(urls, per_rank, resampled=training,
                             shuffle_buffer=self.hparams.shuffle_buffer if training else 0,
                             seed=self.hparams.seed, rank=rank, world_size=world, fields=self.split_fields(training),
-                            latents=self.hparams.latents, cache_mb=self.hparams.cache_mb,
-                            min_frames=self.window_span(), normals=self.hparams.normals,
+                            latents=self.sidecars["latents"], cache_mb=self.hparams.cache_mb,
+                            min_frames=self.window_span(), normals=self.sidecars["normals"],
                             max_frames=self.frames_read(training))
 
     def train_dataloader(self) -> DataLoader:
