@@ -65,7 +65,9 @@ def resolve_sidecars(root: str | os.PathLike | list[str], fields: tuple[str, ...
     """kind -> the sidecar shards folder to read (None where none is given) for the shards of
     ``root`` (``splits``: training first), checked as the module docstring says."""
     decoded = set(fields) if fields is not None else None          # None: every member
-    if decoded is not None and not decoded and not folders.get("latents"):
+    # a generator configured to train on sidecars (normals given) that decodes no frames needs latents;
+    # fields [] alone (no sidecar) is a metadata-only reader (positions, counts)
+    if decoded is not None and not decoded and folders.get("normals") and not folders.get("latents"):
         raise UserError("data.init_args.fields is [] (no RGB frames decoded) and no latent sidecar folder is "
                         "given: set data.init_args.latents (python -m pipelines.encode_latents) or decode frames")
     if isinstance(root, (list, tuple)):

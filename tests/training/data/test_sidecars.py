@@ -36,7 +36,7 @@ def test_job_output_resolves_and_gaps_are_refused(truth_shards, tmp_path):
     dm = ShardDataModule(str(truth_shards), fields=[], latents=str(job), normals=str(job))
     assert dm.sidecars == {"latents": str(full), "normals": str(full)}
     with pytest.raises(UserError, match=r"fields is \[\] .* no latent sidecar"):
-        ShardDataModule(str(truth_shards), fields=[])
+        ShardDataModule(str(truth_shards), fields=[], normals=str(job))
     with pytest.raises(UserError, match="no latents sidecar there"):
         ShardDataModule(str(truth_shards), fields=[], latents=str(tmp_path / "nothing"))
     partial = _sidecars(tmp_path / "partial" / "shards", truth_shards, skip="train-000000")
