@@ -8,7 +8,7 @@ For each recipe (``configs/recipes/<name>.yaml``, loaded by ``expportrait.recipe
 1. a synthetic corpus (``--identities`` identities, one clip each, split by identity into
    train / val / test) with clips of the recipe's segment length (24, 49, 81 frames);
 2. the recipe's preprocessing (its ``configs/preprocess/*.yaml`` and stage overrides: crop size,
-   segment and minimum frames, frame codec) through the Ray job (``python -m pipelines.preprocess``,
+   segment and minimum frames, frame codec) through the Ray job (``expportrait preprocess --recipe``,
    embedded Ray); only input, output and head model are this run's;
 3. the recipe's transfer module, trained for ``--steps`` steps (its config; the frozen module the
    driving normals are rendered through) and exported;
@@ -116,16 +116,12 @@ def tiny_flavor_overrides(flavor: str) -> dict:
 
 
 def preprocess(recipe, work: Path, corpus: Path, head_model: Path, timeout: float) -> tuple[Path, dict]:
-    """The recipe's preprocessing config with this run's input, output and head model, through
-    the Ray job's command line; (output folder, its result line)."""
-    import yaml
+    """The recipe's preprocessing (``expportrait preprocess --recipe``: its config and stage
+    overrides) with this run's input, output and head model; (output folder, its result line)."""
     out = work / "preprocess"
-    cfg = recipe.preprocess_config({"input": str(corpus / "manifest.parquet"), "output": str(out),
-                                    "head_model": str(head_model)})
-    path = work / "preprocess.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    result = run(["-m", "pipelines.preprocess", "--config", path, "--no-progress"], "preprocessing",
-                 work / "logs" / "preprocess.log", timeout, threads=1)
+    result = run(["-m", "expportrait.cli", "preprocess", "--recipe", recipe.name, "--input",
+                  corpus / "manifest.parquet", "--output", out, "--head-model", head_model, "--no-progress"],
+                 "preprocessing", work / "logs" / "preprocess.log", timeout, threads=1)
     return out, result
 
 
@@ -335,8 +331,9 @@ def smoke(name: str, args, head_model: Path) -> dict:
         res["resumed"] = (saved == args.steps and res["resumed_steps"] == total
                           and "Restoring states from the checkpoint" in resumed_log)
         res["train_loss"] = (again.get("metrics") or {}).get("train/loss")
-        res["checkpoint_kb"] = round(sum(f.stat().st_size for f in (work / "generator" / "checkpoints" / "last.ckpt")
-                                         .rglob("*") if f.is_file()) / 1024, 1)    # LoRA: the frozen base left out
+        last = work / "generator" / "checkpoints" / "last.ckpt"           # LoRA: the frozen base left out
+        files = [last] if last.is_file() else [f for f in last.rglob("*") if f.is_file()]
+        res["checkpoint_kb"] = round(sum(f.stat().st_size for f in files) / 1024, 1)
         res["ok"] = res["steps"] == args.steps and res["resumed"] and bool(flight.get("fits"))
     except StepFailed as exc:
         res["error"] = str(exc).splitlines()[0]

@@ -7,7 +7,7 @@ import warnings
 
 from .commands import demo, fit, head, synth, transfer, video
 from .commands import evaluate, promote, reenact, register
-from .commands import generate, preflight
+from .commands import generate, preflight, preprocess
 from .commands import plan, recipe
 from .commands import report_shot
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)                                  # the generator alone: reference + normals -> mp4
     report_shot.add_parser(sub)                               # a report in headless Chromium: videos play + PNG
     preflight.add_parser(sub)                                 # shards against a recipe, before a launch
+    preprocess.add_parser(sub)                                # the preprocessing job with a recipe's config
     plan.add_parser(sub)                                      # capacity plan: hours, bytes, cluster shape
     recipe.add_parser(sub)                                    # a recipe's resolved configs, for launchers
     return parser

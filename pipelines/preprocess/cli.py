@@ -65,7 +65,14 @@ def _run(args: argparse.Namespace) -> dict:
     """The job; its result line (with ``exit_code``: 0, 1 too many clips failed, or the code of a
     fault the job recorded)."""
     cfg = load_config(args.config, {"input": args.input, "output": args.output, "limit": args.limit})
-    if args.address:
+    return run_config(cfg, args)
+
+
+def run_config(cfg, args: argparse.Namespace) -> dict:
+    """The job on a validated config (``--address``, ``--dry-run``, ``--no-progress``,
+    ``--retry-failed`` from ``args``); its result line, as :func:`_run` (``expportrait
+    preprocess --recipe`` runs a recipe's config through here)."""
+    if getattr(args, "address", None):
         cfg.ray.address = args.address
     summary = run(cfg, dry_run=args.dry_run, progress=not args.no_progress, retry_failed=args.retry_failed)
     if args.dry_run:

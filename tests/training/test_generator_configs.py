@@ -85,3 +85,20 @@ def test_launch_files_name_existing_entry_points():
             assert importlib.util.find_spec(module) is not None, (path, module)
         for config in re.findall(r"configs/train/[\w./-]+\.yaml", text):
             assert (REPO / config).is_file(), (path, config)
+
+
+@pytest.mark.parametrize("name", ["dit_wan1.3b_zero2.yaml", "dit_wan14b_lora_zero2.yaml"])
+def test_cluster_configs_train_from_what_the_precompute_jobs_write(name):
+    """At scale a step reads only precomputed tensors: no shard member decoded in training, the
+    shards, latents and driving normals where the preprocessing and precompute RayJobs put them."""
+    import shlex
+
+    def output_of(manifest: str) -> str:
+        argv = shlex.split(yaml.safe_load((REPO / "infra" / "ray" / manifest).read_text())["spec"]["entrypoint"])
+        return argv[argv.index("--output") + 1]
+
+    data = yaml.safe_load((CONFIGS / name).read_text())["data"]["init_args"]
+    assert data["fields"] == []
+    assert data["root"] == yaml.safe_load((REPO / "configs" / "preprocess" / "cluster.yaml").read_text())["output"]
+    assert data["latents"] == output_of("rayjob-encode-latents.yaml")
+    assert data["normals"] == output_of("rayjob-render-normals.yaml")
