@@ -100,7 +100,8 @@ def load() -> float:
 def make_corpus(work: Path, args) -> Path:
     from _report import synthetic_corpus
     return synthetic_corpus(work, args.identities, args.clips, args.frames, args.size, args.seed,
-                            stale=("shards", "codec", "train", "transfer", "fit_videos", "shards_3dmm", "train_3dmm"),
+                            stale=("shards", "codec", "train", "transfer", "fit_videos", "fit_cache", "shards_3dmm",
+                                   "train_3dmm"),
                             log=log)
 
 
@@ -351,27 +352,59 @@ def fit_videos(work: Path, corpus: Path, world, clip_ids: list[str], size: int) 
     return paths
 
 
-def fit_subjects(paths: dict[str, Path], stages, source_frames: dict[str, set[int]], size: int):
+def fit_subjects(paths: dict[str, Path], stages, source_frames: dict[str, set[int]], size: int,
+                 cache: Path, reuse: bool = False):
     """The job's fits, as inference fits raw inputs (``expportrait.reenactment.fitted_subject``):
     each video decoded by the job's decode and fitted whole (a driver), and each of its frames in
     ``source_frames`` fitted alone (a source image, as ``reenact`` fits one); all seen in the whole
-    frame at ``size`` (``in_full_frame``). Returns (drivers by clip, sources by (clip, frame),
-    failures: name -> status, seconds)."""
-    from expportrait.reenactment import SubjectError, fitted_subject, in_full_frame, read_frames
+    frame at ``size`` (``in_full_frame``). ``cache``: a folder keeping each fitted clip (read back
+    when ``reuse``). Returns (drivers by clip, sources by (clip, frame), failures: name -> status,
+    seconds)."""
+    from expportrait.reenactment import Subject, SubjectError, fitted_subject, in_full_frame, read_frames
     drivers, sources, failures = {}, {}, {}
     t0 = time.perf_counter()
+
+    def fitted(frames, name, fps):
+        file = cache / f"{Path(name).name.replace('#', '_f')}_{size}.npz"
+        if reuse and file.is_file():
+            return Subject(read_fitted(file), frames, name, fps=fps)
+        subject = in_full_frame(fitted_subject(frames, stages, name, fps), size)
+        write_fitted(subject.clip, file)
+        return subject
+
     for clip, path in paths.items():
         full, fps = read_frames(path, None, stages.config)
         try:
-            drivers[clip] = in_full_frame(fitted_subject(full, stages, str(path), fps), size)
+            drivers[clip] = fitted(full, str(path), fps)
         except SubjectError as exc:
             failures[clip] = exc.status
         for f in sorted(source_frames.get(clip, ())):
             try:
-                sources[(clip, f)] = in_full_frame(fitted_subject(full[f:f + 1], stages, f"{path}#{f}", fps), size)
+                sources[(clip, f)] = fitted(full[f:f + 1], f"{path}#{f}", fps)
             except SubjectError as exc:
                 failures[f"{clip}#{f}"] = exc.status
     return drivers, sources, failures, time.perf_counter() - t0
+
+
+def write_fitted(clip, path: Path) -> None:
+    """A FittedClip as npz (no pickle): per-frame arrays, β, Δg, Δf, image size, source."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.npz")
+    import numpy as np
+    np.savez(tmp, betas=clip.betas, static_offsets=clip.static_offsets, dynamic_offsets=clip.dynamic_offsets,
+             image_size=np.int64(clip.image_size), source=np.str_(clip.source),
+             **{f"arrays_{k}": v for k, v in clip.arrays.items()})
+    tmp.replace(path)
+
+
+def read_fitted(path: Path):
+    """The FittedClip :func:`write_fitted` wrote."""
+    import numpy as np
+
+    from preprocessing.fitted_clip import FittedClip
+    with np.load(path, allow_pickle=False) as z:
+        return FittedClip({k[len("arrays_"):]: z[k] for k in z.files if k.startswith("arrays_")}, z["betas"],
+                          z["static_offsets"], int(z["image_size"]), str(z["source"]), z["dynamic_offsets"])
 
 
 def fitted_window_normals(reenactor, source, driver, frames: list[int]):
@@ -458,8 +491,8 @@ def motion_errors(videos: dict[str, dict], head) -> dict[str, dict]:
     """AED and APD (``expportrait.evaluation.motion``, as ``expportrait evaluate`` measures them:
     each video fitted by fit_motion, compared by expression_pose_distance) of each pair's videos
     ``videos[name][pair]`` against the pair's ``driver`` video and its cross ``truth``; the
-    ``copy`` video (the still reference) is fitted once per source. Means over pairs per
-    (name, against)."""
+    ``copy`` video (the still reference) is fitted once per source. Per (name, against): per pair
+    ``{"aed", "apd_deg"}`` (NaN where no face was fitted in a video)."""
     import torch
 
     from expportrait.evaluation.motion import expression_pose_distance, fit_motion
@@ -485,14 +518,25 @@ def motion_errors(videos: dict[str, dict], head) -> dict[str, dict]:
                 if name == against:
                     continue
                 d = expression_pose_distance(f, ref)
-                for k in ("aed", "apd_deg"):
-                    acc.setdefault((name, against, k), []).append(d[k])
-    return {f"{name}_vs_{against}": {k: mean(acc.get((name, against, k), [])) for k in ("aed", "apd_deg")}
-            for name, against, _ in acc}
+                acc.setdefault(f"{name}_vs_{against}", {})["|".join(pair)] = {k: d[k] for k in ("aed", "apd_deg")}
+    return acc
 
 
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 4) if a == a and b == b and b else None
+def motion_summary(motion: dict) -> dict:
+    """Means over the pairs whose videos were fitted, and how many were, per (name, against)."""
+    return {key: {"aed": round(mean([v["aed"] for v in by_pair.values()]), 4),
+                  "apd_deg": round(mean([v["apd_deg"] for v in by_pair.values()]), 4),
+                  "pairs_fitted": sum(v["apd_deg"] == v["apd_deg"] for v in by_pair.values())}
+            for key, by_pair in motion.items()}
+
+
+def motion_ratio(motion: dict, name: str, base: str, against: str, key: str) -> float | None:
+    """mean ``name`` / mean ``base`` of ``key`` against ``against``, over the pairs where both were
+    fitted (None: no such pair)."""
+    a, b = motion.get(f"{name}_vs_{against}", {}), motion.get(f"{base}_vs_{against}", {})
+    both = [p for p in a if p in b and a[p][key] == a[p][key] and b[p][key] == b[p][key]]
+    den = mean([b[p][key] for p in both])
+    return round(mean([a[p][key] for p in both]) / den, 4) if both and den else None
 
 
 def from_recipe(args) -> None:
@@ -548,8 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cross-starts", default="0,16",
                    help="window start frames of the cross pairs (chained: frames 4..32 every 4th by default)")
     p.add_argument("--train-threads", type=int, default=os.cpu_count(),
-                   help="torch threads of the codec and generator training processes and of the fits (default: "
-                        "every core; runs 1-14 in the README trained on 1 thread)")
+                   help="torch threads of the codec, generator and transfer training processes (default: every "
+                        "core; runs 1-14 in the README trained on 1 thread); evaluation and fits run on 1")
     p.add_argument("--transfer-epochs", type=int, default=DemoScale.transfer_epochs,
                    help="epochs of the transfer module (default: the demo's)")
     p.add_argument("--transfer-dir", default=None, help="use this exported transfer module instead of training one")
@@ -559,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-motion", action="store_true", help="skip AED/APD (fits every cross video)")
     p.add_argument("--ablation", action="store_true",
                    help="also train and evaluate the recipe on 3DMM-only normals (Δg = Δf = 0): personalized_* keys")
-    p.add_argument("--reuse", action="store_true", help="reuse a trained codec / generator / transfer module in --work")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a trained codec / generator / transfer module and the fits in --work")
     args = p.parse_args(argv)
     from_recipe(args)
 
@@ -637,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_config = args.recipe_obj.preprocess_config().stages
         fit_size = args.fit_size or stage_config.crop_size
         stages = StageContext(synthetic_model_file(0), stage_config, world_meta["config"]["subdivision"],
-                              fit_threads=args.train_threads)
+                              fit_threads=1)
         settings_inf = dc_replace(args.recipe_obj.inference_settings(), size=args.size, window=args.window,
                                   frame_stride=args.stride, steps=steps, shift=shift, guidance=args.guidance)
         reenactor = Reenactor(sampler.model, sampler.codec, stages,
@@ -651,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         videos = fit_videos(work, corpus, world, need, fit_size)
         log(f"fitting {len(videos)} clips at {fit_size}² whole and {sum(map(len, source_frames.values()))} source "
             f"frames alone on the job's path ({stage_config.model_dump(include={'crop_size', 'fov_deg', 'fit'})})")
-        drivers, sources, failures, fit_seconds = fit_subjects(videos, stages, source_frames, args.size)
+        drivers, sources, failures, fit_seconds = fit_subjects(videos, stages, source_frames, args.size,
+                                                               work / "fit_cache", args.reuse)
         log(f"fits in {fit_seconds / 60:.1f} min; failures: {failures or 'none'}")
         span = [k * args.stride for k in range(args.window)]
         fw = [(w, sources[(w["clip"], w["start"])], drivers[w["clip"]]) for w in windows
@@ -693,31 +739,34 @@ def main(argv: list[str] | None = None) -> int:
             stages = StageContext(synthetic_model_file(0), args.recipe_obj.preprocess_config().stages,
                                   world_meta["config"]["subdivision"])
         motion = motion_errors(motion_videos, stages.head)
-        log(f"AED/APD of {len(pairs)} cross pairs in {(time.perf_counter() - t0) / 60:.1f} min: {json.dumps(motion)}")
+        log(f"AED/APD of {len(pairs)} cross pairs in {(time.perf_counter() - t0) / 60:.1f} min: "
+            f"{json.dumps(motion_summary(motion))}")
 
     cps = {k: mean(v["psnr"]) for k, v in cross_scores.items()}
     print(f"cross     model {cps['model']:.2f} dB, copy {cps['copy']:.2f} dB against the exact cross truth "
           f"({len(cross)} windows)")
-    mot = lambda name, against, k: motion.get(f"{name}_vs_{against}", {}).get(k, float("nan"))   # noqa: E731
+    mot = lambda name, base, against, k: motion_ratio(motion, name, base, against, k)   # noqa: E731
     result = {
         "psnr_gain_db": round(ps["model"] - ps["copy"], 3),
         "shuffled_drop_db": round(ps["model"] - ps["shuffled"], 3),
         "psnr_gain_db_fitted": None, "cross_psnr_gain_db": round(cps["model"] - cps["copy"], 3),
         "cross_psnr_gain_db_fitted": None,
-        "cross_apd_ratio": ratio(mot("model", "driver", "apd_deg"), mot("copy", "driver", "apd_deg")),
-        "cross_aed_ratio": ratio(mot("model", "driver", "aed"), mot("copy", "driver", "aed")),
-        "cross_apd_ratio_fitted": ratio(mot("model_fitted", "driver", "apd_deg"), mot("copy", "driver", "apd_deg")),
-        "cross_aed_ratio_fitted": ratio(mot("model_fitted", "driver", "aed"), mot("copy", "driver", "aed")),
-        "cross_apd_ratio_gt": ratio(mot("model", "truth", "apd_deg"), mot("copy", "truth", "apd_deg")),
-        "cross_aed_ratio_gt": ratio(mot("model", "truth", "aed"), mot("copy", "truth", "aed")),
-        "cross_apd_ratio_fitted_gt": ratio(mot("model_fitted", "truth", "apd_deg"), mot("copy", "truth", "apd_deg")),
-        "cross_apd_ratio_truth": ratio(mot("truth", "driver", "apd_deg"), mot("copy", "driver", "apd_deg")),
+        "cross_apd_ratio": mot("model", "copy", "driver", "apd_deg"),
+        "cross_aed_ratio": mot("model", "copy", "driver", "aed"),
+        "cross_apd_ratio_fitted": mot("model_fitted", "copy", "driver", "apd_deg"),
+        "cross_aed_ratio_fitted": mot("model_fitted", "copy", "driver", "aed"),
+        "cross_apd_ratio_gt": mot("model", "copy", "truth", "apd_deg"),
+        "cross_aed_ratio_gt": mot("model", "copy", "truth", "aed"),
+        "cross_apd_ratio_fitted_gt": mot("model_fitted", "copy", "truth", "apd_deg"),
+        "cross_aed_ratio_fitted_gt": mot("model_fitted", "copy", "truth", "aed"),
+        "cross_apd_ratio_truth": mot("truth", "copy", "driver", "apd_deg"),
+        "cross_aed_ratio_truth": mot("truth", "copy", "driver", "aed"),
         "psnr_model_db": round(ps["model"], 3), "psnr_copy_db": round(ps["copy"], 3),
         "psnr_shuffled_db": round(ps["shuffled"], 3), "psnr_codec_db": round(ps["codec"], 3),
         "ssim_model": round(ss["model"], 4), "ssim_copy": round(ss["copy"], 4),
         "ssim_shuffled": round(ss["shuffled"], 4), "ssim_codec": round(ss["codec"], 4),
         "cross_psnr_model_db": round(cps["model"], 3), "cross_psnr_copy_db": round(cps["copy"], 3),
-        "cross_motion": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in motion.items()},
+        "cross_motion": motion_summary(motion),
         "train_minutes": round(train_minutes, 2) if train_minutes is not None else None,
         "train_samples": samples_trained,
         "train_samples_per_s": round(samples_trained / (train_minutes * 60), 3) if train_minutes else None,
@@ -747,9 +796,9 @@ def main(argv: list[str] | None = None) -> int:
         result.update({
             "personalized_gain_db": round(ps["model"] - p3, 3),
             "personalized_gain_db_cross": round(cps["model"] - c3, 3),
-            "personalized_aed_ratio": ratio(mot("model", "driver", "aed"), mot("model_3dmm", "driver", "aed")),
-            "personalized_aed_ratio_gt": ratio(mot("model", "truth", "aed"), mot("model_3dmm", "truth", "aed")),
-            "personalized_apd_ratio": ratio(mot("model", "driver", "apd_deg"), mot("model_3dmm", "driver", "apd_deg")),
+            "personalized_aed_ratio": mot("model", "model_3dmm", "driver", "aed"),
+            "personalized_aed_ratio_gt": mot("model", "model_3dmm", "truth", "aed"),
+            "personalized_apd_ratio": mot("model", "model_3dmm", "driver", "apd_deg"),
             "psnr_model_db_3dmm": round(p3, 3), "cross_psnr_model_db_3dmm": round(c3, 3),
             "train_minutes_3dmm": round(train_minutes_3dmm, 2) if train_minutes_3dmm is not None else None,
             "train_samples_3dmm": samples_3dmm_trained})
