@@ -524,8 +524,11 @@ def motion_errors(videos: dict[str, dict], head) -> dict[str, dict]:
 
 def motion_summary(motion: dict) -> dict:
     """Means over the pairs whose videos were fitted, and how many were, per (name, against)."""
-    return {key: {"aed": round(mean([v["aed"] for v in by_pair.values()]), 4),
-                  "apd_deg": round(mean([v["apd_deg"] for v in by_pair.values()]), 4),
+    def avg(values: list[float]) -> float | None:
+        m = mean(values)
+        return round(m, 4) if m == m else None
+    return {key: {"aed": avg([v["aed"] for v in by_pair.values()]),
+                  "apd_deg": avg([v["apd_deg"] for v in by_pair.values()]),
                   "pairs_fitted": sum(v["apd_deg"] == v["apd_deg"] for v in by_pair.values())}
             for key, by_pair in motion.items()}
 

@@ -54,7 +54,7 @@ def test_3dmm_only_normals_leave_out_the_offsets(tiny_corpus, truth_shards, tmp_
         seg = slice(s.meta["frame_start"], s.meta["frame_stop"])
         with torch.no_grad():
             verts = head(head_params(s.smplx)).vertices.contiguous()
-            maps = render_conditions(verts, head.faces, clip_camera(load_clip(tiny_corpus, s.meta["clip_id"])).select(seg),
-                                     head.face_mask)
+            cam = clip_camera(load_clip(tiny_corpus, s.meta["clip_id"])).select(seg)
+            maps = render_conditions(verts, head.faces, cam, head.face_mask)
         assert np.array_equal(s.normals, maps.normal_rgb().numpy())
         assert not np.array_equal(s.normals, full[key].normals)
