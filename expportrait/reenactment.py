@@ -141,15 +141,41 @@ def load_subject(path: str | os.PathLike, stages: StageContext, max_frames: int 
     if path.suffix == ".npz":
         return _corpus_subject(path, stages, max_frames, stride)
     full, fps = read_frames(path, max_frames, stages.config)
+    return fitted_subject(full, stages, str(path), fps, stride)
+
+
+def fitted_subject(full: np.ndarray, stages: StageContext, source: str, fps: float = 25.0,
+                   stride: int = 1) -> Subject:
+    """Decoded frames (T, H, W, 3) of a raw image or video tracked, cropped and fitted whole by the
+    job's stages (:func:`preprocessing.clip_stages.fit_clip`), then every ``stride``-th frame kept
+    (fps / stride); :class:`SubjectError` when no usable face is fitted."""
     try:
         res = fit_clip(full, stages)
     except StageFailure as exc:
-        raise SubjectError(f"{path}: {exc.status}" + (f": {exc.reason}" if exc.reason else ""), exc.status,
-                           str(path)) from None
+        raise SubjectError(f"{source}: {exc.status}" + (f": {exc.reason}" if exc.reason else ""), exc.status,
+                           source) from None
     every = slice(None, None, stride)                       # fitted whole, then strided as training windows
-    return Subject(fitted_from_clip(res, str(path)).select(every), res.track.crops[every], str(path),
+    return Subject(fitted_from_clip(res, source).select(every), res.track.crops[every], source,
                    full_frames=full[every], boxes=res.track.boxes[every], fps=fps / stride,
                    fit_summary=res.summary())
+
+
+def in_full_frame(subject: Subject, size: int | None = None) -> Subject:
+    """A raw subject's fit seen in its whole (square) frames instead of its crops: the crop
+    cameras moved back out of the tracker's boxes (:func:`preprocessing.clip_fit.frame_camera_matrices`),
+    for the frames resized to ``size`` (None: their own side); its frames are the full frames."""
+    from preprocessing.clip_fit import frame_camera_matrices
+    if subject.full_frames is None or subject.boxes is None:
+        raise ValueError(f"{subject.source}: no full frames and crop boxes (a corpus clip keeps its own cameras)")
+    h, w = subject.full_frames.shape[1:3]
+    if h != w:
+        raise ValueError(f"{subject.source}: in_full_frame needs square frames, not {w}x{h}")
+    clip = subject.clip.select(slice(None))
+    clip.arrays["camera_K"] = frame_camera_matrices(clip.arrays["camera_K"], subject.boxes, clip.image_size, w,
+                                                    size or w)
+    clip.image_size = size or w
+    boxes = np.tile(np.array([0.0, 0.0, float(w)]), (len(subject.boxes), 1))
+    return replace(subject, clip=clip, frames=subject.full_frames, boxes=boxes)
 
 
 def _corpus_subject(path: Path, stages: StageContext, max_frames: int | None, stride: int) -> Subject:

@@ -64,6 +64,22 @@ def crop_camera_matrices(K: np.ndarray, boxes: np.ndarray, crop_size: int) -> np
     return k
 
 
+def frame_camera_matrices(K: np.ndarray, boxes: np.ndarray, crop_size: int, frame_side: int,
+                          size: int | None = None) -> np.ndarray:
+    """The inverse of :func:`crop_camera_matrices`: intrinsics (T, 3, 3) of the whole square frame
+    (side ``frame_side``; resized to ``size`` as :meth:`models.render.camera.Camera.resized`
+    does, None: not resized) of crops (x0, y0, side) with intrinsics ``K``."""
+    boxes = np.asarray(boxes, np.float64)
+    s = crop_size / boxes[:, 2]
+    frame_box = np.stack([-boxes[:, 0] * s, -boxes[:, 1] * s, frame_side * s], 1)   # the frame in crop pixels
+    k = crop_camera_matrices(K, frame_box, frame_side)
+    if size and size != frame_side:
+        r = np.float32(size / frame_side)
+        k[:, :2, :2] *= r
+        k[:, :2, 2] = (k[:, :2, 2] + 0.5) * r - 0.5
+    return k
+
+
 def crop_intrinsics(boxes: np.ndarray, frame_size: tuple[int, int], crop_size: int,
                     fov_deg: float) -> torch.Tensor:
     """Per-frame intrinsics (T, 3, 3) of square crops (x0, y0, side) of a pinhole frame."""

@@ -95,14 +95,21 @@ class SyntheticWorld:
                background: np.ndarray):
         """Frames (T, H, W, 3) uint8, landmarks 2D (T, 68, 2) and 3D (T, 68, 3), coefficients."""
         params, static, dynamic, coeffs = self.head_inputs(identity, motion)
+        frames, out = self.render_head(identity, params, static, dynamic, camera, lighting, background)
+        with torch.no_grad():
+            lm2d = camera.project(camera.to_camera(out.landmarks))
+        return frames, lm2d.numpy(), out.landmarks.numpy(), coeffs
+
+    def render_head(self, identity: Identity, params: HeadParams, static: torch.Tensor, dynamic: torch.Tensor,
+                    camera: Camera, lighting: Lighting, background: np.ndarray):
+        """Frames (T, H, W, 3) uint8 of ``identity``'s albedo on the head posed by ``params`` with
+        Δg ``static`` and Δf ``dynamic``, and the head model's output."""
         with torch.no_grad():
             out = self.head(params, static_offsets=static, dynamic_offsets=dynamic)
             maps = render_conditions(out.vertices, self.head.faces, camera, self.head.face_mask,
                                      vertex_colors=torch.as_tensor(identity.albedo).float() / 255.0)
             rgb = shade(maps, lighting, torch.as_tensor(background).float() / 255.0)
-            lm2d = camera.project(camera.to_camera(out.landmarks))
-        frames = (rgb * 255.0).round().to(torch.uint8).numpy()
-        return frames, lm2d.numpy(), out.landmarks.numpy(), coeffs
+        return (rgb * 255.0).round().to(torch.uint8).numpy(), out
 
 
 def sample_lighting(rng: np.random.Generator) -> Lighting:
@@ -288,6 +295,58 @@ def rerender_clip(world: SyntheticWorld, corpus: str | os.PathLike, clip_id: str
                         direction=torch.as_tensor(clip["light_direction"]))
     frames, _, _, _ = world.render(identity, motion, camera, lighting, clip["background"])
     return frames
+
+
+@dataclass
+class DrivenClip:
+    """A source identity performing a driver clip's motion, with its exact truth."""
+
+    frames: np.ndarray                # (T, S, S, 3) uint8
+    params: HeadParams                # the source's β; the driver's ψ and jaw; retargeted pose
+    static_offsets: torch.Tensor      # (N, 3) the source identity's Δg
+    dynamic_offsets: torch.Tensor     # (T, N_face, 3) the Δf the world gives the source for the driver's ψ, jaw
+    camera: Camera                    # (T) at side S
+    driver_frames: np.ndarray         # (T,) the driver's frame indices
+
+
+def driven_clip(world: SyntheticWorld, corpus: str | os.PathLike, source_clip_id: str, driver_clip_id: str,
+                frames=None, size: int | None = None, source_frame: int = 0) -> DrivenClip:
+    """The identity of ``source_clip_id`` driven by ``driver_clip_id``'s motion, rendered with exact
+    truth: the driver's (ψ, jaw); its head, neck and eye motion since its frame 0 on the source's
+    pose at ``source_frame``, seen by the source's camera there moved as the driver's camera moved
+    (the retargeting convention of :mod:`models.transfer.retarget`, which reenactment applies to
+    fitted clips); the source's Δg, lighting and background; the Δf the world gives the source
+    identity for the driver's expressions (:func:`true_dynamic_offsets`). ``frames``: driver frame
+    indices to render (None: all); ``size``: the render's side (None: the corpus's; cameras
+    resized, the background resampled). A clip driving itself is the clip (:func:`rerender_clip`)."""
+    from models.transfer.inputs import head_params
+    from models.transfer.retarget import EYE_JOINTS, POSE_JOINTS, retarget_camera, retarget_pose
+
+    src, drv = load_clip(corpus, source_clip_id), load_clip(corpus, driver_clip_id)
+    identity = load_identity(corpus, source_clip_id.split("_")[0])
+    ids = np.arange(len(drv["expression"])) if frames is None else np.asarray(frames, np.int64)
+    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)      # noqa: E731
+    joints = POSE_JOINTS + EYE_JOINTS + ("transl",)
+    pose = retarget_pose({k: f32(drv[k]) for k in joints}, {k: f32(src[k][source_frame]) for k in joints})
+    R, t = retarget_camera(f32(drv["camera_R"]), f32(drv["camera_t"]), f32(src["camera_R"][source_frame]),
+                           f32(src["camera_t"][source_frame]))
+    arrays = {k: v.numpy()[ids] for k, v in pose.items()}
+    arrays.update(expression=np.asarray(drv["expression"], np.float32)[ids],
+                  jaw_pose=np.asarray(drv["jaw_pose"], np.float32)[ids], betas=identity.betas)
+    params = head_params(arrays)
+    native = int(src["image_size"][0])
+    K = f32(np.repeat(src["camera_K"][source_frame][None], len(ids), 0))
+    camera = Camera.from_matrices(K, R[ids], t[ids], (native, native)).resized(size or native)
+    background = src["background"]
+    if size and size != native:
+        import cv2
+        background = cv2.resize(background, (size, size), interpolation=cv2.INTER_LINEAR)
+    lighting = Lighting(ambient=torch.as_tensor(src["light_ambient"]), diffuse=torch.as_tensor(src["light_diffuse"]),
+                        direction=torch.as_tensor(src["light_direction"]))
+    static = f32(identity.static_offsets)
+    dynamic = f32(true_dynamic_offsets(corpus, driver_clip_id, identity.identity_id)[ids])
+    rendered, _ = world.render_head(identity, params, static, dynamic, camera, lighting, background)
+    return DrivenClip(rendered, params, static, dynamic, camera, ids)
 
 
 @dataclass

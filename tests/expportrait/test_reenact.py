@@ -199,3 +199,33 @@ def test_inference_subject_is_the_jobs_sample(corpus, stages, tmp_path):
                                  torch.as_tensor(subject.clip.static_offsets),
                                  torch.as_tensor(subject.clip.dynamic_offsets), cam).numpy()
     assert (normals != sample.normals).any(-1).mean() < 1e-3
+
+
+def test_a_fit_seen_in_its_whole_frame_lines_up_with_the_frame(corpus, stages):
+    """A raw frame fitted by the job's stages (as reenact fits a source image) and moved out of its
+    crop (in_full_frame, at a smaller side as the generator sees it): the fitted head's silhouette
+    covers the true head's in the whole frame."""
+    from expportrait.reenactment import fitted_subject, in_full_frame
+    from models.generator.frames import generator_normal_maps
+    from models.render.conditions import render_conditions
+    from models.transfer.inputs import head_params
+    from preprocessing.synthetic.world import SyntheticWorld, clip_camera, load_clip, load_identity
+    from preprocessing.synthetic.motion import ClipMotion
+    frames = np.stack(_frames(corpus / "clips" / "id000_clip00.mp4"))[:1]
+    subject = fitted_subject(frames, stages, "frame0")
+    whole = in_full_frame(subject, 32)
+    assert whole.clip.image_size == 32 and whole.frames.shape == frames.shape and (whole.boxes[:, 2] == 64).all()
+    assert np.array_equal(whole.clip.arrays["expression"], subject.clip.arrays["expression"])
+    a = whole.clip.arrays
+    from models.render.camera import Camera
+    cam = Camera.from_matrices(a["camera_K"], a["camera_R"], a["camera_t"], (32, 32))
+    fitted = generator_normal_maps(stages.head, head_params({**a, "betas": whole.clip.betas}), None, None, cam, 32)
+    world = SyntheticWorld(stages.model_path)
+    clip = load_clip(corpus, "id000_clip00")
+    params, static, dynamic, _ = world.head_inputs(load_identity(corpus, "id000"), ClipMotion.from_arrays(clip))
+    with torch.no_grad():
+        verts = world.head(params.map(lambda x: x[:1]), static, dynamic[:1]).vertices.contiguous()
+        truth = render_conditions(verts, world.head.faces, clip_camera(clip).select(slice(0, 1)).resized(32))
+    head_fit, head_true = (fitted[0] > 0).any(-1).numpy(), truth.silhouette[0].numpy() > 0
+    iou = (head_fit & head_true).sum() / (head_fit | head_true).sum()
+    assert iou > 0.8, iou

@@ -54,3 +54,20 @@ def test_crop_camera_projects_where_the_crop_samples_the_frame():
     f = 0.5 * 128 / math.tan(math.radians(20.0) / 2)
     K20 = np.array([[f, 0, 63.5], [0, f, 63.5], [0, 0, 1]], np.float32)
     assert np.allclose(crop_intrinsics(boxes, (128, 128), 256, 20.0).numpy(), crop_camera_matrices(K20, boxes, 256))
+
+
+def test_frame_camera_undoes_the_crop():
+    """frame_camera_matrices inverts crop_camera_matrices, and resizes as Camera.resized does."""
+    import torch
+
+    from models.render.camera import Camera
+    from preprocessing.clip_fit import crop_camera_matrices, frame_camera_matrices
+    K = np.array([[150.0, 0, 63.5], [0, 150.0, 63.5], [0, 0, 1]], np.float32)
+    boxes = np.array([[10.0, -5.0, 90.0], [-30.0, -20.0, 190.0]])
+    back = frame_camera_matrices(crop_camera_matrices(K, boxes, 256), boxes, 256, 128)
+    assert np.allclose(back, K, atol=1e-4)
+    small = frame_camera_matrices(crop_camera_matrices(K, boxes, 256), boxes, 256, 128, 32)
+    cam = Camera.from_matrices(torch.as_tensor(np.stack([K, K])), torch.eye(3).expand(2, 3, 3), torch.zeros(2, 3),
+                               (128, 128)).resized(32)
+    assert np.allclose(small[:, [0, 1], [0, 1]], cam.focal.numpy(), atol=1e-4)
+    assert np.allclose(small[:, [0, 1], [2, 2]], cam.principal.numpy(), atol=1e-4)

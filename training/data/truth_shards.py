@@ -11,7 +11,7 @@ One difference from fitted shards: Δf here is the world's own (zero at a neutra
 re-centred over the clip (the training loss compares frame-centred Δf, so either trains the
 same; meta ``offsets_source`` says ``synthetic_truth``).
 
-    python -m training.data.truth_shards --corpus CORPUS --out OUT [--segment-frames 24]
+    python -m training.data.truth_shards --corpus CORPUS --out OUT [--segment-frames 24] [--3dmm-normals]
 """
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ def _decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-def truth_samples(corpus: Path, row, head, segment_frames: int) -> list:
-    """Schema samples (not yet encoded) of one manifest row's clip."""
+def truth_samples(corpus: Path, row, head, segment_frames: int, personalized_normals: bool = True) -> list:
+    """Schema samples (not yet encoded) of one manifest row's clip; ``personalized_normals``:
+    condition maps of the personalized head (B + Δg + Δf), else of the 3DMM head alone (Δg = Δf
+    = 0: the paper's ablation; the samples' offset fields keep the truth)."""
     from models.render.conditions import render_conditions
     from models.transfer.inputs import head_params
     from preprocessing.clip_stages import segments
@@ -53,7 +55,8 @@ def truth_samples(corpus: Path, row, head, segment_frames: int) -> list:
     for k, seg in enumerate(segments(t, segment_frames)):
         params = head_params(smplx, seg)
         with torch.no_grad():
-            verts = head(params, torch.as_tensor(static), torch.as_tensor(dynamic[seg])).vertices.contiguous()
+            offsets = (torch.as_tensor(static), torch.as_tensor(dynamic[seg])) if personalized_normals else (None, None)
+            verts = head(params, *offsets).vertices.contiguous()
             maps = render_conditions(verts, head.faces, cam.select(seg), head.face_mask)
         sil = maps.silhouette.numpy() > 0
         n = seg.stop - seg.start
@@ -67,14 +70,16 @@ def truth_samples(corpus: Path, row, head, segment_frames: int) -> list:
             qc={"status": ["ok"] * n}, meta={
                 "clip_id": row.clip_id, "identity_id": row.identity_id, "split": row.split,
                 "segment": k, "frame_start": seg.start, "frame_stop": seg.stop, "fps": float(row.fps),
-                "offsets_source": "synthetic_truth", "crop_size": int(frames.shape[1])}))
+                "offsets_source": "synthetic_truth", "crop_size": int(frames.shape[1]),
+                "normals": "personalized" if personalized_normals else "3dmm_only"}))
     return samples
 
 
 def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int = 24,
                        clips_per_shard: int = 4, splits: tuple[str, ...] | None = None,
-                       frame_codec: str = "lossless") -> dict:
-    """Write ``OUT/shards/<split>-<k>.tar`` (+ done markers) of a corpus's exact truth."""
+                       frame_codec: str = "lossless", personalized_normals: bool = True) -> dict:
+    """Write ``OUT/shards/<split>-<k>.tar`` (+ done markers) of a corpus's exact truth
+    (``personalized_normals``: see :func:`truth_samples`)."""
     import pandas as pd
 
     from models.head.head_model import PersonalizedHead
@@ -96,7 +101,7 @@ def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int 
     for spec in plan_shards(items, clips_per_shard, "synthetic_truth"):
         outcomes = []
         for item in spec.clips:
-            samples = truth_samples(corpus, rows[item.clip_id], head, segment_frames)
+            samples = truth_samples(corpus, rows[item.clip_id], head, segment_frames, personalized_normals)
             outcomes.append(ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, "ok",
                                         frames=sum(s.num_frames for s in samples),
                                         samples=[encode_sample(s, frame_codec, fps=float(rows[item.clip_id].fps))
@@ -114,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--segment-frames", type=int, default=24)
     p.add_argument("--clips-per-shard", type=int, default=4)
+    p.add_argument("--3dmm-normals", dest="personalized_normals", action="store_false",
+                   help="condition maps of the 3DMM head alone (Δg = Δf = 0), not the personalized head")
     args = p.parse_args(argv)
-    print(json.dumps(write_truth_shards(args.corpus, args.out, args.segment_frames, args.clips_per_shard)))
+    print(json.dumps(write_truth_shards(args.corpus, args.out, args.segment_frames, args.clips_per_shard,
+                                        personalized_normals=args.personalized_normals)))
     return 0
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from preprocessing.synthetic.identity import detail_coefficients
-from preprocessing.synthetic.world import (SyntheticWorld, WorldConfig, generate_corpus,
+from preprocessing.synthetic.world import (SyntheticWorld, WorldConfig, driven_clip, generate_corpus,
                                            load_clip, load_identity, rerender_clip,
                                            true_dynamic_offsets)
 
@@ -51,6 +51,28 @@ def test_ground_truth_rerenders_the_frames(corpus, world):
             decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
         assert decoded.shape == raw.shape
         assert _psnr(decoded, raw) > 40.0                                 # and through H.264
+
+
+def test_driven_clip_is_the_cross_truth(corpus, world):
+    """A clip driving itself is the clip; another identity driven by it keeps its own frame-0 pose
+    and camera at the driver's frame 0, takes the driver's expression and the Δf the world gives it,
+    and renders at another size in the same (resized) cameras."""
+    a, b = "id000_clip00", "id001_clip01"
+    same = driven_clip(world, corpus.out, a, a)
+    diff = np.abs(same.frames.astype(int) - corpus.raw_frames[a])
+    assert (diff > 1).mean() < 1e-4 and diff.mean() < 0.01      # rotations round-trip in float32: an edge pixel
+    cross = driven_clip(world, corpus.out, a, b, frames=[0, 5, 9])
+    src, drv = load_clip(corpus.out, a), load_clip(corpus.out, b)
+    assert cross.frames.shape == (3, CONFIG.size, CONFIG.size, 3)
+    for k in ("head_pose", "neck_pose", "global_orient"):
+        assert np.allclose(getattr(cross.params, k)[0].numpy(), src[k][0], atol=1e-5)
+    assert np.allclose(cross.params.expression.numpy(), drv["expression"][[0, 5, 9]])
+    assert np.allclose(cross.params.betas.numpy().ravel(), load_identity(corpus.out, "id000").betas)
+    assert np.allclose(cross.dynamic_offsets.numpy(), true_dynamic_offsets(corpus.out, b, "id000")[[0, 5, 9]])
+    assert np.allclose(cross.camera.R[0].numpy(), src["camera_R"][0], atol=1e-5)
+    big = driven_clip(world, corpus.out, a, b, frames=[5], size=2 * CONFIG.size)
+    assert big.frames.shape == (1, 2 * CONFIG.size, 2 * CONFIG.size, 3)
+    assert np.allclose(big.camera.focal.numpy(), 2 * cross.camera.focal[1:2].numpy())
 
 
 def test_landmarks_project_onto_the_visible_surface(corpus, world):

@@ -27,3 +27,34 @@ def test_truth_shards_hold_the_worlds_exact_offsets(tiny_corpus, truth_shards):
             assert s.silhouette.mean() > 0.05 and s.face_mask.any()          # rendered from the true mesh
             seen += 1
     assert seen == 8                                                        # 4 clips x 2 segments
+
+
+def test_3dmm_only_normals_leave_out_the_offsets(tiny_corpus, truth_shards, tmp_path):
+    """``personalized_normals=False`` (the ablation's shards): normal maps of the 3DMM head alone
+    (B, no Δg, no Δf), the same frames and offset fields; the personalized ones differ from them."""
+    import torch
+
+    from models.head.head_model import PersonalizedHead
+    from models.render.conditions import render_conditions
+    from models.transfer.inputs import head_params
+    from preprocessing.synthetic.world import clip_camera
+    from training.data.truth_shards import write_truth_shards
+    write_truth_shards(tiny_corpus, tmp_path, segment_frames=4, clips_per_shard=1, splits=("test",),
+                       personalized_normals=False)
+    read = lambda root: {s.key: s for s in ShardDataset(shard_urls(root, "test"), 2, resampled=False, rank=0,  # noqa: E731
+                                                        world_size=1, convert=None)}
+    bare, full = read(tmp_path), read(truth_shards)
+    assert bare.keys() == full.keys() and bare
+    world = json.loads((tiny_corpus / "world.json").read_text())
+    head = PersonalizedHead.from_file(world["model_file"])
+    for key, s in bare.items():
+        assert s.meta["normals"] == "3dmm_only" and full[key].meta["normals"] == "personalized"
+        assert np.array_equal(s.frames, full[key].frames)
+        assert np.array_equal(s.dynamic_offsets, full[key].dynamic_offsets)
+        seg = slice(s.meta["frame_start"], s.meta["frame_stop"])
+        with torch.no_grad():
+            verts = head(head_params(s.smplx)).vertices.contiguous()
+            cam = clip_camera(load_clip(tiny_corpus, s.meta["clip_id"])).select(seg)
+            maps = render_conditions(verts, head.faces, cam, head.face_mask)
+        assert np.array_equal(s.normals, maps.normal_rgb().numpy())
+        assert not np.array_equal(s.normals, full[key].normals)
