@@ -25,7 +25,8 @@ For each recipe (``configs/recipes/<name>.yaml``, loaded by ``expportrait.recipe
    ``training.strategies.CPUDeepSpeedStrategy``; the tiny recipe's documented 2-process
    ZeRO-2, ``configs/train/strategy/deepspeed_cpu.yaml``), precision, LoRA, callbacks; changed:
    the model's width (the transformer fields of flavor ``tiny_z16``; LoRA rank 8), no pretrained
-   weights (none are here), local folders, batch 1, 1 loader worker, checkpoints every step;
+   weights (none are here), local folders, batch 1, 1 loader worker, checkpoints every step,
+   one validation at the last step, 2 sampler steps for the sample videos;
 8. a resume from the last checkpoint (``--ckpt_path last``) for ``--resume-steps`` more steps.
 
 Everything the run changes from the recipe is listed in its result (``changed``). Last stdout line:
@@ -53,6 +54,7 @@ WIDTH_FIELDS = ("num_heads", "head_dim", "ffn_dim", "num_layers", "text_dim", "f
 TINY_WIDTH_FLAVOR = "tiny_z16"
 TINY_LORA_RANK = 8
 CPU_STRATEGY = "training.strategies.CPUDeepSpeedStrategy"
+SAMPLE_STEPS = 2            # the sample videos' sampler steps (at 33x512² on 2 cores: ~20 s a step)
 #: per recipe in the last JSON line (the rest: ``details.json`` in ``--work``)
 HEADLINE = ("ok", "window", "frame_stride", "size", "crop_size", "steps", "resumed", "resumed_steps", "strategy",
             "codec", "step_reads", "minutes", "error")
@@ -221,6 +223,9 @@ def generator_config(recipe, work: Path, shards: Path, codec: Path, codec_sub: s
         if cb["class_path"].endswith("ModelCheckpoint"):
             changed[f"trainer.callbacks[{k}].every_n_train_steps"] = [cb["init_args"].get("every_n_train_steps"), 1]
             cb["init_args"]["every_n_train_steps"] = 1
+        if cb["class_path"].endswith("GeneratorSamples"):       # the samples' path, not 30-40 sampler steps
+            changed[f"trainer.callbacks[{k}].steps"] = [cb["init_args"].get("steps"), SAMPLE_STEPS]
+            cb["init_args"]["steps"] = SAMPLE_STEPS
     overrides = tiny_flavor_overrides(model["flavor"])
     if overrides:
         put("model.init_args.flavor_overrides", {**(model.get("flavor_overrides") or {}), **overrides})
