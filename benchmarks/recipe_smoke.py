@@ -54,7 +54,7 @@ WIDTH_FIELDS = ("num_heads", "head_dim", "ffn_dim", "num_layers", "text_dim", "f
 TINY_WIDTH_FLAVOR = "tiny_z16"
 TINY_LORA_RANK = 8
 CPU_STRATEGY = "training.strategies.CPUDeepSpeedStrategy"
-SAMPLE_STEPS = 2            # the sample videos' sampler steps (at 33x512² on 2 cores: ~20 s a step)
+SAMPLE_STEPS = 2            # the sample videos' sampler steps (the recipe's 30 at 33x512²: minutes a video here)
 #: per recipe in the last JSON line (the rest: ``details.json`` in ``--work``)
 HEADLINE = ("ok", "window", "frame_stride", "size", "crop_size", "steps", "resumed", "resumed_steps", "strategy",
             "codec", "step_reads", "minutes", "error")
