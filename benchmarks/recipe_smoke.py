@@ -25,7 +25,8 @@ For each recipe (``configs/recipes/<name>.yaml``, loaded by ``expportrait.recipe
    ``training.strategies.CPUDeepSpeedStrategy``; the tiny recipe's documented 2-process
    ZeRO-2, ``configs/train/strategy/deepspeed_cpu.yaml``), precision, LoRA, callbacks; changed:
    the model's width (the transformer fields of flavor ``tiny_z16``; LoRA rank 8), no pretrained
-   weights (none are here), local folders, batch 1, 1 loader worker, checkpoints every step;
+   weights (none are here), local folders, batch 1, 1 loader worker, checkpoints every step,
+   one validation at the last step, 2 sampler steps for the sample videos;
 8. a resume from the last checkpoint (``--ckpt_path last``) for ``--resume-steps`` more steps.
 
 Everything the run changes from the recipe is listed in its result (``changed``). Last stdout line:
@@ -53,6 +54,10 @@ WIDTH_FIELDS = ("num_heads", "head_dim", "ffn_dim", "num_layers", "text_dim", "f
 TINY_WIDTH_FLAVOR = "tiny_z16"
 TINY_LORA_RANK = 8
 CPU_STRATEGY = "training.strategies.CPUDeepSpeedStrategy"
+SAMPLE_STEPS = 2            # the sample videos' sampler steps (the recipe's 30 at 33x512²: minutes a video here)
+#: per recipe in the last JSON line (the rest: ``details.json`` in ``--work``)
+HEADLINE = ("ok", "window", "frame_stride", "size", "crop_size", "steps", "resumed", "resumed_steps", "strategy",
+            "codec", "step_reads", "minutes", "error")
 
 
 def log(msg: str) -> None:
@@ -218,6 +223,9 @@ def generator_config(recipe, work: Path, shards: Path, codec: Path, codec_sub: s
         if cb["class_path"].endswith("ModelCheckpoint"):
             changed[f"trainer.callbacks[{k}].every_n_train_steps"] = [cb["init_args"].get("every_n_train_steps"), 1]
             cb["init_args"]["every_n_train_steps"] = 1
+        if cb["class_path"].endswith("GeneratorSamples"):       # the samples' path, not 30-40 sampler steps
+            changed[f"trainer.callbacks[{k}].steps"] = [cb["init_args"].get("steps"), SAMPLE_STEPS]
+            cb["init_args"]["steps"] = SAMPLE_STEPS
     overrides = tiny_flavor_overrides(model["flavor"])
     if overrides:
         put("model.init_args.flavor_overrides", {**(model.get("flavor_overrides") or {}), **overrides})
@@ -248,6 +256,18 @@ def step_reads(log_text: str) -> dict:
     normals = ("sidecar" if "driving normals: precomputed sidecar" in log_text else
                "rendered in the step" if "driving normals: RENDERED IN THE STEP" in log_text else "the shards' own")
     return {"latents": latents, "driving_normals": normals}
+
+
+def strategy_of(config: Path) -> str:
+    """The training's strategy in words, from the config written."""
+    import yaml
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    strategy = trainer["strategy"]
+    init = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    name = strategy["class_path"].rsplit(".", 1)[-1] if isinstance(strategy, dict) else str(strategy)
+    extra = " exclude_frozen_parameters" if init.get("exclude_frozen_parameters") else ""
+    return (f"{name} ZeRO-{init.get('stage', '?')}{extra}, {trainer['precision']}, "
+            f"{trainer['devices']} CPU processes")
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
@@ -309,6 +329,7 @@ def smoke(name: str, args, head_model: Path) -> dict:
                                                        "driving_normals", "latents_codec_id")}
         config, res["changed"] = generator_config(recipe, work, shards, codec, codec_sub, transfer, head_model,
                                                   sidecars, args.steps)
+        res["strategy"] = strategy_of(config)
         log(f"{name}: generator: {args.steps} steps, window {g['frames']} every {g['frame_stride']} at {size}², "
             f"2 CPU processes ({config})")
         import shutil
@@ -368,10 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     head_model = Path(synthetic_model_file(seed=0, directory=args.work / "models"))
     log(f"head model: the synthetic SMPL-X-format model {head_model} (the recipes' SMPL-X file is not here)")
     results = {name: smoke(name, args, head_model) for name in names}
-    headline = {"ok": all(r["ok"] for r in results.values()), "recipes": results,
+    details = args.work / "details.json"           # everything per recipe: changed keys, preflight, jobs
+    details.write_text(json.dumps(results, indent=1, default=str))
+    headline = {"ok": all(r["ok"] for r in results.values()),
+                **{name: {k: r.get(k) for k in HEADLINE if k in r} for name, r in results.items()},
                 "minutes": round((time.perf_counter() - t0) / 60, 2), "identities": args.identities,
-                "head_model": "synthetic (seed 0)", "cpu_count": os.cpu_count(),
-                "load_avg_1min": round(os.getloadavg()[0], 2)}
+                "steps": args.steps, "resume_steps": args.resume_steps, "head_model": "synthetic (seed 0)",
+                "model_width": f"{TINY_WIDTH_FLAVOR}'s transformer width on the GPU recipes' flavors "
+                               f"(LoRA rank {TINY_LORA_RANK}); tiny_cpu: its own flavor",
+                "details": str(details), "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     print(json.dumps(headline))
     from _report import write_result           # benchmarks/results/recipe_smoke.json
     write_result(headline)

@@ -23,11 +23,13 @@ def test_tiny_cpu_recipe_trains_and_resumes(tmp_path):
                            "--work", str(tmp_path / "work"), "--steps", "1", "--resume-steps", "1",
                            "--timeout", "900"], capture_output=True, text=True, timeout=1800, env=env, cwd=REPO)
     line = json.loads(proc.stdout.strip().splitlines()[-1])
-    tiny = line["recipes"]["tiny_cpu"]
+    tiny = line["tiny_cpu"]
     assert proc.returncode == 0 and line["ok"], (tiny.get("error"), proc.stdout[-3000:])
     assert tiny["ok"] and tiny["resumed"] and tiny["steps"] == 1 and tiny["resumed_steps"] == 2
     assert (tiny["window"], tiny["frame_stride"], tiny["size"], tiny["crop_size"]) == (5, 4, 32, 128)   # the recipe's
-    assert tiny["preflight"]["fits"] and tiny["preflight"]["window_span"] == 17
-    assert tiny["changed"]["trainer.strategy"][1]["class_path"] == "training.strategies.CPUDeepSpeedStrategy"
+    assert tiny["strategy"].startswith("CPUDeepSpeedStrategy ZeRO-2") and tiny["minutes"]["resume"] > 0
+    details = json.loads(Path(line["details"]).read_text())["tiny_cpu"]
+    assert details["preflight"]["fits"] and details["preflight"]["window_span"] == 17
+    assert details["preprocess"]["ok"] == details["preprocess"]["inputs"] == 3
     saved = json.loads((tmp_path / "results" / "recipe_smoke.json").read_text())
-    assert saved["results"]["recipes"]["tiny_cpu"]["resumed"] is True
+    assert saved["results"]["tiny_cpu"]["resumed"] is True

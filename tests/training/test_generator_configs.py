@@ -87,18 +87,23 @@ def test_launch_files_name_existing_entry_points():
             assert (REPO / config).is_file(), (path, config)
 
 
-@pytest.mark.parametrize("name", ["dit_wan1.3b_zero2.yaml", "dit_wan14b_lora_zero2.yaml"])
-def test_cluster_configs_train_from_what_the_precompute_jobs_write(name):
-    """At scale a step reads only precomputed tensors: no shard member decoded in training, the
-    shards, latents and driving normals where the preprocessing and precompute RayJobs put them."""
+@pytest.mark.parametrize("name,recipe", [("dit_wan1.3b_zero2.yaml", "wan1.3b"),
+                                         ("dit_wan14b_lora_zero2.yaml", "wan14b_lora")])
+def test_cluster_configs_train_from_what_the_precompute_jobs_write(name, recipe):
+    """At scale a step reads only precomputed tensors: no shard member decoded in training; the
+    shards, latents and driving normals where the RayJobs put them (they run the wan1.3b recipe;
+    wan14b_lora's folders are the same under its name); the preprocessing job runs the recipe."""
     import shlex
 
-    def output_of(manifest: str) -> str:
-        argv = shlex.split(yaml.safe_load((REPO / "infra" / "ray" / manifest).read_text())["spec"]["entrypoint"])
-        return argv[argv.index("--output") + 1]
+    def argv(manifest: str) -> list[str]:
+        return shlex.split(yaml.safe_load((REPO / "infra" / "ray" / manifest).read_text())["spec"]["entrypoint"])
+
+    def flag(args: list[str], name_: str) -> str:
+        return args[args.index(name_) + 1].replace("wan1.3b", recipe)
 
     data = yaml.safe_load((CONFIGS / name).read_text())["data"]["init_args"]
+    pre, lat, nrm = (argv(f"rayjob-{job}.yaml") for job in ("preprocess", "encode-latents", "render-normals"))
     assert data["fields"] == []
-    assert data["root"] == yaml.safe_load((REPO / "configs" / "preprocess" / "cluster.yaml").read_text())["output"]
-    assert data["latents"] == output_of("rayjob-encode-latents.yaml")
-    assert data["normals"] == output_of("rayjob-render-normals.yaml")
+    assert pre[2:4] == ["expportrait.cli", "preprocess"] and flag(pre, "--recipe") == recipe
+    assert data["root"] == flag(pre, "--output") == flag(lat, "--input") == flag(nrm, "--input")
+    assert data["latents"] == flag(lat, "--output") and data["normals"] == flag(nrm, "--output")
