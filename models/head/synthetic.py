@@ -77,7 +77,7 @@ def build_synthetic_model(seed: int = 0) -> SMPLXModelData:
     hands.update({f"hands_mean{s}": np.zeros(45) for s in "lr"})
     f32 = lambda a: a.astype(np.float32)
     return SMPLXModelData(
-        v_template=f32(v),
+        v_template=f32(machine_independent(v)),
         shapedirs=f32(shapedirs),
         posedirs=f32(_pose_correctives(mesh, landmarks)),
         J_regressor=f32(j_regressor),
@@ -91,6 +91,14 @@ def build_synthetic_model(seed: int = 0) -> SMPLXModelData:
                 "synthetic_seed": np.array(seed),
                 "synthetic_part": mesh.part,
                 "synthetic_face_mask": face_mask})
+
+
+def machine_independent(v: np.ndarray, decimals: int = 9) -> np.ndarray:
+    """``v`` (metres) on a 1 nm grid, without negative zeros: NumPy's sin/cos differ in the last
+    bit between CPUs (SIMD paths), which leaves coordinates on the symmetry plane at ±1e-18
+    rather than 0; snapped, the float32 template is the same bytes everywhere, and so is the
+    model key the shipped landmark calibration is found by."""
+    return np.round(v, decimals) + 0.0
 
 
 def _reorder_for_smplx(mesh: pm.ProceduralMesh) -> pm.ProceduralMesh:

@@ -26,7 +26,12 @@ def test_the_walkthrough_runs_from_a_bucket_to_a_served_model(service_stack, tmp
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = run_group(["bash", str(REPO / "infra" / "services" / "walkthrough.sh"), str(work)], timeout=3000,
                      cwd=REPO, env=env)
-    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-6000:])
+    if done.returncode != 0:        # the whole story in the report (an assertion message is cut short)
+        print(done.stderr)
+        for log in sorted(work.glob("*.log")):
+            print(f"--- {log.name} (last 60 lines)\n" + "\n".join(log.read_text().splitlines()[-60:]))
+        pytest.fail(f"walkthrough.sh exited {done.returncode}; its stderr and step logs are printed above",
+                    pytrace=False)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["shards"] == "s3://data/walkthrough-test/pre"
 
