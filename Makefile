@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # pip, quiet; on failure show its log (minus the machine's harmless index-path warnings).
 pip = @echo "pip install $(1)"; $(BIN)/pip install --quiet $(1) > $(VENV)/pip.log 2>&1 || { grep -v "is ignored" $(VENV)/pip.log; exit 1; }
 
-.PHONY: setup chromium slurm test test-fast lint demo bench lock clean postgresql services services-down test-services
+.PHONY: setup chromium slurm test test-all test-fast lint demo bench lock clean postgresql services services-down test-services
 
 setup: $(STAMP) chromium postgresql slurm
 
@@ -61,7 +61,11 @@ services-down:
 test-services: setup
 	$(BIN)/python -m pytest -q -m services $(PYTEST_ARGS)
 
+# CI's suite: everything but the tests marked `extended` (their paths run in the end-to-end slice or a benchmark)
 test: setup
+	$(BIN)/python -m pytest -q -m "not extended" $(PYTEST_ARGS)
+
+test-all: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

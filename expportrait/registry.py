@@ -184,6 +184,33 @@ def pip_requirements(wheels: dict[str, str] | None = None) -> list[str]:
     return out + list((wheels or {}).values())
 
 
+def pinned_closure(names=_REQUIREMENTS) -> list[str]:
+    """``name==version`` of every distribution installed here that ``names`` need, transitively
+    (their declared requirements whose markers hold on this machine, extras left out): the
+    model's pip constraints, so a serving environment resolves to what was tested, from pip's
+    cache where it has those wheels, not to the newest releases of the closure."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    pinned: dict[str, str] = {}
+    todo = list(names)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in pinned:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        pinned[name] = dist.version
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return [f"{name}=={version}" for name, version in sorted(pinned.items())]
+
+
 def nodeps_wheel(name: str, out: Path) -> Path:
     """A wheel of the installed distribution ``name`` whose metadata declares no dependencies
     (what ``pip install --no-deps`` gives): pip installs it from a requirements file as is."""
@@ -232,17 +259,20 @@ def log_package_model(package: Path, work: Path) -> "mlflow.models.model.ModelIn
     """Log the package as a pyfunc from code (:data:`MODEL_CODE`, nothing pickled) into the
     active run: the project's packages as code_paths, the pinned requirements, the no-deps
     wheels under ``artifacts/wheels/`` (a requirement path relative to the model folder:
-    ``cd MODEL && pip install -r requirements.txt``)."""
+    ``cd MODEL && pip install -r requirements.txt``) and the whole dependency closure pinned as
+    ``constraints.txt`` (:func:`pinned_closure`)."""
     from expportrait.serving import signature
     wheels = work / "wheels"
     built = {name: nodeps_wheel(name, wheels) for name in NO_DEPS}
     reqs = pip_requirements({name: f"artifacts/wheels/{w.name}" for name, w in built.items()})
+    constraints = work / "constraints.txt"                   # MLflow packs it beside requirements.txt
+    constraints.write_text("\n".join(pinned_closure()) + "\n")
     example = pd.DataFrame([{"source": "<base64 image or video bytes>", "driving": "<base64 video bytes>"}])
     return mlflow.pyfunc.log_model(name="expportrait", python_model=str(MODEL_CODE),
                                    artifacts={"package": str(package), "wheels": str(wheels)},
                                    code_paths=stage_code(work / "code"), signature=signature(),
                                    input_example=(example, {"steps": 0, "seed": -1, "guidance": -1.0}),
-                                   pip_requirements=reqs)
+                                   pip_requirements=[*reqs, f"-c {constraints}"])
 
 
 def stage_spec_from_data(data: str | os.PathLike | None, head_reference: dict,

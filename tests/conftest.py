@@ -15,33 +15,47 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 sys.path.insert(0, str(Path(__file__).parent / "preprocessing"))   # video_fixtures, fake_estimator
 
 
-def _restore_tracking_uri(before: str | None) -> None:
-    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
-        sys.modules["mlflow"].set_tracking_uri(before)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+#: what ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write into the process's environment
+#: (MLflow 3), so that subprocesses started later (a CLI, ``mlflow artifacts download``) follow them
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _mlflow_uris() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in MLFLOW_URI_VARIABLES}
+
+
+def _restore_mlflow_uris(before: dict[str, str | None]) -> None:
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and os.environ.get("MLFLOW_TRACKING_URI") != before["MLFLOW_TRACKING_URI"]:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+    if mlflow is not None and os.environ.get("MLFLOW_REGISTRY_URI") != before["MLFLOW_REGISTRY_URI"]:
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="module")
-def mlflow_tracking_uri_restored_after_module():
-    """As below, for module-scoped fixtures that set the URI (a registered ``champion``): autouse
+def mlflow_uris_restored_after_module():
+    """As below, for module-scoped fixtures that set the URIs (a registered ``champion``): autouse
     fixtures are set up first in their scope, so this snapshot is taken before them and restored
     after their teardown."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = _mlflow_uris()
     yield
-    _restore_tracking_uri(before)
+    _restore_mlflow_uris(before)
 
 
 @pytest.fixture(autouse=True)
-def mlflow_tracking_uri_restored():
-    """``mlflow.set_tracking_uri()`` also sets ``$MLFLOW_TRACKING_URI`` for the whole process
-    (MLflow 3), which the training logger follows: a test that calls it must not send a later
-    test's runs to its store. Restored after every test (only where mlflow was imported)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def mlflow_uris_restored():
+    """``mlflow.set_tracking_uri()`` and ``set_registry_uri()`` also set ``$MLFLOW_TRACKING_URI``
+    and ``$MLFLOW_REGISTRY_URI`` for the whole process (MLflow 3), which the training logger and
+    every subprocess follow: a test that calls them must not send a later test's runs, or its
+    ``models:/`` lookups, to its store. Restored after every test (only where mlflow was imported)."""
+    before = _mlflow_uris()
     yield
-    _restore_tracking_uri(before)
+    _restore_mlflow_uris(before)
 
 
 @pytest.fixture(scope="module")

@@ -406,11 +406,12 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def down(root: Path) -> dict:
-    """Stop what `up` recorded under ``root``, MLflow first; keep the data."""
+def down(root: Path, timeout: float = 30) -> dict:
+    """Stop what `up` recorded under ``root``, MLflow first; keep the data. ``timeout``: seconds
+    each service gets to stop politely before SIGKILL (a throwaway stack need not wait)."""
     layout = Layout(root.resolve())
     state = read_state(layout)
-    stopped = {name: stop(state[name], name) for name in reversed(ORDER) if name in state}
+    stopped = {name: stop(state[name], name, timeout) for name in reversed(ORDER) if name in state}
     layout.state.unlink(missing_ok=True)
     return {"stopped": [name for name, was in stopped.items() if was], "root": str(layout.root)}
 

@@ -4,9 +4,10 @@
 
 ``MODEL_DIR`` is a downloaded model version (``mlflow artifacts download -u
 models:/expportrait@champion``): ``python -m venv``, then ``pip install -r requirements.txt``
-from that folder (its wheel paths are relative to it). The development environment is not used
+from that folder (its wheel paths are relative to it; its ``constraints.txt`` pins the whole
+closure to the versions the model was tested with). The development environment is not used
 and the repository is not installed: what serves is what the package names. Cached under
-``DIR/serving-venv/<sha256 of the requirements>`` (default ``$EXPPORTRAIT_CACHE``, else
+``DIR/serving-venv/<sha256 of requirements.txt and constraints.txt>`` (default ``$EXPPORTRAIT_CACHE``, else
 ``~/.cache/expportrait``); a build that did not finish is redone. Prints one JSON line: ``venv``,
 ``seconds``, ``megabytes``, ``cached``.
 """
@@ -30,8 +31,11 @@ def default_cache() -> Path:
 def build(model_dir: Path, cache: Path | None = None) -> tuple[Path, dict]:
     """The venv for ``model_dir``'s requirements (built, or found in the cache) and its record."""
     model_dir = Path(model_dir)
-    reqs = (model_dir / "requirements.txt").read_text()
-    key = hashlib.sha256(reqs.encode()).hexdigest()[:16]
+    key = hashlib.sha256()                                   # requirements and their pinned closure
+    for name in ("requirements.txt", "constraints.txt"):
+        if (model_dir / name).is_file():
+            key.update((model_dir / name).read_bytes())
+    key = key.hexdigest()[:16]
     venv = (cache or default_cache()) / "serving-venv" / key
     record = venv / "built.json"
     if record.is_file():

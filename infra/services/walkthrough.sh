@@ -26,6 +26,9 @@ PREFIX=${WALKTHROUGH_PREFIX:-s3://data/walkthrough-$(date +%s)}
 STEPS=${WALKTHROUGH_STEPS:-6}                 # generator optimizer steps (the transfer module: 1 epoch)
 : "${MLFLOW_TRACKING_URI:?set the stack's environment: eval \"\$(python infra/services/services.py env)\"}"
 : "${AWS_ENDPOINT_URL:?set the stack's environment: eval \"\$(python infra/services/services.py env)\"}"
+# the registry is the tracking server, as `expportrait register/promote` use it; MLflow's own CLI
+# (`mlflow artifacts download`, `mlflow models serve`) would follow a stray $MLFLOW_REGISTRY_URI
+export MLFLOW_REGISTRY_URI="$MLFLOW_TRACKING_URI"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$REPO"
 mkdir -p "$WORK"
@@ -33,14 +36,18 @@ WORK=$(cd "$WORK" && pwd)
 : > "$WORK/steps.jsonl"
 
 say() { echo "[walkthrough $(date +%H:%M:%S)] $*" >&2; }
-# run a command, keep its log, append its last line (its JSON) to steps.jsonl and print it
-step() {
+# run a command and keep its log in WORK/NAME.log; on failure show its end and stop
+logged() {
   local name=$1; shift
   say "$name: $*"
   if ! "$@" > "$WORK/$name.log" 2>&1; then
     say "$name failed; the end of $WORK/$name.log:"; tail -40 "$WORK/$name.log" >&2; exit 1
   fi
-  tail -1 "$WORK/$name.log" | tee -a "$WORK/steps.jsonl"
+}
+# the same, then append its last line (its JSON) to steps.jsonl and print it
+step() {
+  logged "$@"
+  tail -1 "$WORK/$1.log" | tee -a "$WORK/steps.jsonl"
 }
 field() { python -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
 
@@ -71,7 +78,7 @@ step promote expportrait promote --name expportrait --version "$version" --alias
   --gate configs/registry/gate_tiny.yaml > /dev/null
 
 # 6: serve the champion from a clean virtualenv, outside the repository, and POST to it
-mlflow artifacts download -u models:/expportrait@champion -d "$WORK/model" > /dev/null
+logged download mlflow artifacts download -u models:/expportrait@champion -d "$WORK/model"
 venv_line=$(step venv python infra/services/serving_venv.py "$WORK/model")
 VENV=$(field "$venv_line" venv)
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

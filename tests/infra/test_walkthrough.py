@@ -21,7 +21,7 @@ def test_the_walkthrough_runs_from_a_bucket_to_a_served_model(service_stack, tmp
     import av
     import mlflow
     work = tmp_path / "walk"
-    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)},
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
            **service_stack["env"], "PYTHONPATH": str(REPO), "WALKTHROUGH_PREFIX": "s3://data/walkthrough-test",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     done = run_group(["bash", str(REPO / "infra" / "services" / "walkthrough.sh"), str(work)], timeout=3000,
