@@ -283,8 +283,9 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     scale = DemoScale()
     if args.quick:
-        scale = DemoScale(identities=5, frames=32, transfer_epochs=4, generator_steps=60,
+        scale = DemoScale(identities=5, frames=32, transfer_epochs=2, generator_steps=30,
                           eval_pairs=1, eval_frames=12)
+        args.size = min(args.size, 128)                  # the head sweep's renders
     out = Path(args.out)
     from expportrait.recipes import load_recipe
     recipe = load_recipe(RECIPE)
