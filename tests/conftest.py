@@ -16,21 +16,20 @@ sys.path.insert(0, str(Path(__file__).parent / "preprocessing"))   # video_fixtu
 
 
 #: what ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write into the process's environment
-#: (MLflow 3), so that subprocesses started later (a CLI, ``mlflow artifacts download``) follow them
-MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+#: (MLflow 3), so that subprocesses started later (a CLI, ``mlflow artifacts download``) follow
+#: them: each variable and the setter that writes it
+MLFLOW_URI_SETTERS = {"MLFLOW_TRACKING_URI": "set_tracking_uri", "MLFLOW_REGISTRY_URI": "set_registry_uri"}
 
 
 def _mlflow_uris() -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in MLFLOW_URI_VARIABLES}
+    return {k: os.environ.get(k) for k in MLFLOW_URI_SETTERS}
 
 
 def _restore_mlflow_uris(before: dict[str, str | None]) -> None:
     mlflow = sys.modules.get("mlflow")
-    if mlflow is not None and os.environ.get("MLFLOW_TRACKING_URI") != before["MLFLOW_TRACKING_URI"]:
-        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
-    if mlflow is not None and os.environ.get("MLFLOW_REGISTRY_URI") != before["MLFLOW_REGISTRY_URI"]:
-        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
     for key, value in before.items():
+        if mlflow is not None and os.environ.get(key) != value:
+            getattr(mlflow, MLFLOW_URI_SETTERS[key])(value)
         if value is None:
             os.environ.pop(key, None)
         else:

@@ -56,12 +56,13 @@ class DemoScale:
     generator_steps: int = 500
     eval_pairs: int = 2
     eval_frames: int = 24
+    head_size: int = 256          # the head sweep's renders (``--size`` overrides)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole loop end to end on embedded defaults")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--size", type=int, default=256, help="head sweep render size")
+    p.add_argument("--size", type=int, default=None, help="head sweep render size (default 256; --quick: 128)")
     p.add_argument("--quick", action="store_true", help="smaller everything (a smoke run, ~half the time)")
     p.add_argument("--reuse", action="store_true",
                    help="keep what an earlier (interrupted) demo in --out finished: corpus, sweep, fit, trained "
@@ -115,7 +116,7 @@ def _data_steps(args, scale: DemoScale, recipe, out: Path, timings: dict) -> dic
     state = json.loads(done.read_text()) if args.reuse and done.is_file() else {}
     if "head" not in state:
         _say(f"rendering the head sweep -> {out / 'head'}")
-        state["head"] = head.render(argparse.Namespace(model=model, out=out / "head", size=args.size,
+        state["head"] = head.render(argparse.Namespace(model=model, out=out / "head", size=args.size or scale.head_size,
                                                        frames_per_segment=16, fps=24.0, subdivision=1,
                                                        backend="auto", seed=0))
         done.write_text(json.dumps(state, default=str))
@@ -284,8 +285,7 @@ def run(args: argparse.Namespace) -> dict:
     scale = DemoScale()
     if args.quick:
         scale = DemoScale(identities=5, frames=32, transfer_epochs=2, generator_steps=30,
-                          eval_pairs=1, eval_frames=12)
-        args.size = min(args.size, 128)                  # the head sweep's renders
+                          eval_pairs=1, eval_frames=12, head_size=128)
     out = Path(args.out)
     from expportrait.recipes import load_recipe
     recipe = load_recipe(RECIPE)
