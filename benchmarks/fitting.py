@@ -25,9 +25,10 @@ after one similarity for the whole clip (a per-frame alignment would hide jitter
 photometric stage (shape from shading on the crops). β/ψ recovery: correlation with the truth
 (first 20 / 10 components).
 
-The job's head places the tracker's 68 points where MediaPipe puts them on this model (the
-calibrated embedding shipped for the synthetic model, ``preprocessing/landmark_calibration.py``,
-made from identities of another seed: none of the ones evaluated here); MediaPipe's distance
+The job's head places MediaPipe's points where they lie on this model (the calibrated
+embedding shipped for the synthetic model, ``preprocessing/landmark_calibration.py``, made from
+identities of another seed: none of the ones evaluated here; all 478 points, the 68 iBUG-like
+ones among them for the rigid stage and the QC, row ``job_68`` with the 68 alone); MediaPipe's distance
 to those points on these clips is ``mediapipe_vs_embedding_pct``.
 
 Rows printed beside it (keys prefixed with the row name), to show what each part buys:
@@ -58,7 +59,8 @@ warm (one job-path fit runs first; the first fit in a process pays library start
 ``cold_seconds``) and best of two runs per clip (the host is shared); ``fit_fps`` is the fit
 alone. MediaPipe's landmarks follow their own definitions and deviate from the synthetic
 ones (``mediapipe_vs_truth_pct``, median % of face width): that is part of the job path's
-error. Targets: vertex_err_pct <= 0.8, dynamic_vs_zero <= 0.7, static_vs_zero <= 0.7,
+error. Targets: vertex_err_pct <= 1.3 and psi_corr >= 0.6 (the path-users-run issue; the
+offsets issue, blocked, asked vertex_err_pct <= 0.8), dynamic_vs_zero <= 0.7, static_vs_zero <= 0.7,
 jitter_ratio <= 1.3, fps >= 4 (256^2 clip).
 """
 from __future__ import annotations
@@ -203,6 +205,8 @@ ROWS = {  # name -> (label in the printed table, what it is)
     "job": ("JOB PATH (headline)", "rendered RGB mp4 -> job decode -> FaceTracker crop + MediaPipe, "
             "20 deg FOV assumed, no dense targets, photometric registration and offsets on the crops, the calibrated "
             "MediaPipe landmark embedding (preprocessing/landmark_calibration.py, other identities)"),
+    "job_68": ("job path, 68 points", "the same with the 68-point embedding (mediapipe_ibug68): the fitter "
+               "sees 68 of MediaPipe's points instead of all 478 (mediapipe478, the job's default)"),
     "job_model_landmarks": ("job path, model lmk", "the same with the model's own iBUG-68 definitions "
                             "(landmark_embedding: none)"),
     "job_no_registration": ("job path, no reg.", "the same without the photometric registration (stage 2b)"),
@@ -241,10 +245,15 @@ def main() -> None:
         raise RuntimeError("no calibrated landmark embedding for the synthetic model: run "
                            "python -m preprocessing.landmark_calibration")
     model_lmk_fitter = Fitter(world.head, ctx.fitter.config)     # = a worker with landmark_embedding: none
+    emb = ctx.landmark_embedding
+    same_points = {"landmark_weights": ctx.fitter.landmark_weights, "dense_landmarks": emb.dense_points()}
     no_photo = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photometric=False, photo_registration=False),
-                      landmark_weights=ctx.fitter.landmark_weights)
+                      **same_points)
     no_registration = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photo_registration=False),
-                             landmark_weights=ctx.fitter.landmark_weights)
+                             **same_points)
+    from preprocessing.landmark_embedding import CONVENTION, EMBEDDING_DIR
+    ctx68 = StageContext(model, stages.model_copy(update={"landmark_embedding": str(
+        EMBEDDING_DIR / f"{CONVENTION}_{emb.model_key}.npz")}), 1)       # a worker with the 68-point file
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
     oracle_no_photo = Fitter(world.head, FitConfig(photometric=False, photo_registration=False))
 
@@ -285,6 +294,7 @@ def main() -> None:
             mp_dev.append(float(np.nanmedian(np.linalg.norm(lm - true2d, axis=-1) / width) * 100))
             emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width)
                                  * 100))
+            rows["job_68"].append(score(world.head, job_fit(frames, stages.fov_deg, ctx68.fitter, ctx68.head).fit, tg))
             rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk_fitter,
                                                                          world.head).fit, tg))
             rows["job_no_registration"].append(score(world.head, job_fit(frames, stages.fov_deg,
@@ -370,7 +380,7 @@ def main() -> None:
                           for k in timing[0] if k not in ("seconds", "frames", "fit")},
         "cold_seconds": round(cold, 2),
         "path": {"video": "rendered RGB mp4, job decode_clip", "landmarks": "FaceTracker crop + MediaPipe, "
-                 "calibrated embedding (other identities, seed 1001)",
+                 f"calibrated embedding {emb.convention} (other identities, seed 1001)",
                  "fov_deg": stages.fov_deg, "dense_targets": None,
                  "photometric": "registration + offsets, crops + validity masks"},
         "metric": "face-region vertex error after per-frame similarity (Umeyama) alignment, % of 0.22 m",
@@ -390,7 +400,7 @@ def main() -> None:
         out[f"{name}_dynamic_err_mm"] = round(mean(rs, "dynamic_err_mm"), 4)
     out["oracle_offsets_only_dynamic_err_mm"] = round(float(np.mean(dyn_oracle)), 4)
     out["clips"], out["frames"], out["size"] = args.clips, args.frames, args.size
-    out["targets"] = {"vertex_err_pct": 0.8, "dynamic_vs_zero": 0.7, "static_vs_zero": 0.7,
+    out["targets"] = {"vertex_err_pct": 1.3, "psi_corr": 0.6, "dynamic_vs_zero": 0.7, "static_vs_zero": 0.7,
                       "jitter_ratio": 1.3, "fps": 4.0}
     print(json.dumps(out))
     from _report import write_result           # benchmarks/results/fitting.json

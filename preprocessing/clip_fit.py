@@ -117,6 +117,10 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
         dense = {"depth": None if est.depth is None else torch.as_tensor(est.depth).float() * inside,
                  "normals": None if est.normals is None else torch.as_tensor(est.normals).float() * inside[..., None],
                  "depth_is_metric": est.metric}
+    if fitter.points_head is not None and track.landmarks478 is not None:     # a dense embedding: every point
+        points = track.landmarks478[..., :2]
+        dense["dense_landmarks"] = torch.as_tensor(points)
+        dense["dense_landmark_weights"] = landmark_weights(track, points)
     inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size),
                        landmark_weights=landmark_weights(track), K=K,
                        images=torch.as_tensor(track.crops), valid=torch.as_tensor(track.valid), **dense)
@@ -126,11 +130,13 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
     return ClipFit(status="ok", track=track, fit=result, seconds=seconds)
 
 
-def landmark_weights(track: FaceTrack) -> torch.Tensor:
-    """(T, 68) weights: 0 for frames without landmarks and for landmarks that fall on crop
-    pixels outside the source frame (there MediaPipe can only guess)."""
-    t, size = track.landmarks68.shape[0], track.valid.shape[1]
-    xy = np.nan_to_num(np.rint(track.landmarks68), nan=-1).astype(np.int64)
+def landmark_weights(track: FaceTrack, points: np.ndarray | None = None) -> torch.Tensor:
+    """(T, L) weights of ``points`` (default the 68, ``track.landmarks68``): 0 for frames without
+    landmarks and for points that fall on crop pixels outside the source frame (there MediaPipe
+    can only guess)."""
+    points = track.landmarks68 if points is None else points
+    t, size = points.shape[0], track.valid.shape[1]
+    xy = np.nan_to_num(np.rint(points), nan=-1).astype(np.int64)
     on_crop = (xy >= 0).all(-1) & (xy < size).all(-1)
     inside = np.zeros(xy.shape[:2], bool)
     frames = np.broadcast_to(np.arange(t)[:, None], xy.shape[:2])

@@ -76,7 +76,8 @@ class StageContext:
         self.tracker = FaceTracker(crop_size=config.crop_size)
         self.fit_config = fit_config or resolved_fit_config(config)
         self.fitter = Fitter(self.head, self.fit_config,
-                             landmark_weights=embedding.weights() if embedding is not None else None)
+                             landmark_weights=embedding.weights() if embedding is not None else None,
+                             dense_landmarks=embedding.dense_points() if embedding is not None else None)
         self.estimator = (load_estimator(config.estimator, config.estimator_weights)
                           if config.estimator else None)
         self.provenance = provenance(self.model_sha1, config.licence)
@@ -108,20 +109,19 @@ def stage_spec(config: StageConfig, model_path: str | Path, subdivision: int = 1
     The job writes it into its ``summary.json``, the package carries it, inference rebuilds its
     :class:`StageContext` from it."""
     from models.head.smplx_file import load_smplx_model
-    from .landmark_embedding import CONVENTION, EMBEDDING_DIR, model_key, resolve_embedding
+    from .landmark_embedding import resolve_embedding
 
     model = load_smplx_model(model_path)
     emb = resolve_embedding(config.landmark_embedding, model)
     embedding = None
     if emb is not None:
-        file = (EMBEDDING_DIR / f"{CONVENTION}_{model_key(model)}.npz" if config.landmark_embedding == "auto"
-                else Path(config.landmark_embedding))
+        file = Path(emb.file_name if config.landmark_embedding == "auto" else config.landmark_embedding)
         embedding = {"setting": config.landmark_embedding, "file": file.name, "digest": emb.digest(),
                      "weights": emb.weights().round(6).tolist(), "model_key": emb.model_key,
                      "convention": emb.convention, "frames": int(emb.frames),
                      "faces": emb.faces.astype(int).tolist(), "bary": emb.bary.astype(float).tolist(),
                      "residual_pct": emb.residual_pct.astype(float).tolist(),
-                     "model_residual_pct": emb.model_residual_pct.astype(float).tolist()}
+                     "model_residual_pct": [None if np.isnan(v) else float(v) for v in emb.model_residual_pct]}
     return {"format": STAGE_SPEC_FORMAT, "stages": config.model_dump(mode="json"),
             "fit": dataclasses.asdict(resolved_fit_config(config)), "subdivision": subdivision,
             "head_model_sha1": file_digest(model_path), "fit_threads": fit_threads, "landmark_embedding": embedding}

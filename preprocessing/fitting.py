@@ -62,10 +62,16 @@ class FitConfig:
     lr_rigid: float = 0.02
     lr_expression: float = 0.02
     w_landmarks: float = 1.0
+    # With a dense embedding (all of the detector's points): the share of the landmark term in the
+    # expression stages that goes to every point (the rest to the 68); rigid stage, init, QC: the 68
+    dense_landmark_share: float = 1.0
     w_shape_prior: float = 2e-3
     # Landmark-only fits: 68 points pin β poorly, so a stronger prior; sweep: docs/experiments/2026-12-06-fitting.md
     w_shape_prior_landmarks_only: float = 0.05
     w_expression_prior: float = 5e-4
+    # Landmark-only fits: a weak ψ prior lets the 100 coefficients follow the detector's noise;
+    # sweep (other identities): docs/experiments/2026-12-06-fitting.md
+    w_expression_prior_landmarks_only: float = 0.3
     w_jaw_prior: float = 1e-2
     w_temporal: float = 2.0         # 0 disables temporal smoothness (ablation)
     # Landmark-only fits (no dense targets) are noisier; sweep: docs/experiments/2026-12-06-fitting.md
@@ -121,6 +127,8 @@ class FitInputs:
     depth_is_metric: bool = True      # False: relative depth, scaled to the head after stage 1
     images: Tensor | None = None      # (T, H, W, 3) frames (uint8 or [0, 1]) for the photometric stage
     valid: Tensor | None = None       # (T, H, W) pixels inside the source frame (crops)
+    dense_landmarks: Tensor | None = None          # (T, L, 2) all the detector's points (dense embedding)
+    dense_landmark_weights: Tensor | None = None   # (T, L); 0 where missing
 
     @property
     def num_frames(self) -> int:
@@ -189,14 +197,21 @@ class _FitState:
     w_temporal: float
     w_shape_prior: float
     dense: bool                      # depth targets given
+    w_expression_prior: float = 0.0
+    points: Tensor | None = None     # (T, L, 2) every detected point (a dense embedding), NaN -> 0
+    w_points: Tensor | None = None   # (T, L) their weights
 
 
 class Fitter:
     def __init__(self, head: PersonalizedHead, config: FitConfig | None = None,
-                 landmark_weights: np.ndarray | None = None) -> None:
+                 landmark_weights: np.ndarray | None = None,
+                 dense_landmarks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
         """``landmark_weights`` (68,): the landmark term's per-point weights (default
         :data:`LANDMARK_WEIGHTS`; a calibrated embedding brings its own, see
-        ``landmark_calibration.LandmarkEmbedding.weights``)."""
+        ``landmark_embedding.LandmarkEmbedding.weights``). ``dense_landmarks``: (faces (L,),
+        bary (L, 3), weights (L,)) of every point of a dense embedding
+        (``LandmarkEmbedding.dense_points``): the expression stages then fit all L points of
+        ``FitInputs.dense_landmarks`` (``FitConfig.dense_landmark_share``)."""
         from .photometric import PhotometricConfig, PhotometricSolver
         self.config = config or FitConfig()
         self.landmark_weights = np.asarray(landmark_weights if landmark_weights is not None else LANDMARK_WEIGHTS,
@@ -207,8 +222,17 @@ class Fitter:
         if self.device.type != "cpu":       # the caller's head stays where it is (it also renders)
             head = copy.deepcopy(head).to(self.device)
         self.head = head
+        self.dense_weights = None
         with torch.device(self.device):
             self.lm_head = head.landmark_model()
+            self.points_head = None
+            if dense_landmarks is not None:
+                faces, bary, weights = dense_landmarks
+                self.points_head = head.surface_points_model(faces, bary)
+                self.dense_weights = torch.as_tensor(np.asarray(weights, np.float32))
+                if self.dense_weights.shape != (len(faces),):
+                    raise ValueError(f"dense landmark weights must be ({len(faces)},), "
+                                     f"got {tuple(self.dense_weights.shape)}")
             self.lap = head.laplacian()
             face = torch.zeros(head.num_vertices)
             face[head.face_vertex_ids] = 1.0
@@ -293,18 +317,34 @@ class Fitter:
         w_temporal = 0.0 if cfg.w_temporal == 0 else (
             cfg.w_temporal if has_dense else cfg.w_temporal_landmarks_only)
         w_shape_prior = cfg.w_shape_prior if has_dense else cfg.w_shape_prior_landmarks_only
+        points = w_points = None
+        if self.points_head is not None and inputs.dense_landmarks is not None and cfg.dense_landmark_share > 0:
+            if inputs.dense_landmarks.shape[1] != len(self.dense_weights):
+                raise ValueError(f"FitInputs.dense_landmarks has {inputs.dense_landmarks.shape[1]} points, the "
+                                 f"fitter's dense embedding {len(self.dense_weights)}")
+            w_points = self.dense_weights.to(inputs.dense_landmarks.device)[None].expand(t, -1).clone()
+            if inputs.dense_landmark_weights is not None:
+                w_points = w_points * inputs.dense_landmark_weights
+            w_points = w_points * torch.isfinite(inputs.dense_landmarks).all(-1)
+            points = torch.nan_to_num(inputs.dense_landmarks.float())
         return _FitState(inputs, camera, lmk, w_lmk, size, lmk_depth, params, w_temporal, w_shape_prior,
-                         dense=inputs.depth is not None)
+                         dense=inputs.depth is not None, points=points, w_points=w_points,
+                         w_expression_prior=cfg.w_expression_prior if has_dense
+                         else cfg.w_expression_prior_landmarks_only)
 
-    def _landmark_loss(self, st: "_FitState", lm3d: Tensor, subset=None) -> Tensor:
-        """Robust 2D landmark error in % of the face size (+ depth where metric targets exist)."""
-        cam_pts = st.camera.to_camera(lm3d)
-        uv = st.camera.project(cam_pts)
-        r = (uv - st.lmk) / st.size[:, None, None] * 100.0            # % of face size
-        w = st.w_lmk
+    @staticmethod
+    def _points_loss(st: "_FitState", cam_pts: Tensor, target: Tensor, w: Tensor) -> Tensor:
+        """Robust 2D error of camera-space points against pixel targets, in % of the face size."""
+        r = (st.camera.project(cam_pts) - target) / st.size[:, None, None] * 100.0
+        return (_gmof(r.norm(dim=-1), 10.0) * w).sum() / w.sum().clamp(min=1)
+
+    def _landmark_loss(self, st: "_FitState", lm3d: Tensor, subset=None, w2d: float = 1.0) -> Tensor:
+        """Robust 2D landmark error in % of the face size, times ``w2d`` (+ depth where metric
+        targets exist)."""
+        cam_pts, target, w = st.camera.to_camera(lm3d), st.lmk, st.w_lmk
         if subset is not None:
-            r, w, cam_pts = r[:, subset], w[:, subset], cam_pts[:, subset]
-        loss = (_gmof(r.norm(dim=-1), 10.0) * w).sum() / w.sum().clamp(min=1)
+            cam_pts, target, w = cam_pts[:, subset], target[:, subset], w[:, subset]
+        loss = w2d * self._points_loss(st, cam_pts, target, w) if w2d else cam_pts.new_zeros(())
         if st.lmk_depth is not None:                           # anchor depth where targets exist
             dz = st.lmk_depth if subset is None else st.lmk_depth[:, subset]
             wz = (dz > 0) * w
@@ -333,9 +373,13 @@ class Fitter:
 
     def _expression_loss(self, st: "_FitState", it: int, dense: bool) -> Tensor:
         cfg, params, temporal = self.config, st.params, self._temporal
-        loss = cfg.w_landmarks * self._landmark_loss(st, self.lm_head(params)[0])
+        share = cfg.dense_landmark_share if st.points is not None else 0.0
+        loss = cfg.w_landmarks * self._landmark_loss(st, self.lm_head(params)[0], w2d=1 - share)
+        if share > 0:
+            loss = loss + cfg.w_landmarks * share * self._points_loss(
+                st, st.camera.to_camera(self.points_head(params)), st.points, st.w_points)
         loss = loss + st.w_shape_prior * params.betas.square().sum() \
-            + cfg.w_expression_prior * params.expression.square().sum(-1).mean() \
+            + st.w_expression_prior * params.expression.square().sum(-1).mean() \
             + cfg.w_jaw_prior * params.jaw_pose.square().sum(-1).mean() \
             + 1e-2 * (params.leye_pose.square().sum(-1).mean() + params.reye_pose.square().sum(-1).mean())
         loss = loss + st.w_temporal * (temporal(st, params.expression) * 0.5 + temporal(st, params.jaw_pose) * 20

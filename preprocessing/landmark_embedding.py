@@ -1,12 +1,16 @@
-"""A landmark embedding: where the tracker's 68 points lie on a head model (faces + barycentric
+"""A landmark embedding: where the tracker's points lie on a head model (faces + barycentric
 coordinates), read for the job, ``expportrait fit`` and the fitter's per-point weights.
 
 :mod:`preprocessing.landmark_calibration` makes these files (it runs the job's decode and tracking on
 synthetic renders); this module only reads, resolves and applies them, so the clip stages import
-it without importing the calibration. File format: an npz with ``faces`` (68,) int64 faces of the
-full model, ``bary`` (68, 3) float32, ``model_key`` (:func:`model_key`), ``convention``
-(``mediapipe_ibug68``), ``residual_pct`` (68,) the calibration's median distance per point in % of
-face width, ``model_residual_pct`` (68,) the same for the model's own iBUG-68 definitions, ``frames``.
+it without importing the calibration. Two conventions: ``mediapipe_ibug68`` (the 68
+iBUG-like points of ``tracking.MEDIAPIPE_TO_IBUG68``) and ``mediapipe478`` (all of MediaPipe's
+478 points; the head's 68 landmarks are its ``MEDIAPIPE_TO_IBUG68`` rows, the fitter also fits
+every point with its weight). ``auto`` prefers the 478-point file of a model. File format: an
+npz with ``faces`` (L,) int64 faces of the full model, ``bary`` (L, 3) float32, ``model_key``
+(:func:`model_key`), ``convention``, ``residual_pct`` (L,) the calibration's median distance
+per point in % of face width, ``model_residual_pct`` (L,) the same for the model's own iBUG-68
+definitions (NaN for points that have none), ``frames``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,18 @@ from pathlib import Path
 import numpy as np
 
 CONVENTION = "mediapipe_ibug68"
+DENSE_CONVENTION = "mediapipe478"
+#: points per convention; ``auto`` tries them in this order
+CONVENTIONS = {DENSE_CONVENTION: 478, CONVENTION: 68}
 EMBEDDING_DIR = Path(__file__).parent / "landmark_embeddings"
+
+
+def ibug68_rows(convention: str) -> np.ndarray:
+    """Where the 68 iBUG-like points are among a convention's points."""
+    if convention == DENSE_CONVENTION:
+        from .tracking import MEDIAPIPE_TO_IBUG68
+        return np.asarray(MEDIAPIPE_TO_IBUG68)
+    return np.arange(68)
 
 
 def model_key(model) -> str:
@@ -31,18 +46,36 @@ def model_key(model) -> str:
 
 @dataclass
 class LandmarkEmbedding:
-    faces: np.ndarray                 # (68,) faces of the full model
-    bary: np.ndarray                  # (68, 3)
+    faces: np.ndarray                 # (L,) faces of the full model
+    bary: np.ndarray                  # (L, 3)
     model_key: str
-    residual_pct: np.ndarray          # (68,) median distance to the detections, % of face width
-    model_residual_pct: np.ndarray    # (68,) the same for the model's own iBUG-68 points
+    residual_pct: np.ndarray          # (L,) median distance to the detections, % of face width
+    model_residual_pct: np.ndarray    # (L,) the same for the model's own iBUG-68 points (NaN: none)
     frames: int
     convention: str = CONVENTION
+
+    def __post_init__(self) -> None:
+        n = CONVENTIONS.get(self.convention)
+        if n is None:
+            raise ValueError(f"landmark embedding convention {self.convention!r}: expected one of {list(CONVENTIONS)}")
+        if self.faces.shape != (n,) or self.bary.shape != (n, 3):
+            raise ValueError(f"a {self.convention} embedding is {n} faces and ({n}, 3) barycentric coordinates, "
+                             f"got {self.faces.shape} and {self.bary.shape}")
+
+    @property
+    def file_name(self) -> str:
+        """What :meth:`save` names it in a folder (and ``auto`` looks for)."""
+        return f"{self.convention}_{self.model_key}.npz"
+
+    @property
+    def dense(self) -> bool:
+        """More points than the 68 (the fitter then fits all of them)."""
+        return self.convention != CONVENTION
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         if path.is_dir() or not path.suffix:
-            path = Path(path) / f"{self.convention}_{self.model_key}.npz"
+            path = Path(path) / self.file_name
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, faces=self.faces.astype(np.int64), bary=self.bary.astype(np.float32),
                  model_key=self.model_key, convention=self.convention,
@@ -65,14 +98,30 @@ class LandmarkEmbedding:
         return h.hexdigest()[:16]
 
     def weights(self, floor: float = 0.05) -> np.ndarray:
-        """Per-point landmark weights (68,) for the fitter: inverse variance relative to the
-        inner points' median residual, (median / residual_k)², clipped to [floor, 1]."""
-        ref = float(np.median(self.residual_pct[17:]))
-        return np.clip((ref / np.maximum(self.residual_pct, 1e-6)) ** 2, floor, 1.0).astype(np.float32)
+        """Per-point landmark weights (68,) of the 68 iBUG-like points for the fitter: inverse
+        variance relative to the inner points' median residual, (median / residual_k)², clipped
+        to [floor, 1]."""
+        res = self.residual_pct[ibug68_rows(self.convention)]
+        return _inverse_variance(res, float(np.median(res[17:])), floor)
+
+    def dense_weights(self, floor: float = 0.05) -> np.ndarray:
+        """The same for every point (L,), relative to the same reference (the 68's inner median)."""
+        res68 = self.residual_pct[ibug68_rows(self.convention)]
+        return _inverse_variance(self.residual_pct, float(np.median(res68[17:])), floor)
 
     def as_head_argument(self) -> tuple[np.ndarray, np.ndarray]:
-        """What ``PersonalizedHead(landmark_embedding=...)`` takes."""
-        return self.faces, self.bary
+        """What ``PersonalizedHead(landmark_embedding=...)`` takes: the 68 iBUG-like points."""
+        rows = ibug68_rows(self.convention)
+        return self.faces[rows], self.bary[rows]
+
+    def dense_points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """What ``Fitter(dense_landmarks=...)`` takes: (faces (L,), bary (L, 3), weights (L,)),
+        or None for a 68-point embedding."""
+        return (self.faces, self.bary, self.dense_weights()) if self.dense else None
+
+
+def _inverse_variance(residual: np.ndarray, ref: float, floor: float) -> np.ndarray:
+    return np.clip((ref / np.maximum(residual, 1e-6)) ** 2, floor, 1.0).astype(np.float32)
 
 
 def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
@@ -83,8 +132,11 @@ def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
         return None
     key = model_key(model)
     if setting == "auto":
-        path = EMBEDDING_DIR / f"{CONVENTION}_{key}.npz"
-        return LandmarkEmbedding.load(path) if path.is_file() else None
+        for convention in CONVENTIONS:
+            path = EMBEDDING_DIR / f"{convention}_{key}.npz"
+            if path.is_file():
+                return LandmarkEmbedding.load(path)
+        return None
     emb = LandmarkEmbedding.load(setting)
     if emb.model_key != key:
         raise ValueError(f"landmark embedding {setting} was made for model {emb.model_key}, not this one ({key}): "

@@ -14,6 +14,7 @@ import argparse
 import json
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +64,52 @@ def cast_weights_folder(folder: str | Path, dtype: torch.dtype) -> list[Path]:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
         save_file(state, str(path), metadata={"format": "pt"})
     return files
+
+
+#: Starting points the project ships (``training/pretrained/<name>/``): a generator
+#: (``generator/``, a ``NormalDrivenWan.save_pretrained`` folder in fp16) with the codec it was
+#: trained on (``codec/``) and how it was made (``provenance.json``). ``expportrait demo``
+#: fine-tunes from ``tiny_cpu``; ``benchmarks/generator.py --ship DIR`` writes one.
+SHIPPED_INITS = Path(__file__).resolve().parent / "pretrained"
+
+
+@dataclass(frozen=True)
+class InitFolder:
+    """A shipped starting point: ``generator`` (``--model.init_args.pretrained``), ``codec``
+    (``--model.init_args.codec``) and its ``provenance``."""
+    root: Path
+    generator: Path
+    codec: Path
+    provenance: dict
+
+
+def write_init_folder(generator_export: str | Path, codec: str | Path, out: str | Path,
+                      provenance: dict) -> InitFolder:
+    """Copy a generator export (fp16: half the bytes; loaders cast back) and its codec into
+    ``out`` (replaced) with ``provenance.json``."""
+    import shutil
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(generator_export, out / "generator")
+    cast_weights_folder(out / "generator", torch.float16)
+    shutil.copytree(codec, out / "codec")
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    return read_init_folder(out)
+
+
+def read_init_folder(folder: str | Path) -> InitFolder:
+    """A folder written by :func:`write_init_folder` (a name: ``SHIPPED_INITS / name``); a
+    FileNotFoundError names what is missing."""
+    root = Path(folder)
+    if not root.is_absolute() and not root.exists() and (SHIPPED_INITS / root).is_dir():
+        root = SHIPPED_INITS / root
+    parts = {"generator": root / "generator" / "generator.json", "codec": root / "codec" / "config.json",
+             "provenance": root / "provenance.json"}
+    missing = [str(v) for v in parts.values() if not v.is_file()]
+    if missing:
+        raise FileNotFoundError(f"init folder {root}: missing {', '.join(missing)} "
+                                f"(written by benchmarks/generator.py --ship DIR)")
+    return InitFolder(root, root / "generator", root / "codec", json.loads(parts["provenance"].read_text()))
 
 
 def load_checkpoint_state(path: str | Path) -> dict:

@@ -42,6 +42,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 RECIPE = "tiny_cpu"
+#: The shipped starting point the demo's generator is fine-tuned from (``training.export.SHIPPED_INITS``):
+#: the recipe's generator trained by its benchmark on a seed-1 world (identities apart from the demo's)
+INIT = "tiny_cpu"
 
 
 @dataclass
@@ -67,6 +70,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reuse", action="store_true",
                    help="keep what an earlier (interrupted) demo in --out finished: corpus, sweep, fit, trained "
                         "models (the preprocessing job resumes on its own)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help=f"train the generator from random weights and measure its codec's statistics on the "
+                        f"demo's shards, instead of fine-tuning the shipped {INIT} starting point "
+                        f"(training/pretrained/{INIT}, trained by benchmarks/generator.py on other identities)")
     p.set_defaults(func=run)
 
 
@@ -166,8 +173,10 @@ def _train_once(what: str, output: Path, done: Path, message: str, args: list[st
     timings[f"train_{what}"] = _python(args, f"{what} training", Path(f"{output}.log"))
 
 
-def _train_steps(scale: DemoScale, recipe, out: Path, data: dict, timings: dict, reuse: bool = False) -> dict:
-    """4-5: transfer module, codec, generator of the recipe; each its own process, one MLflow store."""
+def _train_steps(scale: DemoScale, recipe, out: Path, data: dict, timings: dict, reuse: bool = False,
+                 init=None) -> dict:
+    """4-5: transfer module, codec, generator of the recipe; each its own process, one MLflow store.
+    ``init`` (a ``training.export.InitFolder``): the generator is fine-tuned from it, on its codec."""
     store = out / "mlflow"
     common = ["--trainer.logger.init_args.out_dir", str(store), "--trainer.enable_progress_bar", "false"]
     transfer_out = out / "train" / "transfer"
@@ -183,24 +192,32 @@ def _train_steps(scale: DemoScale, recipe, out: Path, data: dict, timings: dict,
     # the generator; this one is exact and needs only its latent statistics (README).
     codec = out / "train" / "codec"
     g, size = recipe.generator_init(), recipe.training_size()
-    _train_once("codec", codec, codec / "training.json",
-                f"the codec ({recipe.codec.kind}, latent statistics at {size}²)",
-                ["-m", "training.tasks.generator", "codec", "--kind", recipe.codec.kind,
-                 "--shards", str(data["shards"]),
-                 "--out", str(codec), "--frames", str(g["frames"]), "--frame-stride", str(g["frame_stride"]),
-                 "--size", str(size)],
-                timings, reuse)
+    if init is not None:                 # the starting point's codec: the latent space it was trained in
+        codec = init.codec
+        _say(f"the codec: {init.root.name}'s ({recipe.codec.kind}, its latent statistics) -> {codec}")
+    else:
+        _train_once("codec", codec, codec / "training.json",
+                    f"the codec ({recipe.codec.kind}, latent statistics at {size}²)",
+                    ["-m", "training.tasks.generator", "codec", "--kind", recipe.codec.kind,
+                     "--shards", str(data["shards"]),
+                     "--out", str(codec), "--frames", str(g["frames"]), "--frame-stride", str(g["frame_stride"]),
+                     "--size", str(size)],
+                    timings, reuse)
 
     # Driving normals: the shards' own (fitted Δf). Rendering them from the frozen transfer
     # module's Δf (model.init_args.transfer_module, as the paper trains) works but renders on the
     # CPU each step: 0.77 s a step of 8 against 0.18 s here (measured on the demo's data), and
     # the fitted Δf is zero until the offsets issue lands, so the module's Δf is ~zero too.
     gen_out = out / "train" / "generator"
+    start = ["--model.init_args.pretrained", str(init.generator)] if init is not None else []
     _train_once("generator", gen_out, gen_out / "export" / "ema",
-                f"training the tiny generator ({scale.generator_steps} steps at {size}², flavor {g['flavor']}, "
-                f"driving normals: the shards' own)",
+                f"{'fine-tuning' if init else 'training'} the tiny generator ({scale.generator_steps} steps at "
+                f"{size}², flavor {g['flavor']}, "
+                + (f"from {init.root} ({init.provenance.get('train_samples')} samples of "
+                   f"{len(init.provenance.get('train_identities', []))} other identities), " if init else "")
+                + "driving normals: the shards' own)",
                 ["-m", "training.train", "fit", *recipe.train_args("generator"), "--out", str(gen_out),
-                 "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec),
+                 "--data.init_args.root", str(data["shards"]), "--model.init_args.codec", str(codec), *start,
                  "--model.init_args.head_model", str(data["model"]),
                  "--trainer.max_steps", str(scale.generator_steps),
                  "--trainer.logger.init_args.run_name", "dit_tiny_cpu_demo", *common], timings, reuse)
@@ -291,8 +308,13 @@ def run(args: argparse.Namespace) -> dict:
     recipe = load_recipe(RECIPE)
     _say(f"recipe {recipe.name}: {recipe.inference_settings()}")
     t_start, timings = time.perf_counter(), {}
+    init = None
+    if not getattr(args, "from_scratch", False):
+        from training.export import read_init_folder
+        init = read_init_folder(INIT)
+        _say(f"the generator starts from {init.root} ({init.provenance.get('what')}); --from-scratch: random")
     data = _data_steps(args, scale, recipe, out, timings)
-    trained = _train_steps(scale, recipe, out, data, timings, reuse=args.reuse)
+    trained = _train_steps(scale, recipe, out, data, timings, reuse=args.reuse, init=init)
     registry = _registry_steps(out, data, trained, scale, timings)
     videos = _reenact_steps(out, data, trained, scale, timings)
     from .evaluate import evaluate
@@ -318,6 +340,7 @@ def run(args: argparse.Namespace) -> dict:
     _say(f"videos:  {out / 'reenact'}/{{self,cross,real_photo_by_real_clip}}_side_by_side.mp4")
     _say(f"MLflow:  mlflow ui --backend-store-uri {trained['tracking_uri']}")
     return {"recipe": recipe.name, "minutes": round(minutes, 2),
+            "generator_init": str(init.root) if init is not None else None,
             "timings_minutes": {k: round(v, 2) for k, v in timings.items()},
             "model": str(data["model"]), "corpus": str(data["corpus"]), "preprocess": data["preprocess"],
             "fit": {k: data["fit"].get(k) for k in ("status", "frames", "overlay")},

@@ -306,6 +306,12 @@ class PersonalizedHead(nn.Module):
     def _pose_chain(self, params: HeadParams):
         return _pose_chain(params, self.posed_joints, self.kinematics, self.joint_template, self.joint_dirs)
 
+    def surface_points_model(self, faces: np.ndarray, bary: np.ndarray) -> "SurfacePointsHead":
+        """A module giving points at fixed barycentric coordinates ``bary`` (L, 3) on ``faces``
+        (L,) of the full model, posed without offsets, as :meth:`landmarks` places embedded
+        landmarks (e.g. all 478 points of a detector's calibrated embedding)."""
+        return SurfacePointsHead(self, faces, bary)
+
     def vertex_subset_model(self, vertex_ids: Tensor) -> "VertexSubsetHead":
         """A module giving :meth:`forward`'s vertices (no offsets) for ``vertex_ids`` only,
         with the blend shapes upsampled onto them once: differentiable per-iteration fitting
@@ -491,6 +497,34 @@ class LandmarkHead(nn.Module):
         vids = self.faces[faces]                                              # (T, 68, 3)
         tri = torch.gather(verts, 1, vids.reshape(t, -1, 1).expand(-1, -1, 3)).view(t, 68, 3, 3)
         return (tri * bary[..., None]).sum(2), joints + params.transl[:, None]
+
+
+class SurfacePointsHead(nn.Module):
+    """Points on fixed faces of a :class:`PersonalizedHead` (no offsets): the coarse corners of
+    those faces through a :class:`VertexSubsetHead`, then their barycentric combination."""
+
+    def __init__(self, head: PersonalizedHead, faces: np.ndarray, bary: np.ndarray) -> None:
+        super().__init__()
+        sub_ids = head.submesh_face_ids.cpu()
+        model_to_sub = torch.full((int(sub_ids.max()) + 1,), -1, dtype=torch.long)
+        model_to_sub[sub_ids] = torch.arange(len(sub_ids))
+        faces = torch.as_tensor(np.asarray(faces), dtype=torch.long)
+        if faces.ndim != 1 or np.shape(bary) != (len(faces), 3):
+            raise ValueError(f"surface points are (L,) faces and (L, 3) barycentric coordinates, got "
+                             f"{tuple(faces.shape)} and {np.shape(bary)}")
+        if (faces < 0).any() or (faces >= len(model_to_sub)).any() or (model_to_sub[faces.clamp(min=0,
+                                                                        max=len(model_to_sub) - 1)] < 0).any():
+            raise ValueError("surface points fall outside the head-and-torso region")
+        corners = head.lmk_face_vertices.cpu()[model_to_sub[faces]]           # (L, 3) fine vertex ids
+        ids, local = torch.unique(corners, return_inverse=True)
+        self.vertices = head.vertex_subset_model(ids.to(head.faces.device))
+        self.register_buffer("corners", local.to(head.faces.device), persistent=False)
+        self.register_buffer("bary", _f32(np.asarray(bary)).to(head.faces.device), persistent=False)
+
+    def forward(self, params: HeadParams) -> Tensor:
+        """(T, L, 3) posed points."""
+        tri = self.vertices(params)[:, self.corners]                          # (T, L, 3, 3)
+        return (tri * self.bary[None, :, :, None]).sum(2)
 
 
 class VertexSubsetHead(nn.Module):

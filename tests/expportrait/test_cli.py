@@ -136,7 +136,8 @@ def test_fit_image_ok_exits_0(tmp_path, capsys, synthetic_model_path):
 
 def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synthetic_model_path, monkeypatch):
     """``expportrait fit`` fits like the job's workers: the calibrated embedding's points and
-    its per-point weights; ``auto`` without a calibrated file says so on stderr."""
+    its per-point weights (all 478 points with theirs for a dense embedding); ``auto`` without a
+    calibrated file says so on stderr."""
     import numpy as np
 
     import preprocessing.fitting as fitting
@@ -147,9 +148,9 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     seen = []
 
     class SpyFitter(fitting.Fitter):
-        def __init__(self, head, config=None, landmark_weights=None):
-            seen.append(landmark_weights)
-            super().__init__(head, config, landmark_weights)
+        def __init__(self, head, config=None, landmark_weights=None, dense_landmarks=None):
+            seen.append((landmark_weights, dense_landmarks))
+            super().__init__(head, config, landmark_weights, dense_landmarks)
 
     import preprocessing.clip_stages as clip_stages
     monkeypatch.setattr(clip_stages, "Fitter", SpyFitter)        # the job's stages build the fitter
@@ -157,11 +158,15 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     assert main(args + ["--out", str(tmp_path / "a")]) == 0
     from models.head.smplx_file import load_smplx_model
     emb = landmark_embedding.resolve_embedding("auto", load_smplx_model(synthetic_model_path))
-    np.testing.assert_array_equal(seen[-1], emb.weights())
+    weights, dense = seen[-1]
+    np.testing.assert_array_equal(weights, emb.weights())
+    assert emb.convention == "mediapipe478" and dense is not None       # the shipped file: every point
+    np.testing.assert_array_equal(dense[0], emb.faces)
+    np.testing.assert_array_equal(dense[2], emb.dense_weights())
     capsys.readouterr()
     monkeypatch.setattr(landmark_embedding, "EMBEDDING_DIR", tmp_path / "none_here")
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
-    assert seen[-1] is None
+    assert seen[-1] == (None, None)
     assert "no calibrated file" in capsys.readouterr().err
 
 

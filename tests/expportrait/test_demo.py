@@ -43,6 +43,12 @@ def test_quick_demo_runs_the_whole_loop(tmp_path):
 
     from expportrait.recipes import load_recipe
     assert runs["generator_run"].data.tags["recipe"] == "tiny_cpu" == res["recipe"]
+    # the generator was fine-tuned from the shipped starting point, on its codec
+    from training.export import read_init_folder
+    init = read_init_folder("tiny_cpu")
+    assert res["generator_init"] == str(init.root)
+    params = runs["generator_run"].data.params
+    assert str(init.generator) in params.values() and str(init.codec) in params.values(), params
     mlflow.set_tracking_uri(res["tracking_uri"])
     mlflow.set_registry_uri(res["tracking_uri"])
     package = Path(mlflow.artifacts.download_artifacts("models:/expportrait@champion")) / "artifacts" / "package"

@@ -110,6 +110,7 @@ def test_reenact_command_writes_video_and_side_by_side(package, corpus, tmp_path
     assert _frames(tmp_path / "p.mp4")[0].shape == (64, 64, 3)     # the source's full frame size
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_ray_batch_finishes_with_a_failed_row_for_an_unreadable_driver(package, corpus, tmp_path):
     clips = corpus / "clips"

@@ -155,6 +155,7 @@ def _two_trainings(stack, tmp_path: Path, experiment: str, steps: int) -> dict[s
     return {tag: subprocess.CompletedProcess(p.args, p.returncode, *outputs[tag]) for tag, p in procs.items()}
 
 
+@pytest.mark.extended
 @pytest.mark.services
 def test_two_trainings_logging_at_once_lose_nothing(service_stack, tmp_path):
     """Two trainings' loggers log 40 params and 300 steps x 3 metrics each into one experiment

@@ -192,6 +192,7 @@ def test_rerun_writes_nothing_new_and_threshold_fails_the_job(inputs, first_run,
     assert code == 0 and result["pending_clips"] == 0
 
 
+@pytest.mark.extended
 def test_locked_output_and_retry_failed(inputs, first_run, synthetic_model_path, tmp_path):
     """A second job on a busy output stops with exit 2; ``--retry-failed`` redoes exactly the
     shard whose clip was lost, and gives the shard a clean run gave."""
@@ -249,6 +250,7 @@ def test_killed_worker_and_crashing_stage_give_the_identical_shard_set(inputs, f
     assert {k: v for k, v in _tree(out).items() if k in untouched} == untouched
 
 
+@pytest.mark.extended
 def test_stage_errors_are_not_retried_and_dead_workers_are_lost(inputs, synthetic_only, synthetic_model_path,
                                                                tmp_path):
     """A deterministic error in a stage is a ``stage_error`` row at once (type and clean
@@ -270,6 +272,7 @@ def test_stage_errors_are_not_retried_and_dead_workers_are_lost(inputs, syntheti
     assert (rows.loc[["id000_clip00", "id001_clip00"], "status"] == "ok").all()
 
 
+@pytest.mark.extended
 def test_a_full_disk_stops_the_job_and_keeps_what_finished(inputs, synthetic_only, synthetic_model_path,
                                                            tmp_path):
     """A writer that hits ENOSPC: exit 3, the one-line JSON says so, the manifest and summary
@@ -308,6 +311,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.extended
 def test_read_only_and_full_output_are_environment_faults(inputs, synthetic_only, synthetic_model_path,
                                                           small_tmpfs):
     root, _, _ = inputs

@@ -102,6 +102,7 @@ def cluster(tmp_path):
         c.stop()
 
 
+@pytest.mark.extended
 def test_job_submit_to_two_node_loopback_cluster(cluster, tmp_path, synthetic_model_path, video_fixtures):
     from preprocessing.synthetic.world import WorldConfig, generate_corpus
 

@@ -29,6 +29,7 @@ def _job(env: dict, *args: str) -> tuple[int, dict]:
     return proc.returncode, json.loads(lines[-1])
 
 
+@pytest.mark.extended
 def test_latents_from_and_into_the_bucket(s3_server, monkeypatch):
     for name, value in s3_server["env"].items():
         monkeypatch.setenv(name, value)

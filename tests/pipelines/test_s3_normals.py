@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.extended
 def test_normals_from_and_into_the_bucket(s3_server, truth_shards, synthetic_model_path, tmp_path, monkeypatch):
     from models.head.head_model import PersonalizedHead
     from models.transfer import ExpressionTransfer

@@ -76,6 +76,38 @@ def test_embedding_file_round_trip_and_model_check(synthetic_data, tmp_path):
         resolve_embedding(str(other), synthetic_data)
 
 
+def test_a_dense_embedding_gives_the_head_its_68_and_the_fitter_every_point(synthetic_data, tmp_path, monkeypatch):
+    """A ``mediapipe478`` file: the head's 68 landmarks are its MEDIAPIPE_TO_IBUG68 rows, the fitter
+    gets all 478 with weights on the 68's scale, ``auto`` prefers it to the 68-point file, and a
+    file with the wrong number of points is refused."""
+    from preprocessing import landmark_embedding as le
+    from preprocessing.tracking import MEDIAPIPE_TO_IBUG68
+    rng = np.random.default_rng(0)
+    residual = rng.uniform(1, 5, 478).astype(np.float32)
+    emb = LandmarkEmbedding(faces=rng.integers(0, 1000, 478), bary=np.full((478, 3), 1 / 3, np.float32),
+                            model_key=model_key(synthetic_data), residual_pct=residual,
+                            model_residual_pct=np.full(478, np.nan, np.float32), frames=5,
+                            convention="mediapipe478")
+    faces68, bary68 = emb.as_head_argument()
+    assert np.array_equal(faces68, emb.faces[MEDIAPIPE_TO_IBUG68]) and bary68.shape == (68, 3)
+    faces, bary, weights = emb.dense_points()
+    assert faces.shape == (478,) and weights.shape == (478,)
+    np.testing.assert_allclose(weights[MEDIAPIPE_TO_IBUG68], emb.weights())   # one scale for both
+    assert LandmarkEmbedding(**{**emb.__dict__, "faces": faces68, "bary": bary68, "residual_pct": residual[:68],
+                                "model_residual_pct": residual[:68],
+                                "convention": "mediapipe_ibug68"}).dense_points() is None
+    monkeypatch.setattr(le, "EMBEDDING_DIR", tmp_path)
+    LandmarkEmbedding(**{**emb.__dict__, "faces": faces68, "bary": bary68, "residual_pct": residual[:68],
+                         "model_residual_pct": residual[:68], "convention": "mediapipe_ibug68"}).save(tmp_path)
+    assert le.resolve_embedding("auto", synthetic_data).convention == "mediapipe_ibug68"
+    emb.save(tmp_path)
+    back = le.resolve_embedding("auto", synthetic_data)
+    assert back.convention == "mediapipe478" and back.digest() == emb.digest()
+    assert np.isnan(back.model_residual_pct).all()
+    with pytest.raises(ValueError, match="478 faces"):
+        LandmarkEmbedding(**{**emb.__dict__, "faces": faces68})
+
+
 def test_the_synthetic_model_has_its_calibrated_embedding(synthetic_data):
     """``auto`` finds the shipped file for the synthetic model (if the model's generator changes,
     rerun ``python -m preprocessing.landmark_calibration``); the contour, which MediaPipe places
@@ -85,4 +117,6 @@ def test_the_synthetic_model_has_its_calibrated_embedding(synthetic_data):
     w = emb.weights()
     assert w.shape == (68,) and w.min() >= 0.05 and w.max() <= 1.0
     assert np.median(w[:17]) < np.median(w[17:])
-    assert np.median(emb.residual_pct) < np.median(emb.model_residual_pct)   # closer than the model's iBUG-68
+    from preprocessing.landmark_embedding import ibug68_rows
+    rows = ibug68_rows(emb.convention)                                       # closer than the model's iBUG-68
+    assert np.median(emb.residual_pct[rows]) < np.median(emb.model_residual_pct[rows])

@@ -215,6 +215,7 @@ def _run_cli(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess
                           text=True, timeout=timeout)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes_resume_to_the_uninterrupted_weights(gen_shards, codec_dir, tmp_path):
     """2 CPU processes under DeepSpeed ZeRO-2: an uninterrupted 4-step run, and a run SIGKILLed

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 WRITER = """
 import sys, time
@@ -21,6 +23,7 @@ print(logger.run_id)
 """
 
 
+@pytest.mark.extended
 def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
     import mlflow
     for round_ in range(1):

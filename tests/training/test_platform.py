@@ -249,7 +249,7 @@ def _rank_weights(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp_cpu", "deepspeed_cpu"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp_cpu", marks=pytest.mark.extended), "deepspeed_cpu"])
 def test_two_process_runs_end_with_identical_weights(tmp_path, truth_shards, strategy):
     out, ranks = tmp_path / "run", tmp_path / "ranks"
     probe = [{"class_path": "train_probes.SaveRankWeights", "init_args": {"folder": str(ranks)}}]
@@ -280,6 +280,7 @@ def test_two_process_runs_end_with_identical_weights(tmp_path, truth_shards, str
         assert last.is_file() and "checkpoints/last.ckpt" in files
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_stock_weight_averaging_loses_its_average_in_deepspeed_checkpoints(tmp_path):
     """Why the platform keeps its own EMA: Lightning's EMAWeightAveraging moves the average

@@ -77,6 +77,7 @@ def test_zero3_builds_the_model_partitioned_and_consolidates(gen_shards, codec_d
                if n.startswith("transformer.blocks.0.attn1"))
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_killed_then_requeued_run_continues_its_mlflow_run(gen_shards, codec_dir, tmp_path):
     """SIGKILL at step 3 (the step-2 checkpoint written), then the requeue (`--ckpt_path last`):
@@ -183,6 +184,7 @@ def test_lora_checkpoint_holds_the_adapters_not_the_frozen_base(gen_shards, code
     assert params["blocks.0.attn1.to_q.lora_B.default.weight"].abs().sum() > 0     # trained (starts at 0)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_ema_under_zero3_is_refused_before_the_model_is_built(gen_shards, codec_dir, tmp_path):
     cfg = scale_config(tmp_path, gen_shards, codec_dir, 1, strategy={"stage": 3},

@@ -222,3 +222,10 @@ def test_landmark_embedding_replaces_the_definitions_as_fixed_surface_points(syn
         PersonalizedHead(d, landmark_embedding=(faces[:51], bary[:51]))
     with pytest.raises(ValueError, match="not faces of this model"):
         PersonalizedHead(d, landmark_embedding=(faces + len(d.f), bary))
+    # any number of fixed surface points (a dense embedding's): the same points as the landmarks
+    points = embedded.surface_points_model(faces, bary)
+    torch.testing.assert_close(points(p), out.landmarks, atol=1e-5, rtol=0)
+    many = embedded.surface_points_model(np.tile(faces, 7), np.tile(bary, (7, 1)))
+    torch.testing.assert_close(many(p)[:, 68:136], out.landmarks, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="outside the head-and-torso region"):
+        embedded.surface_points_model(faces + len(d.f), bary)

@@ -109,6 +109,7 @@ def test_contour_landmarks_follow_the_silhouette(smplx_model):
         assert lm[k, 0] > silhouette_x - 0.006, k
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_cli_model_is_deterministic_by_seed(tmp_path, synthetic_data):
     from expportrait.cli import main
