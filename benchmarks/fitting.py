@@ -27,8 +27,8 @@ photometric stage (shape from shading on the crops). β/ψ recovery: correlation
 
 The job's head places MediaPipe's points where they lie on this model (the calibrated
 embedding shipped for the synthetic model, ``preprocessing/landmark_calibration.py``, made from
-identities of another seed: none of the ones evaluated here; all 478 points, the 68 iBUG-like
-ones among them for the rigid stage and the QC, row ``job_68`` with the 68 alone); MediaPipe's distance
+identities of another seed: none of the ones evaluated here; the 68 iBUG-like points, what
+``auto`` takes; row ``job_478`` fits all 478 points of the other shipped file); MediaPipe's distance
 to those points on these clips is ``mediapipe_vs_embedding_pct``.
 
 Rows printed beside it (keys prefixed with the row name), to show what each part buys:
@@ -205,8 +205,8 @@ ROWS = {  # name -> (label in the printed table, what it is)
     "job": ("JOB PATH (headline)", "rendered RGB mp4 -> job decode -> FaceTracker crop + MediaPipe, "
             "20 deg FOV assumed, no dense targets, photometric registration and offsets on the crops, the calibrated "
             "MediaPipe landmark embedding (preprocessing/landmark_calibration.py, other identities)"),
-    "job_68": ("job path, 68 points", "the same with the 68-point embedding (mediapipe_ibug68): the fitter "
-               "sees 68 of MediaPipe's points instead of all 478 (mediapipe478, the job's default)"),
+    "job_478": ("job path, 478 points", "the same with the 478-point embedding (mediapipe478, by path): the "
+                "expression stages fit all of MediaPipe's points instead of the 68 (mediapipe_ibug68, auto)"),
     "job_model_landmarks": ("job path, model lmk", "the same with the model's own iBUG-68 definitions "
                             "(landmark_embedding: none)"),
     "job_no_registration": ("job path, no reg.", "the same without the photometric registration (stage 2b)"),
@@ -251,9 +251,9 @@ def main() -> None:
                       **same_points)
     no_registration = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photo_registration=False),
                              **same_points)
-    from preprocessing.landmark_embedding import CONVENTION, EMBEDDING_DIR
-    ctx68 = StageContext(model, stages.model_copy(update={"landmark_embedding": str(
-        EMBEDDING_DIR / f"{CONVENTION}_{emb.model_key}.npz")}), 1)       # a worker with the 68-point file
+    from preprocessing.landmark_embedding import DENSE_CONVENTION, EMBEDDING_DIR
+    ctx478 = StageContext(model, stages.model_copy(update={"landmark_embedding": str(
+        EMBEDDING_DIR / f"{DENSE_CONVENTION}_{emb.model_key}.npz")}), 1)     # a worker given the 478-point file
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
     oracle_no_photo = Fitter(world.head, FitConfig(photometric=False, photo_registration=False))
 
@@ -294,7 +294,8 @@ def main() -> None:
             mp_dev.append(float(np.nanmedian(np.linalg.norm(lm - true2d, axis=-1) / width) * 100))
             emb_dev.append(float(np.nanmedian(np.linalg.norm(lm - embedded_points(ctx.head, tg), axis=-1) / width)
                                  * 100))
-            rows["job_68"].append(score(world.head, job_fit(frames, stages.fov_deg, ctx68.fitter, ctx68.head).fit, tg))
+            rows["job_478"].append(score(world.head, job_fit(frames, stages.fov_deg, ctx478.fitter, ctx478.head).fit,
+                                         tg))
             rows["job_model_landmarks"].append(score(world.head, job_fit(frames, stages.fov_deg, model_lmk_fitter,
                                                                          world.head).fit, tg))
             rows["job_no_registration"].append(score(world.head, job_fit(frames, stages.fov_deg,

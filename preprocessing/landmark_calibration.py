@@ -1,5 +1,5 @@
 """Where the tracker's points lie on a head model: a landmark embedding calibrated on synthetic renders
-(the 68 iBUG-like points, ``--convention mediapipe_ibug68``, or all 478 MediaPipe points, the default).
+(the 68 iBUG-like points, the default, or all 478 MediaPipe points, ``--convention mediapipe478``).
 
 The tracker's 68 points are MediaPipe face-mesh points chosen to resemble iBUG-68
 (``tracking.MEDIAPIPE_TO_IBUG68``), but they keep MediaPipe's own definitions: on the synthetic
@@ -21,7 +21,7 @@ model run::
 
     python -m preprocessing.landmark_calibration --model /path/SMPLX_NEUTRAL.npz \\
         --out preprocessing/landmark_embeddings/   [--identities 12 --frames 24 --seed 1001]
-        [--convention mediapipe478 | mediapipe_ibug68]
+        [--convention mediapipe_ibug68 | mediapipe478]
 
 (the synthetic world renders any SMPL-X-format model). File format: see
 :mod:`preprocessing.landmark_embedding` (which reads it; :meth:`LandmarkEmbedding.save` writes it).
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1001, help="calibration identities' seed (not a benchmark's)")
-    ap.add_argument("--convention", default=DENSE_CONVENTION, choices=list(CONVENTIONS),
-                    help="all 478 MediaPipe points (the job's default when its file exists) or the 68")
+    ap.add_argument("--convention", default=CONVENTION, choices=list(CONVENTIONS),
+                    help="the 68 iBUG-like points (what `auto` takes) or all 478 MediaPipe points (used by path)")
     args = ap.parse_args(argv)
     if args.model is None:
         from models.head.resolve import synthetic_model_file

@@ -6,7 +6,8 @@ synthetic renders); this module only reads, resolves and applies them, so the cl
 it without importing the calibration. Two conventions: ``mediapipe_ibug68`` (the 68
 iBUG-like points of ``tracking.MEDIAPIPE_TO_IBUG68``) and ``mediapipe478`` (all of MediaPipe's
 478 points; the head's 68 landmarks are its ``MEDIAPIPE_TO_IBUG68`` rows, the fitter also fits
-every point with its weight). ``auto`` prefers the 478-point file of a model. File format: an
+every point with its weight). ``auto`` prefers the 68-point file of a model (see
+:data:`CONVENTIONS`); the 478-point one is used when named by path. File format: an
 npz with ``faces`` (L,) int64 faces of the full model, ``bary`` (L, 3) float32, ``model_key``
 (:func:`model_key`), ``convention``, ``residual_pct`` (L,) the calibration's median distance
 per point in % of face width, ``model_residual_pct`` (L,) the same for the model's own iBUG-68
@@ -22,8 +23,9 @@ import numpy as np
 
 CONVENTION = "mediapipe_ibug68"
 DENSE_CONVENTION = "mediapipe478"
-#: points per convention; ``auto`` tries them in this order
-CONVENTIONS = {DENSE_CONVENTION: 478, CONVENTION: 68}
+#: points per convention; ``auto`` tries them in this order: the 68 first (all 478 points fit no
+#: better on the fitting benchmark and slow the fit to 3.3 frames/s, docs/fitting.md; a path opts in)
+CONVENTIONS = {CONVENTION: 68, DENSE_CONVENTION: 478}
 EMBEDDING_DIR = Path(__file__).parent / "landmark_embeddings"
 
 

@@ -329,9 +329,12 @@ def run(args: argparse.Namespace) -> dict:
         if protocol == "self":
             headline = f"psnr {m.get('psnr', nan):.2f} dB vs copy-reference {c.get('psnr', nan):.2f} dB"
         else:                                                                             # no ground truth
-            headline = (f"head-pose error (APD) {_num(m.get('apd_deg'))}° vs copy-reference "
-                        f"{_num(c.get('apd_deg'))}°, expression error (AED) {_num(m.get('aed'))} "
-                        f"vs {_num(c.get('aed'))}")
+            apd, apd_copy = m.get("apd_deg"), c.get("apd_deg")
+            verdict = ("" if apd is None or apd_copy is None else
+                       " (below the copy's: the head follows the driver)" if apd < apd_copy else
+                       " (NOT below the copy's: the head follows the driver no better than a still photo)")
+            headline = (f"head-pose error (APD) {_num(apd)}° vs copy-reference {_num(apd_copy)}°{verdict}, "
+                        f"expression error (AED) {_num(m.get('aed'))} vs {_num(c.get('aed'))}")
         _say(f"evaluate {protocol}: model {headline}; report {result['report']}")
     timings["evaluate"] = (time.perf_counter() - t0) / 60
     minutes = (time.perf_counter() - t_start) / 60

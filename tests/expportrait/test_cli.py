@@ -160,9 +160,14 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     emb = landmark_embedding.resolve_embedding("auto", load_smplx_model(synthetic_model_path))
     weights, dense = seen[-1]
     np.testing.assert_array_equal(weights, emb.weights())
-    assert emb.convention == "mediapipe478" and dense is not None       # the shipped file: every point
-    np.testing.assert_array_equal(dense[0], emb.faces)
-    np.testing.assert_array_equal(dense[2], emb.dense_weights())
+    assert emb.convention == "mediapipe_ibug68" and dense is None          # auto: the 68-point file
+    dense_file = landmark_embedding.EMBEDDING_DIR / f"mediapipe478_{emb.model_key}.npz"   # by path: every point
+    assert main(args + ["--landmark-embedding", str(dense_file), "--out", str(tmp_path / "c")]) == 0
+    emb478 = landmark_embedding.LandmarkEmbedding.load(dense_file)
+    weights, dense = seen[-1]
+    np.testing.assert_array_equal(weights, emb478.weights())
+    np.testing.assert_array_equal(dense[0], emb478.faces)
+    np.testing.assert_array_equal(dense[2], emb478.dense_weights())
     capsys.readouterr()
     monkeypatch.setattr(landmark_embedding, "EMBEDDING_DIR", tmp_path / "none_here")
     assert main(args + ["--out", str(tmp_path / "b")]) == 0

@@ -78,8 +78,8 @@ def test_embedding_file_round_trip_and_model_check(synthetic_data, tmp_path):
 
 def test_a_dense_embedding_gives_the_head_its_68_and_the_fitter_every_point(synthetic_data, tmp_path, monkeypatch):
     """A ``mediapipe478`` file: the head's 68 landmarks are its MEDIAPIPE_TO_IBUG68 rows, the fitter
-    gets all 478 with weights on the 68's scale, ``auto`` prefers it to the 68-point file, and a
-    file with the wrong number of points is refused."""
+    gets all 478 with weights on the 68's scale, ``auto`` takes it only where no 68-point file
+    exists, and a file with the wrong number of points is refused."""
     from preprocessing import landmark_embedding as le
     from preprocessing.tracking import MEDIAPIPE_TO_IBUG68
     rng = np.random.default_rng(0)
@@ -97,13 +97,14 @@ def test_a_dense_embedding_gives_the_head_its_68_and_the_fitter_every_point(synt
                                 "model_residual_pct": residual[:68],
                                 "convention": "mediapipe_ibug68"}).dense_points() is None
     monkeypatch.setattr(le, "EMBEDDING_DIR", tmp_path)
-    LandmarkEmbedding(**{**emb.__dict__, "faces": faces68, "bary": bary68, "residual_pct": residual[:68],
-                         "model_residual_pct": residual[:68], "convention": "mediapipe_ibug68"}).save(tmp_path)
-    assert le.resolve_embedding("auto", synthetic_data).convention == "mediapipe_ibug68"
-    emb.save(tmp_path)
+    path = emb.save(tmp_path)
     back = le.resolve_embedding("auto", synthetic_data)
     assert back.convention == "mediapipe478" and back.digest() == emb.digest()
     assert np.isnan(back.model_residual_pct).all()
+    LandmarkEmbedding(**{**emb.__dict__, "faces": faces68, "bary": bary68, "residual_pct": residual[:68],
+                         "model_residual_pct": residual[:68], "convention": "mediapipe_ibug68"}).save(tmp_path)
+    assert le.resolve_embedding("auto", synthetic_data).convention == "mediapipe_ibug68"
+    assert le.resolve_embedding(str(path), synthetic_data).convention == "mediapipe478"    # by path
     with pytest.raises(ValueError, match="478 faces"):
         LandmarkEmbedding(**{**emb.__dict__, "faces": faces68})
 
