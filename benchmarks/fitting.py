@@ -251,9 +251,9 @@ def main() -> None:
                       **same_points)
     no_registration = Fitter(ctx.head, dataclasses.replace(ctx.fitter.config, photo_registration=False),
                              **same_points)
-    from preprocessing.landmark_embedding import DENSE_CONVENTION, EMBEDDING_DIR
+    from preprocessing.landmark_embedding import DENSE_CONVENTION, EMBEDDING_DIR, embedding_file
     ctx478 = StageContext(model, stages.model_copy(update={"landmark_embedding": str(
-        EMBEDDING_DIR / f"{DENSE_CONVENTION}_{emb.model_key}.npz")}), 1)     # a worker given the 478-point file
+        EMBEDDING_DIR / embedding_file(DENSE_CONVENTION, emb.model_key))}), 1)     # a worker given the 478-point file
     oracle_fitter = Fitter(world.head, FitConfig(photometric=True))
     oracle_no_photo = Fitter(world.head, FitConfig(photometric=False, photo_registration=False))
 

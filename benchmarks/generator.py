@@ -634,9 +634,6 @@ def main(argv: list[str] | None = None) -> int:
     load_mid = load()
     export, train_minutes, samples_trained = train_generator(work, shards, codec, args)
     load_train = load()
-    if args.ship:
-        shipped = ship(export, codec, corpus, args, train_minutes, samples_trained)
-        log(f"shipped the generator and its codec -> {shipped.root}")
     transfer_dir = transfer_minutes = transfer_what = None
     if not args.no_fitted:
         transfer_dir, transfer_minutes, transfer_what = train_transfer(work, shards, args)
@@ -832,18 +829,17 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result))
     from _report import write_result           # benchmarks/results/generator.json
     write_result(result, name="generator_ship" if args.ship else None)
-    if args.ship:                              # the shipped model's own held-out figures
-        prov = Path(args.ship) / "provenance.json"
-        record = json.loads(prov.read_text())
-        record["held_out"] = {k: result[k] for k in ("psnr_gain_db", "psnr_model_db", "psnr_copy_db",
-                                                     "shuffled_drop_db", "cross_psnr_gain_db", "cross_apd_ratio",
-                                                     "cross_aed_ratio", "test_windows", "cross_pairs")}
-        prov.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if args.ship:
+        shipped = ship(export, codec, corpus, args, result)
+        log(f"shipped the generator and its codec -> {shipped.root}")
     return 0
 
 
-def ship(export: Path, codec: Path, corpus: Path, args, train_minutes: float | None, samples: int):
-    """``--ship``: the EMA export and its codec as a starting point (``training.export.write_init_folder``)."""
+def ship(export: Path, codec: Path, corpus: Path, args, result: dict):
+    """``--ship``: the EMA export and its codec as a starting point (``training.export.write_init_folder``),
+    with how it was made and its own held-out figures from ``result``."""
+    import shlex
+
     import pandas as pd
 
     from _report import git_commit
@@ -853,13 +849,16 @@ def ship(export: Path, codec: Path, corpus: Path, args, train_minutes: float | N
     return write_init_folder(export, codec, args.ship, {
         "what": f"the {args.recipe} recipe's generator trained by benchmarks/generator.py on a synthetic corpus "
                 f"(world seed {args.seed}); a starting point to fine-tune from, not a model of real faces",
-        "command": " ".join(["python", "benchmarks/generator.py", *sys.argv[1:]]), "commit": git_commit(),
+        "command": shlex.join(["python", *sys.argv]), "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"), "recipe": args.recipe, "flavor": args.flavor,
         "window": args.window, "stride": args.stride, "size": args.size,
         "world": {k: world["config"][k] for k in ("identities", "clips_per_identity", "frames", "size", "seed")},
         "train_identities": sorted(manifest.loc[manifest["split"] == "train", "identity_id"].unique().tolist()),
-        "train_samples": samples, "train_minutes": round(train_minutes, 2) if train_minutes else None,
-        "weights_dtype": "float16 (loaders cast back to their dtype)"})
+        "train_samples": result["train_samples"], "train_minutes": result["train_minutes"],
+        "weights_dtype": "float16 (loaders cast back to their dtype)",
+        "held_out": {k: result[k] for k in ("psnr_gain_db", "psnr_model_db", "psnr_copy_db", "shuffled_drop_db",
+                                            "cross_psnr_gain_db", "cross_apd_ratio", "cross_aed_ratio",
+                                            "test_windows", "cross_pairs")}})
 
 
 if __name__ == "__main__":

@@ -108,22 +108,22 @@ def fit_frames(frames: np.ndarray, head: PersonalizedHead, tracker: FaceTracker 
     size = track.crops.shape[1]
     K = crop_intrinsics(track.boxes, (w, h), size, fov_deg)
     fitter = fitter or Fitter(head, config)
-    dense = {}
+    extra = {}                                           # dense targets, every detected point
     if estimator is not None:
         t0 = time.perf_counter()
         est = estimator(track.crops)
         seconds["estimate"] = time.perf_counter() - t0
         inside = torch.as_tensor(track.valid)            # targets outside the source frame: unknown
-        dense = {"depth": None if est.depth is None else torch.as_tensor(est.depth).float() * inside,
+        extra = {"depth": None if est.depth is None else torch.as_tensor(est.depth).float() * inside,
                  "normals": None if est.normals is None else torch.as_tensor(est.normals).float() * inside[..., None],
                  "depth_is_metric": est.metric}
     if fitter.points_head is not None and track.landmarks478 is not None:     # a dense embedding: every point
         points = track.landmarks478[..., :2]
-        dense["dense_landmarks"] = torch.as_tensor(points)
-        dense["dense_landmark_weights"] = landmark_weights(track, points)
+        extra["dense_landmarks"] = torch.as_tensor(points)
+        extra["dense_landmark_weights"] = landmark_weights(track, points)
     inputs = FitInputs(landmarks=torch.as_tensor(track.landmarks68), image_size=(size, size),
                        landmark_weights=landmark_weights(track), K=K,
-                       images=torch.as_tensor(track.crops), valid=torch.as_tensor(track.valid), **dense)
+                       images=torch.as_tensor(track.crops), valid=torch.as_tensor(track.valid), **extra)
     t0 = time.perf_counter()
     result = fitter.fit(inputs, betas=betas, static_offsets=static_offsets)
     seconds["fit"] = time.perf_counter() - t0

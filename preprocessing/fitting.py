@@ -374,7 +374,9 @@ class Fitter:
     def _expression_loss(self, st: "_FitState", it: int, dense: bool) -> Tensor:
         cfg, params, temporal = self.config, st.params, self._temporal
         share = cfg.dense_landmark_share if st.points is not None else 0.0
-        loss = cfg.w_landmarks * self._landmark_loss(st, self.lm_head(params)[0], w2d=1 - share)
+        loss = 0.0
+        if share < 1 or st.lmk_depth is not None:          # the 68's 2D share, or their depth anchor
+            loss = cfg.w_landmarks * self._landmark_loss(st, self.lm_head(params)[0], w2d=1 - share)
         if share > 0:
             loss = loss + cfg.w_landmarks * share * self._points_loss(
                 st, st.camera.to_camera(self.points_head(params)), st.points, st.w_points)

@@ -37,6 +37,12 @@ def ibug68_rows(convention: str) -> np.ndarray:
     return np.arange(68)
 
 
+def embedding_file(convention: str, key: str) -> str:
+    """The file name of a convention's embedding for the model with ``key`` (what :meth:`LandmarkEmbedding.save`
+    writes into a folder and ``auto`` looks for in :data:`EMBEDDING_DIR`)."""
+    return f"{convention}_{key}.npz"
+
+
 def model_key(model) -> str:
     """Digest of a model's template geometry and faces (an ``SMPLXModelData``): the embedding
     is only valid for that mesh."""
@@ -67,7 +73,7 @@ class LandmarkEmbedding:
     @property
     def file_name(self) -> str:
         """What :meth:`save` names it in a folder (and ``auto`` looks for)."""
-        return f"{self.convention}_{self.model_key}.npz"
+        return embedding_file(self.convention, self.model_key)
 
     @property
     def dense(self) -> bool:
@@ -100,16 +106,15 @@ class LandmarkEmbedding:
         return h.hexdigest()[:16]
 
     def weights(self, floor: float = 0.05) -> np.ndarray:
-        """Per-point landmark weights (68,) of the 68 iBUG-like points for the fitter: inverse
-        variance relative to the inner points' median residual, (median / residual_k)², clipped
-        to [floor, 1]."""
-        res = self.residual_pct[ibug68_rows(self.convention)]
-        return _inverse_variance(res, float(np.median(res[17:])), floor)
+        """Per-point landmark weights (68,) of the 68 iBUG-like points for the fitter: their rows
+        of :meth:`dense_weights`."""
+        return self.dense_weights(floor)[ibug68_rows(self.convention)]
 
     def dense_weights(self, floor: float = 0.05) -> np.ndarray:
-        """The same for every point (L,), relative to the same reference (the 68's inner median)."""
-        res68 = self.residual_pct[ibug68_rows(self.convention)]
-        return _inverse_variance(self.residual_pct, float(np.median(res68[17:])), floor)
+        """Per-point weights (L,) of every point: inverse variance relative to the 68's inner
+        points' median residual, (median / residual_k)², clipped to [floor, 1]."""
+        ref = float(np.median(self.residual_pct[ibug68_rows(self.convention)][17:]))
+        return np.clip((ref / np.maximum(self.residual_pct, 1e-6)) ** 2, floor, 1.0).astype(np.float32)
 
     def as_head_argument(self) -> tuple[np.ndarray, np.ndarray]:
         """What ``PersonalizedHead(landmark_embedding=...)`` takes: the 68 iBUG-like points."""
@@ -122,9 +127,6 @@ class LandmarkEmbedding:
         return (self.faces, self.bary, self.dense_weights()) if self.dense else None
 
 
-def _inverse_variance(residual: np.ndarray, ref: float, floor: float) -> np.ndarray:
-    return np.clip((ref / np.maximum(residual, 1e-6)) ** 2, floor, 1.0).astype(np.float32)
-
 
 def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
     """The embedding a job uses: ``None`` / ``"none"``: the model's own iBUG-68 definitions;
@@ -135,7 +137,7 @@ def resolve_embedding(setting: str | None, model) -> LandmarkEmbedding | None:
     key = model_key(model)
     if setting == "auto":
         for convention in CONVENTIONS:
-            path = EMBEDDING_DIR / f"{convention}_{key}.npz"
+            path = EMBEDDING_DIR / embedding_file(convention, key)
             if path.is_file():
                 return LandmarkEmbedding.load(path)
         return None

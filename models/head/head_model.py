@@ -512,10 +512,11 @@ class SurfacePointsHead(nn.Module):
         if faces.ndim != 1 or np.shape(bary) != (len(faces), 3):
             raise ValueError(f"surface points are (L,) faces and (L, 3) barycentric coordinates, got "
                              f"{tuple(faces.shape)} and {np.shape(bary)}")
-        if (faces < 0).any() or (faces >= len(model_to_sub)).any() or (model_to_sub[faces.clamp(min=0,
-                                                                        max=len(model_to_sub) - 1)] < 0).any():
+        known = (faces >= 0) & (faces < len(model_to_sub))
+        sub_faces = model_to_sub[faces[known]]
+        if not known.all() or (sub_faces < 0).any():
             raise ValueError("surface points fall outside the head-and-torso region")
-        corners = head.lmk_face_vertices.cpu()[model_to_sub[faces]]           # (L, 3) fine vertex ids
+        corners = head.lmk_face_vertices.cpu()[sub_faces]                      # (L, 3) fine vertex ids
         ids, local = torch.unique(corners, return_inverse=True)
         self.vertices = head.vertex_subset_model(ids.to(head.faces.device))
         self.register_buffer("corners", local.to(head.faces.device), persistent=False)

@@ -161,7 +161,8 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     weights, dense = seen[-1]
     np.testing.assert_array_equal(weights, emb.weights())
     assert emb.convention == "mediapipe_ibug68" and dense is None          # auto: the 68-point file
-    dense_file = landmark_embedding.EMBEDDING_DIR / f"mediapipe478_{emb.model_key}.npz"   # by path: every point
+    dense_file = landmark_embedding.EMBEDDING_DIR / landmark_embedding.embedding_file(     # by path: every point
+        landmark_embedding.DENSE_CONVENTION, emb.model_key)
     assert main(args + ["--landmark-embedding", str(dense_file), "--out", str(tmp_path / "c")]) == 0
     emb478 = landmark_embedding.LandmarkEmbedding.load(dense_file)
     weights, dense = seen[-1]
