@@ -621,6 +621,13 @@ def main(argv: list[str] | None = None) -> int:
                         "starting point to fine-tune from (training/pretrained/tiny_cpu is made with --seed 1: "
                         "identities apart from the demo's seed-0 world); results go to generator_ship.json")
     args = p.parse_args(argv)
+    if args.ship:                                  # before the work: --ship replaces its folder
+        from training.export import check_init_target
+        try:
+            check_init_target(args.ship)
+        except ValueError as exc:
+            print(json.dumps({"error": "UserError", "message": str(exc), "ship": args.ship}))
+            return 2
     from_recipe(args)
 
     import torch

@@ -83,12 +83,22 @@ class InitFolder:
     provenance: dict
 
 
+def check_init_target(out: str | Path) -> None:
+    """ValueError unless ``out`` can be (re)written by :func:`write_init_folder`: absent, an
+    empty folder, or an init folder (it has a ``provenance.json``); anything else is not replaced."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "provenance.json").is_file())):
+        raise ValueError(f"{out} exists and is not an init folder (no provenance.json): it would be replaced")
+
+
 def write_init_folder(generator_export: str | Path, codec: str | Path, out: str | Path,
                       provenance: dict) -> InitFolder:
     """Copy a generator export (fp16: half the bytes; loaders cast back) and its codec into
-    ``out`` (replaced) with ``provenance.json``."""
+    ``out`` (an earlier init folder there is replaced, see :func:`check_init_target`) with
+    ``provenance.json``."""
     import shutil
     out = Path(out)
+    check_init_target(out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(generator_export, out / "generator")
     cast_weights_folder(out / "generator", torch.float16)

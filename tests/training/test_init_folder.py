@@ -30,6 +30,24 @@ def test_an_init_folder_round_trips_at_half_the_bytes(tmp_path):
     (init.root / "provenance.json").unlink()
     with pytest.raises(FileNotFoundError, match="provenance.json"):
         read_init_folder(init.root)
+    # a folder that is not an init folder is never replaced
+    with pytest.raises(ValueError, match="not an init folder"):
+        write_init_folder(tmp_path / "export", tmp_path / "codec", tmp_path / "codec", {"what": "test"})
+    assert (tmp_path / "codec" / "config.json").is_file()
+
+
+def test_ship_into_a_folder_that_is_not_an_init_folder_is_exit_2_before_the_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "keep.txt").write_text("mine")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "generator.py"), "--ship", str(tmp_path),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["ship"] == str(tmp_path) and "not an init folder" in line["message"]
+    assert (tmp_path / "keep.txt").read_text() == "mine" and not (tmp_path / "work").exists()
 
 
 def test_the_shipped_tiny_cpu_start_loads_and_says_how_it_was_made():
