@@ -334,6 +334,8 @@ def run(args: argparse.Namespace) -> dict:
                        " (below the copy's: the head follows the driver)" if apd < apd_copy else
                        " (NOT below the copy's: the head follows the driver no better than a still photo)")
             headline = (f"head-pose error (APD) {_num(apd)}° vs copy-reference {_num(apd_copy)}°{verdict}, "
+                        f"head motion since the first frame (APD motion) {_num(m.get('apd_motion_deg'))}° vs "
+                        f"{_num(c.get('apd_motion_deg'))}°, "
                         f"expression error (AED) {_num(m.get('aed'))} vs {_num(c.get('aed'))}")
         _say(f"evaluate {protocol}: model {headline}; report {result['report']}")
     timings["evaluate"] = (time.perf_counter() - t0) / 60

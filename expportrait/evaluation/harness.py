@@ -118,7 +118,7 @@ def score_video(frames: np.ndarray, source: np.ndarray, protocol: str, truth: np
     if opts.motion:
         from .motion import aed_apd
         m, ref_fit = aed_apd(frames, motion_ref, head, ref_fit)
-        out.update(aed=m["aed"], apd_deg=m["apd_deg"])
+        out.update(aed=m["aed"], apd_deg=m["apd_deg"], apd_motion_deg=m["apd_motion_deg"])
         out["fit_status"] = m["fit_status"]
     return out, curves, ref_fit
 
@@ -166,8 +166,8 @@ def evaluate_pairs(reenactor, pairs: list[Pair], protocol: str, out: str | Path,
     return results
 
 
-SUMMARY_KEYS = ("psnr", "ssim", "l1", "lpips", "csim_sface", "dlib_distance", "aed", "apd_deg", "jitter",
-                "jitter_ratio", "drift_per_s", "drift_first_last", "face_found_frac", "generate_s_per_frame")
+SUMMARY_KEYS = ("psnr", "ssim", "l1", "lpips", "csim_sface", "dlib_distance", "aed", "apd_deg", "apd_motion_deg",
+                "jitter", "jitter_ratio", "drift_per_s", "drift_first_last", "face_found_frac", "generate_s_per_frame")
 
 
 def summarize(results: list[PairResult]) -> dict:
@@ -181,7 +181,7 @@ def summarize(results: list[PairResult]) -> dict:
             vals = [v for v in vals if isinstance(v, (int, float))]
             if vals:
                 summary[who][k] = nanmean(vals)
-    for k in ("psnr", "ssim", "l1", "lpips", "csim_sface", "aed", "apd_deg"):
+    for k in ("psnr", "ssim", "l1", "lpips", "csim_sface", "aed", "apd_deg", "apd_motion_deg"):
         a, b = summary["model"].get(k), summary["copy"].get(k)
         if a is not None and b is not None:
             summary["model"][f"{k}_vs_copy"] = a - b

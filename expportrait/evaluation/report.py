@@ -19,6 +19,7 @@ LABELS = {
     "dlib_distance": ("identity distance dlib ↓", "second opinion; dlib ResNet; < 0.6 same person"),
     "aed": ("AED ↓", "expression distance, our fitter (ψ[:50] + jaw)"),
     "apd_deg": ("APD (°) ↓", "head-pose angle, our fitter"),
+    "apd_motion_deg": ("APD motion (°) ↓", "head rotation since the first frame, our fitter (what is retargeted)"),
     "jitter": ("jitter ↓", "mean |2nd temporal difference|"),
     "jitter_ratio": ("jitter ratio", "vs the ground truth's (self) / driver's (cross) own"),
     "drift_per_s": ("identity drift /s", "slope of per-frame SFace CSIM (negative: drifting)"),
@@ -61,7 +62,7 @@ def plots(results: list[PairResult], summary: dict, out: Path, protocol: str) ->
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(os.path.relpath(path, out))
-    keys = [k for k in ("psnr", "ssim", "l1", "csim_sface", "aed", "apd_deg", "jitter_ratio")
+    keys = [k for k in ("psnr", "ssim", "l1", "csim_sface", "aed", "apd_deg", "apd_motion_deg", "jitter_ratio")
             if k in summary["model"] or k in summary["copy"]]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(2.1 * len(keys), 2.8))

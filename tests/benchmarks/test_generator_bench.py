@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
+import torch
 
 from benchmarks.generator import motion_ratio, motion_summary, read_fitted, write_fitted
 
@@ -23,7 +25,7 @@ def test_motion_ratio_compares_only_pairs_fitted_on_both_sides():
     assert summary["model_vs_driver"]["pairs_fitted"] == 2 and summary["copy_vs_driver"]["pairs_fitted"] == 3
     assert math.isclose(summary["model_vs_driver"]["apd_deg"], 6.0)
     assert motion_summary({"model_vs_truth": {"a|b": {"aed": NAN, "apd_deg": NAN}}})["model_vs_truth"] == \
-        {"aed": None, "apd_deg": None, "pairs_fitted": 0}                        # strict JSON
+        {"aed": None, "apd_deg": None, "apd_motion_deg": None, "pairs_fitted": 0}   # strict JSON
 
 
 def test_fitted_clip_round_trip(tmp_path):
@@ -40,3 +42,34 @@ def test_fitted_clip_round_trip(tmp_path):
         assert np.array_equal(back.arrays[k], clip.arrays[k])
     for k in ("betas", "static_offsets", "dynamic_offsets"):
         assert np.array_equal(getattr(back, k), getattr(clip, k))
+
+
+def test_exact_motion_of_a_cross_pair_from_the_world(tiny_corpus, synthetic_model_path):
+    """The cross truth's exact expression is the driver's (AED 0), its motion since frame 0 is the
+    driver's up to the retargeting's composition with the camera, and the still reference's APD
+    motion is the driver's own motion."""
+    import json
+
+    import pandas as pd
+
+    from benchmarks.generator import cross_windows, exact_motion_errors, pair_videos
+    from preprocessing.synthetic.world import SyntheticWorld
+
+    meta = json.loads((tiny_corpus / "world.json").read_text())
+    world = SyntheticWorld(synthetic_model_path, meta["config"]["subdivision"])
+    clips = pd.read_parquet(tiny_corpus / "manifest.parquet")["clip_id"].tolist()
+    source, driver = clips[0], clips[1]
+    rng = torch.Generator().manual_seed(0)
+    samples = {c: {"identity": c.split("_")[0], "frames": torch.randint(0, 255, (8, 16, 16, 3), generator=rng,
+                                                                       dtype=torch.uint8),
+                   "normals": torch.randint(0, 255, (8, 16, 16, 3), generator=rng, dtype=torch.uint8)}
+               for c in (source, driver)}
+    windows = cross_windows(world, tiny_corpus, [(source, driver)], samples, [0], 3, 2, 16)
+    assert len(windows) == 1 and windows[0]["frames"] == [2, 4]
+    videos = pair_videos(windows, torch.stack([w["video"] for w in windows]))
+    assert videos[(source, driver)].shape == (3, 16, 16, 3)          # the reference, then frames 2 and 4
+    exact = exact_motion_errors(tiny_corpus, windows)
+    truth, copy = exact["truth_vs_driver"][f"{source}|{driver}"], exact["copy_vs_driver"][f"{source}|{driver}"]
+    assert truth["aed"] == pytest.approx(0, abs=1e-6)
+    assert truth["apd_motion_deg"] < 0.5 * copy["apd_motion_deg"]
+    assert copy["apd_motion_deg"] > 0 and copy["aed"] > 0
