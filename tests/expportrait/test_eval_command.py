@@ -46,7 +46,8 @@ class _Media(HTMLParser):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["self", "cross"])
+# self: `expportrait demo` (the quick demo in CI) evaluates that protocol through the same command
+@pytest.mark.parametrize("protocol", [pytest.param("self", marks=pytest.mark.extended), "cross"])
 def test_evaluate_writes_report_with_videos_and_logs_to_mlflow(tmp_path, package, corpus, protocol, capsys):
     out = tmp_path / "eval"
     rc = main(["evaluate", "--model", str(package), "--protocol", protocol, "--data", str(corpus), "--out", str(out),
@@ -67,6 +68,7 @@ def test_evaluate_writes_report_with_videos_and_logs_to_mlflow(tmp_path, package
     else:
         assert "psnr" not in metrics["model"] and metrics["copy"]["csim_sface"] == pytest.approx(1.0)
         assert metrics["copy"]["apd_deg"] >= 0                                  # AED/APD vs the driver's fit
+        assert metrics["copy"]["apd_motion_deg"] >= 0 and "apd_motion_deg_vs_copy" in metrics["model"]
     import mlflow
     run = mlflow.MlflowClient(res["tracking_uri"]).get_run(res["mlflow_run"])
     assert run.data.params["protocol"] == protocol and "copy.jitter" in run.data.metrics

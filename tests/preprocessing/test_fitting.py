@@ -181,7 +181,8 @@ def test_real_clips_fit_every_frame(synthetic_model_path, carphone, single_face_
     from preprocessing.landmark_embedding import head_with_embedding
     head, embedding = head_with_embedding(load_smplx_model(synthetic_model_path), "auto")
     assert embedding is not None
-    for frames in (open_video(carphone).read_all(), open_video(single_face_video).read_all(),
+    # every 3rd frame of each clip (the whole clip at a third of the fitting time: 40 and 24 frames)
+    for frames in (open_video(carphone).read_all()[::3], open_video(single_face_video).read_all()[::3],
                    data.astronaut()[None]):
         clip = fit_frames(frames, head)
         assert clip.status == "ok"

@@ -317,3 +317,25 @@ def test_augmentation_is_one_draw_per_window_and_mirrors_normals(gen_shards, cod
     assert torch.equal(val["video"], video[:, :, :5]) and torch.equal(val["normals"], normals[:, :, :5])
     train = task.inputs(batch, torch.Generator().manual_seed(0), training=True)
     assert not torch.equal(train["video"], video[:, :, :5])
+
+
+def test_random_reference_takes_frame_0_from_elsewhere_in_the_sample(gen_shards, codec_dir):
+    """``p_random_reference``: training windows whose reference (frame 0: image and normal map) is
+    another frame of the sample, the driven frames unchanged; validation windows never."""
+    from training.tasks.generator import GeneratorTask, unit
+    batch = a_batch(gen_shards)
+    frames, normals = unit(batch["frames"]), unit(batch["normals"])
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False, p_random_reference=1.0)
+    val = task.inputs(batch, None, training=False)
+    assert torch.equal(val["reference_image"], frames[:, :, 0])
+    for seed in range(20):       # a draw where a reference moved off frame 0
+        x = task.inputs(batch, torch.Generator().manual_seed(seed), training=True)
+        if not torch.equal(x["reference_image"], frames[:, :, 0]):
+            break
+    assert not torch.equal(x["reference_image"], frames[:, :, 0])
+    assert torch.equal(x["video"][:, :, 1:], frames[:, :, 1:5])
+    assert torch.equal(x["normals"][:, :, 1:], normals[:, :, 1:5])
+    for b in range(frames.shape[0]):         # each reference is a frame of its sample, with its own normal map
+        k = next(k for k in range(frames.shape[2]) if torch.equal(frames[b, :, k], x["reference_image"][b]))
+        assert torch.equal(x["reference_normal"][b], normals[b, :, k]) and torch.equal(x["video"][b, :, 0],
+                                                                                        frames[b, :, k])

@@ -110,6 +110,10 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     tests only; warns). ``dtype``: of the loaded weights (the precision plugin casts anyway).
     ``lr_reference_batch``, ``lr_scaling``: the learning-rate rule for another global batch
     (:func:`scaled_lr`; None: ``lr`` as given).
+    ``p_random_reference``: the probability that a training window's reference (its frame 0) is
+    another frame of the sample, drawn uniformly, instead of the window's first: the pose and
+    expression gaps between the reference and the driven frames that cross-reenactment has (its
+    source image is no frame of the driving clip; later windows are far from it in time).
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
 
@@ -129,7 +133,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 10.0,
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.0,
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
-                 gradient_checkpointing: bool = False,
+                 p_random_reference: float = 0.0, gradient_checkpointing: bool = False,
                  sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
                  dtype: str = "float32", lr_reference_batch: int | None = None, lr_scaling: str = "sqrt") -> None:
         super().__init__()
@@ -312,11 +316,15 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         timeline = frames if frames is not None else batch.get("driving_normals", batch.get("normals"))
         b, total = timeline.shape[:2]
         starts = self.window(total, b, generator, training)
+        ids = self.frame_ids(starts)
+        moved = torch.zeros(b, dtype=torch.bool)
+        if training and self.hparams.p_random_reference > 0:
+            moved = torch.rand(b, generator=generator) < self.hparams.p_random_reference
+            ids[:, 0] = torch.where(moved, torch.randint(0, total, (b,), generator=generator), ids[:, 0])
         augment = training and (self.hparams.augment_color > 0 or self.hparams.augment_flip)
         t = (self.hparams.frames - 1) // 4 + 1
         use_sidecar = "latents" in batch and self.hparams.frame_stride == 1 and self.hparams.size is None \
-            and not starts.any() and not augment and batch["latents"].shape[2] >= t
-        ids = self.frame_ids(starts)
+            and not starts.any() and not moved.any() and not augment and batch["latents"].shape[2] >= t
         normals = resize_video(unit(self.driving_normals(batch, ids)), self.hparams.size)
         video = None
         if frames is not None:
