@@ -97,7 +97,7 @@ def test_sidecar_latents_are_read_when_the_window_is_theirs(gen_shards, codec_di
         clip = unit(batch["frames"][:, :9] if FRAMES >= 9 else torch.cat([batch["frames"]] * 2, 1)[:, :9])
         batch["latents"] = codec.encode(clip).half()                      # as the sidecar stores them
         batch["reference_latent"] = codec.encode_reference(clip[:, :, 0], 9).half()
-    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False)
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False, p_random_reference=0.0)
     x = task.inputs(batch, None, training=True)
     torch.testing.assert_close(x["latents"], batch["latents"][:, :, :2].float())
     torch.testing.assert_close(x["reference_latent"], batch["reference_latent"][:, :, :2].float())

@@ -113,7 +113,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     ``p_random_reference``: the probability that a training window's reference (its frame 0) is
     another frame of the sample, drawn uniformly, instead of the window's first: the pose and
     expression gaps between the reference and the driven frames that cross-reenactment has (its
-    source image is no frame of the driving clip; later windows are far from it in time).
+    source image is no frame of the driving clip; later windows are far from it in time). It
+    needs decoded frames: training on sidecar latents alone (the ``wan*`` configs) sets it to 0.
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
 
@@ -133,7 +134,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 10.0,
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.0,
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
-                 p_random_reference: float = 0.0, gradient_checkpointing: bool = False,
+                 p_random_reference: float = 0.5, gradient_checkpointing: bool = False,
                  sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
                  dtype: str = "float32", lr_reference_batch: int | None = None, lr_scaling: str = "sqrt") -> None:
         super().__init__()
@@ -319,6 +320,10 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         ids = self.frame_ids(starts)
         moved = torch.zeros(b, dtype=torch.bool)
         if training and self.hparams.p_random_reference > 0:
+            if frames is None:
+                raise ValueError(f"p_random_reference={self.hparams.p_random_reference} takes references from "
+                                 "other frames of a sample, but the batch has no decoded frames (sidecar latents "
+                                 "hold windows at frame 0 only): decode 'frames' or set p_random_reference 0")
             moved = torch.rand(b, generator=generator) < self.hparams.p_random_reference
             ids[:, 0] = torch.where(moved, torch.randint(0, total, (b,), generator=generator), ids[:, 0])
         augment = training and (self.hparams.augment_color > 0 or self.hparams.augment_flip)
