@@ -19,7 +19,8 @@ def test_a_step_reads_only_precomputed_tensors():
     from models.generator.frames import unit
     from training.tasks.generator import GeneratorTask
     torch.manual_seed(0)
-    task = GeneratorTask(frames=5, frame_stride=1, random_start=False, transfer_module="/nonexistent/transfer")
+    task = GeneratorTask(frames=5, frame_stride=1, random_start=False, transfer_module="/nonexistent/transfer",
+                         p_random_reference=0.0)         # as the wan configs train on sidecars
     batch = _sidecar_batch()
     x = task.inputs(batch, torch.Generator().manual_seed(0), training=True)
     assert "video" not in x and task._frozen["codec"] is None and task._frozen["transfer"] is None
@@ -32,6 +33,10 @@ def test_a_step_reads_only_precomputed_tensors():
 
 def test_without_frames_a_window_the_sidecar_does_not_hold_is_refused():
     from training.tasks.generator import GeneratorTask
-    task = GeneratorTask(frames=5, frame_stride=2, random_start=False)          # stride 2: not the sidecar's
+    task = GeneratorTask(frames=5, frame_stride=2, random_start=False, p_random_reference=0.0)   # stride 2
     with pytest.raises(ValueError, match="no frames and no sidecar latents"):
         task.inputs(_sidecar_batch(), None, training=True)
+    # references from other frames need the frames: refused by name, not trained on something else
+    moving = GeneratorTask(frames=5, frame_stride=1, random_start=False, p_random_reference=0.5)
+    with pytest.raises(ValueError, match="p_random_reference=0.5 .* no decoded frames"):
+        moving.inputs(_sidecar_batch(), torch.Generator().manual_seed(0), training=True)

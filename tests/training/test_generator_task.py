@@ -326,6 +326,7 @@ def test_random_reference_takes_frame_0_from_elsewhere_in_the_sample(gen_shards,
     batch = a_batch(gen_shards)
     frames, normals = unit(batch["frames"]), unit(batch["normals"])
     task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, random_start=False, p_random_reference=1.0)
+    assert task.frames_read is None                  # the reader decodes whole samples: references come from anywhere
     val = task.inputs(batch, None, training=False)
     assert torch.equal(val["reference_image"], frames[:, :, 0])
     for seed in range(20):       # a draw where a reference moved off frame 0

@@ -234,8 +234,9 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     @property
     def frames_read(self) -> int | None:
         """Frames of a training sample the step reads: the window's span when windows start at
-        frame 0 (``random_start`` false), else None (all); the reader decodes no more."""
-        return None if self.hparams.random_start else self.window_span
+        frame 0 (``random_start`` false) and take their reference there (``p_random_reference``
+        0), else None (all); the reader decodes no more."""
+        return None if self.hparams.random_start or self.hparams.p_random_reference > 0 else self.window_span
 
     def sampling_record(self) -> dict:
         """How this run samples, as inference must repeat it (``InferenceSettings`` fields):
