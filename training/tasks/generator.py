@@ -64,6 +64,32 @@ def sampler_settings(hparams: dict) -> dict:
     return {"shift": hparams.get("shift") if shift is None else shift, "steps": hparams.get("sample_steps")}
 
 
+def misalign_normals(normals: Tensor, shift_px: float, generator: torch.Generator | None = None) -> Tensor:
+    """Normal maps (B, 3, F, H, W) in [-1, 1] whose reference (frame 0) and driving frames (1..)
+    are moved apart: each by its own random similarity per sample (translation up to
+    ``shift_px`` pixels, scale by up to the same displacement at the border; the driving frames
+    share one draw), resampled bilinearly over the background (-1). What the fitted path gives
+    the model: its reference map (the source image fitted alone) and its driving maps (the
+    driver's clip fit, retargeted) come from two fits whose errors do not cancel."""
+    import torch.nn.functional as F
+    b, _, f, h, w = normals.shape
+    out = []
+    for part in (normals[:, :, :1], normals[:, :, 1:]):
+        if part.shape[2] == 0:
+            continue
+        draw = lambda *shape: (2 * torch.rand(*shape, generator=generator) - 1)      # noqa: E731
+        scale = 1 + draw(b) * shift_px / (min(h, w) / 2)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+        theta[:, 0, 2], theta[:, 1, 2] = draw(b) * 2 * shift_px / w, draw(b) * 2 * shift_px / h
+        theta = theta.to(part)
+        frames = part.permute(0, 2, 1, 3, 4).reshape(-1, 3, h, w) + 1                   # background 0
+        grid = F.affine_grid(theta.repeat_interleave(part.shape[2], 0), list(frames.shape), align_corners=False)
+        moved = F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+        out.append(moved.reshape(b, part.shape[2], 3, h, w).permute(0, 2, 1, 3, 4))
+    return torch.cat(out, 2)
+
+
 def augment_window(video: Tensor, normals: Tensor, color: float = 0.0, flip: bool = False,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Training augmentation of windows (B, 3, F, H, W) in [-1, 1], drawn per sample and the same
@@ -115,6 +141,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     expression gaps between the reference and the driven frames that cross-reenactment has (its
     source image is no frame of the driving clip; later windows are far from it in time). It
     needs decoded frames: training on sidecar latents alone (the ``wan*`` configs) sets it to 0.
+    ``misalign_normals_px``: > 0 moves the reference normal map and the driving ones apart by
+    random sub-pixel similarities in training (:func:`misalign_normals`), as two fits do.
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
 
@@ -134,7 +162,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  optimizer: str = "adamw", sigma_kind: str = "shifted", shift: float = 10.0,
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.0,
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
-                 p_random_reference: float = 0.5, gradient_checkpointing: bool = False,
+                 p_random_reference: float = 0.5, misalign_normals_px: float = 0.0,
+                 gradient_checkpointing: bool = False,
                  sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
                  dtype: str = "float32", lr_reference_batch: int | None = None, lr_scaling: str = "sqrt") -> None:
         super().__init__()
@@ -327,7 +356,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                                  "hold windows at frame 0 only): decode 'frames' or set p_random_reference 0")
             moved = torch.rand(b, generator=generator) < self.hparams.p_random_reference
             ids[:, 0] = torch.where(moved, torch.randint(0, total, (b,), generator=generator), ids[:, 0])
-        augment = training and (self.hparams.augment_color > 0 or self.hparams.augment_flip)
+        augment = training and (self.hparams.augment_color > 0 or self.hparams.augment_flip
+                                or self.hparams.misalign_normals_px > 0)
         t = (self.hparams.frames - 1) // 4 + 1
         use_sidecar = "latents" in batch and self.hparams.frame_stride == 1 and self.hparams.size is None \
             and not starts.any() and not moved.any() and not augment and batch["latents"].shape[2] >= t
@@ -342,6 +372,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         if augment:
             video, normals = augment_window(video, normals, self.hparams.augment_color, self.hparams.augment_flip,
                                             generator)
+            if self.hparams.misalign_normals_px > 0:
+                normals = misalign_normals(normals, self.hparams.misalign_normals_px, generator)
         check_video_shape(*normals.shape[2:])
         out = {"normals": normals, "reference_normal": normals[:, :, 0]}
         if video is not None:
