@@ -340,3 +340,18 @@ def test_random_reference_takes_frame_0_from_elsewhere_in_the_sample(gen_shards,
         k = next(k for k in range(frames.shape[2]) if torch.equal(frames[b, :, k], x["reference_image"][b]))
         assert torch.equal(x["reference_normal"][b], normals[b, :, k]) and torch.equal(x["video"][b, :, 0],
                                                                                         frames[b, :, k])
+
+
+def test_misalign_normals_moves_reference_and_driving_maps_apart():
+    """Frame 0 and the driving frames each get their own sub-pixel similarity (the driving
+    frames one draw); 0 px changes nothing; the background stays -1 away from the head."""
+    from training.tasks.generator import misalign_normals
+    n = -torch.ones(2, 3, 5, 32, 32)
+    n[:, :, :, 10:22, 12:20] = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(misalign_normals(n, 0.0, torch.Generator().manual_seed(0)), n)
+    m = misalign_normals(n, 1.0, torch.Generator().manual_seed(0))
+    assert m.shape == n.shape and not torch.equal(m, n)
+    assert not torch.allclose(m[:, :, 0], m[:, :, 1])                      # reference apart from the driving maps
+    for k in (2, 3, 4):
+        torch.testing.assert_close(m[:, :, k], m[:, :, 1])                 # one draw for the driving frames
+    assert (m[:, :, :, :6] == -1).all() and (m[:, :, :, 28:] == -1).all()  # moved by ~1 px, not more
