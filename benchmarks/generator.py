@@ -181,9 +181,10 @@ def train_generator(work: Path, shards: Path, codec: Path, args, name: str = "tr
     out = work / name
     export = out / "export" / "ema"
     if args.reuse and (export / "generator.json").is_file():
-        minutes, samples = recorded_training(out)
-        log(f"generator: reusing {export} (its training: {samples} samples in {minutes} min by its MLflow run)")
-        return export, minutes, samples
+        minutes, steps, batch = recorded_training(out)
+        log(f"generator: reusing {export} (its training: {steps} steps of {batch} samples in {minutes} min by its "
+            f"MLflow run)")
+        return export, minutes, steps * batch
     shutil.rmtree(out, ignore_errors=True)
     cap = int(args.train_minutes * 60)
     cmd = [sys.executable, "-m", "training.train", "fit", *args.recipe_obj.train_args("generator"),
@@ -193,28 +194,28 @@ def train_generator(work: Path, shards: Path, codec: Path, args, name: str = "tr
            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.run_name",
            f"dit_{args.recipe}_bench" + name[len("train"):], *args.train_arg]
     minutes = run(cmd, "generator training", args.train_threads)
-    from training.export import load_checkpoint_state
-    ckpt = load_checkpoint_state(out / "checkpoints" / "last.ckpt")          # weights_only: the one loader
-    steps, batch = trained_steps(out, int(ckpt["global_step"])), int(ckpt["datamodule_hyper_parameters"]["batch_size"])
+    _, steps, batch = recorded_training(out)
     log(f"generator: {steps} steps of {batch} samples in {minutes:.1f} min (incl. process start) -> {export}")
     return export, minutes, steps * batch
 
 
-def recorded_training(run_dir: Path) -> tuple[float | None, int]:
-    """(minutes, samples) of a finished training in ``run_dir`` read back from its records: the
-    MLflow run's start and end time (without process start and export) and the steps it took ×
-    the checkpoint's batch size; what ``--reuse`` reports for a training it did not run."""
+def recorded_training(run_dir: Path) -> tuple[float | None, int, int]:
+    """(minutes, steps, batch size) of a finished training in ``run_dir`` read back from its
+    records: the MLflow run's start and end time (without process start and export; None when
+    the store has none), :func:`trained_steps` and the last checkpoint's batch size (loaded
+    ``weights_only``: the one loader). ``--reuse`` reports these for a training it did not run."""
     import sqlite3
 
     from training.export import load_checkpoint_state
     ckpt = load_checkpoint_state(run_dir / "checkpoints" / "last.ckpt")
-    samples = trained_steps(run_dir, int(ckpt["global_step"])) * int(ckpt["datamodule_hyper_parameters"]["batch_size"])
+    steps = trained_steps(run_dir, int(ckpt["global_step"]))
     try:
         with sqlite3.connect(f"file:{run_dir / 'mlflow.db'}?mode=ro", uri=True) as db:
             start, end = db.execute("select min(start_time), max(end_time) from runs").fetchone()
     except sqlite3.Error:
         start = end = None
-    return (round((end - start) / 60000, 2) if start and end else None), samples
+    minutes = round((end - start) / 60000, 2) if start and end else None
+    return minutes, steps, int(ckpt["datamodule_hyper_parameters"]["batch_size"])
 
 
 def train_transfer(work: Path, shards: Path, args) -> tuple[Path, float | None, str]:
@@ -483,7 +484,7 @@ def cross_windows(world, corpus: Path, pairs: list[tuple[str, str]], samples: di
     reference normal)."""
     import torch
 
-    from expportrait.evaluation.motion import head_rotation_in_camera
+    from expportrait.evaluation.motion import MotionFit, head_rotation_in_camera
     from models.generator.frames import generator_normal_maps, unit
     from preprocessing.synthetic.world import driven_clip
     out = []
@@ -500,8 +501,8 @@ def cross_windows(world, corpus: Path, pairs: list[tuple[str, str]], samples: di
             ref = samples[source]
             p = dc.params
             w = {"source": source, "driver": driver, "start": start, "frames": frames,
-                 "exact": {"expression": p.expression.numpy(), "jaw": p.jaw_pose.numpy(),
-                           "rotation": head_rotation_in_camera(dc.camera.R, p.global_orient, p.neck_pose, p.head_pose)},
+                 "exact": MotionFit("ok", p.expression.numpy(), p.jaw_pose.numpy(),
+                                    head_rotation_in_camera(dc.camera.R, p.global_orient, p.neck_pose, p.head_pose)),
                  "identity": ref["identity"], "truth_frames": dc.frames,
                  "video": unit(torch.cat([ref["frames"][:1], torch.as_tensor(dc.frames)])[None])[0],
                  "normals": unit(torch.cat([ref["normals"][:1], normals])[None])[0]}
@@ -544,20 +545,20 @@ def exact_motion_errors(corpus: Path, windows: list[dict], num_expression: int =
         return MotionFit("ok", np.asarray(clip["expression"])[ids], np.asarray(clip["jaw_pose"])[ids],
                          head_rotation_in_camera(np.asarray(clip["camera_R"])[ids], *(
                              np.asarray(clip[k])[ids] for k in ("global_orient", "neck_pose", "head_pose"))))
+
+    def cat(fits: list[MotionFit]) -> MotionFit:
+        return MotionFit("ok", *(np.concatenate([getattr(f, k) for f in fits])
+                                 for k in ("expression", "jaw", "head_rotation")))
     acc: dict = {}
     by_pair: dict = {}
     for w in sorted(windows, key=lambda x: x["start"]):
         by_pair.setdefault((w["source"], w["driver"]), []).append(w)
     for (source, driver), ws in by_pair.items():
-        src, drv = load_clip(corpus, source), load_clip(corpus, driver)
         frames = [0] + [f for w in ws for f in w["frames"]]
-        s0 = fit(src, [0])
-        truth = MotionFit("ok", *(np.concatenate([getattr(s0, k), *[w["exact"][e] for w in ws]])
-                                  for k, e in (("expression", "expression"), ("jaw", "jaw"),
-                                               ("head_rotation", "rotation"))))
-        copy = MotionFit("ok", *(np.repeat(getattr(s0, k), len(frames), 0)
-                                 for k in ("expression", "jaw", "head_rotation")))
-        ref = fit(drv, frames)
+        s0 = fit(load_clip(corpus, source), [0])
+        truth = cat([s0, *[w["exact"] for w in ws]])                 # the source's frame 0, then the driven frames
+        copy = cat([s0] * len(frames))
+        ref = fit(load_clip(corpus, driver), frames)
         for name, f in (("truth", truth), ("copy", copy)):
             d = expression_pose_distance(f, ref, num_expression, first=1)
             acc.setdefault(f"{name}_vs_driver", {})["|".join((source, driver))] = {
