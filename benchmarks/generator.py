@@ -8,7 +8,7 @@ exact cross ground truth the world renders.
         --clips 2 --frames 48] [--codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19]
         [--train-threads N] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
         [--transfer-epochs 12 | --transfer-dir DIR] [--fit-size 128] [--cross-starts 0,16] [--no-fitted]
-        [--no-motion] [--ablation] [--ship DIR]
+        [--train-normals exact|fitted] [--no-motion] [--ablation] [--ship DIR]
         (experiments off the recipe: [--flavor F --codec-kind K --window W --stride S --size N])
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
@@ -20,7 +20,9 @@ exact cross ground truth the world renders.
 3. The generator through the platform's CLI (``python -m training.train fit`` with the recipe's
    generator config and overrides, ``Recipe.train_args``), capped at
    ``--train-minutes`` (Lightning's ``max_time``); the EMA export is what is evaluated. Driving
-   normals in training: the shards' own (the exact head's, see the config).
+   normals in training: the shards' own — the exact head's, or with ``--train-normals fitted``
+   the fitter's head of each train/val clip (fitted as step 5 fits its drivers; the job's shards
+   carry the fitter's parameters and normals: ``make_fitted_shards``).
 4. On the *test* identities (never read in training; ``--eval-split val`` for choosing sampler
    settings), every window of ``--window`` frames every ``--stride`` frames at a few start
    frames: PSNR and SSIM (models.metrics: per frame, averaged, as `evaluate`) of frames 1.. against the ground
@@ -117,7 +119,7 @@ def make_corpus(work: Path, args) -> Path:
     from _report import synthetic_corpus
     return synthetic_corpus(work, args.identities, args.clips, args.frames, args.size, args.seed,
                             stale=("shards", "codec", "train", "transfer", "fit_videos", "fit_cache", "shards_3dmm",
-                                   "train_3dmm"),
+                                   "train_3dmm", "shards_fitted"),
                             log=log)
 
 
@@ -132,6 +134,40 @@ def make_shards(work: Path, corpus: Path, segment: int, personalized: bool = Tru
                                     personalized_normals=personalized)
         log(f"truth shards ({'personalized' if personalized else '3DMM-only'} normals) {counts} in "
             f"{time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def job_stages(args, corpus: Path):
+    """The recipe's preprocessing stages (the job's fitter) on the corpus's head model."""
+    from models.head.resolve import synthetic_model_file
+    from preprocessing.clip_stages import StageContext
+    subdivision = json.loads((corpus / "world.json").read_text())["config"]["subdivision"]
+    return StageContext(synthetic_model_file(0), args.recipe_obj.preprocess_config().stages, subdivision,
+                        fit_threads=1)
+
+
+def make_fitted_shards(work: Path, corpus: Path, world, stages, args) -> Path:
+    """``--train-normals fitted``: shards of the train and val clips carrying the fitter's
+    parameters and the normal maps of its head instead of the truth's, as the preprocessing job's
+    shards do (``write_truth_shards(fitted=)``; the frames are the clips'): each clip rendered at
+    ``--fit-size`` and fitted whole on the job's path (:func:`fit_videos`, :func:`fit_subjects`, as
+    the fitted path's drivers), seen in its whole frames at the generator's size. Clips the fitter
+    fails on are left out."""
+    import pandas as pd
+
+    from training.data.truth_shards import write_truth_shards
+    out = work / "shards_fitted"
+    if (out / "shards").is_dir() and any((out / "shards").glob("*.done.json")):
+        return out
+    manifest = pd.read_parquet(corpus / "manifest.parquet")
+    clips = sorted(manifest.loc[manifest.split.isin(["train", "val"]), "clip_id"])
+    fit_size = args.fit_size or stages.config.crop_size
+    log(f"fitting {len(clips)} train/val clips at {fit_size}² for the fitted-normal shards")
+    videos = fit_videos(work, corpus, world, clips, fit_size)
+    drivers, _, failures, seconds = fit_subjects(videos, stages, {}, args.size, work / "fit_cache", args.reuse)
+    counts = write_truth_shards(corpus, out, segment_frames=args.frames, clips_per_shard=2, splits=("train", "val"),
+                                fitted={clip: subject.clip for clip, subject in drivers.items()})
+    log(f"fitted-normal shards {counts}: fits {seconds / 60:.1f} min, failures (left out): {failures or 'none'}")
     return out
 
 
@@ -682,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer-dir", default=None, help="use this exported transfer module instead of training one")
     p.add_argument("--fit-size", type=int, default=None,
                    help="side of the renders the fitter sees (default: the recipe's crop size)")
+    p.add_argument("--train-normals", default="exact", choices=["exact", "fitted"],
+                   help="the training shards' normal maps: the true head's, or the fitter's head on the job's path "
+                        "(train/val clips fitted as the fitted path fits its drivers; shards_fitted)")
     p.add_argument("--no-fitted", action="store_true", help="skip the fitted-normal path (no transfer module, no fits)")
     p.add_argument("--no-motion", action="store_true", help="skip AED/APD (fits every cross video)")
     p.add_argument("--ablation", action="store_true",
@@ -711,7 +750,15 @@ def main(argv: list[str] | None = None) -> int:
     shards = make_shards(work, corpus, args.frames)
     codec, codec_minutes = train_codec(work, shards, args)
     load_mid = load()
-    export, train_minutes, samples_trained = train_generator(work, shards, codec, args)
+    world_meta = json.loads((corpus / "world.json").read_text())
+    stages = job_stages(args, corpus)
+    if args.train_normals == "fitted":
+        from preprocessing.synthetic.world import SyntheticWorld
+        world = SyntheticWorld(world_meta["model_file"], world_meta["config"]["subdivision"])
+        train_shards = make_fitted_shards(work, corpus, world, stages, args)
+    else:
+        train_shards = shards
+    export, train_minutes, samples_trained = train_generator(work, train_shards, codec, args)
     load_train = load()
     transfer_dir = transfer_minutes = transfer_what = None
     if not args.no_fitted:
@@ -743,7 +790,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- cross pairs (exact normals) ------------------------------------------------------------
     from preprocessing.synthetic.world import SyntheticWorld
-    world_meta = json.loads((corpus / "world.json").read_text())
     world = SyntheticWorld(world_meta["model_file"], world_meta["config"]["subdivision"])
     samples_3dmm = test_samples(shards_3dmm, args.eval_split) if args.ablation else None
     pairs = cross_pairs(corpus, samples, args.eval_split)
@@ -772,13 +818,9 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace as dc_replace
 
         from expportrait.reenactment import Reenactor
-        from models.head.resolve import synthetic_model_file
         from models.transfer import ExpressionTransfer
-        from preprocessing.clip_stages import StageContext
-        stage_config = args.recipe_obj.preprocess_config().stages
+        stage_config = stages.config
         fit_size = args.fit_size or stage_config.crop_size
-        stages = StageContext(synthetic_model_file(0), stage_config, world_meta["config"]["subdivision"],
-                              fit_threads=1)
         settings_inf = dc_replace(args.recipe_obj.inference_settings(), size=args.size, window=args.window,
                                   frame_stride=args.stride, steps=steps, shift=shift, guidance=args.guidance)
         reenactor = Reenactor(sampler.model, sampler.codec, stages,
@@ -829,11 +871,6 @@ def main(argv: list[str] | None = None) -> int:
     motion = {}
     if not args.no_motion:
         t0 = time.perf_counter()
-        from preprocessing.clip_stages import StageContext
-        if args.no_fitted:
-            from models.head.resolve import synthetic_model_file
-            stages = StageContext(synthetic_model_file(0), args.recipe_obj.preprocess_config().stages,
-                                  world_meta["config"]["subdivision"])
         motion = motion_errors(motion_videos, stages.head)
         log(f"AED/APD of {len(pairs)} cross pairs in {(time.perf_counter() - t0) / 60:.1f} min: "
             f"{json.dumps(motion_summary(motion))}")
@@ -879,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": args.recipe, "window": args.window, "stride": args.stride, "flavor": args.flavor,
         "sample_steps": steps, "sample_shift": shift, "guidance": args.guidance,
         "identities": args.identities, "test_windows": ev["windows"], "eval_split": args.eval_split,
-        "reused": args.reuse,
+        "reused": args.reuse, "train_normals": args.train_normals,
         "cross_pairs": len(pairs), "cross_windows": len(cross),
         "driving_normals": "psnr_gain_db, shuffled_drop_db, cross_*: exact (rendered from the true head); "
                            "*_fitted: fitted on the job's path through the transfer module, as `reenact` builds them",

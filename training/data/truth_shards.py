@@ -11,6 +11,10 @@ One difference from fitted shards: Δf here is the world's own (zero at a neutra
 re-centred over the clip (the training loss compares frame-centred Δf, so either trains the
 same; meta ``offsets_source`` says ``synthetic_truth``).
 
+With ``fitted=`` (clip id -> a fit of it in its whole frames), those clips carry the fitter's
+parameters and normal maps on the clip's frames, as the job's shards do: the generator benchmark's
+``--train-normals fitted``.
+
     python -m training.data.truth_shards --corpus CORPUS --out OUT [--segment-frames 24] [--3dmm-normals]
 """
 from __future__ import annotations
@@ -29,10 +33,15 @@ def _decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-def truth_samples(corpus: Path, row, head, segment_frames: int, personalized_normals: bool = True) -> list:
+def truth_samples(corpus: Path, row, head, segment_frames: int, personalized_normals: bool = True,
+                  fitted=None) -> list:
     """Schema samples (not yet encoded) of one manifest row's clip; ``personalized_normals``:
     condition maps of the personalized head (B + Δg + Δf), else of the 3DMM head alone (Δg = Δf
-    = 0: the paper's ablation; the samples' offset fields keep the truth)."""
+    = 0: the paper's ablation; the samples' offset fields keep the truth). ``fitted``: a
+    :class:`preprocessing.fitted_clip.FittedClip` of this clip seen in its whole frames (one per
+    frame, ``image_size`` the corpus's): its parameters, Δg, Δf and cameras replace the truth's,
+    condition maps included, as the preprocessing job's shards carry the fitter's (meta
+    ``offsets_source``/``normals``: ``fitted``); the frames stay the clip's."""
     from models.render.conditions import render_conditions
     from models.transfer.inputs import head_params
     from preprocessing.clip_stages import segments
@@ -50,6 +59,19 @@ def truth_samples(corpus: Path, row, head, segment_frames: int, personalized_nor
     dynamic = true_dynamic_offsets(corpus, row.clip_id, row.identity_id)[:t].astype(np.float32)
     static = ident.static_offsets.astype(np.float32)
     cam = clip_camera(clip)
+    source = "synthetic_truth"
+    if fitted is not None:
+        from models.render.camera import Camera
+        if fitted.num_frames < t or fitted.image_size != frames.shape[1]:
+            raise ValueError(f"{row.clip_id}: the fit has {fitted.num_frames} frames at {fitted.image_size}², the "
+                             f"clip {t} at {frames.shape[1]}² (fit it in its whole frames: in_full_frame)")
+        smplx = {k: np.asarray(fitted.arrays[k], np.float32)[:t] for k in smplx if k != "betas"}
+        smplx["betas"] = np.asarray(fitted.betas, np.float32)
+        static = np.asarray(fitted.static_offsets, np.float32)
+        dynamic = (np.zeros_like(dynamic) if fitted.dynamic_offsets is None
+                   else np.asarray(fitted.dynamic_offsets, np.float32)[:t])
+        cam = Camera.from_matrices(smplx["camera_K"], smplx["camera_R"], smplx["camera_t"], (fitted.image_size,) * 2)
+        source = "fitted"
     face_ids = head.face_vertex_ids.numpy().astype(np.int32)
     samples = []
     for k, seg in enumerate(segments(t, segment_frames)):
@@ -70,16 +92,20 @@ def truth_samples(corpus: Path, row, head, segment_frames: int, personalized_nor
             qc={"status": ["ok"] * n}, meta={
                 "clip_id": row.clip_id, "identity_id": row.identity_id, "split": row.split,
                 "segment": k, "frame_start": seg.start, "frame_stop": seg.stop, "fps": float(row.fps),
-                "offsets_source": "synthetic_truth", "crop_size": int(frames.shape[1]),
-                "normals": "personalized" if personalized_normals else "3dmm_only"}))
+                "offsets_source": source, "crop_size": int(frames.shape[1]),
+                "normals": "fitted" if fitted is not None else "personalized" if personalized_normals
+                else "3dmm_only"}))
     return samples
 
 
 def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int = 24,
                        clips_per_shard: int = 4, splits: tuple[str, ...] | None = None,
-                       frame_codec: str = "lossless", personalized_normals: bool = True) -> dict:
+                       frame_codec: str = "lossless", personalized_normals: bool = True,
+                       fitted: dict | None = None) -> dict:
     """Write ``OUT/shards/<split>-<k>.tar`` (+ done markers) of a corpus's exact truth
-    (``personalized_normals``: see :func:`truth_samples`)."""
+    (``personalized_normals``: see :func:`truth_samples`; ``fitted``: clip id -> its FittedClip,
+    whose samples carry the fit instead, :func:`truth_samples`; clips without one are left out,
+    as the job leaves out a clip it could not fit)."""
     import pandas as pd
 
     from models.head.head_model import PersonalizedHead
@@ -93,6 +119,8 @@ def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int 
     manifest = pd.read_parquet(corpus / "manifest.parquet")
     if splits is not None:
         manifest = manifest[manifest.split.isin(splits)]
+    if fitted is not None:
+        manifest = manifest[manifest.clip_id.isin(list(fitted))]
     rows = {r.clip_id: r for r in manifest.itertuples()}
     items = [ClipItem(r.clip_id, str(corpus / r.video), r.identity_id, r.split) for r in rows.values()]
     output = ShardFolder(out)
@@ -101,7 +129,8 @@ def write_truth_shards(corpus: str | Path, out: str | Path, segment_frames: int 
     for spec in plan_shards(items, clips_per_shard, "synthetic_truth"):
         outcomes = []
         for item in spec.clips:
-            samples = truth_samples(corpus, rows[item.clip_id], head, segment_frames, personalized_normals)
+            samples = truth_samples(corpus, rows[item.clip_id], head, segment_frames, personalized_normals,
+                                    (fitted or {}).get(item.clip_id))
             outcomes.append(ClipOutcome(item.clip_id, item.identity_id, item.split, item.path, "ok",
                                         frames=sum(s.num_frames for s in samples),
                                         samples=[encode_sample(s, frame_codec, fps=float(rows[item.clip_id].fps))
