@@ -22,7 +22,8 @@ exact cross ground truth the world renders.
    ``--train-minutes`` (Lightning's ``max_time``); the EMA export is what is evaluated. Driving
    normals in training: the shards' own — the exact head's, or with ``--train-normals fitted``
    the fitter's head of each train/val clip (fitted as step 5 fits its drivers; the job's shards
-   carry the fitter's parameters and normals: ``make_fitted_shards``).
+   carry the fitter's parameters and normals: ``make_fitted_shards``; its figures go to
+   ``benchmarks/results/generator_fitted.json``, not the headline's).
 4. On the *test* identities (never read in training; ``--eval-split val`` for choosing sampler
    settings), every window of ``--window`` frames every ``--stride`` frames at a few start
    frames: PSNR and SSIM (models.metrics: per frame, averaged, as `evaluate`) of frames 1.. against the ground
@@ -958,7 +959,8 @@ def main(argv: list[str] | None = None) -> int:
                                               "truth's own cross_apd_ratio is cross_apd_ratio_exact_truth)"}})
     print(json.dumps(result))
     from _report import write_result           # benchmarks/results/generator.json
-    write_result(result, name="generator_ship" if args.ship else None)
+    write_result(result, name="generator_ship" if args.ship else
+                 "generator_fitted" if args.train_normals == "fitted" else None)
     if args.ship:
         shipped = ship(export, codec, corpus, args, result)
         log(f"shipped the generator and its codec -> {shipped.root}")
