@@ -73,3 +73,38 @@ def test_exact_motion_of_a_cross_pair_from_the_world(tiny_corpus, synthetic_mode
     assert truth["aed"] == pytest.approx(0, abs=1e-6)
     assert truth["apd_motion_deg"] < 0.5 * copy["apd_motion_deg"]
     assert copy["apd_motion_deg"] > 0 and copy["aed"] > 0
+
+
+@pytest.mark.extended          # the benchmark's path (24 s); write_truth_shards(fitted=) itself is tested in CI
+def test_fitted_shards_carry_the_fitters_head_of_each_train_and_val_clip(tiny_corpus, synthetic_model_path,
+                                                                         tmp_path):
+    """``--train-normals fitted``: each train/val clip rendered at the fit size and fitted whole on
+    the job's path (the fits kept in ``fit_cache``), its samples carrying that fit in the clip's
+    own frames; no test clip is read."""
+    import argparse
+    import json
+    import shutil
+
+    from benchmarks.generator import from_recipe, job_stages, make_fitted_shards
+    from preprocessing.synthetic.world import SyntheticWorld
+    from training.data.shards import ShardDataset, shard_urls
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_corpus, work / "corpus")
+    meta = json.loads((tiny_corpus / "world.json").read_text())
+    args = argparse.Namespace(recipe="tiny_cpu", window=None, stride=None, flavor=None, size=64, codec_kind=None,
+                              codec_dir=None, fit_size=128, frames=8, reuse=True)
+    from_recipe(args)
+    out = make_fitted_shards(work, work / "corpus", SyntheticWorld(synthetic_model_path, meta["config"]["subdivision"]),
+                             job_stages(args, work / "corpus"), args)
+    assert not shard_urls(out, "test")
+    splits = {i: v["split"] for i, v in meta["identities"].items()}
+    seen = set()
+    for split in ("train", "val"):
+        for s in ShardDataset(shard_urls(out, split), 2, resampled=False, rank=0, world_size=1, convert=None):
+            assert s.meta["normals"] == "fitted" and splits[s.meta["identity_id"]] == split
+            fit = read_fitted(work / "fit_cache" / f"{s.meta['clip_id']}_128.mp4_64.npz")
+            assert fit.image_size == 64 and np.array_equal(s.smplx["expression"], fit.arrays["expression"])
+            assert s.silhouette.mean() > 0.05                                 # the fitted head is in the frame
+            seen.add(s.meta["clip_id"])
+    assert len(seen) == 3                                                     # 2 train + 1 val clips
