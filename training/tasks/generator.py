@@ -143,6 +143,9 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     needs decoded frames: training on sidecar latents alone (the ``wan*`` configs) sets it to 0.
     ``misalign_normals_px``: > 0 moves the reference normal map and the driving ones apart by
     random sub-pixel similarities in training (:func:`misalign_normals`), as two fits do.
+    ``compile``: the training step calls the model through ``torch.compile`` (the same
+    parameters; checkpoints, the EMA and validation see the plain module): 1.33x faster steps of
+    the tiny_cpu recipe on a 2-core CPU after ~1 min of compiling (docs/experiments).
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
 
@@ -163,7 +166,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                  p_drop_driving: float = 0.05, p_drop_reference: float = 0.0,
                  p_drop_reference_normal: float = 0.05, augment_color: float = 0.0, augment_flip: bool = False,
                  p_random_reference: float = 0.5, misalign_normals_px: float = 0.0,
-                 gradient_checkpointing: bool = False,
+                 gradient_checkpointing: bool = False, compile: bool = False,
                  sample_steps: int = 4, sample_shift: float | None = 10.0, guidance: float = 1.0, seed: int = 0,
                  dtype: str = "float32", lr_reference_batch: int | None = None, lr_scaling: str = "sqrt") -> None:
         super().__init__()
@@ -397,6 +400,16 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
         return g
 
     # -- steps ------------------------------------------------------------------------------
+    def step_model(self) -> torch.nn.Module:
+        """The model the training step calls: with ``compile``, ``torch.compile`` of it, made once
+        and kept out of the module tree (so state dicts, checkpoints and the EMA are unchanged)."""
+        if not self.hparams.compile:
+            return self.model
+        made = self.__dict__.get("_compiled")
+        if made is None or made[0] is not self.model:
+            made = self.__dict__["_compiled"] = (self.model, torch.compile(self.model))
+        return made[1]
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         g = self._generator()
         cpu_g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=self.device)))
@@ -406,7 +419,7 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
                               self.hparams.p_drop_reference_normal, generator=g, device=self.device)
         conditions = {"reference_latent": x["reference_latent"], "driving_normals": x["normals"],
                       "reference_normal": x["reference_normal"]}
-        loss, stats = flow_matching_loss(self.model, x["latents"], conditions, self.hparams.sigma_kind,
+        loss, stats = flow_matching_loss(self.step_model(), x["latents"], conditions, self.hparams.sigma_kind,
                                          self.hparams.shift, keep=keep, generator=g)
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/sigma_mean", stats["sigma_mean"], batch_size=b)
