@@ -8,7 +8,7 @@ exact cross ground truth the world renders.
         --clips 2 --frames 48] [--codec-steps 2000 | --codec-dir DIR] [--train-steps 5800 --train-minutes 19]
         [--train-threads N] [--sample-steps N --sample-shift S --guidance G] [--eval-split test|val] [--reuse]
         [--transfer-epochs 12 | --transfer-dir DIR] [--fit-size 128] [--cross-starts 0,16] [--no-fitted]
-        [--train-normals exact|fitted] [--no-motion] [--ablation] [--ship DIR]
+        [--train-normals exact|fitted] [--no-compile] [--no-motion] [--ablation] [--ship DIR]
         (experiments off the recipe: [--flavor F --codec-kind K --window W --stride S --size N])
 
 1. A synthetic corpus split by identity (train / val / test) and its exact-truth shards
@@ -19,7 +19,8 @@ exact cross ground truth the world renders.
    separately (``codec_minutes``).
 3. The generator through the platform's CLI (``python -m training.train fit`` with the recipe's
    generator config and overrides, ``Recipe.train_args``), capped at
-   ``--train-minutes`` (Lightning's ``max_time``); the EMA export is what is evaluated. Driving
+   ``--train-minutes`` (Lightning's ``max_time``), its step compiled (``GeneratorTask.compile``;
+   ``--no-compile``: eager); the EMA export is what is evaluated. Driving
    normals in training: the shards' own — the exact head's, or with ``--train-normals fitted``
    the fitter's head of each train/val clip (fitted as step 5 fits its drivers; the job's shards
    carry the fitter's parameters and normals: ``make_fitted_shards``; its figures go to

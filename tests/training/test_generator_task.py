@@ -355,3 +355,26 @@ def test_misalign_normals_moves_reference_and_driving_maps_apart():
     for k in (2, 3, 4):
         torch.testing.assert_close(m[:, :, k], m[:, :, 1])                 # one draw for the driving frames
     assert (m[:, :, :, :6] == -1).all() and (m[:, :, :, 28:] == -1).all()  # moved by ~1 px, not more
+
+
+@pytest.mark.extended          # ~1 min of compiling on CPU; the generator benchmark trains with it
+def test_compiled_step_matches_the_eager_one_and_keeps_the_state_dict(gen_shards, codec_dir):
+    """``compile``: the training step's loss and gradients are the eager module's (same parameters),
+    and nothing compiled enters the state dict (checkpoints, EMA and exports are unchanged)."""
+    from training.tasks.generator import GeneratorTask
+    torch.manual_seed(0)
+    task = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1, compile=True)
+    batch = a_batch(gen_shards)
+    assert task.step_model() is task.step_model() and task.step_model() is not task.model
+    plain = GeneratorTask(codec=str(codec_dir), frames=5, frame_stride=1)
+    assert plain.model is not None and task.state_dict().keys() == plain.state_dict().keys()    # built, same keys
+    losses, grads = [], []
+    for compiled in (False, True):
+        task.hparams.compile = compiled
+        loss = task.training_step(batch, 0)          # global_step 0: the same window, noise and σ
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(task.model.conditioning.driving.proj.weight.grad.clone())
+        task.model.zero_grad()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
