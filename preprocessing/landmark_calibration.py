@@ -56,6 +56,7 @@ class Observation:
     detected: torch.Tensor
     face_width: torch.Tensor
     model_points: torch.Tensor        # (T, 68, 2) the model's own iBUG-68 points, projected
+    clip_id: str = ""                 # the clip in the calibration corpus (its ground truth: ``load_clip``)
 
 
 def _candidate_faces(head, rings: int = 2) -> torch.Tensor:
@@ -177,7 +178,7 @@ def collect(model_path: str | Path, work: str | Path, identities: int = 12, fram
         obs.append(Observation(vertices_cam=vertices_cam.float(), camera=camera,
                                detected=torch.as_tensor(lm, dtype=torch.float32),
                                face_width=torch.as_tensor(width, dtype=torch.float32),
-                               model_points=torch.as_tensor(true2d, dtype=torch.float32)))
+                               model_points=torch.as_tensor(true2d, dtype=torch.float32), clip_id=clip_id))
     if not obs:
         raise RuntimeError("no calibration clip had a detected face")
     return obs

@@ -138,6 +138,8 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     """``expportrait fit`` fits like the job's workers: the calibrated embedding's points and
     its per-point weights (all 478 points with theirs for a dense embedding); ``auto`` without a
     calibrated file says so on stderr."""
+    import dataclasses
+
     import numpy as np
 
     import preprocessing.fitting as fitting
@@ -148,8 +150,11 @@ def test_fit_uses_the_landmark_embedding_and_its_weights(tmp_path, capsys, synth
     seen = []
 
     class SpyFitter(fitting.Fitter):
+        """Records what the command builds the fitter with; fits briefly (the wiring is under test)."""
         def __init__(self, head, config=None, landmark_weights=None, dense_landmarks=None):
             seen.append((landmark_weights, dense_landmarks))
+            config = dataclasses.replace(config or fitting.FitConfig(), iters_rigid=5, iters_expression=6,
+                                         photo_registration=False, photometric=False)
             super().__init__(head, config, landmark_weights, dense_landmarks)
 
     import preprocessing.clip_stages as clip_stages

@@ -1,0 +1,60 @@
+"""The expression read-out of ``benchmarks/expression_ceiling.py``: its normalization removes a
+per-frame similarity, the ridge read-out recovers a linear code from points, bad arguments are exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.expression_ceiling import ALPHAS, Readout, choose_alpha, clip_psi_corr, normalize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def similarity_2d(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    angle = rng.uniform(-0.6, 0.6, n)
+    rot = np.stack([np.stack([np.cos(angle), -np.sin(angle)], -1), np.stack([np.sin(angle), np.cos(angle)], -1)], -2)
+    return rot, rng.uniform(50, 200, (n, 1, 1)), rng.uniform(0, 256, (n, 1, 2))
+
+
+def test_normalize_removes_position_scale_and_in_plane_rotation():
+    rng = np.random.default_rng(0)
+    shape = rng.normal(size=(30, 2))
+    frames = np.repeat(shape[None], 5, 0) + 0.01 * rng.normal(size=(5, 30, 2))
+    rot, scale, shift = similarity_2d(rng, 5)
+    moved = scale * np.einsum("fij,flj->fli", rot, frames) + shift
+    a, reference = normalize(frames)
+    b, _ = normalize(moved, reference)
+    np.testing.assert_allclose(a, b, atol=1e-9)
+    assert np.allclose(np.sqrt((a ** 2).sum((1, 2)) / 30), 1.0)
+
+
+def test_readout_recovers_a_linear_expression_code_on_held_out_clips():
+    rng = np.random.default_rng(1)
+    template, basis = rng.normal(size=(40, 2)), 0.05 * rng.normal(size=(10, 40, 2))
+
+    def clips(n: int, frames: int = 20):
+        psi = rng.normal(size=(n * frames, 10))
+        pts = template + np.einsum("fk,kli->fli", psi, basis) + 0.002 * rng.normal(size=(n * frames, 40, 2))
+        rot, scale, shift = similarity_2d(rng, n * frames)
+        return scale * np.einsum("fij,flj->fli", rot, pts) + shift, psi, np.repeat(np.arange(n), frames)
+
+    pts, psi, clip = clips(12)
+    alpha = choose_alpha(pts, psi, clip)
+    assert alpha in ALPHAS
+    test_pts, test_psi, test_clip = clips(3)
+    assert clip_psi_corr(Readout(pts, psi, alpha)(test_pts), test_psi, test_clip) > 0.95
+    noise = rng.normal(size=test_psi.shape)            # an unrelated code scores near 0
+    assert abs(clip_psi_corr(noise, test_psi, test_clip)) < 0.2
+
+
+def test_bad_arguments_are_exit_2_naming_the_value():
+    for args, name in ((["--identities", "2"], "--identities"), (["--seed", "3"], "--seed")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expression_ceiling.py"), *args],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr
+        line = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert line["error"] == "BadArgument" and line["argument"] == name
