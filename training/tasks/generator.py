@@ -145,8 +145,8 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     random sub-pixel similarities in training (:func:`misalign_normals`), as two fits do.
     ``compile``: the training step calls the model through ``torch.compile`` (the same
     parameters; checkpoints, the EMA and validation see the plain module). The tiny_cpu recipe
-    on a 2-core CPU: 1.33x on one batch alone, 5 % more steps in a 19-minute training, after up to
-    ~1 min of compiling (run 22 in docs/experiments).
+    on a 2-core CPU: no faster in the Lightning step (266.7 against 264.6 ms, 400 steps each,
+    back to back), after 10 s (warm cache) to ~1 min of compiling; docs/experiments, run 22.
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
 
