@@ -3,11 +3,13 @@ per-frame similarity, the ridge read-out recovers a linear code from points, bad
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks.expression_ceiling import ALPHAS, Readout, choose_alpha, clip_psi_corr, normalize
 
@@ -58,3 +60,22 @@ def test_bad_arguments_are_exit_2_naming_the_value():
         assert proc.returncode == 2, proc.stderr
         line = json.loads(proc.stdout.strip().splitlines()[-1])
         assert line["error"] == "BadArgument" and line["argument"] == name
+
+
+@pytest.mark.extended
+def test_the_script_reads_out_psi_from_rendered_tracked_clips(tmp_path):
+    """The whole script at a tiny size (8 calibration identities, 2 evaluation clips, 8 frames):
+    the job's render -> encode -> decode -> track path, one JSON line with every key, saved."""
+    env = dict(os.environ, EXPPORTRAIT_BENCH_RESULTS=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expression_ceiling.py"), "--identities", "8",
+                           "--frames", "8", "--eval-clips", "2"], capture_output=True, text=True, timeout=900,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("mediapipe478", "mediapipe68", "true68"):
+        assert -1 <= line[f"psi_corr_{name}"] <= 1 and line[f"alpha_{name}"] in ALPHAS
+        assert len(line["per_coefficient_corr"][name]) == 10
+    assert line["calibration_identities"] >= 4 and line["evaluation_frames"] > 0
+    assert line["psi_corr_mediapipe478_by_identities"]
+    assert json.loads((tmp_path / "expression_ceiling.json").read_text())["results"]["psi_corr_true68"] == \
+        line["psi_corr_true68"]

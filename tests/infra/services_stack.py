@@ -62,7 +62,7 @@ def service_stack_fixture():
         summary["env"] = client_env(summary)
         yield summary
     finally:
-        services.down(root / "stack", timeout=5)         # the session's throwaway data
+        services.down(root / "stack", timeout=1)         # throwaway data: no need for a polite stop
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -86,5 +86,5 @@ def s3_server_fixture():
                "data_bucket": f"s3://{services.DATA_BUCKET}", "env": env, "root": layout.root}
     finally:
         if record is not None:
-            services.stop(record, "s3", timeout=5)
+            services.stop(record, "s3", timeout=1)         # SeaweedFS takes the whole polite wait
         shutil.rmtree(root, ignore_errors=True)
