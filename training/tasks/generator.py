@@ -145,8 +145,9 @@ class GeneratorTask(ReaderSkipsMixin, pl.LightningModule):
     random sub-pixel similarities in training (:func:`misalign_normals`), as two fits do.
     ``compile``: the training step calls the model through ``torch.compile`` (the same
     parameters; checkpoints, the EMA and validation see the plain module). The tiny_cpu recipe
-    on a 2-core CPU: no faster in the Lightning step (266.7 against 264.6 ms, 400 steps each,
-    back to back), after 10 s (warm cache) to ~1 min of compiling; docs/experiments, run 22.
+    on a 2-core CPU: any gain is within the host's noise (400-step pairs back to back: equal;
+    19-minute trainings: 4490-4660 steps compiled, 3720-4380 eager), after 10 s (warm cache) to
+    ~1 min of compiling; docs/experiments, runs 22-23.
     ``flavor_overrides``: fields of the flavor, e.g. ``{lora_rank: 64}``. The defaults are the
     ``tiny_cpu`` recipe's (``configs/train/dit_tiny_cpu.yaml``; a test keeps them equal).
 
