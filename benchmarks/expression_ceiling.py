@@ -41,8 +41,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import report  # noqa: E402
+from benchmarks.fitting import PSI_COEFFS as COEFFS  # noqa: E402
+from benchmarks.fitting import psi_corr  # noqa: E402
 
-COEFFS = 10                       # ψ[:COEFFS], as the fitting benchmark's psi_corr
 ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
@@ -67,15 +68,15 @@ def _rotate_onto(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def clip_psi_corr(pred: np.ndarray, true: np.ndarray, clip: np.ndarray) -> float:
-    """Mean over clips of the correlation of ψ[:COEFFS] over all its frames and coefficients."""
-    return float(np.mean([np.corrcoef(pred[clip == c].ravel(), true[clip == c].ravel())[0, 1]
-                          for c in np.unique(clip)]))
+    """The fitting benchmark's `psi_corr` of each clip (frames grouped by ``clip``), averaged."""
+    return float(np.mean([psi_corr(pred[clip == c], true[clip == c]) for c in np.unique(clip)]))
 
 
 class Readout:
     """Ridge regression from normalized, standardized 2D points to ψ[:COEFFS]."""
 
     def __init__(self, points: np.ndarray, psi: np.ndarray, alpha: float) -> None:
+        self.alpha = alpha
         x, self.reference = normalize(points)
         x = x.reshape(len(x), -1)
         self.mean, self.std = x.mean(0), x.std(0) + 1e-9
@@ -100,6 +101,11 @@ def choose_alpha(points: np.ndarray, psi: np.ndarray, clip: np.ndarray, folds: i
             s.append(clip_psi_corr(Readout(points[~held], psi[~held], alpha)(points[held]), psi[held], clip[held]))
         scores[alpha] = float(np.mean(s))
     return max(scores, key=scores.get)
+
+
+def fit_readout(points: np.ndarray, psi: np.ndarray, clip: np.ndarray) -> Readout:
+    """The read-out at the cross-validated ridge weight (``Readout.alpha``)."""
+    return Readout(points, psi, choose_alpha(points, psi, clip))
 
 
 def gather(work: Path, identities: int, frames: int, size: int, seed: int) -> dict[str, np.ndarray]:
@@ -131,8 +137,8 @@ def main() -> None:
     ap.add_argument("--eval-clips", type=int, default=3, help="the fitting benchmark's clips")
     ap.add_argument("--eval-seed", type=int, default=3, help="the fitting benchmark's seed")
     args = ap.parse_args()
-    for name in ("identities", "frames", "size", "eval_clips"):
-        if getattr(args, name) < (4 if name == "identities" else 1):
+    for name, least in (("identities", 4), ("frames", 1), ("size", 1), ("eval_clips", 1)):
+        if getattr(args, name) < least:
             print(json.dumps({"error": "BadArgument", "argument": f"--{name.replace('_', '-')}",
                               "value": getattr(args, name)}))
             sys.exit(2)
@@ -154,18 +160,17 @@ def main() -> None:
     results: dict = {}
     per_coeff = {}
     for name, pick in inputs.items():
-        alpha = choose_alpha(pick(train), train["psi"], train["clip"])
-        pred = Readout(pick(train), train["psi"], alpha)(pick(test))
+        readout = fit_readout(pick(train), train["psi"], train["clip"])
+        pred = readout(pick(test))
         results[f"psi_corr_{name}"] = clip_psi_corr(pred, test["psi"], test["clip"])
-        results[f"alpha_{name}"] = alpha
+        results[f"alpha_{name}"] = readout.alpha
         per_coeff[name] = [round(float(np.corrcoef(pred[:, j], test["psi"][:, j])[0, 1]), 2)
                            if test["psi"][:, j].std() > 0 else None for j in range(COEFFS)]
     curve = {}
     ids = np.unique(train["clip"])
     for n in sorted({n for n in (len(ids) // 4, len(ids) // 2, len(ids)) if n >= 2}):
         keep = np.isin(train["clip"], ids[:n])
-        alpha = choose_alpha(train["mp478"][keep], train["psi"][keep], train["clip"][keep])
-        pred = Readout(train["mp478"][keep], train["psi"][keep], alpha)(test["mp478"])
+        pred = fit_readout(train["mp478"][keep], train["psi"][keep], train["clip"][keep])(test["mp478"])
         curve[str(n)] = round(clip_psi_corr(pred, test["psi"], test["clip"]), 3)
     results["psi_corr_mediapipe478_by_identities"] = curve
     results["per_coefficient_corr"] = per_coeff

@@ -77,6 +77,14 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 HEAD_HEIGHT = 0.22
+PSI_COEFFS = 10                   # psi_corr scores the first ψ coefficients
+
+
+def psi_corr(fitted, true) -> float:
+    """`psi_corr` of one clip: the correlation of ψ[:, :PSI_COEFFS] (T, ≥ PSI_COEFFS) with the
+    truth's over all its frames and those coefficients."""
+    fitted, true = np.asarray(fitted)[:, :PSI_COEFFS], np.asarray(true)[:, :PSI_COEFFS]
+    return float(np.corrcoef(fitted.ravel(), true.ravel())[0, 1])
 
 
 def similarity(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +149,7 @@ def score(head, fit, tg) -> dict:
             "align_scale": float(scale.median()),
             "jitter_ratio": acc(whole) / acc(true),
             "beta_corr": float(np.corrcoef(b[:20], tg.betas[:20])[0, 1]),
-            "psi_corr": float(np.corrcoef(fit.params.expression[:, :10].numpy().ravel(),
-                                          tg.expression[:, :10].ravel())[0, 1]),
+            "psi_corr": psi_corr(fit.params.expression.numpy(), tg.expression),
             "dynamic_err_mm": d_err * 1000, "dynamic_zero_baseline_mm": d_zero * 1000,
             "landmark_err_pct": float(np.nanmedian(fit.qc["landmark_error_pct"]))}
 
